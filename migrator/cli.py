@@ -1,0 +1,50 @@
+"""``migrator``: a thin argparse adapter over the library.
+
+Each subcommand lives in the package that owns the feature and contributes two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. This module only wires them up, catches
+``MigratorError`` once, prints ``migrator: <Type>: <message>`` on one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import MigratorError
+
+# name -> (module implementing add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "probe": ("migrator.tracker.probe_cli", "report which kernel features and trackers work here"),
+    "track": ("migrator.tracker.demo_cli", "watch a scratch process's writes with a tracker (demo)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="migrator", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except MigratorError as exc:
+        print(f"migrator: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"migrator: OSError: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("migrator: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

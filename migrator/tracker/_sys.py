@@ -1,0 +1,189 @@
+"""Thin, typed wrappers over the kernel calls migrator needs. Synchronous, no trio.
+
+Every failure raises ``OSError`` with the kernel's errno and a message naming the call and the
+range it was given, e.g. ``[Errno 22] UFFDIO_REGISTER [0x7f..000, +0x100000): Invalid argument``.
+All cffi calls release the GIL, so callers may run them in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import fcntl
+import os
+
+from ._uapi import (
+    PAGEMAP_SCAN,
+    SYSCALLS,
+    UFFD_API,
+    UFFDIO_API,
+    UFFDIO_REGISTER,
+    UFFDIO_UNREGISTER,
+    UFFDIO_WRITEPROTECT,
+    UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+    UFFDIO_WRITEPROTECT_MODE_WP,
+    USERFAULTFD_IOC_NEW,
+    ffi,
+    libc,
+)
+
+
+def _os_error(err: int, what: str) -> OSError:
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _span(start: int, length: int) -> str:
+    return f"[{start:#x}, +{length:#x})"
+
+
+def check(rc: int, what: str) -> int:
+    """The one place that turns a C return code into ``OSError`` (errno read right away)."""
+    if rc == -1:
+        raise _os_error(ffi.errno, what)
+    return rc
+
+
+def _ioctl(fd: int, request: int, arg, what: str) -> None:
+    """ioctl with a cffi struct; the stdlib call releases the GIL and reports errno."""
+    while True:
+        try:
+            fcntl.ioctl(fd, request, ffi.buffer(arg))
+            return
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise _os_error(exc.errno, what) from None
+
+
+def _syscall(name: str, *args: int) -> int:
+    number = SYSCALLS.get(name)
+    if number is None:
+        raise _os_error(_errno.ENOSYS, f"{name} (syscall number unknown on this architecture)")
+    c_args = [ffi.cast("long", a) for a in args]
+    while True:
+        rc = libc.syscall(number, *c_args)
+        if rc == -1 and ffi.errno == _errno.EINTR:
+            continue
+        return check(rc, name)
+
+
+# --- userfaultfd ----------------------------------------------------------------------------------
+
+
+def userfaultfd(flags: int) -> tuple[int, str]:
+    """Create a userfaultfd for the *calling* process; returns (fd, how it was reached).
+
+    Tries the syscall first, then ``/dev/userfaultfd`` (which works where
+    ``vm.unprivileged_userfaultfd=0`` denies the syscall to users who may open the device).
+    """
+    try:
+        return _syscall("userfaultfd", flags), "syscall"
+    except OSError as syscall_error:
+        try:
+            dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            raise syscall_error from None
+        try:
+            fd = fcntl.ioctl(dev, USERFAULTFD_IOC_NEW, flags)
+        except OSError as exc:
+            raise _os_error(exc.errno, "USERFAULTFD_IOC_NEW on /dev/userfaultfd") from None
+        finally:
+            os.close(dev)
+        return fd, "/dev/userfaultfd"
+
+
+def uffdio_api(fd: int, features: int) -> tuple[int, int]:
+    """UFFDIO_API handshake; returns (features, ioctls) the kernel granted. Once per fd."""
+    arg = ffi.new("struct uffdio_api *", {"api": UFFD_API, "features": features})
+    _ioctl(fd, UFFDIO_API, arg, f"UFFDIO_API features={features:#x}")
+    return arg.features, arg.ioctls
+
+
+def uffdio_register(fd: int, start: int, length: int, mode: int) -> int:
+    """Register ``[start, start+length)`` of the uffd's process; returns the allowed ioctls."""
+    arg = ffi.new("struct uffdio_register *", {"range": {"start": start, "len": length}, "mode": mode})
+    _ioctl(fd, UFFDIO_REGISTER, arg, f"UFFDIO_REGISTER {_span(start, length)}")
+    return arg.ioctls
+
+
+def uffdio_unregister(fd: int, start: int, length: int) -> None:
+    arg = ffi.new("struct uffdio_range *", {"start": start, "len": length})
+    _ioctl(fd, UFFDIO_UNREGISTER, arg, f"UFFDIO_UNREGISTER {_span(start, length)}")
+
+
+def uffdio_writeprotect(fd: int, start: int, length: int, protect: bool, *, wake: bool = True) -> None:
+    """Write-protect (or, in synchronous mode, unprotect and wake) a range of the uffd's process."""
+    mode = UFFDIO_WRITEPROTECT_MODE_WP if protect else 0
+    if not protect and not wake:
+        mode |= UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+    arg = ffi.new("struct uffdio_writeprotect *", {"range": {"start": start, "len": length}, "mode": mode})
+    verb = "protect" if protect else "unprotect"
+    _ioctl(fd, UFFDIO_WRITEPROTECT, arg, f"UFFDIO_WRITEPROTECT ({verb}) {_span(start, length)}")
+
+
+# --- PAGEMAP_SCAN ---------------------------------------------------------------------------------
+
+
+def pagemap_scan(
+    pagemap_fd: int,
+    start: int,
+    end: int,
+    vec,
+    vec_len: int,
+    *,
+    flags: int,
+    category_mask: int = 0,
+    category_anyof_mask: int = 0,
+    category_inverted: int = 0,
+    return_mask: int,
+    max_pages: int = 0,
+) -> tuple[int, int]:
+    """One PAGEMAP_SCAN ioctl on an open ``/proc/PID/pagemap``.
+
+    Fills ``vec`` (a cffi ``struct page_region[vec_len]``) and returns (regions, walk_end).
+    It may stop early (vec full, max_pages): callers loop; see ``tracker.scan``.
+    """
+    arg = ffi.new(
+        "struct pm_scan_arg *",
+        {
+            "size": ffi.sizeof("struct pm_scan_arg"),
+            "flags": flags,
+            "start": start,
+            "end": end,
+            "vec": int(ffi.cast("uintptr_t", vec)),
+            "vec_len": vec_len,
+            "max_pages": max_pages,
+            "category_inverted": category_inverted,
+            "category_mask": category_mask,
+            "category_anyof_mask": category_anyof_mask,
+            "return_mask": return_mask,
+        },
+    )
+    what = f"PAGEMAP_SCAN {_span(start, end - start)} flags={flags:#x}"
+    while True:
+        rc = libc.ioctl(pagemap_fd, ffi.cast("unsigned long", PAGEMAP_SCAN), arg)
+        if rc == -1 and ffi.errno == _errno.EINTR:
+            continue
+        return check(rc, what), arg.walk_end
+
+
+# --- other processes ------------------------------------------------------------------------------
+
+
+def pidfd_open(pid: int) -> int:
+    return _syscall("pidfd_open", pid, 0)
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """Duplicate file descriptor ``target_fd`` of the process behind ``pidfd`` (needs ptrace rights)."""
+    return _syscall("pidfd_getfd", pidfd, target_fd, 0)
+
+
+def process_vm_readv(pid: int, local_iov, remote_iov, count: int, *, what: str = "process_vm_readv") -> int:
+    """Read ``count`` remote iovecs into ``count`` local iovecs (cffi ``struct iovec[]``)."""
+    rc = libc.process_vm_readv(pid, local_iov, count, remote_iov, count, 0)
+    return check(rc, what)
+
+
+def process_vm_writev(pid: int, local_iov, remote_iov, count: int, *, what: str = "process_vm_writev") -> int:
+    rc = libc.process_vm_writev(pid, local_iov, count, remote_iov, count, 0)
+    return check(rc, what)

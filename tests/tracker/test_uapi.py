@@ -1,0 +1,35 @@
+"""The hand-written kernel ABI must match the released kernel headers exactly."""
+
+from migrator.tracker import _uapi as u
+
+
+def test_struct_sizes_match_kernel_headers():
+    assert u.ffi.sizeof("struct uffdio_api") == 24
+    assert u.ffi.sizeof("struct uffdio_range") == 16
+    assert u.ffi.sizeof("struct uffdio_register") == 32
+    assert u.ffi.sizeof("struct uffdio_writeprotect") == 24
+    assert u.ffi.sizeof("struct uffd_msg") == 32
+    assert u.ffi.sizeof("struct pm_scan_arg") == 96
+    assert u.ffi.sizeof("struct page_region") == 24
+    assert u.ffi.sizeof("struct iovec") == 16
+
+
+def test_ioctl_numbers_match_kernel_headers():
+    assert u.UFFDIO_API == 0xC018AA3F
+    assert u.UFFDIO_REGISTER == 0xC020AA00
+    assert u.UFFDIO_UNREGISTER == 0x8010AA01
+    assert u.UFFDIO_WRITEPROTECT == 0xC018AA06
+    assert u.PAGEMAP_SCAN == 0xC0606610
+    assert u.USERFAULTFD_IOC_NEW == 0xAA00
+
+
+def test_wp_async_is_the_released_bit_not_the_seed_patch_bit():
+    assert u.UFFD_FEATURE_WP_ASYNC == 1 << 15
+    assert u.UFFD_FEATURE_POISON == 1 << 14
+    assert u.UFFD_FEATURE_WP_UNPOPULATED == 1 << 13
+
+
+def test_uffd_msg_field_offsets():
+    assert u.ffi.offsetof("struct uffd_msg", "arg") == 8
+    assert u.ffi.offsetof("struct pm_scan_arg", "walk_end") == 32
+    assert u.ffi.offsetof("struct pm_scan_arg", "return_mask") == 88
