@@ -17,6 +17,8 @@ from .errors import MigratorError
 COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("migrator.tracker.probe_cli", "report which kernel features and trackers work here"),
     "track": ("migrator.tracker.demo_cli", "watch a scratch process's writes with a tracker (demo)"),
+    "migrate": ("migrator.source.cli", "live-migrate a running guest to a receiver"),
+    "receive": ("migrator.destination.cli", "receive migrations and resume their guests"),
 }
 
 

@@ -7,6 +7,7 @@ virtual addresses on the source; the destination translates them through the lay
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 PAGE_SIZE = 4096
@@ -45,10 +46,35 @@ class Layout:
     def total_pages(self) -> int:
         return self.total_bytes // self.page_size
 
+    def _locate(self, address: int) -> tuple[int, int]:
+        """(region number, page index of the region's first page) for ``address``."""
+        starts = [r.start for r in self.regions]
+        i = bisect.bisect_right(starts, address) - 1
+        if i < 0 or address >= self.regions[i].end:
+            raise ValueError(f"address {address:#x} is outside the layout")
+        first = sum(r.length for r in self.regions[:i]) // self.page_size
+        return i, first
 
-def run_pages(runs: list[Run]) -> int:
-    """Number of pages in ``runs``."""
-    return sum(n for _, n in runs)
+    def page_indices(self, runs: list[Run]) -> list[tuple[int, int]]:
+        """Address runs -> (page index counted across all regions, count) runs."""
+        out = []
+        for address, count in runs:
+            i, first = self._locate(address)
+            out.append((first + (address - self.regions[i].start) // self.page_size, count))
+        return out
+
+    def translate(self, runs: list[Run], onto: "Layout") -> list[Run]:
+        """Map runs of this layout onto the same offsets of ``onto`` (same shape, other addresses)."""
+        out = []
+        for address, count in runs:
+            i, _ = self._locate(address)
+            out.append((onto.regions[i].start + address - self.regions[i].start, count))
+        return out
+
+    def same_shape(self, other: "Layout") -> bool:
+        return self.page_size == other.page_size and [r.length for r in self.regions] == [
+            r.length for r in other.regions
+        ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,240 @@
+"""The destination of one migration: start a restore-mode guest, apply pages, verify, resume.
+
+The destination resumes its guest only after the source's Commit; before that any failure (bad
+frame, lost connection, Abort, digest mismatch, failed self-check) discards the restore guest,
+and the source, which has not committed, resumes its own.
+
+Pages are applied by a separate task fed through a bounded channel, several events per worker
+thread call, so receiving, decompressing and applying overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import trio
+
+from .. import protocol as p
+from ..digest import PageDigests
+from ..errors import MigrationFailed, RemoteProtocolError
+from ..guest.spawn import spawn_guest
+from ..model import Layout, Run
+from ..runs import count_pages
+from ..tracker.memory import MemfdMemory, ProcessMemory
+
+APPLY_QUEUE = 8          # Pages events buffered between receiving and applying
+APPLY_BATCH = 8          # events applied per worker-thread call
+LAYOUT_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 120.0   # silence from the source longer than this fails the migration
+
+
+@dataclass(frozen=True)
+class ReceiveSettings:
+    max_bytes: int = 64 << 30       # refuse layouts larger than this (bounds what a peer can make us map)
+    memfd: bool = False             # restore guest on a shared memfd (one copy fewer)
+    control_dir: str | None = None  # where restore guests' control sockets go
+
+
+class _Flush:
+    """A marker sent down the apply queue; set once everything before it is applied."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+
+
+class DestinationMigration:
+    def __init__(self, channel, settings: ReceiveSettings = ReceiveSettings(), *, log=print) -> None:
+        self.channel = channel
+        self.settings = settings
+        self.log = log
+        self.guest = None
+        self.resumed = False
+        self.parts: dict[str, float] = {}
+        self.rounds: list[dict] = []
+        self.pages_applied = 0
+        self.failure: str | None = None
+
+    async def run(self) -> dict:
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            await self._run()
+        except BaseException as exc:  # noqa: BLE001 - reported, then re-raised as MigrationFailed
+            error = exc
+        finally:
+            if not self.resumed and self.guest is not None:
+                await trio.to_thread.run_sync(self.guest.kill)
+        from ..source.engine import describe
+
+        report = self.report = {
+            "kind": "receive",
+            "source_layout": [[r.start, r.length] for r in self.src.regions] if hasattr(self, "src") else None,
+            "guest_pid": self.guest.pid if self.guest else None,
+            "guest_control": self.guest.control if self.guest else None,
+            "rounds": self.rounds,
+            "pages_applied": self.pages_applied,
+            "parts_ms": self.parts,
+            "total_s": time.perf_counter() - started,
+            "result": "resumed" if self.resumed else "discarded",
+            "error": None if error is None else describe(error),
+        }
+        if error is not None:
+            raise MigrationFailed(report["error"], committed=self.resumed) from error
+        return report
+
+    async def _run(self) -> None:
+        with trio.fail_after(LAYOUT_TIMEOUT_S):
+            event = await self.channel.receive()
+        if not isinstance(event, p.Layout):
+            raise RemoteProtocolError(f"expected Layout first, got {type(event).__name__}")
+        await self._start_guest(event)
+        send_q, recv_q = trio.open_memory_channel(APPLY_QUEUE)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._apply_loop, recv_q)
+                async with send_q:
+                    await self._receive_loop(send_q)
+        except BaseException:
+            if not self.resumed:
+                with trio.move_on_after(2, shield=True):
+                    try:
+                        await self.channel.send(p.Abort(reason="destination failed"))
+                        await self.channel.flush()
+                    except Exception:  # noqa: BLE001 - the link may be what failed
+                        pass
+            raise
+
+    async def _start_guest(self, layout: p.Layout) -> None:
+        self.src = Layout(pid=0, page_size=layout.page_size, regions=tuple(layout.regions))
+        total = self.src.total_bytes
+        if total > self.settings.max_bytes:
+            raise MigrationFailed(f"layout of {total} bytes exceeds this receiver's limit {self.settings.max_bytes}")
+        if len(self.src.regions) != 1:
+            raise MigrationFailed(f"layout has {len(self.src.regions)} regions; restore guests hold one")
+        control_dir = self.settings.control_dir or tempfile.mkdtemp(prefix="migrator-")
+        control = os.path.join(control_dir, f"guest-{layout.meta.get('id', os.getpid())}.sock")
+        t = time.perf_counter()
+        self.guest = await trio.to_thread.run_sync(
+            lambda: spawn_guest(control, size=total, dirty_rate=None, restore=True, memfd=self.settings.memfd)
+        )
+        self.client = await trio.to_thread.run_sync(self.guest.client)
+        attachment = await trio.to_thread.run_sync(self.client.attach, "none")
+        self.parts["spawn_guest"] = (time.perf_counter() - t) * 1000
+        self.dst = attachment.layout
+        if not self.src.same_shape(self.dst):
+            raise MigrationFailed("restore guest's layout does not match the source's")
+        self.memory = (
+            MemfdMemory(attachment.memfd, self.dst.regions, self.dst.page_size, writable=True)
+            if attachment.memfd is not None
+            else ProcessMemory(self.dst.pid, self.dst.page_size)
+        )
+        self.digests = PageDigests(self.dst.total_pages, self.dst.page_size)
+        self.log(f"receiving {total >> 20} MiB into restore guest pid {self.dst.pid}")
+
+    def _apply(self, batch: list[tuple[int, list[Run], object]]) -> None:
+        """Worker thread: write a batch of page events into the restore guest and hash them."""
+        for round_no, runs, payload in batch:
+            dst_runs = self.src.translate(runs, self.dst)
+            if payload is None:  # a Zero event
+                if round_no > 0:
+                    self.memory.write_runs(dst_runs, bytes(count_pages(runs) * self.dst.page_size))
+                self.digests.record_zero(self.dst.page_indices(dst_runs))
+            else:
+                self.memory.write_runs(dst_runs, payload)
+                self.digests.record(self.dst.page_indices(dst_runs), payload)
+                self.pages_applied += count_pages(runs)
+
+    async def _apply_loop(self, queue: trio.MemoryReceiveChannel) -> None:
+        async with queue:
+            async for item in queue:
+                if isinstance(item, _Flush):
+                    item.done.set()
+                    continue
+                batch = [item]
+                flush = None
+                while len(batch) < APPLY_BATCH:
+                    try:
+                        nxt = queue.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    if isinstance(nxt, _Flush):
+                        flush = nxt
+                        break
+                    batch.append(nxt)
+                await trio.to_thread.run_sync(self._apply, batch)
+                if flush is not None:
+                    flush.done.set()
+
+    async def _drain(self, queue: trio.MemorySendChannel) -> None:
+        marker = _Flush()
+        await queue.send(marker)
+        await marker.done.wait()
+
+    async def _receive_loop(self, queue: trio.MemorySendChannel) -> None:
+        freeze_at = None
+        while True:
+            with trio.fail_after(IDLE_TIMEOUT_S):
+                event = await self.channel.receive()
+            if isinstance(event, p.Pages):
+                await queue.send((event.round, list(event.runs), event.payload))
+            elif isinstance(event, p.Zero):
+                await queue.send((event.round, list(event.runs), None))
+            elif isinstance(event, p.RoundEnd):
+                self.rounds.append({"round": event.round, **dict(event.stats)})
+            elif isinstance(event, p.Freeze):
+                freeze_at = time.perf_counter()
+            elif isinstance(event, p.Digest):
+                await self._drain(queue)
+                await self._verify(event)
+            elif isinstance(event, p.Commit):
+                t = time.perf_counter()
+                await trio.to_thread.run_sync(self.client.resume)
+                self.resumed = True
+                self.parts["resume"] = (time.perf_counter() - t) * 1000
+                if freeze_at is not None:
+                    self.parts["since_freeze"] = (time.perf_counter() - freeze_at) * 1000
+                await self.channel.send(p.Ack(of="commit", ok=True, detail={"resume_ms": self.parts["resume"]}))
+                await self.channel.flush()
+                self.log(f"resumed guest pid {self.dst.pid}, control {self.guest.control}")
+                return
+            elif isinstance(event, p.Abort):
+                raise MigrationFailed(f"source aborted: {event.reason}")
+            else:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} from the source")
+
+    async def _verify(self, digest: p.Digest) -> None:
+        """Compare one source digest; after the last one run the guest's self-check and answer.
+
+        The source marks every digest but the last with ``stats["last"] = False``.
+        """
+        t = time.perf_counter()
+        if digest.kind == "pages":
+            ok = digest.value == self.digests.value()
+            self.parts["page_digest"] = (time.perf_counter() - t) * 1000
+            if not ok:
+                self.failure = self.failure or "page digests differ: a page was corrupted or misapplied"
+        elif digest.kind == "region":
+            value = await trio.to_thread.run_sync(self.client.digest)
+            self.parts["region_digest"] = (time.perf_counter() - t) * 1000
+            if bytes.fromhex(value) != digest.value:
+                self.failure = self.failure or "region digests differ: the destination's memory is not the source's"
+        else:
+            raise RemoteProtocolError(f"unknown digest kind {digest.kind!r}")
+        if not digest.stats.get("last", True):
+            return
+        if self.failure is None:
+            c = time.perf_counter()
+            check = await trio.to_thread.run_sync(self.client.check)
+            self.parts["check"] = (time.perf_counter() - c) * 1000
+            if not check.get("clean"):
+                self.failure = f"self-check failed at page {check.get('first_bad_page')}: {check.get('problem')}"
+        detail = {k + "_ms": round(v, 3) for k, v in self.parts.items() if k in ("page_digest", "region_digest", "check")}
+        if self.failure:
+            detail["reason"] = self.failure
+        await self.channel.send(p.Ack(of="digest", ok=self.failure is None, detail=detail))
+        await self.channel.flush()
+        if self.failure:
+            raise MigrationFailed(self.failure)
