@@ -1,0 +1,111 @@
+"""Expected stop-and-copy downtime: a fixed part plus a cost per page, learned from the rounds.
+
+Remaining bytes / round-0 bandwidth underestimates the final copy: round 0 streams contiguous
+memory, while the last pages are scattered and cost ~1.5x more per byte (shared/kernel-abi.md,
+"Pre-copy on this machine"; a bandwidth-only rule missed a 10 ms target by up to 60 %). So the
+model is ``fixed_ms + pages * per_page_ms``, where the per-page cost comes from the send phases of
+the later rounds, which move scattered pages like the final copy does. Each observation gives a
+cost per page (its time over its pages, so per-round overheads are charged to the pages: a
+conservative bias). The estimate is a weighted upper quantile of the recent costs, recent rounds
+weighing most, so one slow round counts fully while it is recent and ages out later. Round-0
+observations stand in, times ``ROUND0_PENALTY``, until a later round has been seen. A bandwidth
+cap sets a floor: no page moves faster than ``page_size / bandwidth``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ..errors import MigratorError
+from ..model import PAGE_SIZE
+
+DEFAULT_FIXED_MS = 1.0          # wake the guest for SIGSTOP, final scan, end/ack exchange (1 GiB)
+DEFAULT_PER_PAGE_MS = 0.003     # 2-3 us per leftover page, uncompressed, loopback
+ROUND0_PENALTY = 1.5            # scattered pages cost ~1.5x the per-byte time of round 0
+MIN_FIT_PAGES = 256             # smaller rounds are mostly per-round overhead and timer noise
+WINDOW = 8                      # observations kept
+DECAY = 0.75                    # weight of an observation relative to the next newer one
+QUANTILE = 0.9                  # of the weighted costs: the estimate ignores at most 10 % of weight
+
+
+@dataclass(frozen=True)
+class EstimatorStatistics:
+    fixed_ms: float
+    per_page_ms: float          # the cost expected_ms() uses (after the bandwidth floor)
+    floor_per_page_ms: float    # page_size / bandwidth (0 without a cap)
+    observations: int           # later-round observations in the window
+    round0_observations: int
+    source: str                 # "rounds" | "round-0" | "default": where per_page_ms came from
+
+
+class DowntimeEstimator:
+    """Feed it ``observe(pages, seconds)`` per round; ask ``expected_ms(pages)``. Pure, no clock."""
+
+    def __init__(
+        self,
+        *,
+        fixed_ms: float = DEFAULT_FIXED_MS,
+        default_per_page_ms: float = DEFAULT_PER_PAGE_MS,
+        bandwidth: float | None = None,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        if fixed_ms < 0 or default_per_page_ms < 0:
+            raise MigratorError(f"costs must be >= 0, got fixed_ms={fixed_ms}, per_page_ms={default_per_page_ms}")
+        if bandwidth is not None and bandwidth <= 0:
+            raise MigratorError(f"bandwidth must be > 0 bytes/s, got {bandwidth}")
+        self._fixed_ms = fixed_ms
+        self._default_ms = default_per_page_ms
+        self._floor_ms = page_size / bandwidth * 1e3 if bandwidth else 0.0
+        self._costs: deque[float] = deque(maxlen=WINDOW)      # ms per page, oldest first
+        self._round0: deque[float] = deque(maxlen=WINDOW)
+
+    def observe(self, pages: int, seconds: float, *, round0: bool = False) -> None:
+        """Record that a send phase moved ``pages`` pages in ``seconds`` (round 0's: ``round0=True``)."""
+        if pages < 0 or seconds < 0:
+            raise ValueError(f"observe needs pages >= 0 and seconds >= 0, got {pages}, {seconds}")
+        if pages < MIN_FIT_PAGES:
+            return
+        cost = seconds * 1e3 / pages
+        if round0:
+            self._round0.append(cost * ROUND0_PENALTY)
+        else:
+            self._costs.append(cost)
+
+    def expected_ms(self, pages: int) -> float:
+        """Expected downtime if the guest froze now with ``pages`` pages left to copy."""
+        if pages < 0:
+            raise ValueError(f"pages must be >= 0, got {pages}")
+        return self._fixed_ms + pages * self.statistics().per_page_ms
+
+    def statistics(self) -> EstimatorStatistics:
+        if self._costs:
+            learned, source = _weighted_quantile(self._costs, QUANTILE), "rounds"
+        elif self._round0:
+            learned, source = _weighted_quantile(self._round0, QUANTILE), "round-0"
+        else:
+            learned, source = self._default_ms, "default"
+        return EstimatorStatistics(
+            fixed_ms=self._fixed_ms,
+            per_page_ms=max(learned, self._floor_ms),
+            floor_per_page_ms=self._floor_ms,
+            observations=len(self._costs),
+            round0_observations=len(self._round0),
+            source=source,
+        )
+
+
+def _weighted_quantile(values_oldest_first, q: float) -> float:
+    """Smallest value whose cumulative weight (ascending order) reaches ``q`` of the total.
+
+    The newest value weighs 1, each older one ``DECAY`` times the next newer one.
+    """
+    n = len(values_oldest_first)
+    weighted = sorted((v, DECAY ** (n - 1 - i)) for i, v in enumerate(values_oldest_first))
+    goal = q * sum(w for _, w in weighted)
+    total = 0.0
+    for value, weight in weighted:
+        total += weight
+        if total >= goal - 1e-12:
+            return value
+    return weighted[-1][0]

@@ -1,0 +1,174 @@
+"""When to stop pre-copying: a pure function of the round history (no I/O, no clock).
+
+The rules, checked in this order after every round (the report records the rule's name):
+
+=================  ===========  ================================================================
+rule               action       when
+=================  ===========  ================================================================
+downtime-target    SWITCHOVER   the last round's expected downtime is within the target (QEMU)
+min-pages          SWITCHOVER   the last round moved at most ``min_pages`` pages (P.Haul)
+converging         CONTINUE     the dirty set is not growing and rounds are left
+no-progress        THROTTLE     the dirty set grew by more than ``max_growth`` (P.Haul); while
+                                throttled, it did not shrink at all
+max-rounds         THROTTLE     ``max_rounds`` rounds have run and the target is still missed
+throttle-pending   CONTINUE     stalled, but the last throttle change has not shown in the dirty
+                                set yet (see below)
+throttle-max       SWITCHOVER   ``THROTTLE_MAX_ROUNDS`` rounds at ``throttle_max`` and still stalled
+=================  ===========  ================================================================
+
+With ``force_switchover`` a stall (no-progress or max-rounds) switches over at once under its own
+rule name instead of throttling, so a final rule of "no-progress" or "max-rounds" means a forced
+switch-over. Auto-converge follows QEMU's cpu-throttle: start at ``throttle_initial`` and add
+``throttle_increment`` per stalled round up to ``throttle_max``.
+
+Why "throttle-pending": ``RoundStats.dirty_pages`` of round k counts pages written during round
+k-1, so a duty set after round k first shows in round k+2's dirty set. Raising the duty again on
+round k+1's stale count would overshoot; QEMU likewise raises its throttle at most every second
+bitmap sync. Every path ends: after ``max_rounds`` every round is stalled, the duty reaches its
+maximum within about twice ``(throttle_max - throttle_initial) / throttle_increment`` rounds, and
+``THROTTLE_MAX_ROUNDS`` rounds later the policy switches over.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import MigratorError
+from ..model import RoundStats
+
+# P.Haul's iteration limits (phaul/iters.py).
+MIN_ITER_PAGES_COUNT = 64       # a round this small is not worth another one
+MAX_ITER_GROW_RATE = 0.10       # growth round over round that means "not converging"
+# QEMU's defaults (--downtime-limit 300 ms there; ours is tighter) and cpu-throttle parameters.
+DOWNTIME_MS = 50.0
+MAX_ROUNDS = 30
+CPU_THROTTLE_INITIAL = 0.20
+CPU_THROTTLE_INCREMENT = 0.10
+CPU_THROTTLE_MAX = 0.99
+# Rounds at the maximum duty that still stall before giving up and switching over anyway.
+THROTTLE_MAX_ROUNDS = 3
+
+
+class Action(enum.Enum):
+    CONTINUE = "continue"       # run another round with ``Decision.throttle`` in force
+    SWITCHOVER = "switchover"   # freeze the guest and stop-and-copy
+    THROTTLE = "throttle"       # run another round, auto-converge duty changed or held at max
+
+
+class Rule(enum.StrEnum):
+    FIRST_ROUND = "first-round"
+    DOWNTIME_TARGET = "downtime-target"
+    MIN_PAGES = "min-pages"
+    CONVERGING = "converging"
+    NO_PROGRESS = "no-progress"
+    MAX_ROUNDS = "max-rounds"
+    THROTTLE_PENDING = "throttle-pending"
+    THROTTLE_MAX = "throttle-max"
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    downtime_ms: float = DOWNTIME_MS
+    max_rounds: int = MAX_ROUNDS
+    max_growth: float = MAX_ITER_GROW_RATE
+    force_switchover: bool = False
+    throttle_initial: float = CPU_THROTTLE_INITIAL
+    throttle_increment: float = CPU_THROTTLE_INCREMENT
+    throttle_max: float = CPU_THROTTLE_MAX
+    min_pages: int = MIN_ITER_PAGES_COUNT
+
+    def __post_init__(self) -> None:
+        problems = [
+            (self.downtime_ms > 0, f"downtime_ms must be > 0, got {self.downtime_ms}"),
+            (self.max_rounds >= 1, f"max_rounds must be >= 1, got {self.max_rounds}"),
+            (self.max_growth >= 0, f"max_growth must be >= 0, got {self.max_growth}"),
+            (self.min_pages >= 0, f"min_pages must be >= 0, got {self.min_pages}"),
+            (self.throttle_increment > 0, f"throttle_increment must be > 0, got {self.throttle_increment}"),
+            (
+                0 < self.throttle_initial <= self.throttle_max < 1,
+                f"throttle duties need 0 < initial <= max < 1, got {self.throttle_initial} and {self.throttle_max}",
+            ),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise MigratorError(message)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    rule: Rule
+    throttle: float   # duty fraction to apply from now on (0 = none)
+    reason: str       # one human line
+
+
+def decide(history: Sequence[RoundStats], settings: PolicySettings = PolicySettings()) -> Decision:
+    """What to do after the last round of ``history`` (rounds in order, round 0 first)."""
+    if not history:
+        return Decision(Action.CONTINUE, Rule.FIRST_ROUND, 0.0, "no round has run yet")
+    last, s = history[-1], settings
+    duty = last.throttle
+    if last.expected_downtime_ms <= s.downtime_ms:
+        return Decision(
+            Action.SWITCHOVER, Rule.DOWNTIME_TARGET, duty,
+            f"expected downtime {last.expected_downtime_ms:.1f} ms is within the {s.downtime_ms:g} ms target",
+        )
+    if last.dirty_pages <= s.min_pages:
+        return Decision(
+            Action.SWITCHOVER, Rule.MIN_PAGES, duty,
+            f"round {last.round} moved {last.dirty_pages} pages (at most {s.min_pages})",
+        )
+    stall = _stall(history, s)
+    if stall is None:
+        return Decision(
+            Action.CONTINUE, Rule.CONVERGING, duty,
+            f"{last.dirty_pages} dirty pages, expected downtime {last.expected_downtime_ms:.1f} ms",
+        )
+    rule, why = stall
+    if s.force_switchover:
+        return Decision(Action.SWITCHOVER, rule, duty, f"{why}; switching over (force-switchover)")
+    if duty > 0 and len(history) >= 2 and history[-2].throttle != duty:
+        return Decision(
+            Action.CONTINUE, Rule.THROTTLE_PENDING, duty,
+            f"{why}; the {duty:.0%} throttle has not shown in the dirty set yet",
+        )
+    if duty >= s.throttle_max:
+        at_max = _trailing(history, lambda r: r.throttle >= s.throttle_max)
+        if at_max >= THROTTLE_MAX_ROUNDS:
+            return Decision(
+                Action.SWITCHOVER, Rule.THROTTLE_MAX, duty,
+                f"{why} after {at_max} rounds at the maximum {duty:.0%} throttle; switching over anyway",
+            )
+        return Decision(Action.THROTTLE, rule, duty, f"{why}; throttle held at its maximum {duty:.0%}")
+    new = s.throttle_initial if duty == 0 else min(s.throttle_max, round(duty + s.throttle_increment, 6))
+    return Decision(Action.THROTTLE, rule, new, f"{why}; throttle {duty:.0%} -> {new:.0%}")
+
+
+def _stall(history: Sequence[RoundStats], s: PolicySettings) -> tuple[Rule, str] | None:
+    """(rule, reason) when the last round shows pre-copy is not converging by itself."""
+    last = history[-1]
+    if len(history) >= s.max_rounds:
+        return Rule.MAX_ROUNDS, f"{len(history)} rounds run (max {s.max_rounds})"
+    if len(history) < 2:
+        return None
+    prev = history[-2].dirty_pages
+    if last.throttle > 0:   # auto-converge on: anything short of shrinking is a stall
+        if last.dirty_pages >= prev:
+            return Rule.NO_PROGRESS, f"dirty set did not shrink under throttle ({prev} -> {last.dirty_pages} pages)"
+    elif last.dirty_pages > prev * (1 + s.max_growth):
+        return Rule.NO_PROGRESS, (
+            f"dirty set grew {prev} -> {last.dirty_pages} pages (more than {s.max_growth:.0%})"
+        )
+    return None
+
+
+def _trailing(history: Sequence[RoundStats], predicate) -> int:
+    """How many rounds at the end of ``history`` satisfy ``predicate``."""
+    count = 0
+    for r in reversed(history):
+        if not predicate(r):
+            break
+        count += 1
+    return count

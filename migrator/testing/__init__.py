@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and experiments (never used by the migration path itself)."""

@@ -1,0 +1,153 @@
+"""The convergence policy over recorded round histories, written as literal tables."""
+
+import math
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from migrator.errors import MigratorError
+from migrator.model import RoundStats
+from migrator.source.policy import (
+    THROTTLE_MAX_ROUNDS,
+    Action,
+    PolicySettings,
+    Rule,
+    decide,
+)
+
+C, S, T = Action.CONTINUE, Action.SWITCHOVER, Action.THROTTLE
+
+
+def rounds(rows):
+    """(dirty_pages, expected_downtime_ms, throttle) rows -> RoundStats history."""
+    return [
+        RoundStats(
+            round=i, dirty_pages=dirty, zero_pages=0, bytes_raw=dirty * 4096, bytes_wire=dirty * 4096,
+            scan_s=0.001, read_s=0.01, compress_s=0.0, send_s=0.02, duration_s=0.05,
+            dirty_rate=20000.0, bandwidth=1e9, expected_downtime_ms=expected, throttle=throttle,
+        )
+        for i, (dirty, expected, throttle) in enumerate(rows)
+    ]
+
+
+START = [(262144, 900.0, 0.0), (40000, 160.0, 0.0), (20000, 70.0, 0.0)]
+
+# name, settings, history rows, (action, rule, throttle)
+CASES = [
+    ("no round yet", {}, [], (C, Rule.FIRST_ROUND, 0.0)),
+    ("round 0 already within target", {}, [(65536, 12.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("target met exactly", {}, START + [(14000, 50.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("target just missed, shrinking", {}, START + [(14000, 50.1, 0.0)], (C, Rule.CONVERGING, 0.0)),
+    ("custom target", {"downtime_ms": 10.0}, START + [(5000, 12.0, 0.0)], (C, Rule.CONVERGING, 0.0)),
+    ("few pages left although target missed", {"downtime_ms": 0.5}, START + [(64, 1.2, 0.0)],
+     (S, Rule.MIN_PAGES, 0.0)),
+    ("65 pages are not few", {"downtime_ms": 0.5}, START + [(65, 1.2, 0.0)], (C, Rule.CONVERGING, 0.0)),
+    ("10 % growth is still progress", {}, START + [(22000, 75.0, 0.0)], (C, Rule.CONVERGING, 0.0)),
+    ("growth over 10 % starts auto-converge", {}, START + [(22001, 75.0, 0.0)], (T, Rule.NO_PROGRESS, 0.20)),
+    ("custom growth limit", {"max_growth": 0.5}, START + [(29000, 99.0, 0.0)], (C, Rule.CONVERGING, 0.0)),
+    ("growth with force-switchover", {"force_switchover": True}, START + [(22001, 75.0, 0.0)],
+     (S, Rule.NO_PROGRESS, 0.0)),
+    ("round limit starts auto-converge", {"max_rounds": 3}, START, (T, Rule.MAX_ROUNDS, 0.20)),
+    ("round limit with force-switchover", {"max_rounds": 3, "force_switchover": True}, START,
+     (S, Rule.MAX_ROUNDS, 0.0)),
+    ("custom throttle start", {"throttle_initial": 0.5}, START + [(30000, 99.0, 0.0)],
+     (T, Rule.NO_PROGRESS, 0.5)),
+    ("first throttled round counts pages of an unthrottled one", {},
+     START + [(30000, 99.0, 0.0), (33000, 110.0, 0.2)], (C, Rule.THROTTLE_PENDING, 0.2)),
+    ("throttle works: keep it", {},
+     START + [(30000, 99.0, 0.0), (33000, 110.0, 0.2), (25000, 80.0, 0.2)], (C, Rule.CONVERGING, 0.2)),
+    ("throttle not enough: +10 %", {},
+     START + [(30000, 99.0, 0.0), (33000, 110.0, 0.2), (33000, 110.0, 0.2)], (T, Rule.NO_PROGRESS, 0.3)),
+    ("throttled guest reaches target", {},
+     START + [(30000, 99.0, 0.0), (33000, 110.0, 0.2), (9000, 31.0, 0.2)], (S, Rule.DOWNTIME_TARGET, 0.2)),
+    ("last step is capped at the maximum", {},
+     [(262144, 900.0, 0.0), (40000, 160.0, 0.9), (40000, 160.0, 0.9)], (T, Rule.NO_PROGRESS, 0.99)),
+    ("custom increment and maximum", {"throttle_increment": 0.25, "throttle_max": 0.6},
+     [(262144, 900.0, 0.0), (40000, 160.0, 0.5), (40000, 160.0, 0.5)], (T, Rule.NO_PROGRESS, 0.6)),
+    ("maximum just reached", {},
+     [(262144, 900.0, 0.0), (40000, 160.0, 0.9), (41000, 160.0, 0.99)], (C, Rule.THROTTLE_PENDING, 0.99)),
+    ("at the maximum for 2 rounds: hold", {},
+     [(262144, 900.0, 0.0), (40000, 160.0, 0.9), (41000, 160.0, 0.99), (41000, 160.0, 0.99)],
+     (T, Rule.NO_PROGRESS, 0.99)),
+    ("at the maximum for 3 rounds: switch over anyway", {},
+     [(262144, 900.0, 0.0), (40000, 160.0, 0.99), (41000, 160.0, 0.99), (41000, 160.0, 0.99)],
+     (S, Rule.THROTTLE_MAX, 0.99)),
+    ("at the maximum but shrinking: continue", {},
+     [(262144, 900.0, 0.0), (40000, 160.0, 0.99), (41000, 160.0, 0.99), (39000, 150.0, 0.99)],
+     (C, Rule.CONVERGING, 0.99)),
+]
+
+
+@pytest.mark.parametrize("name, overrides, rows, expected", CASES, ids=[c[0] for c in CASES])
+def test_decision_table(name, overrides, rows, expected):
+    d = decide(rounds(rows), PolicySettings(**overrides))
+    assert (d.action, d.rule, d.throttle) == expected
+    assert d.reason and "\n" not in d.reason
+
+
+# A recorded run of a guest whose writes outrun the link (1 GiB, 200,000 pages/s, 10 ms target):
+# (dirty_pages, expected_ms, throttle in force, then the decision taken after that round).
+RUNAWAY = [
+    (262144, 620.0, 0.0, C, Rule.CONVERGING, 0.0),
+    (31000, 75.0, 0.0, C, Rule.CONVERGING, 0.0),
+    (15500, 41.0, 0.0, C, Rule.CONVERGING, 0.0),
+    (16800, 44.0, 0.0, C, Rule.CONVERGING, 0.0),        # +8 %: still within P.Haul's 10 %
+    (19100, 50.0, 0.0, T, Rule.NO_PROGRESS, 0.2),       # +14 %
+    (21000, 55.0, 0.2, C, Rule.THROTTLE_PENDING, 0.2),  # written before the throttle began
+    (18000, 47.0, 0.2, C, Rule.CONVERGING, 0.2),
+    (18500, 48.0, 0.2, T, Rule.NO_PROGRESS, 0.3),
+    (17000, 44.0, 0.3, C, Rule.CONVERGING, 0.3),
+    (11000, 29.0, 0.3, C, Rule.CONVERGING, 0.3),
+    (6000, 16.0, 0.3, C, Rule.CONVERGING, 0.3),
+    (3100, 8.9, 0.3, S, Rule.DOWNTIME_TARGET, 0.3),
+]
+
+
+def test_recorded_runaway_guest_is_throttled_until_it_converges():
+    history = rounds([row[:3] for row in RUNAWAY])
+    policy = PolicySettings(downtime_ms=10.0)
+    for i, (*_, action, rule, throttle) in enumerate(RUNAWAY):
+        d = decide(history[: i + 1], policy)
+        assert (d.action, d.rule, d.throttle) == (action, rule, throttle), f"after round {i}"
+        if i + 1 < len(RUNAWAY):
+            assert RUNAWAY[i + 1][2] == d.throttle, "the next round runs with the decided duty"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"downtime_ms": 0}, "downtime_ms must be > 0"),
+        ({"max_rounds": 0}, "max_rounds must be >= 1"),
+        ({"max_growth": -0.1}, "max_growth must be >= 0"),
+        ({"min_pages": -1}, "min_pages must be >= 0"),
+        ({"throttle_increment": 0}, "throttle_increment must be > 0"),
+        ({"throttle_max": 1.0}, "0 < initial <= max < 1"),
+        ({"throttle_initial": 0.5, "throttle_max": 0.4}, "0 < initial <= max < 1"),
+    ],
+)
+def test_bad_settings_are_rejected_with_one_line(overrides, message):
+    with pytest.raises(MigratorError, match=message):
+        PolicySettings(**overrides)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(
+    dirty=st.lists(st.integers(min_value=65, max_value=10**6), min_size=1, max_size=200),
+    max_rounds=st.integers(min_value=1, max_value=30),
+    increment=st.sampled_from([0.05, 0.1, 0.3]),
+)
+def test_pre_copy_always_ends(dirty, max_rounds, increment):
+    """Whatever the guest writes, feeding each decision's duty back ends in a bounded number of rounds."""
+    policy = PolicySettings(downtime_ms=1.0, max_rounds=max_rounds, throttle_increment=increment)
+    steps = math.ceil((policy.throttle_max - policy.throttle_initial) / increment) + 1
+    bound = max_rounds + 2 * steps + THROTTLE_MAX_ROUNDS
+    rows, duty = [], 0.0
+    for i in range(bound + 1):
+        rows.append((dirty[i % len(dirty)], 1e6, duty))
+        d = decide(rounds(rows), policy)
+        assert 0 <= d.throttle <= policy.throttle_max
+        if d.action is Action.SWITCHOVER:
+            assert d.rule in (Rule.THROTTLE_MAX,), d
+            return
+        duty = d.throttle
+    pytest.fail(f"no switch-over after {bound + 1} rounds")
