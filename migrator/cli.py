@@ -17,15 +17,22 @@ from .errors import MigratorError
 COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("migrator.tracker.probe_cli", "report which kernel features and trackers work here"),
     "track": ("migrator.tracker.demo_cli", "watch a scratch process's writes with a tracker (demo)"),
+    "guest": ("migrator.guest.cli", "run a guest workload whose whole state lives in its tracked memory"),
+    "report": ("migrator.report_cli", "print a migration report's round table and summary; --plot draws it"),
     "migrate": ("migrator.source.cli", "live-migrate a running guest to a receiver"),
     "receive": ("migrator.destination.cli", "receive migrations and resume their guests"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand's module is imported (fast start-up, and
+    one broken optional piece cannot take every command down)."""
     parser = argparse.ArgumentParser(prog="migrator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=help_text, description=module.__doc__)
         module.add_arguments(cmd)
@@ -34,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except MigratorError as exc:

@@ -1,0 +1,130 @@
+"""Pure values describing a guest region: its geometry, its settings, and its digest.
+
+No I/O and no compiled code here, so a migrator or a destination can size, name and digest a
+region without the guest's hot loop. The byte layout of the control block itself is defined once,
+in C (``_build_workload.py``); ``workload.py`` reads it through cffi.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import xxhash
+
+from ..model import PAGE_SIZE
+
+PATTERNS = ("uniform", "hot", "sequential")
+FILLS = ("random", "text", "sparse")
+MIN_REGION_PAGES = 16
+TABLE_ENTRIES_PER_PAGE = PAGE_SIZE // 8
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def region_digest(buffer) -> str:
+    """xxh3-128 of a whole region's bytes, as hex: the one digest migrator, destination and guest
+    compare (the guest's ``digest`` command returns this for its own region)."""
+    return xxhash.xxh3_128_hexdigest(buffer)
+
+
+def parse_size(text: str) -> int:
+    """``"64M"``, ``"1G"``, ``"1GiB"``, ``"4096"`` -> bytes; a whole number of pages, at least 16."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"size {text!r}: expected a number with an optional K/M/G/T suffix, e.g. 1G")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    if size % PAGE_SIZE or size < MIN_REGION_PAGES * PAGE_SIZE:
+        raise ValueError(f"size {text!r}: must be a multiple of {PAGE_SIZE} and at least {MIN_REGION_PAGES} pages")
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Where the control block, version table and data pages sit (in pages from the start)."""
+
+    region_pages: int
+    table_pages: int
+    data_pages: int
+
+    @classmethod
+    def for_size(cls, size: int) -> Geometry:
+        """Page 0 holds the control block, then the fewest table pages that index the rest."""
+        pages = size // PAGE_SIZE
+        if size % PAGE_SIZE or pages < MIN_REGION_PAGES:
+            raise ValueError(f"region of {size} bytes: need a multiple of {PAGE_SIZE}, at least {MIN_REGION_PAGES} pages")
+        # table + data = pages - 1, table * 512 >= data
+        table = math.ceil((pages - 1) / (TABLE_ENTRIES_PER_PAGE + 1))
+        return cls(region_pages=pages, table_pages=table, data_pages=pages - 1 - table)
+
+    @property
+    def first_data_page(self) -> int:
+        return 1 + self.table_pages
+
+    @property
+    def size(self) -> int:
+        return self.region_pages * PAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """Which pages a step writes: ``uniform``, ``sequential``, or ``hot`` with ``share`` of the
+    writes going to ``fraction`` of the pages (``hot:0.05:0.9``)."""
+
+    kind: str = "uniform"
+    fraction: float = 0.0
+    share: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Pattern:
+        kind, _, params = text.partition(":")
+        if kind not in PATTERNS:
+            raise ValueError(f"pattern {text!r}: expected uniform, sequential or hot:FRACTION:SHARE")
+        if kind != "hot":
+            if params:
+                raise ValueError(f"pattern {text!r}: {kind} takes no parameters")
+            return cls(kind)
+        try:
+            fraction, share = (float(x) for x in params.split(":"))
+        except ValueError:
+            raise ValueError(f"pattern {text!r}: expected hot:FRACTION:SHARE, e.g. hot:0.05:0.9") from None
+        if not (0 < fraction < 1 and 0 <= share <= 1):
+            raise ValueError(f"pattern {text!r}: need 0 < FRACTION < 1 and 0 <= SHARE <= 1")
+        return cls(kind, fraction, share)
+
+    def __str__(self) -> str:
+        return f"hot:{self.fraction:g}:{self.share:g}" if self.kind == "hot" else self.kind
+
+    def hot_parameters(self, data_pages: int) -> tuple[int, int, int]:
+        """(hot pages, threshold on a u64 draw, stride of the page permutation) for the region.
+
+        The hot set is scattered over the region: rank r maps to data page (r * stride) mod
+        data_pages, with the stride coprime to data_pages so the map is a permutation.
+        """
+        if self.kind != "hot":
+            return 0, 0, 0
+        hot = min(data_pages - 1, max(1, round(self.fraction * data_pages)))
+        threshold = min((1 << 64) - 1, int(self.share * (1 << 64)))
+        stride = max(1, int(data_pages * 0.6180339887)) | 1
+        while math.gcd(stride, data_pages) != 1:
+            stride += 2
+        return hot, threshold, stride % data_pages or 1
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a guest does; stored in its control block, so a restored guest reads them back."""
+
+    pattern: Pattern = Pattern()
+    fill: str = "random"
+    seed: int = 1
+    dirty_rate: float | None = None  # page writes per second; None = unlimited
+
+    def __post_init__(self) -> None:
+        if self.fill not in FILLS:
+            raise ValueError(f"fill {self.fill!r}: expected one of {', '.join(FILLS)}")
+        if not 0 <= self.seed < 1 << 64:
+            raise ValueError(f"seed {self.seed}: must be in [0, 2**64)")
+        if self.dirty_rate is not None and not (0 < self.dirty_rate < math.inf):
+            raise ValueError(f"dirty rate {self.dirty_rate}: must be a positive number of pages per second")

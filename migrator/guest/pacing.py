@@ -1,0 +1,87 @@
+"""Timing decisions of the guest's writer, as pure objects fed with clock readings.
+
+The writer runs the compiled loop in batches: each call should take about a millisecond, long
+enough that Python overhead is negligible, short enough that pause and digest requests get a
+step boundary quickly. A throttled guest paces by the wall clock (steps due since it started),
+not by sleeping fixed amounts, and forgives debt beyond ``max_debt`` seconds so that a stop
+(SIGSTOP from a migrator's freeze or auto-converge) is not repaid by a burst afterwards.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+BATCH_SECONDS = 0.001
+MAX_BATCH = 1 << 20
+MAX_DEBT_SECONDS = 0.1
+
+
+class BatchSizer:
+    """Steps per call so that a call takes about ``target`` seconds."""
+
+    def __init__(self, target: float = BATCH_SECONDS, initial: int = 64) -> None:
+        self.target = target
+        self.size = initial
+        self._per_step: float | None = None
+
+    def observe(self, steps: int, seconds: float) -> None:
+        if steps <= 0:
+            return
+        per_step = max(seconds, 1e-9) / steps
+        self._per_step = per_step if self._per_step is None else 0.7 * self._per_step + 0.3 * per_step
+        self.size = max(1, min(MAX_BATCH, int(self.target / self._per_step)))
+
+
+class Pacer:
+    """How many steps are due at ``now`` to hold ``rate`` steps per second since ``start``."""
+
+    def __init__(self, rate: float, start: float, max_debt: float = MAX_DEBT_SECONDS) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate {rate}: must be positive")
+        self.rate = rate
+        self.max_debt = max_debt
+        self._origin = start
+        self._done = 0
+
+    def due(self, now: float) -> int:
+        """Steps owed now; never more than ``max_debt`` seconds' worth (the rest is forgiven)."""
+        owed = (now - self._origin) * self.rate - self._done
+        cap = self.rate * self.max_debt
+        if owed > cap:
+            self._origin = now - (self._done + cap) / self.rate
+            owed = cap
+        return int(owed) if owed >= 1 else 0
+
+    def seconds_until_due(self, now: float) -> float:
+        """How long until at least one more step is due."""
+        return max(0.0, self._origin + (self._done + 1) / self.rate - now)
+
+    def record(self, steps: int) -> None:
+        self._done += steps
+
+
+class RateMeter:
+    """Steps per second over about the last ``window`` seconds (not thread-safe: guard it)."""
+
+    def __init__(self, window: float = 1.0, resolution: float = 0.01) -> None:
+        self.window = window
+        self.resolution = resolution
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def record(self, now: float, steps: int) -> None:
+        if self._samples and now - self._samples[-1][0] < self.resolution:
+            return
+        self._samples.append((now, steps))
+        self._prune(now)
+
+    def rate(self, now: float, steps: int) -> float:
+        self._prune(now)
+        if not self._samples:
+            return 0.0
+        t0, s0 = self._samples[0]
+        return (steps - s0) / (now - t0) if now > t0 else 0.0
+
+    def _prune(self, now: float) -> None:
+        # keep the newest sample at or before the window's start, so the rate spans the window
+        while len(self._samples) >= 2 and self._samples[1][0] <= now - self.window:
+            self._samples.popleft()

@@ -1,0 +1,155 @@
+"""The guest's writer thread: runs the workload in ~1 ms batches, paced, pausable.
+
+States: ``restoring`` (a restore guest waiting for its pages; no steps until ``resume`` finds a
+valid control block), ``running``, ``paused``. Every batch runs holding ``_batch_lock`` and
+re-reads the state under it, so whoever holds the lock (``exclusive``) sees the region at a step
+boundary and no step starts until it lets go. The compiled call releases the GIL, so control
+requests are served while a batch runs.
+
+With a synchronous write-protect tracker the writer can block inside a batch until the migrator
+resolves the fault; control requests that need a step boundary then fail after a timeout instead
+of hanging the control socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..errors import GuestError
+from .pacing import BatchSizer, Pacer, RateMeter
+from .workload import Workload
+
+RESTORING, RUNNING, PAUSED = "restoring", "running", "paused"
+BOUNDARY_TIMEOUT = 5.0   # how long a request waits for the writer to reach a step boundary
+AT_STEP_TIMEOUT = 60.0   # how long ``pause`` with ``at_step`` waits for the writer to get there
+MAX_SLEEP = 0.01         # a throttled writer re-checks its state at least this often
+MIN_SLEEP = 0.0005       # and wakes at most ~2000 times a second
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerStats:
+    state: str
+    steps: int
+    write_rate: float    # steps (page writes) per second over about the last second
+
+
+class WorkloadRunner:
+    """Owns the writer thread of one workload."""
+
+    def __init__(self, workload: Workload, *, restoring: bool = False) -> None:
+        self.workload = workload
+        self._cond = threading.Condition()
+        self._batch_lock = threading.Lock()
+        self._state = RESTORING if restoring else PAUSED
+        self._until: int | None = None   # pause automatically once steps reach this
+        self._resumed = 0                # bumped by every resume: the writer restarts its pacing
+        self._quit = False
+        self._meter = RateMeter()
+        self._thread = threading.Thread(target=self._write_loop, name="guest-writer", daemon=True)
+        self._thread.start()
+
+    # --- control (any thread) ---------------------------------------------------------------------
+
+    def statistics(self) -> RunnerStats:
+        with self._cond:
+            restoring_nothing_yet = self._state == RESTORING and self.workload.control_problem()
+            steps = 0 if restoring_nothing_yet else self.workload.steps
+            return RunnerStats(self._state, steps, self._meter.rate(time.monotonic(), steps))
+
+    def resume(self, until_step: int | None = None) -> None:
+        """Start or continue writing; with ``until_step``, pause by itself at exactly that step.
+
+        A restoring guest first validates the control block it was given (GuestError if bad).
+        """
+        with self._cond:
+            if self._state == RESTORING:
+                self.workload.validate()
+            steps = self.workload.steps
+            if until_step is not None and until_step < steps:
+                raise GuestError(f"until_step {until_step} is behind the guest (at step {steps})")
+            self._until = until_step
+            self._state = PAUSED if until_step == steps else RUNNING
+            self._resumed += 1
+            self._cond.notify_all()
+
+    def pause(self, at_step: int | None = None, timeout: float = AT_STEP_TIMEOUT) -> int:
+        """Stop at a step boundary (or let it run to exactly ``at_step``); returns the step count."""
+        with self.exclusive(), self._cond:   # at a boundary: no batch can overshoot at_step
+            if self._state == RESTORING:
+                raise GuestError("the guest is restoring: nothing to pause")
+            steps = self.workload.steps
+            if at_step is None:
+                self._state, self._until = PAUSED, None
+                return steps
+            if at_step < steps:
+                raise GuestError(f"at_step {at_step} is behind the guest (at step {steps})")
+            if self._state == PAUSED and steps != at_step:
+                raise GuestError(f"paused at step {steps}: resume with until_step to run to step {at_step}")
+            if self._state == RUNNING:
+                self._until = at_step if self._until is None else min(self._until, at_step)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._state != RUNNING or self._quit, timeout):
+                raise GuestError(f"the guest did not reach step {at_step} within {timeout:g} s")
+            return self.workload.steps
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float = BOUNDARY_TIMEOUT) -> Iterator[Workload]:
+        """Hold the writer at a step boundary (for digest, check, tag) for the ``with`` body."""
+        if not self._batch_lock.acquire(timeout=timeout):
+            raise GuestError(
+                f"the writer did not reach a step boundary within {timeout:g} s "
+                "(blocked on a write-protected page?)"
+            )
+        try:
+            yield self.workload
+        finally:
+            self._batch_lock.release()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        with self._cond:
+            self._quit = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # --- the writer thread ----------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        sizer = BatchSizer()
+        pacer: Pacer | None = None
+        seen_resume = -1
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._state == RUNNING or self._quit)
+                if self._quit:
+                    return
+                if seen_resume != self._resumed:
+                    seen_resume = self._resumed
+                    rate = self.workload.dirty_rate
+                    pacer = Pacer(rate, time.monotonic()) if rate else None
+            count = sizer.size
+            if pacer is not None:
+                now = time.monotonic()
+                due = pacer.due(now)
+                if due == 0:
+                    time.sleep(min(MAX_SLEEP, max(MIN_SLEEP, pacer.seconds_until_due(now))))
+                    continue
+                count = min(count, due)
+            with self._batch_lock:
+                if self._state != RUNNING:
+                    continue
+                if self._until is not None:
+                    count = min(count, self._until - self.workload.steps)
+                started = time.perf_counter()
+                steps = self.workload.run(count)
+                sizer.observe(count, time.perf_counter() - started)
+                with self._cond:
+                    self._meter.record(time.monotonic(), steps)
+                    if self._until is not None and steps >= self._until:
+                        self._state, self._until = PAUSED, None
+                        self._cond.notify_all()
+            if pacer is not None:
+                pacer.record(count)

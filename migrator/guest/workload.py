@@ -1,0 +1,146 @@
+"""The guest's workload over its region: format, run steps, self-check, tag. Not thread-aware.
+
+All state lives in the region (control block, version table, page headers), so a region copied
+into another process continues exactly where it stopped; see ``_build_workload.py`` for the
+layout and the step protocol. The compiled calls release the GIL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import GuestError
+from .layout import Geometry, Settings, region_digest
+from .mapping import RegionMapping
+from ._workload import ffi, lib
+
+_PATTERN_CODES = {"uniform": lib.PATTERN_UNIFORM, "hot": lib.PATTERN_HOT, "sequential": lib.PATTERN_SEQUENTIAL}
+_FILL_CODES = {"random": lib.FILL_RANDOM, "text": lib.FILL_TEXT, "sparse": lib.FILL_SPARSE}
+_PATTERN_NAMES = {code: name for name, code in _PATTERN_CODES.items()}
+_FILL_NAMES = {code: name for name, code in _FILL_CODES.items()}
+
+# How check() words a problem code; {0} and {1} are the two detail numbers the C check returns.
+PROBLEMS = {
+    lib.PROBLEM_CTL_MAGIC: "control block: bad magic (not a guest region, or not restored yet)",
+    lib.PROBLEM_CTL_VERSION: "control block: layout version {0}, this guest reads version {1}",
+    lib.PROBLEM_CTL_GEOMETRY: "control block: describes {0} pages, but the region has {1}",
+    lib.PROBLEM_CTL_SETTINGS: "control block: invalid settings (pattern, fill, rate or hot set)",
+    lib.PROBLEM_CTL_CHECKSUM: "control block: settings checksum mismatch",
+    lib.PROBLEM_CTL_STEPS: "control block: in-flight marker {0} does not fit step counter {1}",
+    lib.PROBLEM_CTL_TAG: "control block: tag length {0} exceeds the maximum",
+    lib.PROBLEM_TABLE_AHEAD: "version table says step {0}, but only {1} steps are done",
+    lib.PROBLEM_TABLE_WRONG_STEP: "version table says step {0}, which wrote another page",
+    lib.PROBLEM_HEADER_MISSING: "page header missing (a zero page: never written or not transferred)",
+    lib.PROBLEM_HEADER_CORRUPT: "page header corrupted (bad magic or checksum)",
+    lib.PROBLEM_HEADER_INDEX: "page header names page {0} (misplaced page)",
+    lib.PROBLEM_STALE: "stale page: header says step {0}, version table says step {1}",
+    lib.PROBLEM_BODY: "page body differs from version {0} of the page (0 = initial fill)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """Outcome of the self-check; ``first_bad_page`` counts pages from the region's start."""
+
+    clean: bool
+    first_bad_page: int | None = None
+    problem: str | None = None
+
+
+class Workload:
+    """Steps of the deterministic writer over ``mapping``, whose page 0 is the control block."""
+
+    def __init__(self, mapping: RegionMapping) -> None:
+        self.mapping = mapping
+        self._base = mapping.pointer
+        self._ctl = ffi.cast("struct guest_control *", self._base)
+
+    @classmethod
+    def create(cls, mapping: RegionMapping, settings: Settings) -> Workload:
+        """Write the control block for ``settings`` and the initial fill of every data page."""
+        workload = cls(mapping)
+        geometry = Geometry.for_size(mapping.size)
+        hot, threshold, stride = settings.pattern.hot_parameters(geometry.data_pages)
+        ctl = workload._ctl
+        ctl.magic = lib.GUEST_MAGIC
+        ctl.layout_version = lib.GUEST_LAYOUT_VERSION
+        ctl.page_size = lib.GUEST_PAGE_SIZE
+        ctl.region_pages = geometry.region_pages
+        ctl.table_pages = geometry.table_pages
+        ctl.data_pages = geometry.data_pages
+        ctl.seed = settings.seed
+        ctl.pattern = _PATTERN_CODES[settings.pattern.kind]
+        ctl.fill = _FILL_CODES[settings.fill]
+        ctl.hot_pages, ctl.hot_threshold, ctl.hot_stride = hot, threshold, stride
+        ctl.dirty_rate = settings.dirty_rate or 0.0
+        lib.guest_format(workload._base)
+        return workload
+
+    # --- reading the control block ------------------------------------------------------------
+
+    def control_problem(self) -> str | None:
+        """Why the control block cannot be continued from (magic, layout, size, settings), or None."""
+        detail = ffi.new("uint64_t[2]")
+        code = lib.guest_check_control(self._base, self.mapping.size, detail)
+        return PROBLEMS[code].format(detail[0], detail[1]) if code else None
+
+    def validate(self) -> None:
+        """Raise GuestError unless the region holds a control block this guest can continue."""
+        problem = self.control_problem()
+        if problem:
+            raise GuestError(f"cannot resume from this region: {problem}")
+
+    @property
+    def steps(self) -> int:
+        return self._ctl.steps
+
+    @property
+    def dirty_rate(self) -> float | None:
+        return self._ctl.dirty_rate or None
+
+    def describe(self) -> dict:
+        """Settings for stats (call only when ``control_problem()`` is None)."""
+        ctl = self._ctl
+        pattern = _PATTERN_NAMES[ctl.pattern]
+        if ctl.pattern == lib.PATTERN_HOT:
+            pattern += f":{ctl.hot_pages / ctl.data_pages:.4g}:{ctl.hot_threshold / 2**64:.4g}"
+        return {
+            "pattern": pattern,
+            "fill": _FILL_NAMES[ctl.fill],
+            "seed": ctl.seed,
+            "dirty_rate": self.dirty_rate,
+            "size": self.mapping.size,
+        }
+
+    @property
+    def tag(self) -> str:
+        length = min(self._ctl.tag_len, lib.GUEST_TAG_MAX)
+        return ffi.buffer(self._ctl.tag, length)[:].decode("utf-8", "replace")
+
+    def set_tag(self, tag: str) -> None:
+        data = tag.encode("utf-8")
+        if len(data) > lib.GUEST_TAG_MAX:
+            raise GuestError(f"tag of {len(data)} bytes: at most {lib.GUEST_TAG_MAX} bytes of UTF-8")
+        ffi.memmove(self._ctl.tag, data.ljust(lib.GUEST_TAG_MAX, b"\0"), lib.GUEST_TAG_MAX)
+        self._ctl.tag_len = len(data)
+
+    # --- running and checking --------------------------------------------------------------------
+
+    def run(self, count: int) -> int:
+        """Do ``count`` steps; returns the step counter after them."""
+        return lib.guest_run(self._base, count)
+
+    def page_written_by(self, step: int) -> int:
+        """Region page index that step ``step`` (0-based) writes."""
+        return lib.guest_pick(self._base, step)
+
+    def check(self) -> CheckResult:
+        problem = ffi.new("int *")
+        detail = ffi.new("uint64_t[2]")
+        page = lib.guest_check(self._base, self.mapping.size, problem, detail)
+        if page < 0:
+            return CheckResult(clean=True)
+        return CheckResult(False, page, PROBLEMS[problem[0]].format(detail[0], detail[1]))
+
+    def digest(self) -> str:
+        return region_digest(self.mapping.buffer)

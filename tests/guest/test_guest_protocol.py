@@ -1,0 +1,57 @@
+"""Control protocol parsing: every malformed request gets a one-line reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from migrator.errors import GuestError
+from migrator.guest.protocol import LineBuffer, Request, encode, error_reply, ok_reply, parse_reply, parse_request
+
+
+def test_parse_valid_requests():
+    assert parse_request(b'{"cmd": "stats"}') == Request("stats", {})
+    assert parse_request(b'{"cmd":"attach","tracker":"sync-wp"}\r') == Request("attach", {"tracker": "sync-wp"})
+    assert parse_request(b'{"cmd":"pause","at_step":12}') == Request("pause", {"at_step": 12})
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b"{nope", "bad JSON"),
+        (b"\xff\xfe{}", "bad JSON"),
+        (b"", "bad JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"command": "stats"}', 'needs a "cmd" string'),
+        (b'{"cmd": 3}', 'needs a "cmd" string'),
+        (b'{"cmd": "reboot"}', "unknown command 'reboot'"),
+        (b'{"cmd": "stats", "x": 1}', "stats: unknown argument 'x'"),
+        (b'{"cmd": "pause", "at_step": "5"}', "at_step must be an integer"),
+        (b'{"cmd": "pause", "at_step": true}', "at_step must be an integer"),
+        (b'{"cmd": "pause", "at_step": 1.5}', "at_step must be an integer"),
+        (b'{"cmd": "resume", "until_step": -1}', "until_step must not be negative"),
+        (b'{"cmd": "set-tag"}', "set-tag: missing argument 'tag'"),
+        (b'{"cmd": "set-tag", "tag": 7}', "tag must be a string"),
+    ],
+)
+def test_parse_rejects_with_a_reason(line, message):
+    with pytest.raises(GuestError, match=message.replace("(", r"\(")):
+        parse_request(line)
+
+
+def test_replies_are_one_json_line():
+    assert json.loads(ok_reply(steps=3)) == {"ok": True, "steps": 3}
+    line = error_reply("two\nlines")
+    assert line.count(b"\n") == 1 and json.loads(line) == {"ok": False, "error": "two lines"}
+    assert parse_reply(encode({"ok": False, "error": "x"})) == {"ok": False, "error": "x"}
+    with pytest.raises(GuestError, match='"ok" boolean'):
+        parse_reply(b'{"steps": 1}')
+
+
+def test_line_buffer_splits_and_bounds_lines():
+    lines = LineBuffer(max_line=10)
+    assert lines.feed(b'{"a"') == []
+    assert lines.feed(b':1}\n{}\n{') == [b'{"a":1}', b"{}"]
+    with pytest.raises(GuestError, match="longer than 10 bytes"):
+        lines.feed(b"x" * 11)
