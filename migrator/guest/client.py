@@ -86,8 +86,9 @@ class GuestClient:
     def digest(self) -> str:
         return self.request("digest")["digest"]
 
-    def check(self) -> dict:
-        return self.request("check")
+    def check(self, deep: bool = True) -> dict:
+        """The guest's self-check; ``deep=False`` skips page bodies (fast enough for a downtime)."""
+        return self.request("check", deep=deep)
 
     def pause(self, at_step: int | None = None) -> int:
         """Pause at a step boundary (or once exactly ``at_step`` steps are done); the step count."""

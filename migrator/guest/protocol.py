@@ -19,7 +19,7 @@ ARGUMENTS: dict[str, dict[str, type]] = {
     "attach": {"tracker": str},
     "stats": {},
     "digest": {},
-    "check": {},
+    "check": {"deep": bool},
     "pause": {"at_step": int},
     "resume": {"until_step": int},
     "set-tag": {"tag": str},

@@ -98,9 +98,9 @@ class GuestServer:
         with self.runner.exclusive() as workload:
             return {"digest": workload.digest(), "steps": workload.steps}, []
 
-    def _check(self, owner: object):
+    def _check(self, owner: object, deep: bool | None = None):
         with self.runner.exclusive() as workload:
-            result = workload.check()
+            result = workload.check(deep=deep is not False)
             steps = workload.steps
         return {"clean": result.clean, "first_bad_page": result.first_bad_page,
                 "problem": result.problem, "steps": steps}, []

@@ -134,10 +134,11 @@ class Workload:
         """Region page index that step ``step`` (0-based) writes."""
         return lib.guest_pick(self._base, step)
 
-    def check(self) -> CheckResult:
+    def check(self, deep: bool = True) -> CheckResult:
+        """Self-check; ``deep`` also verifies every page body, not just headers and the table."""
         problem = ffi.new("int *")
         detail = ffi.new("uint64_t[2]")
-        page = lib.guest_check(self._base, self.mapping.size, problem, detail)
+        page = lib.guest_check(self._base, self.mapping.size, int(deep), problem, detail)
         if page < 0:
             return CheckResult(clean=True)
         return CheckResult(False, page, PROBLEMS[problem[0]].format(detail[0], detail[1]))
