@@ -66,6 +66,15 @@ def _syscall(name: str, *args: int) -> int:
         return check(rc, name)
 
 
+def buffer_address(buffer) -> int:
+    """Address of a writable buffer (an mmap, a bytearray) without keeping it exported."""
+    pointer = ffi.from_buffer(buffer)
+    try:
+        return int(ffi.cast("uintptr_t", pointer))
+    finally:
+        ffi.release(pointer)
+
+
 # --- userfaultfd ----------------------------------------------------------------------------------
 
 
@@ -123,10 +132,10 @@ def uffdio_writeprotect(fd: int, start: int, length: int, protect: bool, *, wake
 # --- PAGEMAP_SCAN ---------------------------------------------------------------------------------
 
 
-def pagemap_scan(
-    pagemap_fd: int,
-    start: int,
-    end: int,
+_PAGEMAP_SCAN = ffi.cast("unsigned long", PAGEMAP_SCAN)
+
+
+def pagemap_scan_arg(
     vec,
     vec_len: int,
     *,
@@ -136,19 +145,13 @@ def pagemap_scan(
     category_inverted: int = 0,
     return_mask: int,
     max_pages: int = 0,
-) -> tuple[int, int]:
-    """One PAGEMAP_SCAN ioctl on an open ``/proc/PID/pagemap``.
-
-    Fills ``vec`` (a cffi ``struct page_region[vec_len]``) and returns (regions, walk_end).
-    It may stop early (vec full, max_pages): callers loop; see ``tracker.scan``.
-    """
-    arg = ffi.new(
+):
+    """A ``struct pm_scan_arg`` for repeated ``pagemap_scan_with`` calls (built once per walk)."""
+    return ffi.new(
         "struct pm_scan_arg *",
         {
             "size": ffi.sizeof("struct pm_scan_arg"),
             "flags": flags,
-            "start": start,
-            "end": end,
             "vec": int(ffi.cast("uintptr_t", vec)),
             "vec_len": vec_len,
             "max_pages": max_pages,
@@ -158,12 +161,31 @@ def pagemap_scan(
             "return_mask": return_mask,
         },
     )
-    what = f"PAGEMAP_SCAN {_span(start, end - start)} flags={flags:#x}"
+
+
+def pagemap_scan_with(pagemap_fd: int, arg, start: int, end: int) -> tuple[int, int]:
+    """One PAGEMAP_SCAN ioctl over ``[start, end)`` with a prepared ``arg``: (regions, walk_end).
+
+    Fills ``arg.vec``; may stop early (vec full, max_pages): callers loop, see ``tracker.scan``.
+    """
+    arg.start = start
+    arg.end = end
     while True:
-        rc = libc.ioctl(pagemap_fd, ffi.cast("unsigned long", PAGEMAP_SCAN), arg)
-        if rc == -1 and ffi.errno == _errno.EINTR:
-            continue
-        return check(rc, what), arg.walk_end
+        rc = libc.ioctl(pagemap_fd, _PAGEMAP_SCAN, arg)
+        if rc != -1:
+            return rc, arg.walk_end
+        err = ffi.errno
+        if err != _errno.EINTR:
+            raise _os_error(err, f"PAGEMAP_SCAN {_span(start, end - start)} flags={arg.flags:#x}")
+
+
+def pagemap_scan(pagemap_fd: int, start: int, end: int, vec, vec_len: int, **masks) -> tuple[int, int]:
+    """One PAGEMAP_SCAN ioctl on an open ``/proc/PID/pagemap``: (regions, walk_end).
+
+    ``vec`` is a cffi ``struct page_region[vec_len]`` (or ``ffi.NULL`` with 0); ``masks`` are the
+    keyword arguments of ``pagemap_scan_arg``.
+    """
+    return pagemap_scan_with(pagemap_fd, pagemap_scan_arg(vec, vec_len, **masks), start, end)
 
 
 # --- other processes ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Registration lasts until the last reference to the fd is closed or the range is 
 from __future__ import annotations
 
 import array
+import mmap
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,7 @@ from typing import Literal
 from ..errors import TrackerUnavailable
 from ..model import Region
 from . import _sys
+from .maps import check_regions, normalize_regions
 from ._uapi import (
     UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     UFFD_FEATURE_WP_ASYNC,
@@ -62,48 +64,15 @@ def create_uffd(mode: UffdMode) -> int:
     return fd
 
 
-def _mapping_name(address: int) -> str:
-    """The /proc/self/maps line that holds ``address``, to name a mapping in an error."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-                if lo <= address < hi:
-                    return line.strip()
-    except OSError:
-        pass
-    return f"{address:#x}"
-
-
-def _is_hugetlb(address: int) -> bool:
-    """True if the mapping at ``address`` is hugetlb (its smaps says KernelPageSize > 4 kB... or 'ht')."""
-    try:
-        with open("/proc/self/smaps") as smaps:
-            inside = False
-            for line in smaps:
-                head = line.split()
-                if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
-                    lo, hi = (int(x, 16) for x in head[0].split("-"))
-                    inside = lo <= address < hi
-                elif inside and head[0] == "VmFlags:":
-                    return "ht" in head[1:]
-    except OSError:
-        pass
-    return False
-
-
 def register_for_tracking(regions: Iterable[Region], mode: UffdMode = "async") -> int:
     """Create a uffd in *this* process and register ``regions`` for write-protect tracking.
 
-    Returns the fd, to be handed to the migrator (``send_fds``). Hugetlb mappings are refused
-    with a message naming the mapping: WP_ASYNC cannot track them.
+    Returns the fd, to be handed to the migrator (``send_fds``). Raises TrackerUnavailable for a
+    hugetlb mapping (WP_ASYNC cannot track it; the message names the mapping) or a kernel/user
+    without the feature, TrackerError for a region that is unaligned or not mapped.
     """
-    regions = list(regions)
-    for region in regions:
-        if _is_hugetlb(region.start):
-            raise TrackerUnavailable(
-                f"hugetlb mapping cannot be tracked with userfaultfd WP_ASYNC: {_mapping_name(region.start)}"
-            )
+    regions = normalize_regions(regions, mmap.PAGESIZE)
+    check_regions("self", regions, refuse_hugetlb=True)
     fd = create_uffd(mode)
     try:
         for region in regions:
@@ -121,14 +90,14 @@ def release_tracking(fd: int, regions: Iterable[Region]) -> None:
     no thread stays blocked on a protected page. Safe to call more than once.
     """
     for region in regions:
-        for call in (
-            lambda: _sys.uffdio_writeprotect(fd, region.start, region.length, protect=False),
-            lambda: _sys.uffdio_unregister(fd, region.start, region.length),
-        ):
-            try:
-                call()
-            except OSError:
-                pass  # async mode refuses unprotect (EINVAL); an unregistered range is fine too
+        try:
+            _sys.uffdio_writeprotect(fd, region.start, region.length, protect=False)
+        except OSError:
+            pass  # async mode refuses unprotect (EINVAL); an unregistered range has nothing to wake
+        try:
+            _sys.uffdio_unregister(fd, region.start, region.length)
+        except OSError:
+            pass  # already unregistered, or the range is gone
 
 
 # --- SCM_RIGHTS ---------------------------------------------------------------------------------
