@@ -259,7 +259,7 @@ class SourceMigration:
         dirty = await trio.to_thread.run_sync(self.tracker.collect)
         scan_next = time.perf_counter() - t
         sent_pages = r.dirty_pages - r.zero_pages
-        self.estimator.observe(pages=sent_pages, seconds=r.read_s + r.send_s, round0=r.number == 0)
+        self.estimator.observe(pages=sent_pages, seconds=duration - r.scan_s, round0=r.number == 0)
         stats = self.channel.statistics()
         prev_wire, prev_compress = self._wire_total, self._compress_total
         self._wire_total, self._compress_total = stats.bytes_wire, stats.compress_seconds
