@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true", help="exit after the first migration (status says how it went)")
     parser.add_argument("--memfd", action="store_true", help="restore guests on a shared memfd (one copy fewer)")
     parser.add_argument("--control-dir", metavar="DIR", help="where restore guests' control sockets are made")
+    parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="S", help="fail a migration whose source is silent this long (default 120)")
 
 
 def _log(line: str) -> None:
@@ -34,7 +35,7 @@ def _log(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir)
+    settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout)
     token = read_token(args.token_file)
     outcome: list[bool] = []
 

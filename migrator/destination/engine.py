@@ -28,7 +28,6 @@ from ..tracker.memory import MemfdMemory, ProcessMemory
 APPLY_QUEUE = 8          # Pages events buffered between receiving and applying
 APPLY_BATCH = 8          # events applied per worker-thread call
 LAYOUT_TIMEOUT_S = 30.0
-IDLE_TIMEOUT_S = 120.0   # silence from the source longer than this fails the migration
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,7 @@ class ReceiveSettings:
     max_bytes: int = 64 << 30       # refuse layouts larger than this (bounds what a peer can make us map)
     memfd: bool = False             # restore guest on a shared memfd (one copy fewer)
     control_dir: str | None = None  # where restore guests' control sockets go
+    idle_timeout_s: float = 120.0   # silence from the source longer than this fails the migration
 
 
 class _Flush:
@@ -176,7 +176,7 @@ class DestinationMigration:
     async def _receive_loop(self, queue: trio.MemorySendChannel) -> None:
         freeze_at = None
         while True:
-            with trio.fail_after(IDLE_TIMEOUT_S):
+            with trio.fail_after(self.settings.idle_timeout_s):
                 event = await self.channel.receive()
             if isinstance(event, p.Pages):
                 await queue.send((event.round, list(event.runs), event.payload))

@@ -72,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", metavar="F")
     parser.add_argument("--report", metavar="run.json", help="write the JSON report here")
     parser.add_argument("--plot", metavar="out.png", help="also draw the report (needs matplotlib)")
+    parser.add_argument("--round-timeout", type=float, default=300.0, metavar="S", help="fail (and resume the source) if a round or the switch-over takes longer (default 300)")
     parser.add_argument("--quiet", action="store_true", help="no per-round lines")
 
 
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         downtime_ms=args.downtime_ms, max_rounds=args.max_rounds, bandwidth=args.bandwidth,
         compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
         force_switchover=args.force_switchover, keep_source=args.keep_source,
-        token=read_token(args.token_file),
+        token=read_token(args.token_file), round_timeout_s=args.round_timeout,
     )
     show = (lambda stats: None) if args.quiet else (lambda stats: print(rep.format_round_line(stats), file=sys.stderr, flush=True))
     migration = SourceMigration(args.guest, args.to, settings, on_round=show)

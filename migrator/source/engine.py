@@ -27,12 +27,12 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 import trio
+import xxhash
 
 from .. import protocol as p
 from ..digest import PageDigests
 from ..errors import MigrationFailed, MigratorError
 from ..guest.client import GuestClient
-from ..guest.layout import region_digest
 from ..model import Layout, RoundStats, Run
 from ..runs import complement, count_pages, split_runs, union
 from ..tracker import open_tracker, required_uffd_mode
@@ -46,8 +46,8 @@ BATCH_PAGES = 256        # pages per Pages event (1 MiB raw): one frame, one com
 READ_CHUNK_PAGES = 2048  # pages read per worker-thread call: amortises the thread hand-off
 MAX_RUNS_PER_EVENT = 1024  # IOV_MAX: one process_vm_readv per Pages event at most
 ZERO_RUNS_PER_EVENT = 8192
+DIGEST_CHUNK = 8 << 20   # bytes hashed per read while frozen (--verify full)
 HANDSHAKE_TIMEOUT_S = 30.0
-VERIFY_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,8 @@ class SourceMigration:
         policy = PolicySettings(
             downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, force_switchover=s.force_switchover
         )
-        dirty = await self._round_zero()
+        with trio.fail_after(s.round_timeout_s):
+            dirty = await self._round_zero()
         while True:
             decision = decide(self.rounds, policy)
             self.throttle_max = max(self.throttle_max, decision.throttle)
@@ -318,6 +319,12 @@ class SourceMigration:
                     r.bytes_raw += offset
 
     async def _stop_and_copy(self, dirty: list[Run]) -> None:
+        with trio.fail_after(self.settings.round_timeout_s):
+            await self._switch_over(dirty)
+        if not self.settings.keep_source:
+            _terminate(self.layout.pid)
+
+    async def _switch_over(self, dirty: list[Run]) -> None:
         s = self.settings
         number = len(self.rounds)
         freeze_at = time.perf_counter()
@@ -335,42 +342,49 @@ class SourceMigration:
         await self.channel.flush()
         self.parts["final_send"] = _ms(time.perf_counter() - t)
         self.final_pages = r.dirty_pages
-        with trio.fail_after(VERIFY_TIMEOUT_S):
-            t = time.perf_counter()
-            last = {"last": s.verify != "full"}
-            await self.channel.send(p.Digest(kind="pages", value=self.digests.value(), stats=last))
-            if s.verify == "full":
-                h = time.perf_counter()
-                value = await trio.to_thread.run_sync(self._region_digest)
-                self.parts["region_digest"] = _ms(time.perf_counter() - h)
-                await self.channel.send(p.Digest(kind="region", value=value))
-            await self.channel.flush()
-            ack = await self._expect_ack("digest")
-            self.parts["verify"] = _ms(time.perf_counter() - t) - self.parts.get("region_digest", 0.0)
-            for key, value in ack.detail.items():
-                if key.endswith("_ms"):
-                    self.parts["dest_" + key[:-3]] = float(value)
-            if not ack.ok:
-                raise MigrationFailed(f"destination refused the copy: {ack.detail.get('reason', 'verification failed')}")
-            self.verified = True
-            # ---- point of no return: from here the source guest never resumes ----
-            t = time.perf_counter()
-            self.committed = True
-            await self.channel.send(p.Commit())
-            await self.channel.flush()
-            ack = await self._expect_ack("commit")
-            self.parts["commit"] = _ms(time.perf_counter() - t)
-            if not ack.ok:
-                raise MigrationFailed(f"destination failed to resume: {ack.detail.get('reason', '?')}")
+        t = time.perf_counter()
+        last = {"last": s.verify != "full"}
+        await self.channel.send(p.Digest(kind="pages", value=self.digests.value(), stats=last))
+        if s.verify == "full":
+            h = time.perf_counter()
+            value = await trio.to_thread.run_sync(self._region_digest)
+            self.parts["region_digest"] = _ms(time.perf_counter() - h)
+            await self.channel.send(p.Digest(kind="region", value=value))
+        await self.channel.flush()
+        ack = await self._expect_ack("digest")
+        self.parts["verify"] = _ms(time.perf_counter() - t) - self.parts.get("region_digest", 0.0)
+        for key, value in ack.detail.items():
+            if key.endswith("_ms"):
+                self.parts["dest_" + key[:-3]] = float(value)
+        if not ack.ok:
+            raise MigrationFailed(f"destination refused the copy: {ack.detail.get('reason', 'verification failed')}")
+        self.verified = True
+        # ---- point of no return: from here the source guest never resumes ----
+        t = time.perf_counter()
+        self.committed = True
+        await self.channel.send(p.Commit())
+        await self.channel.flush()
+        ack = await self._expect_ack("commit")
+        self.parts["commit"] = _ms(time.perf_counter() - t)
+        if not ack.ok:
+            raise MigrationFailed(f"destination failed to resume: {ack.detail.get('reason', '?')}")
         self.downtime_ms = _ms(time.perf_counter() - freeze_at)
-        if not s.keep_source:
-            _terminate(self.layout.pid)
 
     def _region_digest(self) -> bytes:
-        data = bytearray()
+        """xxh3-128 of the frozen regions, streamed through one reused buffer.
+
+        Equal to ``guest.layout.region_digest`` of the same bytes (incremental xxh3 is the
+        one-shot digest), so the restore guest's own ``digest`` answer compares directly.
+        """
+        digest = xxhash.xxh3_128()
+        chunk = bytearray(DIGEST_CHUNK)
         for region in self.layout.regions:
-            data += self.memory.read(region.start, region.length)
-        return bytes.fromhex(region_digest(data))
+            for offset in range(0, region.length, DIGEST_CHUNK):
+                size = min(DIGEST_CHUNK, region.length - offset)
+                view = memoryview(chunk)[:size]
+                self.memory.read_runs([(region.start + offset, size // self.layout.page_size)], view)
+                digest.update(view)
+        return digest.digest()
 
     # --- report ------------------------------------------------------------------------------
 
