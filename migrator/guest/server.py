@@ -47,8 +47,9 @@ class GuestServer:
 
     def __init__(self, config: GuestConfig) -> None:
         self.config = config
-        self.mapping = RegionMapping(config.size, memfd=config.memfd, populate=config.restore)
+        self.mapping = RegionMapping(config.size, memfd=config.memfd)
         if config.restore:
+            self.mapping.populate_in_background()
             workload = Workload(self.mapping)
         else:
             workload = Workload.create(self.mapping, config.settings)
