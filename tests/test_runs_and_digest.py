@@ -1,0 +1,69 @@
+"""Pure helpers: page runs, layouts, per-page digests."""
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from migrator.digest import PageDigests
+from migrator.model import Layout, Region
+from migrator.runs import complement, count_pages, split_runs, union
+
+P = 4096
+
+
+def test_split_runs_bounds_pages_and_runs_and_keeps_order():
+    runs = [(0, 5), (0x10000, 3), (0x20000, 1)]
+    batches = list(split_runs(runs, max_pages=4, max_runs=2))
+    assert batches == [[(0, 4)], [(4 * P, 1), (0x10000, 3)], [(0x20000, 1)]]
+    assert all(count_pages(b) <= 4 and len(b) <= 2 for b in batches)
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(1, 9)), max_size=30), st.integers(1, 20), st.integers(1, 5))
+def test_split_runs_covers_exactly_the_input(raw, max_pages, max_runs):
+    runs, cursor = [], 0
+    for gap, n in raw:
+        cursor += gap * P
+        runs.append((cursor, n))
+        cursor += n * P
+    batches = list(split_runs(runs, max_pages, max_runs))
+    pages = [a + i * P for batch in batches for a, n in batch for i in range(n)]
+    assert pages == [a + i * P for a, n in runs for i in range(n)]
+    assert all(count_pages(b) <= max_pages and len(b) <= max_runs for b in batches)
+
+
+def test_complement_and_union():
+    regions = [Region(0, 16 * P), Region(0x100000, 4 * P)]
+    present = [(1 * P, 2), (8 * P, 1), (0x100000, 4)]
+    assert complement(regions, present) == [(0, 1), (3 * P, 5), (9 * P, 7)]
+    assert union([(0, 2), (5 * P, 1)], [(1 * P, 3)]) == [(0, 4), (5 * P, 1)]
+    assert union([], []) == []
+
+
+def test_layout_page_indices_and_translate_across_regions():
+    src = Layout(1, P, (Region(0x10000, 4 * P), Region(0x100000, 2 * P)))
+    dst = Layout(2, P, (Region(0x90000, 4 * P), Region(0x200000, 2 * P)))
+    runs = [(0x10000 + P, 2), (0x100000 + P, 1)]
+    assert src.page_indices(runs) == [(1, 2), (5, 1)]
+    assert src.translate(runs, dst) == [(0x90000 + P, 2), (0x200000 + P, 1)]
+    assert src.same_shape(dst)
+    with pytest.raises(ValueError, match="outside the layout"):
+        src.page_indices([(0x50000, 1)])
+
+
+def test_page_digests_equal_iff_same_pages_at_same_indices():
+    a, b = PageDigests(8), PageDigests(8)
+    data = os.urandom(3 * P)
+    a.record([(2, 3)], data)
+    b.record([(2, 1), (3, 2)], data)
+    assert a.value() == b.value()
+    b.record([(4, 1)], bytes(P))          # a changed page differs
+    assert a.value() != b.value()
+    b.record([(4, 1)], data[2 * P :])     # re-sending the page restores equality
+    assert a.value() == b.value()
+    c = PageDigests(8)
+    c.record([(3, 3)], data)               # same bytes, shifted by one page: differs
+    assert c.value() != a.value()
+    a.record_zero([(2, 3)])
+    assert a.value() == PageDigests(8).value()
