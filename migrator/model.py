@@ -46,30 +46,37 @@ class Layout:
     def total_pages(self) -> int:
         return self.total_bytes // self.page_size
 
-    def _locate(self, address: int) -> tuple[int, int]:
-        """(region number, page index of the region's first page) for ``address``."""
+    def _locate(self, runs: list[Run]) -> list[int]:
+        """Region number of each run (runs never straddle regions)."""
+        if len(self.regions) == 1:
+            region = self.regions[0]
+            if runs and not (region.start <= min(a for a, _ in runs) and max(a for a, _ in runs) < region.end):
+                raise ValueError(f"a run of {len(runs)} lies outside the layout [{region.start:#x}, {region.end:#x})")
+            return [0] * len(runs)
         starts = [r.start for r in self.regions]
-        i = bisect.bisect_right(starts, address) - 1
-        if i < 0 or address >= self.regions[i].end:
-            raise ValueError(f"address {address:#x} is outside the layout")
-        first = sum(r.length for r in self.regions[:i]) // self.page_size
-        return i, first
+        out = []
+        for address, _ in runs:
+            i = bisect.bisect_right(starts, address) - 1
+            if i < 0 or address >= self.regions[i].end:
+                raise ValueError(f"address {address:#x} is outside the layout")
+            out.append(i)
+        return out
 
     def page_indices(self, runs: list[Run]) -> list[tuple[int, int]]:
         """Address runs -> (page index counted across all regions, count) runs."""
-        out = []
-        for address, count in runs:
-            i, first = self._locate(address)
-            out.append((first + (address - self.regions[i].start) // self.page_size, count))
-        return out
+        ps = self.page_size
+        firsts, total = [], 0
+        for r in self.regions:
+            firsts.append(total - r.start // ps)
+            total += r.length // ps
+        where = self._locate(runs)
+        return [(firsts[i] + address // ps, count) for i, (address, count) in zip(where, runs)]
 
     def translate(self, runs: list[Run], onto: "Layout") -> list[Run]:
         """Map runs of this layout onto the same offsets of ``onto`` (same shape, other addresses)."""
-        out = []
-        for address, count in runs:
-            i, _ = self._locate(address)
-            out.append((onto.regions[i].start + address - self.regions[i].start, count))
-        return out
+        shift = [o.start - r.start for r, o in zip(self.regions, onto.regions)]
+        where = self._locate(runs)
+        return [(address + shift[i], count) for i, (address, count) in zip(where, runs)]
 
     def same_shape(self, other: "Layout") -> bool:
         return self.page_size == other.page_size and [r.length for r in self.regions] == [

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 
 from .model import Region, Run
 
@@ -10,22 +12,38 @@ from .model import Region, Run
 def split_runs(runs: Sequence[Run], max_pages: int, max_runs: int, page_size: int = 4096) -> Iterator[list[Run]]:
     """Cut ``runs`` into batches of at most ``max_pages`` pages and ``max_runs`` runs, in order.
 
-    A run longer than a batch is cut across batches. Batching bounds frame size and the iovec
-    count of one process_vm_readv call (IOV_MAX).
+    A run longer than the room left in a batch is cut across batches. Batching bounds frame size
+    and the iovec count of one process_vm_readv call (IOV_MAX). Whole runs are taken by slicing
+    at cut points found by bisection over page-count prefix sums: late rounds hold tens of
+    thousands of one-page runs, and a per-run Python loop would cost more than moving them.
     """
-    batch: list[Run] = []
-    pages = 0
-    for address, count in runs:
-        while count:
-            take = min(count, max_pages - pages)
-            batch.append((address, take))
-            pages += take
-            address += take * page_size
-            count -= take
-            if pages == max_pages or len(batch) == max_runs:
-                yield batch
-                batch, pages = [], 0
-    if batch:
+    runs = runs if isinstance(runs, list) else list(runs)
+    cum = list(accumulate(n for _, n in runs))
+    i = 0          # next run to place
+    done = 0       # pages of runs[i] already placed (a run cut across batches)
+    placed = 0     # pages placed so far, all runs
+    while i < len(runs):
+        batch: list[Run] = []
+        limit = placed + max_pages
+        if done:
+            address, count = runs[i]
+            take = min(count - done, max_pages)
+            batch.append((address + done * page_size, take))
+            placed += take
+            done += take
+            if done == count:
+                i, done = i + 1, 0
+        if placed < limit and len(batch) < max_runs and i < len(runs):
+            j = min(bisect.bisect_right(cum, limit, lo=i), i + max_runs - len(batch))
+            if j > i:
+                batch.extend(runs[i:j])
+                placed = cum[j - 1]
+                i = j
+            if placed < limit and len(batch) < max_runs and i < len(runs):
+                address, count = runs[i]
+                done = limit - placed
+                batch.append((address, done))
+                placed = limit
         yield batch
 
 

@@ -8,6 +8,8 @@ and a parent or PR_SET_PTRACER, or CAP_SYS_PTRACE); without them the kernel answ
 from __future__ import annotations
 
 import errno
+from array import array
+from itertools import accumulate
 
 from ..model import Run
 from . import _sys
@@ -39,36 +41,43 @@ class ProcessMemory:
     def read(self, address: int, length: int) -> bytearray:
         """Read one contiguous range (a region digest, a control block)."""
         out = bytearray(length)
-        self._transfer_iov([(address, length)], out, length, write=False)
+        self._transfer_iov([address], [length], out, length, write=False)
         return out
 
     def write(self, address: int, data) -> None:
-        self._transfer_iov([(address, len(data))], data, len(data), write=True)
+        self._transfer_iov([address], [len(data)], data, len(data), write=True)
 
     def _transfer(self, runs: list[Run], buf, total: int, *, write: bool) -> None:
         ps = self.page_size
-        self._transfer_iov([(a, n * ps) for a, n in runs], buf, total, write=write)
+        self._transfer_iov([a for a, _ in runs], [n * ps for _, n in runs], buf, total, write=write)
 
-    def _transfer_iov(self, spans: list[tuple[int, int]], buf, total: int, *, write: bool) -> None:
+    def _transfer_iov(self, addresses: list[int], lengths: list[int], buf, total: int, *, write: bool) -> None:
+        """Move ``buf`` to/from the spans (addresses[i], lengths[i]), IOV_MAX spans per call.
+
+        The iovec arrays are filled from interleaved ``array('Q')`` copies, not field by field:
+        scattered rounds hold tens of thousands of one-page spans.
+        """
         if total == 0:
             return
-        local_base = ffi.from_buffer(buf, require_writable=not write)
+        local_base = int(ffi.cast("uintptr_t", ffi.from_buffer(buf, require_writable=not write)))
+        locals_ = array("Q", accumulate(lengths[:-1], initial=local_base))
         call = _sys.process_vm_writev if write else _sys.process_vm_readv
         verb = "process_vm_writev" if write else "process_vm_readv"
-        local = ffi.new("struct iovec[]", min(len(spans), IOV_MAX))
-        remote = ffi.new("struct iovec[]", min(len(spans), IOV_MAX))
-        offset = 0
-        for first in range(0, len(spans), IOV_MAX):
-            batch = spans[first : first + IOV_MAX]
-            for i, (address, length) in enumerate(batch):
-                local[i].iov_base = local_base + offset
-                local[i].iov_len = length
-                remote[i].iov_base = ffi.cast("void *", address)
-                remote[i].iov_len = length
-                offset += length
-            want = sum(length for _, length in batch)
-            what = f"{verb} pid {self.pid} [{batch[0][0]:#x}.., {len(batch)} spans, {want} bytes]"
-            done = call(self.pid, local, remote, len(batch), what=what)
+        count = min(len(addresses), IOV_MAX)
+        local = ffi.new("struct iovec[]", count)
+        remote = ffi.new("struct iovec[]", count)
+        pairs = array("Q", bytes(16 * count))
+        for first in range(0, len(addresses), IOV_MAX):
+            n = min(IOV_MAX, len(addresses) - first)
+            span_lengths = array("Q", lengths[first : first + n])
+            pairs[0 : 2 * n : 2] = locals_[first : first + n]
+            pairs[1 : 2 * n : 2] = span_lengths
+            ffi.memmove(local, pairs, 16 * n)
+            pairs[0 : 2 * n : 2] = array("Q", addresses[first : first + n])
+            ffi.memmove(remote, pairs, 16 * n)
+            want = sum(span_lengths)
+            what = f"{verb} pid {self.pid} [{addresses[first]:#x}.., {n} spans, {want} bytes]"
+            done = call(self.pid, local, remote, n, what=what)
             if done != want:
                 # A partial transfer means part of a span is not mapped in the target.
                 raise OSError(errno.EFAULT, f"{what}: moved {done} of {want} bytes (range not mapped)")

@@ -1,0 +1,63 @@
+"""Batched cross-process memory access, on this process and a child."""
+
+import errno
+import mmap
+import os
+
+import pytest
+
+from migrator.model import Region
+from migrator.tracker._uapi import IOV_MAX, ffi
+from migrator.tracker.memory import MemfdMemory, ProcessMemory
+
+P = 4096
+
+
+def _mapping(pages: int):
+    m = mmap.mmap(-1, pages * P)
+    m[:] = os.urandom(pages * P)
+    return m, int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+
+
+def test_read_runs_concatenates_scattered_runs_beyond_iov_max():
+    pages = 3 * IOV_MAX
+    m, base = _mapping(pages)
+    runs = [(base + i * P, 1) for i in range(0, pages, 2)] + [(base + (pages - 1) * P, 1)]
+    data = ProcessMemory(os.getpid()).read_runs(runs)
+    expected = b"".join(m[a - base : a - base + P] for a, _ in runs)
+    assert data == expected
+
+
+def test_write_runs_then_read_back():
+    m, base = _mapping(64)
+    memory = ProcessMemory(os.getpid())
+    runs = [(base + P, 3), (base + 10 * P, 1), (base + 40 * P, 5)]
+    payload = os.urandom(9 * P)
+    memory.write_runs(runs, payload)
+    assert memory.read_runs(runs) == payload
+    assert m[P : 4 * P] == payload[: 3 * P]
+    with pytest.raises(ValueError):
+        memory.write_runs(runs, payload[:-1])
+
+
+def test_unmapped_span_is_an_oserror_naming_the_call():
+    m, base = _mapping(4)
+    memory = ProcessMemory(os.getpid())
+    with pytest.raises(OSError) as info:
+        memory.read_runs([(base, 4), (8 * P, 1)])  # address 0x8000 is never mapped
+    assert info.value.errno in (errno.EFAULT, errno.ENOMEM) and "process_vm_readv" in str(info.value)
+
+
+def test_memfd_memory_matches_process_memory():
+    fd = os.memfd_create("t")
+    os.ftruncate(fd, 16 * P)
+    m = mmap.mmap(fd, 16 * P)
+    m[:] = os.urandom(16 * P)
+    base = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+    runs = [(base + 2 * P, 2), (base + 9 * P, 1)]
+    via_fd = MemfdMemory(fd, [Region(base, 16 * P)], writable=True)
+    assert via_fd.read_runs(runs) == ProcessMemory(os.getpid()).read_runs(runs)
+    via_fd.write_runs([(base, 1)], b"\x05" * P)
+    assert m[:P] == b"\x05" * P
+    via_fd.close()
+    os.close(fd)
