@@ -30,6 +30,7 @@ import trio
 import xxhash
 
 from .. import protocol as p
+from ..buffers import BufferPool
 from ..digest import PageDigests
 from ..errors import MigrationFailed, MigratorError
 from ..guest.client import GuestClient
@@ -133,6 +134,7 @@ class SourceMigration:
             else ProcessMemory(self.layout.pid, self.layout.page_size)
         )
         self.digests = PageDigests(self.layout.total_pages, self.layout.page_size)
+        self.buffers = BufferPool(READ_CHUNK_PAGES * self.layout.page_size)
         fixed_ms = SWITCHOVER_FIXED_MS + DEST_CHECK_MS_PER_GIB * self.layout.total_bytes / (1 << 30)
         self.estimator = DowntimeEstimator(fixed_ms=fixed_ms, page_size=self.layout.page_size, bandwidth=s.bandwidth)
         error: BaseException | None = None
@@ -297,7 +299,8 @@ class SourceMigration:
 
         def read_chunk(chunk: list[Run]):
             t = time.perf_counter()
-            data = self.memory.read_runs(chunk)
+            data = memoryview(self.buffers.take())[: count_pages(chunk) * ps]
+            self.memory.read_runs(chunk, data)
             self.digests.record(self.layout.page_indices(chunk), data)
             return data, time.perf_counter() - t
 
@@ -311,8 +314,7 @@ class SourceMigration:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
             async with recv_chunks:
-                async for chunk, data in recv_chunks:
-                    view = memoryview(data)
+                async for chunk, view in recv_chunks:
                     offset = 0
                     for batch in split_runs(chunk, BATCH_PAGES, MAX_RUNS_PER_EVENT, ps):
                         size = count_pages(batch) * ps
