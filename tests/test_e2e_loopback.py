@@ -44,18 +44,28 @@ def _assert_advances(guest_client, seconds=0.5):
     assert after > before, "guest is not running"
 
 
-async def test_migration_converges_verifies_and_resumes(sockdir):
-    with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=2000, fill="text") as guest:
+@pytest.mark.parametrize(
+    "tracker, memfd, extra",
+    [
+        ("wp-async", False, {}),
+        ("wp-async", True, {}),
+        ("sync-wp", False, {}),
+        ("full", False, {"max_rounds": 2, "force_switchover": True}),
+    ],
+)
+async def test_migration_converges_verifies_and_resumes(sockdir, tracker, memfd, extra):
+    with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=2000, fill="text", memfd=memfd) as guest:
         await trio.sleep(0.3)
         outcomes: list[dict] = []
         with trio.fail_after(90):
             async with trio.open_nursery() as nursery:
-                address = await _receiver(nursery, outcomes, ReceiveSettings(control_dir=sockdir))
-                settings = MigrateSettings(verify="full", downtime_ms=50)
+                address = await _receiver(nursery, outcomes, ReceiveSettings(control_dir=sockdir, memfd=memfd))
+                settings = MigrateSettings(verify="full", downtime_ms=50, tracker=tracker, **extra)
                 report = await SourceMigration(guest.control, address, settings).run()
                 nursery.cancel_scope.cancel()
         assert report["verified"] and report["result"] == "committed"
-        assert report["rule"], "the report names the rule that ended pre-copy"
+        assert report["settings"]["tracker"] == tracker
+        assert report["rule"] == ("max-rounds" if tracker == "full" else "downtime-target")
         assert "region_digest" in report["downtime_parts_ms"]
         assert len(report["rounds"]) >= 1 and report["rounds"][0]["dirty_pages"] > 0
         dest = outcomes[0]
