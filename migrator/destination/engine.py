@@ -36,6 +36,7 @@ class ReceiveSettings:
     memfd: bool = False             # restore guest on a shared memfd (one copy fewer)
     control_dir: str | None = None  # where restore guests' control sockets go
     idle_timeout_s: float = 120.0   # silence from the source longer than this fails the migration
+    deep_check: bool = False        # always run the deep self-check (restoring an image: no downtime to save)
 
 
 class _Flush:
@@ -97,11 +98,13 @@ class DestinationMigration:
                 nursery.start_soon(self._apply_loop, recv_q)
                 async with send_q:
                     await self._receive_loop(send_q)
-        except BaseException:
+        except BaseException as exc:
             if not self.resumed:
+                from ..source.engine import describe
+
                 with trio.move_on_after(2, shield=True):
                     try:
-                        await self.channel.send(p.Abort(reason="destination failed"))
+                        await self.channel.send(p.Abort(reason=f"destination failed: {describe(exc)}"))
                         await self.channel.flush()
                     except Exception:  # noqa: BLE001 - the link may be what failed
                         pass
@@ -228,7 +231,7 @@ class DestinationMigration:
         if self.failure is None:
             # --verify full pays for the deep check (page bodies too); pages mode checks the
             # control block, version table and headers, which fits in a downtime (~15 ms/GiB).
-            deep = digest.kind == "region"
+            deep = digest.kind == "region" or self.settings.deep_check
             c = time.perf_counter()
             check = await trio.to_thread.run_sync(lambda: self.client.check(deep=deep))
             self.parts["check"] = (time.perf_counter() - c) * 1000

@@ -104,6 +104,7 @@ class SourceMigration:
         self.address = address
         self.settings = settings
         self.on_round = on_round or (lambda stats: None)
+        self.id = uuid.uuid4().hex
         self.rounds: list[RoundStats] = []
         self.parts: dict[str, float] = {}
         self.committed = False
@@ -167,9 +168,7 @@ class SourceMigration:
     async def _run_connected(self) -> None:
         s = self.settings
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-            self.channel = await connect(
-                self.address, token=s.token, compress=s.compress, streams=s.streams, bandwidth=s.bandwidth
-            )
+            self.channel = await self._open_channel()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_peer)
@@ -184,6 +183,20 @@ class SourceMigration:
         finally:
             with trio.move_on_after(5, shield=True):
                 await self.channel.aclose()
+
+    async def _open_channel(self):
+        """The session the stream goes to (a checkpoint opens an image file instead)."""
+        s = self.settings
+        return await connect(self.address, token=s.token, compress=s.compress, streams=s.streams, bandwidth=s.bandwidth)
+
+    def _layout_meta(self) -> dict:
+        s = self.settings
+        return {"id": self.id, "tracker": s.tracker, "size": self.layout.total_bytes}
+
+    def _scan_tag(self) -> str:
+        """Recorded in the guest before the first scan: every scan resets what "written" means, so
+        a checkpoint taken later must know who scanned last (see migrator.checkpoint)."""
+        return f"migration:{self.id}"
 
     async def _send_abort(self, reason: str) -> None:
         try:
@@ -215,12 +228,9 @@ class SourceMigration:
     async def _migrate(self) -> None:
         s = self.settings
         await self.channel.send(
-            p.Layout(
-                regions=self.layout.regions,
-                page_size=self.layout.page_size,
-                meta={"id": uuid.uuid4().hex, "tracker": s.tracker, "size": self.layout.total_bytes},
-            )
+            p.Layout(regions=self.layout.regions, page_size=self.layout.page_size, meta=self._layout_meta())
         )
+        await trio.to_thread.run_sync(self.client.set_tag, self._scan_tag())
         policy = PolicySettings(
             downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, force_switchover=s.force_switchover
         )
@@ -240,16 +250,20 @@ class SourceMigration:
     async def _round_zero(self) -> list[Run]:
         r = _Round(0, 0)
         t = time.perf_counter()
-        await trio.to_thread.run_sync(self.tracker.arm)
-        populated = await trio.to_thread.run_sync(self.tracker.populated)
+        populated, zero = await trio.to_thread.run_sync(self._first_scan)
         r.scan_s = time.perf_counter() - t
-        r.dirty_pages = count_pages(populated)
-        zero = complement(self.layout.regions, populated, self.layout.page_size)
         r.zero_pages = count_pages(zero)
+        r.dirty_pages = count_pages(populated) + r.zero_pages  # round 0 covers every page
         for first in range(0, len(zero), ZERO_RUNS_PER_EVENT):
             await self.channel.send(p.Zero(round=0, runs=tuple(zero[first : first + ZERO_RUNS_PER_EVENT])))
         await self._send_pages(r, populated)
         return await self._end_round(r, throttle=0.0)
+
+    def _first_scan(self) -> tuple[list[Run], list[Run]]:
+        """Worker thread: arm the tracker; round 0's pages to send, and those to send as Zero."""
+        self.tracker.arm()
+        populated = self.tracker.populated()
+        return populated, complement(self.layout.regions, populated, self.layout.page_size)
 
     async def _round(self, number: int, dirty: list[Run], *, throttle: float) -> list[Run]:
         r = _Round(number, count_pages(dirty))
@@ -333,6 +347,11 @@ class SourceMigration:
             _terminate(self.layout.pid)
 
     async def _switch_over(self, dirty: list[Run]) -> None:
+        freeze_at, verify_at = await self._final_copy(dirty)
+        await self._commit(freeze_at, verify_at)
+
+    async def _final_copy(self, dirty: list[Run]) -> tuple[float, float]:
+        """Freeze, send the last pages and the digests; returns when they were started."""
         s = self.settings
         number = len(self.rounds)
         freeze_at = time.perf_counter()
@@ -359,6 +378,9 @@ class SourceMigration:
             self.parts["region_digest"] = _ms(time.perf_counter() - h)
             await self.channel.send(p.Digest(kind="region", value=value))
         await self.channel.flush()
+        return freeze_at, t
+
+    async def _commit(self, freeze_at: float, t: float) -> None:
         ack = await self._expect_ack("digest")
         self.parts["verify"] = _ms(time.perf_counter() - t) - self.parts.get("region_digest", 0.0)
         for key, value in ack.detail.items():

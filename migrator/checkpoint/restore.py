@@ -1,0 +1,163 @@
+"""Restoring a chain of images: the chain, base first, replayed as one recorded session into
+``DestinationMigration`` (its apply, digest and self-check path, unchanged).
+
+``ChainChannel`` plays the source's part: the base's Layout, then every image's pages in order
+(later images overwrite earlier pages; round numbers are shifted so that only the base has a
+round 0, whose Zero ranges a fresh restore guest may skip), then the last image's Digest. The
+destination answers with ``Ack(digest)``: only when that says the digests matched and the deep
+self-check passed does the channel send Commit, and the guest resumes. Anything wrong before that
+(a corrupted or truncated frame, a missing parent, a digest differing from the manifest's) fails
+the restore and the restore guest is discarded: nothing resumes from a bad image.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import trio
+
+from .. import protocol as p
+from ..destination.engine import DestinationMigration, ReceiveSettings
+from ..errors import ImageError, MigrationFailed
+from .image import ImageInfo, check_files, load_chain, read_table
+from ._files import open_image_reader
+
+
+@dataclass(frozen=True)
+class ChainStats:
+    images: int
+    frames_received: int
+    bytes_wire_received: int
+
+
+class ChainChannel:
+    """The Channel surface ``DestinationMigration`` uses (receive/send/flush/aclose)."""
+
+    def __init__(self, chain: list[ImageInfo], *, token: bytes | None) -> None:
+        self.chain = chain
+        self.token = token
+        self._index = -1
+        self._reader = None
+        self._offset = 0          # added to every round number of the current image
+        self._last_round = -1
+        self._digest_sent = False
+        self._commit = False
+        self._frames = 0
+        self._bytes = 0
+
+    def _open_next(self) -> bool:
+        if self._reader is not None:
+            self._bytes += self._reader.size
+            self._reader.close()
+            self._reader = None
+        self._index += 1
+        if self._index >= len(self.chain):
+            return False
+        self._offset = self._last_round + 1
+        self._reader = open_image_reader(self.chain[self._index].stream, token=self.token)
+        return True
+
+    @property
+    def _image(self) -> ImageInfo:
+        return self.chain[self._index]
+
+    async def receive(self) -> p.Event:
+        if self._index < 0:
+            self._open_next()
+        while True:
+            if self._commit:
+                self._commit = False
+                return p.Commit()
+            if self._reader is None:
+                raise ImageError(f"{self.chain[-1].stream}: the chain ended without a verified digest")
+            event = await self._reader.receive()
+            self._frames += 1
+            if event is None or type(event) is p.Index:
+                if event is None:
+                    self._open_next()
+                continue
+            out = self._translate(event)
+            if out is not None:
+                return out
+
+    def _translate(self, event: p.Event) -> p.Event | None:
+        kind, image, shift = type(event), self._image, self._offset
+        if kind is p.Layout:
+            if tuple(event.regions) != image.regions or event.page_size != image.page_size:
+                raise ImageError(f"{image.stream}: its Layout differs from the manifest's")
+            if event.meta.get("id") != image.id:
+                raise ImageError(f"{image.stream}: belongs to image {event.meta.get('id')}, the manifest says {image.id}")
+            return event if self._index == 0 else None
+        if kind is p.Pages:
+            self._last_round = max(self._last_round, event.round + shift)
+            return event if not shift else p.Pages(round=event.round + shift, runs=event.runs, payload=event.payload)
+        if kind is p.Zero:
+            self._last_round = max(self._last_round, event.round + shift)
+            return event if not shift else p.Zero(round=event.round + shift, runs=event.runs)
+        if kind is p.RoundEnd:
+            self._last_round = max(self._last_round, event.round + shift)
+            return p.RoundEnd(round=event.round + shift, stats={**event.stats, "image": self._index})
+        if kind is p.Freeze:
+            return None
+        if kind is p.Digest:
+            if event.kind == "pages" and event.value.hex() != image.pages_digest:
+                raise ImageError(f"{image.stream}: its pages digest differs from the manifest's")
+            if self._index != len(self.chain) - 1:
+                return None       # an intermediate image's digest: the chain's last one decides
+            self._digest_sent = True
+            return event
+        raise ImageError(f"{image.stream}: unexpected {kind.__name__} in an image")
+
+    async def send(self, event: p.Event) -> None:
+        if type(event) is p.Ack and event.of == "digest" and event.ok and self._digest_sent:
+            self._commit = True
+
+    async def flush(self) -> None:
+        pass
+
+    def statistics(self) -> ChainStats:
+        return ChainStats(len(self.chain), self._frames, self._bytes)
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    token: bytes | None = None
+    control_dir: str | None = None   # where the restored guest's control socket goes
+    memfd: bool = False
+
+
+async def restore_chain(image_dir: str, settings: RestoreSettings = RestoreSettings(), *, log=print) -> dict:
+    """Start a restore guest, apply base..``image_dir``, check digests and the deep self-check,
+    resume it. Returns the destination's report plus the chain; raises ImageError for a bad
+    chain (before any guest starts) and MigrationFailed (guest discarded) for a bad stream."""
+    started = time.perf_counter()
+    chain = await trio.to_thread.run_sync(load_chain, image_dir)
+    for image in chain:   # sizes and digest tables first: a damaged image is refused before any guest starts
+        check_files(image)
+        await trio.to_thread.run_sync(read_table, image)
+    if settings.control_dir is not None:
+        os.makedirs(settings.control_dir, mode=0o700, exist_ok=True)
+    channel = ChainChannel(chain, token=settings.token)
+    receive = ReceiveSettings(memfd=settings.memfd, control_dir=settings.control_dir, deep_check=True)
+    restore = DestinationMigration(channel, receive, log=log)
+    try:
+        report = await restore.run()
+    except MigrationFailed as exc:
+        cause = exc.__cause__
+        while isinstance(cause, BaseExceptionGroup):
+            cause = next((e for e in cause.exceptions if not isinstance(e, trio.Cancelled)), cause.exceptions[0])
+        if isinstance(cause, ImageError):
+            raise ImageError(f"{cause} (restore guest discarded)") from exc
+        raise
+    finally:
+        await channel.aclose()
+    report.update(kind="restore", chain=[image.path for image in chain], image=chain[-1].path,
+                  verified=report["result"] == "resumed", restore_s=time.perf_counter() - started)
+    return report
