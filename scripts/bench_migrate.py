@@ -71,11 +71,11 @@ async def push_once(data: bytearray, region_start: int, settings: MigrateSetting
     return seconds
 
 
-async def migrate(guest, settings: MigrateSettings, control_dir: str) -> dict:
+async def migrate(guest, settings: MigrateSettings, control_dir: str, memfd: bool) -> dict:
     async with trio.open_nursery() as nursery:
 
         async def handle(channel) -> None:
-            migration = DestinationMigration(channel, ReceiveSettings(control_dir=control_dir), log=lambda _: None)
+            migration = DestinationMigration(channel, ReceiveSettings(control_dir=control_dir, memfd=memfd), log=lambda _: None)
             try:
                 report = await migration.run()
             except MigrationFailed:
@@ -102,6 +102,7 @@ def main() -> int:
     ap.add_argument("--downtime-ms", type=float, default=50.0)
     ap.add_argument("--compress", default="zstd:1")
     ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--memfd", action="store_true", help="guests on a shared memfd (the migrator maps it)")
     ap.add_argument("--json", metavar="PATH", help="write results here ('-' for stdout)")
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -110,7 +111,7 @@ def main() -> int:
     out: dict = {"size": size, "rate": args.rate, "fill": args.fill, "settings": vars(args)}
 
     def new_guest(name: str):
-        g = spawn_guest(os.path.join(work, name), size=size, dirty_rate=args.rate, fill=args.fill)
+        g = spawn_guest(os.path.join(work, name), size=size, dirty_rate=args.rate, fill=args.fill, memfd=args.memfd)
         time.sleep(0.5)
         return g
 
@@ -145,7 +146,7 @@ def main() -> int:
     for verify in ("pages", "full"):
         with new_guest(f"src-{verify}.sock") as guest:
             s = MigrateSettings(**{**settings.__dict__, "verify": verify})
-            report = trio.run(migrate, guest, s, work)
+            report = trio.run(migrate, guest, s, work, args.memfd)
         reports[verify] = report
         print(f"\n--verify {verify}")
         print(format_round_table(report))

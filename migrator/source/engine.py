@@ -47,7 +47,7 @@ BATCH_PAGES = 256        # pages per Pages event (1 MiB raw): one frame, one com
 READ_CHUNK_PAGES = 2048  # pages read per worker-thread call: amortises the thread hand-off
 MAX_RUNS_PER_EVENT = 1024  # IOV_MAX: one process_vm_readv per Pages event at most
 ZERO_RUNS_PER_EVENT = 8192
-DIGEST_CHUNK = 8 << 20   # bytes hashed per read while frozen (--verify full)
+DIGEST_CHUNK = 16 << 20  # bytes per read while hashing the frozen region (--verify full)
 HANDSHAKE_TIMEOUT_S = 30.0
 # The switch-over's fixed part, measured on the 2-vCPU test machine: freezing, the final scan and
 # two acknowledged exchanges (~2 ms), and the destination guest's shallow self-check, which
@@ -374,7 +374,8 @@ class SourceMigration:
         await self.channel.send(p.Digest(kind="pages", value=self.digests.value(), stats=last))
         if s.verify == "full":
             h = time.perf_counter()
-            value = await trio.to_thread.run_sync(self._region_digest)
+            await self.channel.flush()  # the destination starts hashing its side meanwhile
+            value = await self._region_digest()
             self.parts["region_digest"] = _ms(time.perf_counter() - h)
             await self.channel.send(p.Digest(kind="region", value=value))
         await self.channel.flush()
@@ -400,20 +401,40 @@ class SourceMigration:
             raise MigrationFailed(f"destination failed to resume: {ack.detail.get('reason', '?')}")
         self.downtime_ms = _ms(time.perf_counter() - freeze_at)
 
-    def _region_digest(self) -> bytes:
-        """xxh3-128 of the frozen regions, streamed through one reused buffer.
+    async def _region_digest(self) -> bytes:
+        """xxh3-128 of the frozen regions: one thread reads chunks, another hashes them.
 
         Equal to ``guest.layout.region_digest`` of the same bytes (incremental xxh3 is the
         one-shot digest), so the restore guest's own ``digest`` answer compares directly.
+        xxhash releases the GIL, so reading and hashing overlap on two cores.
         """
         digest = xxhash.xxh3_128()
-        chunk = bytearray(DIGEST_CHUNK)
-        for region in self.layout.regions:
-            for offset in range(0, region.length, DIGEST_CHUNK):
-                size = min(DIGEST_CHUNK, region.length - offset)
-                view = memoryview(chunk)[:size]
-                self.memory.read_runs([(region.start + offset, size // self.layout.page_size)], view)
-                digest.update(view)
+        if isinstance(self.memory, MemfdMemory):  # the region is mapped here: hash it in place
+            for region in self.layout.regions:
+                await trio.to_thread.run_sync(digest.update, self.memory.view(region.start, region.length))
+            return digest.digest()
+        pool = BufferPool(DIGEST_CHUNK, keep=3)
+        send, receive = trio.open_memory_channel(1)
+        ps = self.layout.page_size
+
+        def read(address: int, size: int) -> memoryview:
+            view = memoryview(pool.take())[:size]
+            self.memory.read_runs([(address, size // ps)], view)
+            return view
+
+        async def reader() -> None:
+            async with send:
+                for region in self.layout.regions:
+                    for offset in range(0, region.length, DIGEST_CHUNK):
+                        size = min(DIGEST_CHUNK, region.length - offset)
+                        await send.send(await trio.to_thread.run_sync(read, region.start + offset, size))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            async with receive:
+                async for view in receive:
+                    await trio.to_thread.run_sync(digest.update, view)
+                    del view
         return digest.digest()
 
     # --- report ------------------------------------------------------------------------------

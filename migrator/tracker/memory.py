@@ -132,8 +132,12 @@ class MemfdMemory:
             pos += count * ps
 
     def read(self, address: int, length: int) -> bytes:
+        return bytes(self.view(address, length))
+
+    def view(self, address: int, length: int) -> memoryview:
+        """The live bytes at ``address``, without a copy (they change while the guest runs)."""
         o = self._offset(address)
-        return bytes(self._view[o : o + length])
+        return self._view[o : o + length]
 
     def close(self) -> None:
         self._view.release()
