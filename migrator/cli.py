@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("migrator.report_cli", "print a migration report's round table and summary; --plot draws it"),
     "migrate": ("migrator.source.cli", "live-migrate a running guest to a receiver"),
     "receive": ("migrator.destination.cli", "receive migrations and resume their guests"),
+    "checkpoint": ("migrator.checkpoint.cli", "write a checkpoint image of a running guest (full, incremental, continuous)"),
+    "restore": ("migrator.checkpoint.restore_cli", "restore a guest from a checkpoint image chain and resume it"),
+    "inspect": ("migrator.checkpoint.inspect_cli", "show (and --verify) a checkpoint image chain"),
+    "experiment": ("migrator.experiment.cli", "measure pre-copy convergence over a grid of real migrations"),
 }
 
 
@@ -53,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"migrator: OSError: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("migrator: interrupted", file=sys.stderr)
+        return 130
+    except BaseExceptionGroup as group:  # Ctrl-C inside a trio nursery arrives grouped
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
         print("migrator: interrupted", file=sys.stderr)
         return 130
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,14 @@ def load_report(path: str | Path) -> dict:
     except MigratorError as exc:
         raise MigratorError(f"{path}: {exc}") from exc
     return report
+
+
+def save_report(report: dict, path: str | Path) -> None:
+    """Write ``report`` as JSON atomically: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
 
 
 def check_report(report: object) -> None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 
 import trio
 
 from ..errors import MigratorError
+from ..report import save_report
 from ..source.cli import read_token
 from ..transport import serve
 from .engine import DestinationMigration, ReceiveSettings
@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
                     outcome.append(False)
                 finally:
                     if args.report and getattr(migration, "report", None) is not None:
-                        with open(args.report, "w") as f:
-                            json.dump(migration.report, f, indent=1)
+                        save_report(migration.report, args.report)
                     if args.once:
                         nursery.cancel_scope.cancel()
 

@@ -170,12 +170,16 @@ class GuestServer:
             self._connections.release()
 
     def serve(self, listener: socket.socket) -> None:
-        """Accept connections until ``quit`` (or the parent exits, with exit_with_parent)."""
+        """Accept connections until ``quit``, or the parent exits (with exit_with_parent, or
+        while still restoring: a restore guest whose receiver died will never be resumed)."""
         parent = os.getppid()
         listener.settimeout(ACCEPT_POLL)
         while not self._stop.is_set():
-            if self.config.exit_with_parent and os.getppid() != parent:
+            orphaned = os.getppid() != parent
+            if orphaned and self.config.exit_with_parent:
                 break
+            if orphaned and self.runner.statistics().state == RESTORING:
+                break  # the receiver died before resuming us: this half-copied guest is garbage
             try:
                 conn, _ = listener.accept()
             except TimeoutError:

@@ -9,7 +9,6 @@ default tracker (see ``migrator probe``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import trio
@@ -91,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
         report = trio.run(migration.run)
     finally:
         if args.report and getattr(migration, "report", None) is not None:
-            with open(args.report, "w") as f:
-                json.dump(migration.report, f, indent=1)
+            rep.save_report(migration.report, args.report)
     print(rep.format_round_table(report))
     print(rep.format_summary(report))
     if args.plot:

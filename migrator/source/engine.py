@@ -77,7 +77,8 @@ class MigrateSettings:
             raise ValueError("downtime_ms, max_rounds and streams must be positive")
 
 
-def _attach_mode(tracker: str) -> str:
+def attach_mode(tracker: str) -> str:
+    """What a guest's ``attach`` must ask for so that ``tracker`` can run."""
     mode = required_uffd_mode(tracker)
     return {"async": "wp-async", "sync": "sync-wp", None: "none"}[mode]
 
@@ -124,7 +125,7 @@ class SourceMigration:
         s = self.settings
         self.client = await trio.to_thread.run_sync(GuestClient, self.guest_control)
         try:
-            attachment = await trio.to_thread.run_sync(self.client.attach, _attach_mode(s.tracker))
+            attachment = await trio.to_thread.run_sync(self.client.attach, attach_mode(s.tracker))
         except BaseException:
             self.client.close()
             raise
