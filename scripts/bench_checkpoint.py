@@ -18,7 +18,6 @@ Goal (issue 6): incremental frozen time at least 20x below the stop-and-copy bas
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -31,6 +30,7 @@ import time
 import trio
 
 from migrator.checkpoint import CheckpointSettings, read_image, take_checkpoint
+from migrator.testing.bench import emit_json
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import parse_size
 from migrator.guest.spawn import spawn_guest
@@ -135,13 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"criu dump: {criu['dump_wall_ms']:.0f} ms wall" if "dump_wall_ms" in criu else f"criu dump: skipped: {criu['skipped']}")
     goal = out["goals"][0]
     print(f"goal: incremental <= baseline / {TARGET_RATIO:g} = {goal['target']:.2f} ms: {'met' if goal['met'] else 'NOT met'}")
-    if args.json:
-        text = json.dumps(out, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+    emit_json(out, args.json)
     return 0
 
 

@@ -15,7 +15,6 @@ Usage: scripts/bench_guest.py [--size 256M] [--fill random] [--seconds 2] [--jso
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 from migrator.guest.layout import Settings, parse_size
 from migrator.guest.mapping import RegionMapping
 from migrator.guest.spawn import spawn_guest
+from migrator.testing.bench import emit_json, print_goals
 from migrator.guest.workload import Workload
 
 UNTHROTTLED_GOAL = 1_000_000
@@ -110,16 +110,8 @@ def main() -> int:
     print(f"  guest process, unthrottled:     {unthrottled:12,.0f} pages/s  ({unthrottled / baseline:.2f}x baseline)", file=sys.stderr)
     for rate, achieved in throttled.items():
         print(f"  guest process at {rate:>9,} /s:  {achieved:12,.0f} pages/s  ({(achieved - rate) / rate * 100:+.2f} %)", file=sys.stderr)
-    for goal in goals:
-        print(f"  goal {goal['name']}: {goal['value']:,} (target {goal['target']:,}) {'met' if goal['met'] else 'NOT MET'}",
-              file=sys.stderr)
-    if args.json:
-        text = json.dumps(result, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as out:
-                out.write(text + "\n")
+    print_goals(goals, file=sys.stderr)
+    emit_json(result, args.json)
     return 0 if all(g["met"] for g in goals) else 1
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ from migrator.report import format_round_table, format_summary
 from migrator.runs import split_runs
 from migrator.source.engine import BATCH_PAGES, MAX_RUNS_PER_EVENT, MigrateSettings, SourceMigration
 from migrator.tracker.memory import ProcessMemory
+from migrator.testing.bench import emit_json, goal, print_goals
 from migrator.transport import connect, serve
 
 
@@ -88,10 +88,6 @@ async def migrate(guest, settings: MigrateSettings, control_dir: str, memfd: boo
         report = await SourceMigration(guest.control, address, settings).run()
         nursery.cancel_scope.cancel()
     return report
-
-
-def goal(name: str, value, baseline, target, met: bool) -> dict:
-    return {"name": name, "value": value, "baseline": baseline, "target": target, "met": bool(met)}
 
 
 def main() -> int:
@@ -167,18 +163,8 @@ def main() -> int:
     ]
     out["goals"] = goals
     print("\ngoals:")
-    for g in goals:
-        value = g["value"]
-        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-        print(f"  {'MET ' if g['met'] else 'MISS'} {g['name']}: {shown} (target {g['target']}, baseline {g['baseline']:.3g})"
-              if not isinstance(g["baseline"], bool) else f"  {'MET ' if g['met'] else 'MISS'} {g['name']}: {shown}")
-    if args.json:
-        text = json.dumps(out, indent=1, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+    print_goals(goals)
+    emit_json(out, args.json)
     return 0 if all(g["met"] for g in goals) else 1
 
 

@@ -19,7 +19,6 @@ Usage: scripts/bench_tracker.py [--size 1G,4G] [--quick] [--json [PATH]]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -27,6 +26,7 @@ import sys
 import time
 
 from migrator.tracker import _sys, open_tracker
+from migrator.testing.bench import emit_json, print_goals
 from migrator.tracker._uapi import (
     PAGE_IS_WRITTEN,
     PAGEMAP_SCAN,
@@ -204,16 +204,8 @@ def main() -> int:
                   f"{p['collect_ms']:>11.3f} {p['ratio']:>6.2f}", file=out)
     print(f"\nfirst write after arm, {write_pages} contiguous pages, us/page (median of {reps}): "
           f"none {first['none']:.3f}, wp-async {first['async']:.3f}, sync-wp {first['sync']:.3f}", file=out)
-    for goal in goals:
-        print(f"goal {goal['name']}: {goal['value']} vs baseline {goal['baseline']} (target {goal['target']}) "
-              f"{'met' if goal['met'] else 'NOT MET'}", file=out)
-    if args.json:
-        text = json.dumps(report, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+    print_goals(goals, file=out)
+    emit_json(report, args.json)
     return 0 if all(g["met"] for g in goals) else 1
 
 

@@ -32,6 +32,7 @@ import trio
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import PAGE_SIZE, parse_size
 from migrator.testing import netns
+from migrator.testing.bench import emit_json, goal, print_goals
 from migrator.testing.faultproxy import FaultProxy, Faults
 from migrator.testing.hosts import spawn_guest_in, start_migrate, start_receiver, steps_advance, write_token
 from migrator.tracker import TRACKERS
@@ -186,10 +187,6 @@ def _load(path: str) -> dict | None:
         return None
 
 
-def goal(name: str, value, baseline, target, met: bool) -> dict:
-    return {"name": name, "value": value, "baseline": baseline, "target": target, "met": bool(met)}
-
-
 def goals(args: argparse.Namespace, out: dict) -> list[dict]:
     report = out["report"] or {}
     base = out["baseline"]
@@ -210,17 +207,6 @@ def goals(args: argparse.Namespace, out: dict) -> list[dict]:
         goal("round-0 wire throughput / link throughput", r0_rate / base["throughput"] if r0_rate else None,
              base["throughput"], 0.7, r0_rate is not None and r0_rate >= 0.7 * base["throughput"]),
     ]
-
-
-def print_goals(items: list[dict]) -> None:
-    print("\ngoals:")
-    for g in items:
-        value, baseline = g["value"], g["baseline"]
-        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-        line = f"  {'MET ' if g['met'] else 'MISS'} {g['name']}: {shown}"
-        if not isinstance(baseline, bool):
-            line += f" (target {g['target']}, baseline {baseline:.3g})"
-        print(line)
 
 
 def _interrupt(signum, frame) -> None:
@@ -263,14 +249,9 @@ def main(argv=None) -> int:
         error = (out["report"] or {}).get("error", "no report")
         log(f"two_hosts: migration failed (status {out['migrate_status']}): {error}")
     out["goals"] = items = goals(args, out)
+    print("\ngoals:")
     print_goals(items)
-    if args.json:
-        text = json.dumps(out, indent=1, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+    emit_json(out, args.json)
     return 0 if all(g["met"] for g in items) else 1
 
 

@@ -167,7 +167,6 @@ class SourceMigration:
     # --- phases ------------------------------------------------------------------------------
 
     async def _run_connected(self) -> None:
-        s = self.settings
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
             self.channel = await self._open_channel()
         try:
