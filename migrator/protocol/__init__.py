@@ -1,0 +1,23 @@
+"""The migration stream as a sans-IO codec (shaped like h11): events in, bytes out, and back.
+
+No trio, no sockets, no threads here: ``migrator.transport`` moves the bytes. See
+``connection.py`` for the API, ``_frames.py`` for the wire format, ``_handshake.py`` for the
+authentication and ``_state.py`` for what may be sent when.
+"""
+
+from ._frames import DEFAULT_MAX_FRAME
+from ._payload import Compression, decode_payload, encode_payload
+from ._state import Role, State
+from .connection import NEED_DATA, Connection, ConnectionStats, PendingFrame, PendingPages
+from .events import (
+    DATA_EVENTS, EVENT_TYPES, PROTOCOL_VERSION, Abort, Ack, Auth, Commit, ConnectionClosed, Digest, Event, Fence,
+    Freeze, Hello, Index, IndexEntry, Layout, Pages, RoundEnd, Scalar, Zero,
+)
+
+__all__ = [
+    "DATA_EVENTS", "DEFAULT_MAX_FRAME", "EVENT_TYPES", "NEED_DATA", "PROTOCOL_VERSION",
+    "Abort", "Ack", "Auth", "Commit", "Compression", "Connection", "ConnectionClosed", "ConnectionStats",
+    "Digest", "Event", "Fence", "Freeze", "Hello", "Index", "IndexEntry", "Layout", "Pages",
+    "PendingFrame", "PendingPages", "Role", "RoundEnd", "Scalar", "State", "Zero",
+    "decode_payload", "encode_payload",
+]

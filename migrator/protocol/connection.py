@@ -1,0 +1,641 @@
+"""``Connection``: the only stateful object of the codec. Bytes in, events out; no I/O.
+
+::
+
+    conn = Connection(Role.DEST, token=token)
+    while (event := conn.next_event()) is NEED_DATA:
+        conn.receive_data(await stream.receive_some())
+    await stream.send_all(conn.send(Ack(of="digest", ok=True)))
+
+Errors: misuse raises ``LocalProtocolError`` from ``send``/``send_deferred`` and the constructors;
+bad peer data raises ``RemoteProtocolError`` from ``next_event`` only (and from
+``PendingPages.decode``, the deferred tail of ``next_event``). Internally every check raises
+``LocalProtocolError``; ``_peer_errors`` converts at the boundary. After any error the connection
+is in state ERROR and refuses further work.
+
+Heavy work can leave the event loop's thread: ``send_deferred`` settles state and sequence number
+at once and returns a ``PendingFrame`` whose ``finish(compressor)`` (compression, MAC) may run in
+any thread; with ``defer_payloads=True``, ``next_event`` returns ``PendingPages`` whose
+``decode(decompressor)`` (MAC check, decompression) may too. The Connection itself must only be
+used from one thread.
+
+Parallel streams: the source opens extra connections with ``join=primary, stream=k``; the
+destination's connections get ``sessions=lookup`` (session id -> primary Connection) to resolve
+them. Joined streams carry Pages and Zero only, bounds-checked against the primary's Layout.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import zstandard
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from ..model import Run
+from . import _handshake as hs
+from ._bounds import LayoutBounds
+from ._buffer import ReceiveBuffer
+from ._frames import (
+    CHECKSUM, DEFAULT_MAX_FRAME, F_MAC, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
+    Mac, assemble_parts, frame_size, parse_header,
+)
+from ._payload import Compression, as_bytes_view, decode_payload, encode_payload
+from ._state import DATA_STATES, LIVE, RECORDED, Role, State, transition
+from ._wire import decode_fields, encode_meta
+from .events import (
+    DATA_EVENTS, NONCE_SIZE, PROTOCOL_VERSION, SESSION_ID_SIZE, Abort, Ack, Auth, Commit, ConnectionClosed,
+    Event, Fence, Hello, Index, Layout, Pages, _int, _runs,
+)
+
+MIN_TOKEN = 16
+
+_HANDSHAKE_STATES = frozenset({
+    State.START, State.SOURCE_HELLO, State.DEST_HELLO, State.JOIN_SOURCE_HELLO, State.JOIN_DEST_HELLO,
+})
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA = _Sentinel.NEED_DATA
+
+
+@contextmanager
+def _peer_errors(on_error: Callable[[], None] | None = None) -> Iterator[None]:
+    """The one place where checks of peer data become RemoteProtocolError."""
+    try:
+        yield
+    except LocalProtocolError as exc:
+        if on_error is not None:
+            on_error()
+        raise RemoteProtocolError(str(exc)) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class PendingFrame:
+    """A frame whose sequence number and state change are settled; what remains (compression,
+    payload MAC, assembly) is pure. Call ``finish`` exactly once, in any thread, and write the
+    frames of one Connection in the order ``send_deferred`` returned them."""
+
+    kind: type[Event]
+    seq: int
+    meta: bytes
+    raw: memoryview | None
+    compression: Compression
+    integrity: Integrity
+
+    @property
+    def raw_len(self) -> int:
+        return 0 if self.raw is None else len(self.raw)
+
+    @property
+    def needs_thread(self) -> bool:
+        """Worth a worker thread: compressing or MACing a payload."""
+        return self.raw is not None and (self.compression.level is not None or isinstance(self.integrity, Mac))
+
+    def finish(self, compressor: zstandard.ZstdCompressor | None = None) -> bytes:
+        """The frame's bytes. ``compressor`` belongs to the calling thread (made here if None)."""
+        return b"".join(self.finish_parts(compressor))
+
+    def finish_parts(self, compressor: zstandard.ZstdCompressor | None = None) -> tuple:
+        """The frame as three buffers to write in order (the payload is not copied)."""
+        flags, body = 0, b""
+        if self.raw is not None:
+            if self.compression.level is not None and compressor is None:
+                compressor = self.compression.compressor()
+            flags, body = encode_payload(compressor if self.compression.level is not None else None, self.raw)
+        return assemble_parts(TYPE_CODES[self.kind], flags, self.seq, self.meta, body, self.integrity)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPages:
+    """A received Pages frame whose payload is not checked or decompressed yet."""
+
+    round: int
+    runs: tuple[Run, ...]
+    raw_len: int
+    flags: int
+    body: bytes | memoryview
+    payload_tag: bytes
+    integrity: Integrity
+    where: str                      # "frame seq N at byte X", for messages
+
+    @property
+    def wire_len(self) -> int:
+        return len(self.body)
+
+    @property
+    def needs_thread(self) -> bool:
+        return bool(self.flags & F_ZSTD) or isinstance(self.integrity, Mac)
+
+    def decode(self, decompressor: zstandard.ZstdDecompressor) -> Pages:
+        """Check the payload's tag and decompress it (any thread; ``decompressor`` is the
+        thread's own). Raises RemoteProtocolError; the caller must then drop the connection."""
+        with _peer_errors():
+            return self._decode(decompressor)
+
+    def _decode(self, decompressor: zstandard.ZstdDecompressor) -> Pages:
+        expected = self.integrity.payload_tag(self.body)
+        if not hmac.compare_digest(expected, self.payload_tag):
+            raise LocalProtocolError(f"payload of {self.where} fails its {self.integrity.name} (corrupted or forged)")
+        raw = decode_payload(decompressor, self.flags, self.body, self.raw_len)
+        return Pages(round=self.round, runs=self.runs, payload=raw)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStats:
+    state: State
+    frames_sent: int
+    frames_received: int
+    bytes_received: int
+
+
+def _symbol(event: Event, sender: Role) -> str:
+    if type(event) is Hello and sender is Role.SOURCE and event.session:
+        return "JoinHello"
+    if type(event) is Ack and event.of == "commit":
+        return "Ack(commit)"
+    return type(event).__name__
+
+
+class Connection:
+    """One side of one byte stream of a migration session (see the module docstring)."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        token: bytes | None = None,
+        compress: str = "zstd:1",
+        max_frame: int = DEFAULT_MAX_FRAME,
+        recorded: bool = False,
+        defer_payloads: bool = False,
+        join: Connection | None = None,
+        stream: int = 0,
+        sessions: Callable[[bytes], Connection | None] | None = None,
+    ) -> None:
+        if not isinstance(role, Role):
+            raise LocalProtocolError(f"role must be Role.SOURCE or Role.DEST, not {role!r}")
+        if token is not None and (type(token) is not bytes or len(token) < MIN_TOKEN):
+            raise LocalProtocolError(f"token must be bytes, at least {MIN_TOKEN} of them")
+        if type(max_frame) is not int or max_frame < HANDSHAKE_MAX_FRAME:
+            raise LocalProtocolError(f"max_frame must be an int >= {HANDSHAKE_MAX_FRAME}")
+        self.role = role
+        self.recorded = recorded
+        self.max_frame = max_frame
+        self.compression = Compression.parse(compress)
+        self._defer = defer_payloads
+        self._table = RECORDED if recorded else LIVE
+        self._state = State.START
+        self._token = token
+        self._sessions = sessions
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._buffer = ReceiveBuffer()
+        self._consumed = 0                 # stream offset of the buffer's first byte
+        self._eof = False
+        self._out: Integrity = CHECKSUM
+        self._in: Integrity = CHECKSUM
+        self._source_hello: Hello | None = None
+        self._dest_hello: Hello | None = None
+        self._keys: hs.SessionKeys | None = None
+        self._session_id: bytes | None = None
+        self._streams = 1
+        self._primary: Connection | None = None
+        self._stream = 0
+        self._joined: set[int] = set()
+        self._bounds: LayoutBounds | None = None
+        self._layout: Layout | None = None
+        self._fence: tuple[int, ...] | None = None
+        self._data_limit: tuple[int, ...] | None = None   # joined streams' frames, once data ended
+        self._data_frames = 0
+        self._compressor: zstandard.ZstdCompressor | None = None
+        self._decompressor: zstandard.ZstdDecompressor | None = None
+        self._frames_sent = 0
+        self._frames_received = 0
+        if join is not None:
+            self._join_as_source(join, stream)
+
+    def _join_as_source(self, primary: Connection, stream: int) -> None:
+        if self.role is not Role.SOURCE or primary.role is not Role.SOURCE or self.recorded or primary.recorded:
+            raise LocalProtocolError("join: only a live source connection joins a live source session")
+        if primary._session_id is None or primary._state in _HANDSHAKE_STATES:
+            raise LocalProtocolError("join: the primary connection has not finished its handshake")
+        if type(stream) is not int or not 1 <= stream < primary._streams:
+            raise LocalProtocolError(f"join: stream {stream!r} outside 1..{primary._streams - 1} (Hello.streams)")
+        if (self._token is None) != (primary._keys is None):
+            raise LocalProtocolError("join: give the parallel stream the same token as the primary")
+        self._primary = primary
+        self._stream = stream
+
+    # --- read-only views ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def peer_hello(self) -> Hello | None:
+        return self._dest_hello if self.role is Role.SOURCE else self._source_hello
+
+    @property
+    def session_id(self) -> bytes | None:
+        return self._session_id
+
+    @property
+    def streams(self) -> int:
+        """Connections in this session (the source's Hello.streams)."""
+        return self._streams
+
+    @property
+    def stream(self) -> int:
+        return self._stream
+
+    @property
+    def authenticated(self) -> bool:
+        return isinstance(self._in, Mac) or isinstance(self._out, Mac)
+
+    @property
+    def layout(self) -> Layout | None:
+        return self._primary._layout if self._primary is not None else self._layout
+
+    @property
+    def handshake_done(self) -> bool:
+        return self._state not in _HANDSHAKE_STATES and self._state is not State.ERROR
+
+    @property
+    def data_frames(self) -> int:
+        """Pages and Zero frames sent or received on this connection."""
+        return self._data_frames
+
+    def statistics(self) -> ConnectionStats:
+        return ConnectionStats(self._state, self._frames_sent, self._frames_received, self._consumed)
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def send(self, event: Event) -> bytes:
+        """The bytes of ``event``'s frame (compressing in this thread)."""
+        pending = self.send_deferred(event)
+        compressor = None
+        if pending.raw is not None and self.compression.level is not None:
+            if self._compressor is None:
+                self._compressor = self.compression.compressor()
+            compressor = self._compressor
+        return pending.finish(compressor)
+
+    def send_deferred(self, event: Event) -> PendingFrame:
+        """Settle ``event``'s state change and sequence number now; build its bytes later."""
+        if self._state is State.ERROR:
+            raise LocalProtocolError("cannot send: the connection failed earlier (state ERROR)")
+        try:
+            return self._prepare(event)
+        except LocalProtocolError:
+            self._state = State.ERROR
+            raise
+
+    def send_failed(self) -> None:
+        """The transport could not write a frame: nothing more may be sent or trusted."""
+        self._state = State.ERROR
+
+    def _prepare(self, event: Event) -> PendingFrame:
+        if not isinstance(event, Event) or type(event) is ConnectionClosed:
+            raise LocalProtocolError(f"cannot send {type(event).__name__}: not a protocol event")
+        me = self.role
+        if type(event) is Hello:
+            symbol = "JoinHello" if me is Role.SOURCE and self._primary is not None else "Hello"
+        else:
+            symbol = _symbol(event, me)
+        target, _ = transition(self._table, self._state, me, symbol, received=False)
+        if self._state is State.DATA:
+            self._check_primary_takes_data(symbol)
+        integrity = self._out
+        if type(event) is Hello:
+            event = self._fill_hello(event)
+        elif type(event) is Auth:
+            event = self._fill_auth(event)
+        raw = None
+        if type(event) in DATA_EVENTS:
+            bounds = self._require_bounds()
+            pages = bounds.check(event.runs)
+            if type(event) is Pages:
+                raw = as_bytes_view(event.payload)
+                if len(raw) != pages * bounds.page_size:
+                    raise LocalProtocolError(f"Pages.payload: {len(raw)} bytes for {pages} pages of {bounds.page_size}")
+        meta = encode_meta(event)
+        size = frame_size(len(meta), len(raw) if raw is not None else 0, 16)
+        if size > self.max_frame:
+            raise LocalProtocolError(f"{type(event).__name__} frame of {size} bytes exceeds max_frame {self.max_frame}: send smaller batches")
+        self._after(event, me)
+        pending = PendingFrame(type(event), self._send_seq, meta, raw, self.compression, integrity)
+        self._send_seq += 1
+        self._frames_sent += 1
+        self._state = target
+        return pending
+
+    def _fill_hello(self, hello: Hello) -> Hello:
+        if hello.handshake_fields_set:
+            raise LocalProtocolError("Hello: auth, recorded, nonce, session, stream and proof are set by the Connection")
+        nonce = os.urandom(NONCE_SIZE)
+        if self.role is Role.SOURCE:
+            if self._primary is not None:
+                primary = self._primary
+                hello = replace(hello, streams=primary._streams, auth=primary._keys is not None, nonce=nonce,
+                                session=primary._session_id, stream=self._stream)
+            else:
+                hello = replace(hello, auth=self._token is not None, recorded=self.recorded, nonce=nonce)
+            if self.recorded and self._token is not None:
+                th = hs.transcript(hello)
+                hello = replace(hello, proof=hs.recorded_proof(self._token, th))
+                self._keys = hs.session_keys(self._token, th)
+                self._out = self._keys.source_to_dest
+            self._source_hello = hello
+            self._streams = hello.streams
+            return hello
+        source = self._source_hello
+        if self._primary is not None:
+            hello = replace(hello, auth=source.auth, nonce=nonce, session=source.session, stream=source.stream)
+        else:
+            hello = replace(hello, auth=source.auth, nonce=nonce, session=os.urandom(SESSION_ID_SIZE))
+            self._session_id = hello.session
+        secret = self._secret()
+        if secret is not None:
+            th = hs.transcript(source, hello)
+            hello = replace(hello, proof=hs.dest_proof(secret, th))
+            self._keys = hs.session_keys(secret, th)
+            self._out = self._keys.dest_to_source
+        self._dest_hello = hello
+        return hello
+
+    def _fill_auth(self, auth: Auth) -> Auth:
+        if auth.proof:
+            raise LocalProtocolError("Auth: the proof is set by the Connection")
+        if self._keys is None:
+            return auth
+        self._out = self._keys.source_to_dest
+        return Auth(proof=hs.source_proof(self._secret(), hs.transcript(self._source_hello, self._dest_hello)))
+
+    def _secret(self) -> bytes | None:
+        """What this connection's handshake is keyed with: the token, or for a parallel stream
+        the primary connection's session secret."""
+        if self._primary is not None:
+            keys = self._primary._keys
+            return keys.secret if keys is not None else None
+        return self._token
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    def receive_data(self, data) -> None:
+        """Buffer bytes from the peer; ``b""`` means the peer's stream ended."""
+        if self._eof:
+            raise LocalProtocolError("receive_data after end of stream")
+        if data:
+            self._buffer.append(data)
+        else:
+            self._eof = True
+
+    def skip_to(self, seq: int, offset: int) -> None:
+        """Recorded streams only, right after the Hello: drop what is buffered; the next bytes
+        fed are frame ``seq`` at stream offset ``offset`` (a reader jumps to the image's Index
+        without decoding what lies before it)."""
+        if not self.recorded or self.role is not Role.DEST or self._state is not State.READY or self._eof:
+            raise LocalProtocolError("skip_to: only on a recorded destination right after its Hello")
+        self._buffer.clear()
+        self._recv_seq = seq
+        self._consumed = offset
+
+    def next_event(self) -> Event | PendingPages | _Sentinel:
+        """The next event, ``NEED_DATA``, or ``ConnectionClosed`` once the stream ended cleanly.
+
+        With ``defer_payloads`` Pages come as ``PendingPages``. Raises RemoteProtocolError on
+        any bad input (and the connection is then in state ERROR).
+        """
+        if self._state is State.ERROR:
+            raise RemoteProtocolError("the connection failed earlier (state ERROR)")
+        with _peer_errors(self.send_failed):
+            event = self._next_event()
+            while event is None:
+                event = self._next_event()
+            return event
+
+    def _next_event(self) -> Event | PendingPages | _Sentinel | None:
+        """One step: an event, NEED_DATA, or None for a frame that was checked and dropped."""
+        buf = self._buffer
+        where = f"byte {self._consumed}"
+        if len(buf) < HEADER.size:
+            if not self._eof:
+                return NEED_DATA
+            if buf:
+                raise LocalProtocolError(f"truncated frame at {where}: the stream ended inside its header ({len(buf)} bytes)")
+            return self._closed()
+        header = parse_header(buf.peek(HEADER.size))
+        limit = HANDSHAKE_MAX_FRAME if self._state in _HANDSHAKE_STATES else self.max_frame
+        total = header.total
+        if total > limit:
+            raise LocalProtocolError(f"oversized frame at {where}: {total} bytes, max_frame is {limit}")
+        if len(buf) < total:
+            if self._eof:
+                raise LocalProtocolError(f"truncated frame at {where}: the stream ended after {len(buf)} of {total} bytes")
+            return NEED_DATA
+        tag = header.tag_size
+        end_meta = HEADER.size + header.meta_len
+        end_body = end_meta + header.payload_len
+        frame = buf.take(total)
+        head = bytes(frame[: HEADER.size])
+        meta = bytes(frame[HEADER.size : end_meta])
+        body = frame[end_meta:end_body]          # a view: the payload is not copied here
+        payload_tag = bytes(frame[end_body : end_body + tag]) if header.payload_len else b""
+        frame_tag = bytes(frame[total - tag : total])
+        self._consumed += total
+        self._verify(header, head, meta, payload_tag, frame_tag, where)
+        where = f"frame seq {header.seq} at {where}"
+        return self._process(header, meta, body, payload_tag, where)
+
+    def _closed(self) -> ConnectionClosed:
+        if self._state is State.CLOSED:
+            return ConnectionClosed()
+        expected = (self.role.peer, "Closed") in self._table[self._state]
+        self._state = State.CLOSED
+        return ConnectionClosed(expected=expected)
+
+    def _verify(self, header: Header, head: bytes, meta: bytes, payload_tag: bytes, frame_tag: bytes, where: str) -> None:
+        integrity = self._in
+        if header.flags & F_MAC != integrity.flag:
+            if integrity is CHECKSUM:
+                raise LocalProtocolError(f"frame at {where} carries a MAC, but no authenticated session is established")
+            raise LocalProtocolError(f"frame at {where} has no MAC in an authenticated session (injected or downgraded)")
+        if not hmac.compare_digest(integrity.frame_tag(head, meta, payload_tag), frame_tag):
+            if integrity is CHECKSUM:
+                raise LocalProtocolError(f"frame at {where} fails its checksum (corrupted)")
+            raise LocalProtocolError(f"frame at {where} fails its MAC (forged, corrupted, or from another session)")
+        expected = self._recv_seq
+        if header.seq < expected:
+            raise LocalProtocolError(f"replayed frame at {where}: seq {header.seq} was already received (expected {expected})")
+        if header.seq > expected:
+            raise LocalProtocolError(f"out-of-order frame at {where}: seq {header.seq}, expected {expected} (frames missing or reordered)")
+        self._recv_seq += 1
+
+    def _process(self, header: Header, meta: bytes, body: bytes, payload_tag: bytes, where: str):
+        kind = header.kind
+        name = kind.__name__
+        fields = decode_fields(kind, meta)
+        try:
+            if kind is Pages:
+                event = None
+                round_ = _int("Pages", "round", fields["round"], 0, (1 << 32) - 1)
+                runs = _runs("Pages", fields["runs"])
+            else:
+                event = kind(**fields)
+        except LocalProtocolError as exc:
+            raise LocalProtocolError(f"invalid {name} in {where}: {exc}") from None
+        peer = self.role.peer
+        symbol = _symbol(event, peer) if event is not None else "Pages"
+        target, drop = transition(self._table, self._state, peer, symbol, received=True)
+        self._frames_received += 1
+        if drop:
+            self._state = target
+            return None
+        if self._state is State.DATA:
+            if self._check_joined_data(symbol, where):
+                return None
+        if kind in DATA_EVENTS:
+            bounds = self._require_bounds()
+            pages = bounds.check(runs if event is None else event.runs)
+            if event is None:
+                raw_len = pages * bounds.page_size
+                if not header.flags & F_ZSTD and header.payload_len != raw_len:
+                    raise LocalProtocolError(f"{where}: raw payload of {header.payload_len} bytes, the runs need {raw_len}")
+                if raw_len > self.max_frame:
+                    raise LocalProtocolError(f"{where}: {pages} pages exceed max_frame {self.max_frame}")
+                event = PendingPages(round_, runs, raw_len, header.flags, body, payload_tag, self._in, where)
+        self._after(event, peer, where)
+        self._state = target
+        if type(event) is PendingPages and not self._defer:
+            if self._decompressor is None:
+                self._decompressor = zstandard.ZstdDecompressor()
+            return event._decode(self._decompressor)
+        return event
+
+    # --- effects of events, both directions --------------------------------------------------
+
+    def _after(self, event, sender: Role, where: str = "") -> None:
+        kind = type(event)
+        received = sender is not self.role
+        if kind in DATA_EVENTS or kind is PendingPages:
+            self._data_frames += 1
+        elif kind is Hello and received:
+            self._receive_hello(event, where)
+        elif kind is Auth and received and self._keys is not None:
+            th = hs.transcript(self._source_hello, self._dest_hello)
+            if not hs.proof_matches(hs.source_proof(self._secret(), th), event.proof):
+                raise LocalProtocolError("authentication failed: the source does not know the token")
+            self._in = self._keys.source_to_dest
+        elif kind is Layout:
+            self._layout = event
+            self._bounds = LayoutBounds(event)
+        elif kind is Fence:
+            if len(event.frames) != self._streams:
+                raise LocalProtocolError(f"Fence names {len(event.frames)} streams, the session has {self._streams}")
+            if self._fence is not None and any(now < before for now, before in zip(event.frames, self._fence)):
+                raise LocalProtocolError(f"Fence {event.frames} goes back from {self._fence}")
+            self._fence = event.frames
+        elif kind is Index:
+            frames = self._recv_seq - 1 if received else self._send_seq
+            if len(event.entries) != frames:
+                raise LocalProtocolError(f"Index lists {len(event.entries)} frames, the stream had {frames}")
+        if kind in (Commit, Abort) and sender is Role.SOURCE and self._data_limit is None:
+            # data frames of parallel streams sent before this are counted by the last Fence
+            self._data_limit = self._fence or (0,) * self._streams
+
+    def _receive_hello(self, hello: Hello, where: str) -> None:
+        if hello.version != PROTOCOL_VERSION:
+            raise LocalProtocolError(f"peer speaks protocol version {hello.version}; this side speaks {PROTOCOL_VERSION}")
+        if hello.recorded != (self.recorded and self.role is Role.DEST):
+            raise LocalProtocolError("a recorded image where a live peer was expected" if hello.recorded
+                                     else "a live stream where a recorded image was expected")
+        if len(hello.nonce) != NONCE_SIZE:
+            raise LocalProtocolError(f"Hello.nonce: {len(hello.nonce)} bytes, expected {NONCE_SIZE}")
+        if self.role is Role.DEST:
+            self._receive_source_hello(hello)
+        else:
+            self._receive_dest_hello(hello)
+
+    def _receive_source_hello(self, hello: Hello) -> None:
+        if hello.session:
+            primary = self._sessions(hello.session) if self._sessions is not None else None
+            if primary is None or primary._session_id is None or primary._state is State.ERROR:
+                raise LocalProtocolError("a parallel stream asks to join an unknown or finished session")
+            if not 1 <= hello.stream < primary._streams:
+                raise LocalProtocolError(f"parallel stream {hello.stream} outside 1..{primary._streams - 1}")
+            if hello.stream in primary._joined:
+                raise LocalProtocolError(f"parallel stream {hello.stream} joined twice")
+            if hello.auth != (primary._keys is not None):
+                raise LocalProtocolError("a parallel stream's authentication differs from its session's")
+            primary._joined.add(hello.stream)
+            self._primary = primary
+            self._stream = hello.stream
+            self._streams = primary._streams
+            self._session_id = hello.session
+        else:
+            if hello.auth and self._token is None:
+                raise LocalProtocolError("the source authenticates with a token, but this side has none")
+            if not hello.auth and self._token is not None:
+                raise LocalProtocolError("the source offers no authentication, but a token is required here")
+            self._streams = hello.streams
+            if self.recorded and hello.auth:
+                th = hs.transcript(hello)
+                if not hs.proof_matches(hs.recorded_proof(self._token, th), hello.proof):
+                    raise LocalProtocolError("the image was recorded with a different token")
+                self._keys = hs.session_keys(self._token, th)
+                self._in = self._keys.source_to_dest
+        self._source_hello = hello
+
+    def _receive_dest_hello(self, hello: Hello) -> None:
+        ours = self._source_hello
+        if hello.auth != ours.auth:
+            raise LocalProtocolError("the destination has no token, but this side authenticates with one" if ours.auth
+                                     else "the destination requires a token, but this side has none")
+        if len(hello.session) != SESSION_ID_SIZE:
+            raise LocalProtocolError(f"Hello.session: {len(hello.session)} bytes, expected {SESSION_ID_SIZE}")
+        if self._primary is not None and (hello.session != ours.session or hello.stream != ours.stream):
+            raise LocalProtocolError("the destination answered a parallel stream for another session or stream")
+        self._dest_hello = hello
+        secret = self._secret()
+        if secret is not None:
+            th = hs.transcript(ours, hello)
+            if not hs.proof_matches(hs.dest_proof(secret, th), hello.proof):
+                raise LocalProtocolError("authentication failed: the destination does not know the token")
+            self._keys = hs.session_keys(secret, th)
+            self._in = self._keys.dest_to_source
+        if self._primary is None:
+            self._session_id = hello.session
+
+    # --- parallel streams --------------------------------------------------------------------
+
+    def _require_bounds(self) -> LayoutBounds:
+        bounds = self._primary._bounds if self._primary is not None else self._bounds
+        if bounds is None:
+            raise LocalProtocolError("page runs before the session's Layout")
+        return bounds
+
+    def _check_primary_takes_data(self, symbol: str) -> None:
+        state = self._primary._state
+        if state not in DATA_STATES:
+            raise LocalProtocolError(f"cannot send {symbol} on stream {self._stream}: the session is in state {state.value}")
+
+    def _check_joined_data(self, symbol: str, where: str) -> bool:
+        """Receiving on a joined stream: True to drop the frame (we aborted the session)."""
+        primary = self._primary
+        if primary._state in (State.ABORTED_BY_DEST, State.ABORTED) and self.role is Role.DEST:
+            return True
+        if primary._bounds is None:
+            raise LocalProtocolError(f"{symbol} on stream {self._stream} before the session's Layout ({where})")
+        limit = primary._data_limit
+        if limit is not None and self._data_frames + 1 > limit[self._stream]:
+            raise LocalProtocolError(f"{symbol} on stream {self._stream} after the session's Commit or Abort ({where})")
+        return False

@@ -1,0 +1,415 @@
+"""The events of the migration stream: immutable values with validating constructors.
+
+Each event is a keyword-only frozen dataclass. A constructor refuses bad values with
+``LocalProtocolError`` (you built a bad event); when the same check fails on decoded wire data the
+``Connection`` reports it as ``RemoteProtocolError`` (the peer sent one).
+
+Who sends what (the full rules are the state tables in ``_state``)::
+
+    SOURCE: Hello Auth Layout Pages Zero RoundEnd Freeze Digest Commit Abort  (+ Fence, Index)
+    DEST:   Hello Ack Digest Abort
+
+``Fence`` is the transport's ordering marker for parallel streams and ``Index`` ends a recorded
+stream (a checkpoint image); engines never see either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ..errors import LocalProtocolError
+from ..model import PAGE_SIZE, Region, Run
+
+PROTOCOL_VERSION = 1
+
+U64 = (1 << 64) - 1
+U32 = (1 << 32) - 1
+MAX_NAME = 256          # event kinds, feature names, mapping keys
+MAX_TEXT = 64 * 1024    # reasons, string values
+MAX_ENTRIES = 4096      # entries of a scalar mapping
+MAX_DIGEST = 64         # bytes of a digest value
+NONCE_SIZE = 16
+SESSION_ID_SIZE = 16
+
+Scalar = int | float | str | bool | None
+
+
+class Event:
+    """Base class of everything ``Connection.next_event`` can return (but ``NEED_DATA``)."""
+
+    __slots__ = ()
+
+
+# --- validation helpers: each raises LocalProtocolError naming the field -----------------------
+
+
+def _fail(event: str, name: str, message: str) -> LocalProtocolError:
+    return LocalProtocolError(f"{event}.{name}: {message}")
+
+
+def _int(event: str, name: str, value: object, low: int = 0, high: int = U64) -> int:
+    if type(value) is not int:
+        raise _fail(event, name, f"expected an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise _fail(event, name, f"{value} is outside [{low}, {high}]")
+    return value
+
+
+def _bool(event: str, name: str, value: object) -> bool:
+    if type(value) is not bool:
+        raise _fail(event, name, f"expected a bool, got {type(value).__name__}")
+    return value
+
+
+def _str(event: str, name: str, value: object, limit: int = MAX_NAME, *, empty: bool = False) -> str:
+    if type(value) is not str:
+        raise _fail(event, name, f"expected a str, got {type(value).__name__}")
+    if not value and not empty:
+        raise _fail(event, name, "must not be empty")
+    if len(value) > limit:
+        raise _fail(event, name, f"{len(value)} characters, at most {limit} allowed")
+    return value
+
+
+def _bytes(event: str, name: str, value: object, sizes: Iterable[int] | None = None, limit: int = MAX_DIGEST) -> bytes:
+    if type(value) is not bytes:
+        raise _fail(event, name, f"expected bytes, got {type(value).__name__}")
+    if sizes is not None and len(value) not in sizes:
+        raise _fail(event, name, f"{len(value)} bytes, expected one of {sorted(sizes)}")
+    if len(value) > limit:
+        raise _fail(event, name, f"{len(value)} bytes, at most {limit} allowed")
+    return value
+
+
+def _scalars(event: str, name: str, value: object) -> Mapping[str, Scalar]:
+    """A flat, msgpack-able mapping, copied and made read-only."""
+    if not isinstance(value, Mapping):
+        raise _fail(event, name, f"expected a mapping, got {type(value).__name__}")
+    if len(value) > MAX_ENTRIES:
+        raise _fail(event, name, f"{len(value)} entries, at most {MAX_ENTRIES} allowed")
+    for key, item in value.items():
+        if type(key) is not str or not key or len(key) > MAX_NAME:
+            raise _fail(event, name, f"key {key!r} is not a non-empty str of at most {MAX_NAME} characters")
+        kind = type(item)
+        if kind is int:
+            if not -(1 << 63) <= item <= U64:
+                raise _fail(event, name, f"{key}={item} does not fit 64 bits")
+        elif kind is str:
+            if len(item) > MAX_TEXT:
+                raise _fail(event, name, f"{key}: string of {len(item)} characters, at most {MAX_TEXT}")
+        elif kind not in (float, bool, type(None)):
+            raise _fail(event, name, f"{key}: {kind.__name__} is not int/float/str/bool/None")
+    return MappingProxyType(dict(value))
+
+
+def _runs(event: str, value: object) -> tuple[Run, ...]:
+    """Runs as a tuple of ``(address, page_count)`` tuples; checked with C-level passes, no per-run
+    Python loop (a batch holds thousands of runs)."""
+    if not isinstance(value, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise _fail(event, "runs", f"expected a sequence of (address, pages), got {type(value).__name__}")
+        value = tuple(value)
+    if not value:
+        raise _fail(event, "runs", "must not be empty")
+    if set(map(type, value)) != {tuple}:
+        try:
+            value = tuple(map(tuple, value))
+        except TypeError:
+            raise _fail(event, "runs", "every run must be an (address, pages) pair") from None
+    if set(map(len, value)) != {2}:
+        raise _fail(event, "runs", "every run must be an (address, pages) pair")
+    addresses, counts = zip(*value)
+    if set(map(type, addresses)) != {int} or set(map(type, counts)) != {int}:
+        raise _fail(event, "runs", "addresses and page counts must be ints")
+    if min(addresses) < 0 or max(addresses) > U64:
+        raise _fail(event, "runs", "an address is outside the 64-bit range")
+    if min(counts) < 1 or max(counts) > U32:
+        raise _fail(event, "runs", f"page counts must be in [1, {U32}]")
+    return value
+
+
+def _freeze(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)
+
+
+# --- the events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hello(Event):
+    """First frame in each direction: versions, page size, features, and the handshake.
+
+    Set ``version``, ``page_size``, ``features`` and (source) ``streams``; ``Connection.send``
+    fills in the handshake fields (``auth`` … ``proof``) and refuses a Hello that sets them.
+    Received Hellos show the peer's values.
+    """
+
+    version: int = PROTOCOL_VERSION
+    page_size: int = PAGE_SIZE
+    features: tuple[str, ...] = ()
+    streams: int = 1            # connections the source opens for this session (1 = just this one)
+    auth: bool = False          # the sender holds a token and requires authentication
+    recorded: bool = False      # a recorded stream (checkpoint image), not a live peer
+    nonce: bytes = b""          # fresh per connection: makes every session key unique
+    session: bytes = b""        # the session a parallel stream joins (DEST: the session's id)
+    stream: int = 0             # index of this connection within its session
+    proof: bytes = b""          # HMAC proving knowledge of the token over both Hellos
+
+    def __post_init__(self) -> None:
+        _int("Hello", "version", self.version, 0, 255)
+        _int("Hello", "page_size", self.page_size, 512, 1 << 30)
+        if self.page_size & (self.page_size - 1):
+            raise _fail("Hello", "page_size", f"{self.page_size} is not a power of two")
+        if not isinstance(self.features, tuple):
+            raise _fail("Hello", "features", f"expected a tuple of str, got {type(self.features).__name__}")
+        if len(self.features) > 64:
+            raise _fail("Hello", "features", f"{len(self.features)} features, at most 64")
+        for feature in self.features:
+            _str("Hello", "features", feature)
+        _int("Hello", "streams", self.streams, 1, 64)
+        _bool("Hello", "auth", self.auth)
+        _bool("Hello", "recorded", self.recorded)
+        _bytes("Hello", "nonce", self.nonce, (0, NONCE_SIZE))
+        _bytes("Hello", "session", self.session, (0, SESSION_ID_SIZE))
+        _int("Hello", "stream", self.stream, 0, 63)
+        _bytes("Hello", "proof", self.proof, (0, 32))
+
+    @property
+    def handshake_fields_set(self) -> bool:
+        return bool(self.auth or self.recorded or self.nonce or self.session or self.stream or self.proof)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Auth(Event):
+    """The source's answer to the destination's Hello (the proof is filled in by ``send``)."""
+
+    proof: bytes = b""
+
+    def __post_init__(self) -> None:
+        _bytes("Auth", "proof", self.proof, (0, 32))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Layout(Event):
+    """The guest's migratable memory. Sent once, before any page; every run is checked against it.
+
+    ``regions`` are sorted, non-overlapping and page aligned. ``meta`` is a flat mapping (str to
+    int/float/str/bool/None): migration id, tracker name, guest settings, image parent id.
+    """
+
+    regions: tuple[Region, ...]
+    page_size: int = PAGE_SIZE
+    meta: Mapping[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _int("Layout", "page_size", self.page_size, 512, 1 << 30)
+        if self.page_size & (self.page_size - 1):
+            raise _fail("Layout", "page_size", f"{self.page_size} is not a power of two")
+        regions = self.regions
+        if not isinstance(regions, tuple):
+            if not isinstance(regions, Iterable):
+                raise _fail("Layout", "regions", f"expected a tuple of Region, got {type(regions).__name__}")
+            regions = tuple(regions)
+            _freeze(self, "regions", regions)
+        mask = self.page_size - 1
+        end = 0
+        for region in regions:
+            if type(region) is not Region:
+                raise _fail("Layout", "regions", f"expected Region, got {type(region).__name__}")
+            start, length = region.start, region.length
+            if type(start) is not int or type(length) is not int:
+                raise _fail("Layout", "regions", f"{region} has non-int bounds")
+            if start < 0 or start & mask or length & mask or length <= 0:
+                raise _fail("Layout", "regions", f"{region} is empty, negative or not page aligned")
+            if start < end:
+                raise _fail("Layout", "regions", f"{region} overlaps or precedes the region before it")
+            end = start + length
+            if end > U64 + 1:
+                raise _fail("Layout", "regions", f"{region} ends beyond the 64-bit range")
+        _freeze(self, "meta", _scalars("Layout", "meta", self.meta))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.length for r in self.regions)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Pages(Event):
+    """Page contents: ``payload`` is the raw pages of ``runs`` concatenated in order.
+
+    Compression is the codec's business: callers always see raw bytes. ``send`` may return before
+    the payload is compressed and written, so do not modify the buffer after handing it over.
+    """
+
+    round: int
+    runs: tuple[Run, ...]
+    payload: bytes | bytearray | memoryview
+
+    def __post_init__(self) -> None:
+        _int("Pages", "round", self.round, 0, U32)
+        runs = _runs("Pages", self.runs)
+        if runs is not self.runs:
+            _freeze(self, "runs", runs)
+        if not isinstance(self.payload, (bytes, bytearray, memoryview)):
+            raise _fail("Pages", "payload", f"expected bytes, got {type(self.payload).__name__}")
+        pages = self.pages
+        size = self.payload.nbytes if isinstance(self.payload, memoryview) else len(self.payload)
+        if size == 0 or size % pages:
+            raise _fail("Pages", "payload", f"{size} bytes is not a whole page size for {pages} pages")
+
+    @property
+    def pages(self) -> int:
+        return sum(n for _, n in self.runs)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Zero(Event):
+    """Pages known to be zero (or never touched): no bytes travel for them."""
+
+    round: int
+    runs: tuple[Run, ...]
+
+    def __post_init__(self) -> None:
+        _int("Zero", "round", self.round, 0, U32)
+        runs = _runs("Zero", self.runs)
+        if runs is not self.runs:
+            _freeze(self, "runs", runs)
+
+    @property
+    def pages(self) -> int:
+        return sum(n for _, n in self.runs)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundEnd(Event):
+    """Every page of round ``round`` has been sent."""
+
+    round: int
+    stats: Mapping[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _int("RoundEnd", "round", self.round, 0, U32)
+        _freeze(self, "stats", _scalars("RoundEnd", "stats", self.stats))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Freeze(Event):
+    """The source guest is stopped; what follows is the final round ``round``."""
+
+    round: int
+
+    def __post_init__(self) -> None:
+        _int("Freeze", "round", self.round, 0, U32)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Digest(Event):
+    """A digest of what was sent (``kind`` e.g. "pages", "region") for the other side to compare."""
+
+    kind: str
+    value: bytes
+    stats: Mapping[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _str("Digest", "kind", self.kind)
+        _bytes("Digest", "value", self.value)
+        _freeze(self, "stats", _scalars("Digest", "stats", self.stats))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Commit(Event):
+    """The point of no return: the destination may resume its guest; the source never will."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ack(Event):
+    """The destination's answer to ``of`` ("digest", "commit", …)."""
+
+    of: str
+    ok: bool
+    detail: Mapping[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _str("Ack", "of", self.of)
+        _bool("Ack", "ok", self.ok)
+        _freeze(self, "detail", _scalars("Ack", "detail", self.detail))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Abort(Event):
+    """Either side gives up before the commit is acknowledged; ``reason`` is one line for humans."""
+
+    reason: str
+
+    def __post_init__(self) -> None:
+        _str("Abort", "reason", self.reason, MAX_TEXT, empty=True)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Fence(Event):
+    """Parallel streams, at each barrier: on the primary stream, the barrier after it waits until
+    stream k has delivered ``frames[k]`` data frames (Pages/Zero) in total; on the other streams,
+    what follows waits until that barrier is delivered. The transport sends and consumes these."""
+
+    frames: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.frames, tuple) or not 1 <= len(self.frames) <= 64:
+            raise _fail("Fence", "frames", "expected a tuple of 1 to 64 counts")
+        for count in self.frames:
+            _int("Fence", "frames", count)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IndexEntry:
+    """Where one frame of a recorded stream lies, and what it holds."""
+
+    offset: int
+    length: int
+    kind: str       # event type name
+    round: int = 0
+    pages: int = 0
+
+    def __post_init__(self) -> None:
+        _int("IndexEntry", "offset", self.offset)
+        _int("IndexEntry", "length", self.length, 1, U32)
+        _str("IndexEntry", "kind", self.kind)
+        _int("IndexEntry", "round", self.round, 0, U32)
+        _int("IndexEntry", "pages", self.pages, 0, U32)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Index(Event):
+    """Last frame of a recorded stream: one entry per frame before it (entry i is frame seq i)."""
+
+    entries: tuple[IndexEntry, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.entries, tuple):
+            raise _fail("Index", "entries", f"expected a tuple, got {type(self.entries).__name__}")
+        offset = 0
+        for entry in self.entries:
+            if type(entry) is not IndexEntry:
+                raise _fail("Index", "entries", f"expected IndexEntry, got {type(entry).__name__}")
+            if entry.offset != offset:
+                raise _fail("Index", "entries", f"frame at {entry.offset} does not follow the one ending at {offset}")
+            offset += entry.length
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConnectionClosed(Event):
+    """The peer's byte stream ended between two frames (``receive_data(b"")``).
+
+    ``expected`` is False when the protocol did not allow the stream to end there (for
+    instance before the commit was acknowledged): the transport reports that as a failure.
+    """
+
+    expected: bool = True
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    Hello, Auth, Layout, Pages, Zero, RoundEnd, Freeze, Digest, Commit, Ack, Abort, Fence, Index,
+)
+DATA_EVENTS = (Pages, Zero)   # may be spread over parallel streams; everything else is a barrier

@@ -1,0 +1,17 @@
+"""Moving the migration stream with trio: TCP and unix sockets, parallel streams, files.
+
+``connect``/``serve`` give a ``Channel`` of events (the handshake done); ``open_file_writer``/
+``open_file_reader`` record a source stream as a checkpoint image and play it back.
+Compression and MACs run in worker threads; memory use is bounded everywhere.
+"""
+
+from ._address import Address, parse_address
+from ._link import ChannelStats
+from .channel import Channel
+from .files import FileReader, FileWriter, open_file_reader, open_file_writer
+from .net import Acceptor, connect, open_source, serve
+
+__all__ = [
+    "Acceptor", "Address", "Channel", "ChannelStats", "FileReader", "FileWriter",
+    "connect", "open_file_reader", "open_file_writer", "open_source", "parse_address", "serve",
+]

@@ -1,0 +1,37 @@
+"""A token bucket on wire bytes: ``--bandwidth`` caps a migration's link usage.
+
+Virtual-time form: each frame reserves ``len / rate`` seconds after the previous reservation,
+and the sender sleeps until its slot. Idle time earns at most ``burst`` bytes of credit, so over
+any interval the bytes written stay within ``rate * t + burst``. With frames of about 1 MiB and a
+64 KiB burst the long-run rate is within 1 % of the cap.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ..errors import TransportError
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int = 64 * 1024) -> None:
+        if not rate > 0:
+            raise TransportError(f"bandwidth must be a positive number of bytes/s, not {rate!r}")
+        self.rate = float(rate)
+        self.burst = burst
+        self._free_at: float | None = None   # when everything reserved so far has been paid for
+        self.waited = 0.0
+
+    async def consume(self, size: int) -> None:
+        """Sleep until ``size`` more bytes fit under the cap, then let them go."""
+        now = trio.current_time()
+        earliest = now - self.burst / self.rate
+        if self._free_at is None or self._free_at < earliest:
+            self._free_at = earliest
+        self._free_at += size / self.rate
+        delay = self._free_at - now
+        if delay > 0:
+            self.waited += delay
+            await trio.sleep(delay)
+        else:
+            await trio.lowlevel.checkpoint()

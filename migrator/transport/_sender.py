@@ -1,0 +1,156 @@
+"""Sending: events to frames on one or more links, compressed in worker threads, in order.
+
+The caller of ``send`` drives the pipeline: ``send`` settles the frame's place (state, sequence
+number, stream), starts its compression on a worker thread, then writes every frame that is
+ready, oldest first, and returns once at most ``2 * threads + 2`` frames are outstanding. So
+while frame i is written, frames i+1.. are compressing; a slow link makes ``send`` wait
+(backpressure), and memory stays bounded. ``flush`` writes everything, and so does ``send`` of
+any event but Pages/Zero: nothing runs in the background, so a control event (a Digest the
+peer must answer, an Abort) must not wait in the queue for a later call.
+
+With several links (parallel streams), Pages and Zero go to the link with the fewest frames
+outstanding. Every other event is a barrier: it goes on link 0. If data moved since the last
+barrier, a ``Fence`` listing how many data frames each link has carried goes first on every
+link: the receiver delivers those frames before the barrier, and nothing that follows a Fence
+on another link before the barrier (multifd's sync packets, in effect).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+
+import trio
+
+from ..errors import TransportError
+from ..protocol import DATA_EVENTS, Event, Fence, PendingFrame
+from ._limiter import TokenBucket
+from ._link import Counters, Link
+from ._threads import Job, ThreadJobs, finish_frame
+
+FrameHook = Callable[[Event, int], None]   # (event, frame length) after each write
+
+
+class _Outgoing:
+    __slots__ = ("link", "pending", "event", "job", "data", "written", "seconds")
+
+    def __init__(self, link: Link, pending: PendingFrame, event: Event) -> None:
+        self.link = link
+        self.pending = pending
+        self.event = event
+        self.job: Job | None = None
+        self.data: bytes | None = None
+        self.written = False
+        self.seconds = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.data is not None or self.job.done.is_set()
+
+
+class Sender:
+    def __init__(
+        self,
+        links: list[Link],
+        counters: Counters,
+        *,
+        threads: int,
+        bandwidth: float | None = None,
+        on_written: FrameHook | None = None,
+    ) -> None:
+        self._links = links
+        self._counters = counters
+        self._queues: list[deque[_Outgoing]] = [deque() for _ in links]
+        self._order: deque[_Outgoing] = deque()
+        self._jobs = ThreadJobs(threads)
+        self._bucket = TokenBucket(bandwidth) if bandwidth is not None else None
+        self._lock = trio.StrictFIFOLock()
+        self._max_outstanding = 2 * threads + 2
+        self._fenced = (0,) * len(links)
+        self._next = 0
+        self._failure: TransportError | None = None
+        self._on_written = on_written
+
+    @property
+    def failure(self) -> TransportError | None:
+        if self._failure is None:
+            self._failure = next((link.broken for link in self._links if link.broken), None)
+        return self._failure
+
+    async def send(self, event: Event) -> None:
+        async with self._lock:
+            self._check()
+            if type(event) in DATA_EVENTS:
+                self._queue(self._pick(), event)
+            else:
+                if len(self._links) > 1:
+                    counts = tuple(link.conn.data_frames for link in self._links)
+                    if counts != self._fenced:
+                        for link in self._links:
+                            self._queue(link, Fence(frames=counts))
+                        self._fenced = counts
+                self._queue(self._links[0], event)
+            await self._drain(self._max_outstanding if type(event) in DATA_EVENTS else 0)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            self._check()
+            await self._drain(0)
+
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def _pick(self) -> Link:
+        n = len(self._links)
+        if n == 1:
+            return self._links[0]
+        shift = min(range(n), key=lambda i: len(self._queues[(self._next + i) % n]))
+        index = (self._next + shift) % n
+        self._next = index + 1
+        return self._links[index]
+
+    def _queue(self, link: Link, event: Event) -> None:
+        pending = link.conn.send_deferred(event)       # LocalProtocolError: the caller's mistake
+        out = _Outgoing(link, pending, event)
+        if pending.needs_thread:
+            out.job = self._jobs.submit(partial(finish_frame, pending))
+        else:
+            out.data = pending.finish_parts()
+        self._queues[link.index].append(out)
+        self._order.append(out)
+
+    async def _drain(self, bound: int) -> None:
+        """Write what is ready; wait for the oldest frame until at most ``bound`` remain."""
+        try:
+            while True:
+                for queue in self._queues:
+                    while queue and queue[0].ready:
+                        await self._write(queue[0])
+                        queue.popleft()
+                while self._order and self._order[0].written:
+                    self._order.popleft()
+                if len(self._order) <= bound:
+                    return
+                await self._order[0].job.done.wait()
+        except TransportError as exc:
+            self._failure = exc
+            raise
+
+    async def _write(self, out: _Outgoing) -> None:
+        if out.data is None:
+            out.data, out.seconds = out.job.result()
+            out.job = None
+        data = out.data
+        if self._bucket is not None:
+            await self._bucket.consume(sum(map(len, data)))
+            self._counters.throttle_seconds = self._bucket.waited
+        await out.link.write(data)
+        out.written = True
+        out.data = None
+        counters = self._counters
+        counters.bytes_raw += out.pending.raw_len
+        counters.compress_seconds += out.seconds
+        if self._on_written is not None:
+            self._on_written(out.event, sum(map(len, data)))

@@ -1,0 +1,119 @@
+"""``Channel``: one migration session over one or more byte streams, as events.
+
+Made by ``connect``/``open_source`` (role SOURCE) or handed to a ``serve`` handler (role DEST),
+after the handshake. Sending is driven by the callers of ``send``/``flush`` (see ``_sender``);
+a destination's streams are read by reader tasks that its ``serve`` runs. Usable as an async
+context manager (``aclose`` on exit) or closed explicitly.
+
+Ordering: Pages and Zero events between two other events may arrive in any order among
+themselves (parallel streams), but every event sent before a non-Pages/Zero event is received
+before it. ``flush`` returns once everything sent so far is on the wire.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ..errors import TransportError
+from ..protocol import ConnectionClosed, Event, Hello, Role
+from ._link import ChannelStats, Counters, Link
+from ._receivers import DirectReceiver, GatheringReceiver
+from ._sender import Sender
+
+
+class Channel:
+    def __init__(
+        self,
+        role: Role,
+        links: list[Link],
+        counters: Counters,
+        *,
+        threads: int = 1,
+        bandwidth: float | None = None,
+    ) -> None:
+        self.role = role
+        self._links = links
+        self._counters = counters
+        if role is Role.SOURCE:
+            self._sender = Sender(links, counters, threads=threads, bandwidth=bandwidth)
+            self._receiver: DirectReceiver | GatheringReceiver = DirectReceiver(links[0], counters)
+        else:
+            self._sender = Sender(links[:1], counters, threads=1, bandwidth=bandwidth)
+            self._receiver = GatheringReceiver(links, counters)
+        self._closed = False
+
+    # --- what the session is ---------------------------------------------------------------
+
+    @property
+    def peer(self) -> Hello:
+        """The other side's Hello (version, page size, features)."""
+        return self._links[0].conn.peer_hello
+
+    @property
+    def streams(self) -> int:
+        return len(self._links)
+
+    @property
+    def authenticated(self) -> bool:
+        return self._links[0].conn.authenticated
+
+    @property
+    def session_id(self) -> bytes:
+        return self._links[0].conn.session_id
+
+    def statistics(self) -> ChannelStats:
+        return self._counters.freeze()
+
+    # --- moving events ---------------------------------------------------------------------
+
+    async def send(self, event: Event) -> None:
+        """Send ``event``. Pages and Zero may return before they are compressed and written
+        (``flush`` waits for them); any other event returns once it and everything before it
+        is written.
+
+        Raises LocalProtocolError if the event is not allowed now, TransportError if the
+        connection failed."""
+        self._check_open()
+        await self._sender.send(event)
+
+    async def flush(self) -> None:
+        """Wait until every event sent so far is written to the stream(s)."""
+        self._check_open()
+        await self._sender.flush()
+
+    async def receive(self) -> Event:
+        """The next event from the peer. Raises RemoteProtocolError on bad data and
+        TransportError when the connection fails or ends."""
+        self._check_open()
+        event = await self._receiver.receive()
+        if type(event) is ConnectionClosed:
+            raise TransportError(f"{self._links[0].name}: connection closed by peer")
+        return event
+
+    async def aclose(self) -> None:
+        """Write what is queued (if the channel is healthy), then close every stream."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._sender.failure is None:
+                await self._sender.flush()
+        finally:
+            self._receiver.stop()
+            with trio.CancelScope(shield=True):
+                for link in self._links:
+                    await link.aclose()
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("the channel is closed")
+
+    async def _run_readers(self) -> None:
+        """Destination only: read every stream (run in the nursery of the serve handler)."""
+        await self._receiver.run()

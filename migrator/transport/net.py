@@ -1,0 +1,296 @@
+"""TCP and unix-socket sessions: ``connect`` (source), ``serve`` (destination), and the
+stream-level halves they are made of (``open_source``, ``Acceptor``), usable over any trio stream.
+
+With ``streams=N`` the source opens N connections: the first runs the handshake, the others join
+its session (authenticated with the session's secret, not the token) and carry pages only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+
+import trio
+
+from ..errors import MigratorError, TransportError
+from ..protocol import Auth, Connection, Hello, Role
+from ._address import Address, parse_address
+from ._link import Counters, Link
+from .channel import Channel
+
+HANDSHAKE_TIMEOUT_S = 10.0
+FEATURES = ("zstd", "streams")
+MAX_STREAMS = 64
+
+log = logging.getLogger("migrator.transport")
+
+Handler = Callable[[Channel], Awaitable[None]]
+
+
+# --- source ----------------------------------------------------------------------------------
+
+
+async def connect(
+    address: str,
+    *,
+    token: bytes | None,
+    compress: str = "zstd:1",
+    streams: int = 1,
+    bandwidth: float | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+) -> Channel:
+    """Open a session to ``address`` ("HOST:PORT", "tcp:HOST:PORT", "unix:/path") as the source.
+
+    ``streams`` connections (and as many compression threads); ``bandwidth`` caps wire bytes/s.
+    """
+    target = parse_address(address)
+    if type(streams) is not int or not 1 <= streams <= MAX_STREAMS:
+        raise TransportError(f"streams must be 1..{MAX_STREAMS}, not {streams!r}")
+    opened: list[trio.abc.Stream] = []
+    try:
+        with trio.fail_after(handshake_timeout):
+            for _ in range(streams):
+                opened.append(await _open_stream(target))
+            return await open_source(opened, token=token, compress=compress, bandwidth=bandwidth, name=str(target))
+    except trio.TooSlowError:
+        raise TransportError(f"{target}: no handshake within {handshake_timeout:g} s") from None
+    except BaseException:
+        for stream in opened:
+            await trio.aclose_forcefully(stream)
+        raise
+
+
+async def _open_stream(target: Address) -> trio.abc.Stream:
+    try:
+        if target.kind == "unix":
+            return await trio.open_unix_socket(target.path)
+        return await trio.open_tcp_stream(target.host, target.port)
+    except OSError as exc:
+        raise TransportError(f"cannot connect to {target}: {exc.strerror or exc}") from exc
+
+
+async def open_source(
+    streams: Sequence[trio.abc.Stream],
+    *,
+    token: bytes | None,
+    compress: str = "zstd:1",
+    bandwidth: float | None = None,
+    name: str = "peer",
+) -> Channel:
+    """Run the source's handshake over already-open ``streams`` (the first is the primary)."""
+    counters = Counters(len(streams))
+    primary = Connection(Role.SOURCE, token=token, compress=compress)
+    links = [Link(0, streams[0], primary, name, counters)]
+    await _source_handshake(links[0], Hello(streams=len(streams), features=FEATURES))
+    for index, stream in enumerate(streams[1:], 1):
+        conn = Connection(Role.SOURCE, token=token, compress=compress, join=primary, stream=index)
+        links.append(Link(index, stream, conn, f"{name} stream {index}", counters))
+        await _source_handshake(links[-1], Hello(features=FEATURES))
+    return Channel(Role.SOURCE, links, counters, threads=len(streams), bandwidth=bandwidth)
+
+
+async def _source_handshake(link: Link, hello: Hello) -> None:
+    await link.write(link.conn.send(hello))
+    await _expect(link, Hello)
+    await link.write(link.conn.send(Auth()))
+
+
+async def _expect(link: Link, kind: type) -> None:
+    """Read one handshake event (the state table already refuses any other kind)."""
+    event = await link.read()
+    if not isinstance(event, kind):
+        raise TransportError(f"{link.name}: connection closed during the handshake (a token mismatch?)")
+
+
+# --- destination -----------------------------------------------------------------------------
+
+
+class _Gathering:
+    """A primary connection waiting for its parallel streams to join."""
+
+    def __init__(self, primary: Connection) -> None:
+        self.primary = primary
+        self.links: dict[int, Link] = {}
+        self.complete = trio.Event()
+        self.finished = trio.Event()   # the session ended: joined streams' tasks may return
+        self.open = True
+
+    def add(self, link: Link) -> None:
+        self.links[link.conn.stream] = link
+        if len(self.links) == self.primary.streams - 1:
+            self.complete.set()
+
+
+class Acceptor:
+    """The destination's side of every connection reaching one listener.
+
+    ``await acceptor.handle(stream, handler)`` runs the handshake on ``stream``; a primary
+    connection waits for its parallel streams, then runs ``handler(channel)`` with the channel's
+    readers alive, and closes the channel when the handler returns. A joining stream is handed
+    to its session. A connection that fails (bad frames, wrong token, timeout) is logged in one
+    line and closed; the exception does not propagate, so a server keeps serving.
+    """
+
+    def __init__(self, *, token: bytes | None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+        Connection(Role.DEST, token=token)   # validate the token once, here
+        self._token = token
+        self._timeout = handshake_timeout
+        self._sessions: dict[bytes, _Gathering] = {}
+
+    def _lookup(self, session_id: bytes) -> Connection | None:
+        gathering = self._sessions.get(session_id)
+        return gathering.primary if gathering is not None and gathering.open else None
+
+    async def handle(self, stream: trio.abc.Stream, handler: Handler) -> None:
+        peer = _peer_name(stream)
+        try:
+            await self._handle(stream, handler, peer)
+        except* (MigratorError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            log.warning("connection from %s failed: %s", peer, _one_line(group))
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.abc.Stream, handler: Handler, peer: str) -> None:
+        counters = Counters(1)
+        conn = Connection(Role.DEST, token=self._token, compress="none", sessions=self._lookup, defer_payloads=True)
+        link = Link(0, stream, conn, peer, counters)
+        try:
+            with trio.fail_after(self._timeout):
+                await _expect(link, Hello)
+                await link.write(conn.send(Hello(features=FEATURES)))
+                if conn.stream:
+                    gathering = await self._join(link)
+                else:
+                    gathering = _Gathering(conn)
+                    links = await self._gather(link, gathering)
+        except trio.TooSlowError:
+            raise TransportError(f"{peer}: handshake not finished within {self._timeout:g} s") from None
+        if conn.stream:
+            await gathering.finished.wait()   # the stream is the session's; keep its task alive
+            return
+        try:
+            counters.streams = len(links)
+            for index, joined in enumerate(links[1:], 1):
+                counters.absorb(joined.counters)
+                joined.index, joined.counters = index, counters
+            channel = Channel(Role.DEST, links, counters)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(channel._run_readers)
+                try:
+                    await handler(channel)
+                finally:
+                    await channel.aclose()
+        finally:
+            gathering.finished.set()
+
+    async def _gather(self, link: Link, gathering: _Gathering) -> list[Link]:
+        conn = link.conn
+        if conn.streams > 1:
+            self._sessions[conn.session_id] = gathering   # before the source's joins can arrive
+        try:
+            await _expect(link, Auth)
+            if conn.streams > 1:
+                await gathering.complete.wait()
+            return [link] + [gathering.links[k] for k in range(1, conn.streams)]
+        except BaseException:
+            gathering.finished.set()
+            raise
+        finally:
+            gathering.open = False
+            self._sessions.pop(conn.session_id, None)
+
+    async def _join(self, link: Link) -> _Gathering:
+        await _expect(link, Auth)
+        gathering = self._sessions.get(link.conn.session_id)
+        if gathering is None or not gathering.open:
+            raise TransportError(f"{link.name}: stream {link.conn.stream} joined after its session gave up waiting")
+        link.name = f"{link.name} stream {link.conn.stream}"
+        gathering.add(link)   # the session's channel reads and closes the stream from now on
+        return gathering
+
+
+async def serve(
+    address: str,
+    handler: Handler,
+    *,
+    token: bytes | None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept sessions on ``address`` and run ``handler(channel)`` for each (role DEST).
+
+    Reports the bound address ("HOST:PORT" with the real port, or "unix:PATH") through
+    ``task_status``. Refuses a non-loopback address without a token: anyone who can reach it
+    could inject pages.
+    """
+    target = parse_address(address)
+    if token is None and not target.is_loopback:
+        raise TransportError(
+            f"refusing to listen on {target} without a token: anyone who can reach it could send pages; "
+            "give a token file, or listen on 127.0.0.1, ::1 or a unix socket"
+        )
+    acceptor = Acceptor(token=token, handshake_timeout=handshake_timeout)
+    listeners, bound = await _listen(target)
+    try:
+        task_status.started(str(bound))
+        await trio.serve_listeners(lambda stream: acceptor.handle(stream, handler), listeners)
+    finally:
+        if target.kind == "unix":
+            _unlink_socket(target.path)
+
+
+async def _listen(target: Address) -> tuple[list[trio.SocketListener], Address]:
+    try:
+        if target.kind == "tcp":
+            listeners = await trio.open_tcp_listeners(target.port, host=target.host)
+            port = listeners[0].socket.getsockname()[1]
+            return listeners, Address("tcp", host=target.host, port=port)
+        _unlink_socket(target.path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(target.path)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        return [trio.SocketListener(sock)], target
+    except OSError as exc:
+        raise TransportError(f"cannot listen on {target}: {exc.strerror or exc}") from exc
+
+
+def _unlink_socket(path: str) -> None:
+    """Remove a socket file left by an earlier server (never any other kind of file)."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return "peer"
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "peer"
+    if isinstance(peer, tuple):
+        return str(Address("tcp", host=peer[0], port=peer[1]))
+    return f"unix:{peer}" if peer else "unix peer"
+
+
+def _one_line(group: BaseExceptionGroup) -> str:
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return "; ".join(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}" for exc in leaves)

@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Benchmark the migration stream: page data over loopback TCP through connect/serve.
+
+For each kind of page data (random, half-zero pages, text-like) it measures, in the same run and
+on the same bytes:
+
+* ``sendall``: raw ``socket.sendall`` of the data to a process that only reads it;
+* ``zstd``: single-thread zstd (level of ``--compress``) over the data, 1 MiB at a time;
+* ``stream``: Layout, Pages of 1 MiB, RoundEnd, Digest -> Ack through ``migrator.transport``
+  to a receiving process that decodes every frame (checksums, decompression).
+
+Goals (issue 4): ``stream`` reaches 70 % of min(sendall, zstd) with one stream, for each kind;
+on compressible (text-like) data two streams are at least 1.5x faster than one. A last line
+measures the bandwidth cap's accuracy (goal: within 5 %).
+
+    scripts/bench_transport.py [--size 1G] [--json [FILE]] [--compress zstd:1] [--auth]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import trio  # noqa: E402
+import zstandard  # noqa: E402
+
+from migrator.model import Region  # noqa: E402
+from migrator.protocol import Ack, Compression, Digest, Layout, Pages, RoundEnd  # noqa: E402
+from migrator.transport import connect, serve  # noqa: E402
+
+PS = 4096
+BATCH = 1 << 20                 # bytes per Pages event (what the source engine sends)
+BLOCK = 64 << 20                # distinct data per kind; larger sizes cycle through it
+BASE = 0x7F0000000000
+TOKEN = b"bench-transport-token-0123456789"
+KINDS = ("random", "half-zero", "text")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def make_data(kind: str, size: int, seed: int = 1) -> bytes:
+    rng = random.Random(seed)
+    if kind == "random":
+        return rng.randbytes(size)
+    if kind == "half-zero":
+        pages = bytearray(size)
+        noise = rng.randbytes(size // 2)
+        view = memoryview(pages)
+        for i in range(0, size // PS, 2):   # every other page random, the rest zero
+            view[i * PS : (i + 1) * PS] = noise[(i // 2) * PS : (i // 2 + 1) * PS]
+        return bytes(pages)
+    # text-like: Zipf-distributed pseudo-words with punctuation and line breaks
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    vocabulary = ["".join(rng.choices(letters, k=rng.randint(1, 9))) for _ in range(8000)]
+    weights = [1 / (rank + 1) for rank in range(len(vocabulary))]
+    words = rng.choices(vocabulary, weights=weights, k=size // 5 + 1024)
+    text = " ".join(words).replace("e t", "e. T").replace("s a", "s,\na").encode()
+    return text[:size]
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected e.g. 1G, 256M")
+    size = int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
+    if size < BATCH:
+        raise argparse.ArgumentTypeError("size must be at least 1M")
+    return size - size % BATCH
+
+
+def batches(data: bytes, size: int):
+    view = memoryview(data)
+    for offset in range(0, size, BATCH):
+        start = offset % len(data)
+        yield offset, view[start : start + BATCH]
+
+
+# --- baselines -------------------------------------------------------------------------------
+
+
+def zstd_rate(data: bytes, size: int, compression: Compression) -> tuple[float, float]:
+    """Raw bytes/s of one thread compressing 1 MiB at a time, and the compression ratio."""
+    compressor = compression.compressor() or zstandard.ZstdCompressor(level=1)
+    out = 0
+    started = time.perf_counter()
+    for _, chunk in batches(data, size):
+        out += len(compressor.compress(chunk))
+    return size / (time.perf_counter() - started), size / out
+
+
+def sendall_rate(data: bytes, size: int) -> float:
+    """Raw bytes/s of socket.sendall to another process that reads everything."""
+    sink = subprocess.Popen([sys.executable, __file__, "--_sink"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(sink.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            started = time.perf_counter()
+            for _, chunk in batches(data, size):
+                sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(1)              # the sink's answer: it has read everything
+            return size / (time.perf_counter() - started)
+    finally:
+        sink.wait(timeout=30)
+
+
+def run_sink() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        print(server.getsockname()[1], flush=True)
+        conn, _ = server.accept()
+        with conn:
+            buffer = bytearray(4 << 20)
+            while conn.recv_into(buffer):
+                pass
+            conn.sendall(b"k")
+
+
+# --- the stream ------------------------------------------------------------------------------
+
+
+async def stream_rate(address: str, data: bytes, size: int, *, streams: int, compress: str, token,
+                      bandwidth: float | None = None) -> tuple[float, dict]:
+    channel = await connect(address, token=token, compress=compress, streams=streams, bandwidth=bandwidth)
+    async with channel:
+        await channel.send(Layout(regions=(Region(BASE, size),), meta={"bench": True}))
+        started = time.perf_counter()
+        for offset, chunk in batches(data, size):
+            await channel.send(Pages(round=0, runs=((BASE + offset, BATCH // PS),), payload=chunk))
+        await channel.send(RoundEnd(round=0))
+        await channel.send(Digest(kind="bench", value=b"end"))
+        ack = await channel.receive()
+        elapsed = time.perf_counter() - started
+        assert ack == Ack(of="digest", ok=True, detail={"bytes": size}), ack
+    stats = channel.statistics()
+    return size / elapsed, {"ratio": round(stats.ratio, 3), "compress_s": round(stats.compress_seconds, 3),
+                            "wire_bytes": stats.bytes_wire}
+
+
+async def receive_all(channel) -> None:
+    received = 0
+    while True:
+        event = await channel.receive()
+        if isinstance(event, Pages):
+            received += len(event.payload)
+        elif isinstance(event, Digest):
+            await channel.send(Ack(of="digest", ok=True, detail={"bytes": received}))
+            await channel.flush()
+            received = 0
+
+
+def run_receiver(token) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(lambda task_status: serve("127.0.0.1:0", receive_all_quietly, token=token,
+                                                                      task_status=task_status))
+            print(address, flush=True)
+
+    async def receive_all_quietly(channel) -> None:
+        try:
+            await receive_all(channel)
+        except Exception:  # noqa: BLE001 - the sender closing ends each session
+            pass
+
+    trio.run(main)
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def goal(name: str, value: float, baseline: float, target: float, met: bool, **extra) -> dict:
+    return {"name": name, "value": round(value, 3), "baseline": round(baseline, 3), "target": target, "met": met, **extra}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=parse_size("1G"), help="bytes per data kind (default 1G)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write the results as JSON (- = stdout)")
+    parser.add_argument("--compress", default="zstd:1")
+    parser.add_argument("--auth", action="store_true", help="authenticate (HMAC every frame) as with a token file")
+    parser.add_argument("--_sink", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_receive", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    token = TOKEN if args.auth else None
+    if args._sink:
+        run_sink()
+        return 0
+    if args._receive:
+        run_receiver(token)
+        return 0
+
+    compression = Compression.parse(args.compress)
+    out = sys.stderr if args.json == "-" else sys.stdout
+    receiver = subprocess.Popen([sys.executable, __file__, "--_receive"] + (["--auth"] if args.auth else []),
+                                stdout=subprocess.PIPE, text=True)
+    results, goals = [], []
+    try:
+        address = receiver.stdout.readline().strip()
+        mb = 1e6
+        print(f"{args.size >> 20} MiB per kind, {args.compress}, {'HMAC' if token else 'xxh3'} tags, "
+              f"receiver in another process, {os.cpu_count()} CPUs", file=out)
+        print(f"{'data':10} {'sendall':>9} {'zstd 1T':>9} {'ratio':>6} {'1 stream':>9} {'2 streams':>10} "
+              f"{'1 st/limit':>10} {'2st/1st':>8}  MB/s", file=out)
+        for kind in KINDS:
+            data = make_data(kind, min(BLOCK, args.size))
+            sendall = sendall_rate(data, args.size)
+            zstd, ratio = zstd_rate(data, args.size, compression)
+            one, one_info = trio.run(lambda: stream_rate(address, data, args.size, streams=1,
+                                                         compress=args.compress, token=token))
+            two, two_info = trio.run(lambda: stream_rate(address, data, args.size, streams=2,
+                                                         compress=args.compress, token=token))
+            limit = min(sendall, zstd) if compression.level is not None else sendall
+            results.append({"kind": kind, "sendall_Bps": sendall, "zstd_Bps": zstd, "zstd_ratio": ratio,
+                            "stream1_Bps": one, "stream2_Bps": two, "stream1": one_info, "stream2": two_info})
+            print(f"{kind:10} {sendall / mb:9.0f} {zstd / mb:9.0f} {ratio:6.2f} {one / mb:9.0f} {two / mb:10.0f} "
+                  f"{one / limit:10.2f} {two / one:8.2f}", file=out)
+            goals.append(goal(f"{kind}: 1 stream vs min(sendall, zstd)", one / mb, limit / mb, 0.7,
+                              one >= 0.7 * limit, ratio=round(one / limit, 3)))
+            if kind == "text":
+                goals.append(goal("text: 2 streams vs 1", two / mb, one / mb, 1.5, two >= 1.5 * one,
+                                  ratio=round(two / one, 3)))
+        cap = 100e6
+        capped_size = min(args.size, 200 << 20)
+        data = make_data("random", min(BLOCK, capped_size))
+        rate, _ = trio.run(lambda: stream_rate(address, data, capped_size, streams=1, compress="none", token=token,
+                                               bandwidth=cap))
+        error = abs(rate - cap) / cap
+        print(f"bandwidth cap {cap / mb:.0f} MB/s: measured {rate / mb:.1f} MB/s ({error:.1%} off)", file=out)
+        goals.append(goal("bandwidth cap accuracy (relative error)", error, cap / mb, 0.05, error <= 0.05))
+    finally:
+        receiver.terminate()
+        receiver.wait(timeout=10)
+    for g in goals:
+        print(f"goal {'MET ' if g['met'] else 'MISSED'}  {g['name']}: {g['value']} vs baseline {g['baseline']} "
+              f"(target {g['target']})", file=out)
+    if args.json:
+        report = {"size": args.size, "compress": args.compress, "auth": bool(token), "cpus": os.cpu_count(),
+                  "results": results, "goals": goals}
+        text = json.dumps(report, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0 if all(g["met"] for g in goals) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""connect/serve over real loopback TCP and unix sockets."""
+
+import functools
+import logging
+import os
+import socket
+
+import pytest
+import trio
+
+from migrator.errors import RemoteProtocolError, TransportError
+from migrator.protocol import Ack, Digest, RoundEnd
+from migrator.transport import connect, parse_address, serve
+
+from .helpers import LAYOUT, TOKEN, page_batch, zero_batch
+from .test_channel import Recorder, assert_barrier_order, migrate
+
+
+async def start_server(nursery, handler, address="127.0.0.1:0", token=None):
+    return await nursery.start(functools.partial(serve, address, handler, token=token))
+
+
+@pytest.mark.parametrize("streams, token", [(1, None), (2, TOKEN), (3, None)])
+async def test_tcp_session(streams, token):
+    recorder = Recorder()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await start_server(nursery, recorder, token=token)
+            assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+            channel = await connect(f"tcp:{address}", token=token, streams=streams)
+            sent = await migrate(channel, batches=40)
+            await channel.aclose()
+            await recorder.done.wait()
+            nursery.cancel_scope.cancel()
+    assert recorder.error is None
+    assert_barrier_order(sent, recorder.events)
+    assert channel.peer.auth is (token is not None)
+
+
+async def test_unix_socket_session(sockdir):
+    path = os.path.join(sockdir, "dest.sock")
+    recorder = Recorder()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await start_server(nursery, recorder, address=f"unix:{path}")
+            assert address == f"unix:{path}"
+            channel = await connect(address, token=None, streams=2, compress="zstd:-1")
+            sent = await migrate(channel, batches=12)
+            await channel.aclose()
+            await recorder.done.wait()
+            nursery.cancel_scope.cancel()
+    assert_barrier_order(sent, recorder.events)
+    assert not os.path.exists(path), "the server removes its socket file"
+
+
+async def test_server_survives_bad_clients_and_logs_one_line_each(caplog):
+    caplog.set_level(logging.WARNING, logger="migrator.transport")
+    recorder = Recorder()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await start_server(nursery, recorder, token=TOKEN)
+            host, port = address.rsplit(":", 1)
+            junk = trio.socket.socket()
+            await junk.connect((host, int(port)))
+            await junk.send(b"\x16\x03\x01 not a migrator stream")
+            junk.close()
+            with pytest.raises(RemoteProtocolError, match="the destination does not know the token"):
+                await connect(address, token=b"a-wrong-token-of-enough-bytes")
+            with pytest.raises(TransportError, match="closed"):
+                await connect(address, token=None)
+            # a good client is still served
+            channel = await connect(address, token=TOKEN)
+            await migrate(channel, batches=4)
+            await channel.aclose()
+            await recorder.done.wait()
+            nursery.cancel_scope.cancel()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3, messages
+    assert all("\n" not in m and m.startswith("connection from 127.0.0.1:") for m in messages)
+    assert any("bad magic" in m for m in messages)
+    assert any("offers no authentication" in m for m in messages)
+    assert recorder.error is None
+
+
+async def test_refuses_to_listen_publicly_without_a_token():
+    with pytest.raises(TransportError, match="refusing to listen on 0.0.0.0:0 without a token"):
+        await serve("0.0.0.0:0", None, token=None)
+
+
+async def test_connect_errors_are_transport_errors():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]   # bound, not listening: connection refused
+        with pytest.raises(TransportError, match=f"cannot connect to 127.0.0.1:{port}"):
+            await connect(f"127.0.0.1:{port}", token=None)
+    with pytest.raises(TransportError, match="bad address"):
+        await connect("no-port-here", token=None)
+    with pytest.raises(TransportError, match="streams must be 1..64"):
+        await connect("127.0.0.1:1", token=None, streams=0)
+
+
+async def test_receiver_dying_mid_stream_fails_the_senders_calls():
+    async def dies(channel):
+        await channel.receive()
+        raise TransportError("receiver crashed")   # logged by serve; the connection closes
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await start_server(nursery, dies)
+            channel = await connect(address, token=None, compress="none")
+            await channel.send(LAYOUT)
+            with pytest.raises(TransportError, match="write failed|closed"):
+                for i in range(2000):
+                    await channel.send(page_batch(i % 200, pages=64, kind="random"))
+                await channel.flush()
+            with pytest.raises(TransportError):
+                await channel.send(zero_batch(0))
+            await channel.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_destination_sees_source_ack_flow_with_digest_from_both_sides():
+    async def answer(channel):
+        while True:
+            event = await channel.receive()
+            if isinstance(event, Digest):
+                await channel.send(Digest(kind="pages", value=b"mine"))
+                await channel.send(Ack(of="digest", ok=False, detail={"reason": "differs"}))
+                await channel.flush()
+                return
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await start_server(nursery, answer)
+            async with await connect(address, token=None) as channel:
+                await channel.send(LAYOUT)
+                await channel.send(page_batch(1))
+                await channel.send(RoundEnd(round=0))
+                await channel.send(Digest(kind="pages", value=b"yours"))
+                assert await channel.receive() == Digest(kind="pages", value=b"mine")
+                assert await channel.receive() == Ack(of="digest", ok=False, detail={"reason": "differs"})
+                with pytest.raises(TransportError, match="closed the connection in state PRECOPY"):
+                    await channel.receive()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "text, kind, host, port, loopback",
+    [
+        ("127.0.0.1:7000", "tcp", "127.0.0.1", 7000, True),
+        ("tcp:localhost:1", "tcp", "localhost", 1, True),
+        ("[::1]:9", "tcp", "::1", 9, True),
+        ("10.0.0.5:22", "tcp", "10.0.0.5", 22, False),
+        ("example.org:80", "tcp", "example.org", 80, False),
+    ],
+)
+def test_parse_address(text, kind, host, port, loopback):
+    address = parse_address(text)
+    assert (address.kind, address.host, address.port, address.is_loopback) == (kind, host, port, loopback)
+    assert parse_address(str(address)) == address
+
+
+def test_parse_unix_address_and_errors():
+    assert parse_address("unix:/run/x.sock").path == "/run/x.sock"
+    for bad in ["", "unix:", "host", "host:port", "1.2.3.4:70000"]:
+        with pytest.raises(TransportError, match="bad address"):
+            parse_address(bad)
