@@ -2,8 +2,9 @@
 
 Virtual-time form: each frame reserves ``len / rate`` seconds after the previous reservation,
 and the sender sleeps until its slot. Idle time earns at most ``burst`` bytes of credit, so over
-any interval the bytes written stay within ``rate * t + burst``. With frames of about 1 MiB and a
-64 KiB burst the long-run rate is within 1 % of the cap.
+any interval the bytes written stay within ``rate * t + burst``. The burst is 5 ms of the rate
+(at least 64 KiB): a sender that wakes or writes late by less than that catches up instead of
+losing its slot, which kept the measured rate 3-10 % under the cap with a 64 KiB burst.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from ..errors import TransportError
 
 
 class TokenBucket:
-    def __init__(self, rate: float, burst: int = 64 * 1024) -> None:
+    def __init__(self, rate: float, burst: int | None = None) -> None:
         if not rate > 0:
             raise TransportError(f"bandwidth must be a positive number of bytes/s, not {rate!r}")
         self.rate = float(rate)
-        self.burst = burst
+        self.burst = burst if burst is not None else max(64 * 1024, int(rate * 0.005))
         self._free_at: float | None = None   # when everything reserved so far has been paid for
         self.waited = 0.0
 
