@@ -5,7 +5,7 @@ from the released kernel's uapi headers (``include/uapi/linux/userfaultfd.h``,
 ``include/uapi/linux/fs.h``) and checked by ``tests/tracker/test_uapi.py`` (sizes, ioctl numbers).
 cffi ABI mode: no compiler at import; a mismatch here would corrupt memory, hence the tests.
 
-Beware the seed patch (v11): its ``UFFD_FEATURE_WP_ASYNC (1<<14)`` is ``UFFD_FEATURE_POISON`` in
+Beware the seed patch (v11): the bit it gives WP_ASYNC, 14, is ``UFFD_FEATURE_POISON`` in
 released kernels. Upstream WP_ASYNC is ``1<<15``. With the wrong bit the protection stays
 synchronous and the guest's first write blocks forever.
 """

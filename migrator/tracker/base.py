@@ -9,6 +9,7 @@ errno) surface as ``TrackerError`` with the ``OSError`` as ``__cause__``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from ..errors import TrackerError
 from ..model import Region, Run
 from ..runs import union
 from . import features, pagemap
-from ._uapi import PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN
+from ._uapi import PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC
 from .scan import DEFAULT_VEC_LEN, Scanner
 
 
@@ -47,6 +48,17 @@ class TrackerBase:
     populated_flags: ClassVar[int] = 0
     # arm() leaves uffd-wp markers on never-touched pages (see populated()).
     marks_unpopulated: ClassVar[bool] = False
+
+    def _registered_wp_async(self, region: Region) -> bool:
+        """Is ``region`` registered with WP_ASYNC? PM_SCAN_CHECK_WPASYNC answers EPERM when not,
+        without touching a page (a write to a synchronously protected page would block)."""
+        try:
+            self._scanner.scan([region], flags=PM_SCAN_CHECK_WPASYNC, return_mask=PAGE_IS_WRITTEN, with_output=False)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                return False
+            raise
+        return True
 
     def __init__(self, *, pid: int, regions: tuple[Region, ...], page_size: int, pagemap_fd: int,
                  uffd: int | None, vec_len: int = DEFAULT_VEC_LEN) -> None:

@@ -44,8 +44,6 @@ from ..model import Run
 from . import _sys
 from .base import TrackerBase
 from ._uapi import (
-    PAGE_IS_WRITTEN,
-    PM_SCAN_CHECK_WPASYNC,
     UFFD_EVENT_PAGEFAULT,
     UFFD_MSG_SIZE,
     UFFD_PAGEFAULT_FLAG_WP,
@@ -93,13 +91,7 @@ class SyncWpTracker(TrackerBase):
     def check_mode(self) -> None:
         """TrackerUnavailable unless the regions are registered in *synchronous* WP mode."""
         for region in self.regions:
-            try:
-                self._scanner.scan([region], flags=PM_SCAN_CHECK_WPASYNC, return_mask=PAGE_IS_WRITTEN,
-                                   with_output=False)
-            except OSError as exc:
-                if exc.errno != errno.EPERM:
-                    raise
-            else:
+            if self._registered_wp_async(region):
                 raise TrackerUnavailable(
                     f"[{region.start:#x}, {region.end:#x}) of process {self.pid} is registered with WP_ASYNC; "
                     "sync-wp needs register_for_tracking(regions, 'sync')"

@@ -26,7 +26,6 @@ Needs: ptrace read rights over the guest (to open /proc/PID/pagemap), Linux 6.7+
 
 from __future__ import annotations
 
-import errno
 
 from ..errors import TrackerUnavailable
 from ..model import Run
@@ -49,17 +48,12 @@ class WpAsyncTracker(TrackerBase):
     def check_mode(self) -> None:
         """TrackerUnavailable unless every region is registered WP_ASYNC (no page is touched)."""
         for region in self.regions:
-            try:
-                self._scanner.scan([region], flags=PM_SCAN_CHECK_WPASYNC, return_mask=PAGE_IS_WRITTEN,
-                                   with_output=False)
-            except OSError as exc:
-                if exc.errno == errno.EPERM:
-                    raise TrackerUnavailable(
-                        f"[{region.start:#x}, {region.end:#x}) of process {self.pid} is not registered with "
-                        "userfaultfd WP_ASYNC (PM_SCAN_CHECK_WPASYNC: EPERM); the guest must call "
-                        "register_for_tracking(regions, 'async') and hand over that uffd"
-                    ) from exc
-                raise
+            if not self._registered_wp_async(region):
+                raise TrackerUnavailable(
+                    f"[{region.start:#x}, {region.end:#x}) of process {self.pid} is not registered with "
+                    "userfaultfd WP_ASYNC (PM_SCAN_CHECK_WPASYNC: EPERM); the guest must call "
+                    "register_for_tracking(regions, 'async') and hand over that uffd"
+                )
 
     def _arm(self) -> None:
         self._scanner.scan(self.regions, flags=TRACK_FLAGS, category_mask=PAGE_IS_WRITTEN,
