@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import MigratorError
+from ..guest.layout import Pattern
 
 MIN_PAGES = 64   # the policy's min-pages rule (P.Haul): a round this small is not worth another
 
@@ -97,7 +98,7 @@ def dirty_pages(writes: float, pages: int, pattern: str = "classic") -> float:
     """
     if writes < 0 or pages <= 0:
         raise MigratorError(f"dirty_pages needs writes >= 0 and pages > 0, got {writes}, {pages}")
-    kind, _, params = pattern.partition(":")
+    kind = pattern.partition(":")[0]
     if kind == "classic":
         return float(writes)
     if kind == "sequential":
@@ -105,29 +106,25 @@ def dirty_pages(writes: float, pages: int, pattern: str = "classic") -> float:
     if kind == "uniform":
         return distinct_pages(writes, pages)
     if kind == "hot":
-        fraction, share = _hot_parameters(pattern, params)
-        hot = min(pages - 1, max(1, round(fraction * pages)))
+        share = _hot_pattern(pattern).share
+        hot = hot_set_pages(pattern, pages)
         return distinct_pages(writes * share, hot) + distinct_pages(writes * (1 - share), pages - hot)
     raise MigratorError(f"pattern {pattern!r}: expected classic, uniform, sequential or hot:FRACTION:SHARE")
 
 
 def hot_set_pages(pattern: str, pages: int) -> int | None:
     """The hot set's size in pages for a ``hot:F:S`` pattern, else None."""
-    kind, _, params = pattern.partition(":")
-    if kind != "hot":
+    if pattern.partition(":")[0] != "hot":
         return None
-    fraction, _ = _hot_parameters(pattern, params)
-    return min(pages - 1, max(1, round(fraction * pages)))
+    return min(pages - 1, max(1, round(_hot_pattern(pattern).fraction * pages)))
 
 
-def _hot_parameters(pattern: str, params: str) -> tuple[float, float]:
+def _hot_pattern(pattern: str) -> Pattern:
+    """The guest's own parser, so the model reads ``hot:F:S`` exactly as the guest does."""
     try:
-        fraction, share = (float(x) for x in params.split(":"))
-    except ValueError:
-        raise MigratorError(f"pattern {pattern!r}: expected hot:FRACTION:SHARE, e.g. hot:0.05:0.9") from None
-    if not (0 < fraction < 1 and 0 <= share <= 1):
-        raise MigratorError(f"pattern {pattern!r}: need 0 < FRACTION < 1 and 0 <= SHARE <= 1")
-    return fraction, share
+        return Pattern.parse(pattern)
+    except ValueError as exc:
+        raise MigratorError(str(exc)) from None
 
 
 def distinct_pages(writes: float, pages: int) -> float:
