@@ -25,7 +25,7 @@ import numpy as np
 from migrator.guest.layout import Settings, parse_size
 from migrator.guest.mapping import RegionMapping
 from migrator.guest.spawn import spawn_guest
-from migrator.testing.bench import emit_json, print_goals
+from migrator.testing.bench import finish
 from migrator.guest.workload import Workload
 
 UNTHROTTLED_GOAL = 1_000_000
@@ -110,9 +110,7 @@ def main() -> int:
     print(f"  guest process, unthrottled:     {unthrottled:12,.0f} pages/s  ({unthrottled / baseline:.2f}x baseline)", file=sys.stderr)
     for rate, achieved in throttled.items():
         print(f"  guest process at {rate:>9,} /s:  {achieved:12,.0f} pages/s  ({(achieved - rate) / rate * 100:+.2f} %)", file=sys.stderr)
-    print_goals(goals, file=sys.stderr)
-    emit_json(result, args.json)
-    return 0 if all(g["met"] for g in goals) else 1
+    return finish(result, goals, args.json, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from migrator.report import format_round_table, format_summary
 from migrator.runs import split_runs
 from migrator.source.engine import BATCH_PAGES, MAX_RUNS_PER_EVENT, MigrateSettings, SourceMigration
 from migrator.tracker.memory import ProcessMemory
-from migrator.testing.bench import emit_json, goal, print_goals
+from migrator.testing.bench import finish, goal
 from migrator.transport import connect, serve
 
 
@@ -162,10 +162,7 @@ def main() -> int:
         goal("round0 bandwidth / push bandwidth", r0_bw / push_bw, push_bw, 0.7, r0_bw >= 0.7 * push_bw),
     ]
     out["goals"] = goals
-    print("\ngoals:")
-    print_goals(goals)
-    emit_json(out, args.json)
-    return 0 if all(g["met"] for g in goals) else 1
+    return finish(out, goals, args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 import time
 
 from migrator.tracker import _sys, open_tracker
-from migrator.testing.bench import emit_json, print_goals
+from migrator.testing.bench import finish
 from migrator.tracker._uapi import (
     PAGE_IS_WRITTEN,
     PAGEMAP_SCAN,
@@ -204,9 +204,7 @@ def main() -> int:
                   f"{p['collect_ms']:>11.3f} {p['ratio']:>6.2f}", file=out)
     print(f"\nfirst write after arm, {write_pages} contiguous pages, us/page (median of {reps}): "
           f"none {first['none']:.3f}, wp-async {first['async']:.3f}, sync-wp {first['sync']:.3f}", file=out)
-    print_goals(goals, file=out)
-    emit_json(report, args.json)
-    return 0 if all(g["met"] for g in goals) else 1
+    return finish(report, goals, args.json, file=out)
 
 
 if __name__ == "__main__":

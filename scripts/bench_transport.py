@@ -36,7 +36,7 @@ import zstandard  # noqa: E402
 
 from migrator.model import Region  # noqa: E402
 from migrator.protocol import Ack, Compression, Digest, Layout, Pages, RoundEnd  # noqa: E402
-from migrator.testing.bench import emit_json, goal, print_goals  # noqa: E402
+from migrator.testing.bench import finish, goal  # noqa: E402
 from migrator.transport import connect, serve  # noqa: E402
 
 PS = 4096
@@ -255,10 +255,9 @@ def main(argv=None) -> int:
     finally:
         receiver.terminate()
         receiver.wait(timeout=10)
-    print_goals(goals, file=out)
-    emit_json({"size": args.size, "compress": args.compress, "auth": bool(token), "cpus": os.cpu_count(),
-               "results": results, "goals": goals}, args.json)
-    return 0 if all(g["met"] for g in goals) else 1
+    result = {"size": args.size, "compress": args.compress, "auth": bool(token), "cpus": os.cpu_count(),
+              "results": results, "goals": goals}
+    return finish(result, goals, args.json, file=out)
 
 
 if __name__ == "__main__":

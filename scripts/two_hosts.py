@@ -32,7 +32,7 @@ import trio
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import PAGE_SIZE, parse_size
 from migrator.testing import netns
-from migrator.testing.bench import emit_json, goal, print_goals
+from migrator.testing.bench import finish, goal
 from migrator.testing.faultproxy import FaultProxy, Faults
 from migrator.testing.hosts import spawn_guest_in, start_migrate, start_receiver, steps_advance, write_token
 from migrator.tracker import TRACKERS
@@ -249,10 +249,7 @@ def main(argv=None) -> int:
         error = (out["report"] or {}).get("error", "no report")
         log(f"two_hosts: migration failed (status {out['migrate_status']}): {error}")
     out["goals"] = items = goals(args, out)
-    print("\ngoals:")
-    print_goals(items)
-    emit_json(out, args.json)
-    return 0 if all(g["met"] for g in items) else 1
+    return finish(out, items, args.json)
 
 
 if __name__ == "__main__":

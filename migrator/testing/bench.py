@@ -24,6 +24,14 @@ def print_goals(goals: list[dict], file=sys.stdout) -> None:
               f"(target {_shown(g['target'])}, baseline {_shown(g['baseline'])})", file=file)
 
 
+def finish(result: dict, goals: list[dict], destination: str | None, file=sys.stdout) -> int:
+    """Print the goals, write the JSON, and return the exit status: 0 only if every goal is met."""
+    print("\ngoals:", file=file)
+    print_goals(goals, file=file)
+    emit_json(result, destination)
+    return 0 if all(g["met"] for g in goals) else 1
+
+
 def emit_json(result: dict, destination: str | None) -> None:
     """Write ``result`` to ``destination`` ('-' is stdout; None writes nothing)."""
     if not destination:
