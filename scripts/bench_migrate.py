@@ -1,93 +1,164 @@
 """Benchmark: live migration of a guest over loopback against baselines from the same run.
 
+The destination runs as it does in use: ``migrator receive`` in its own process, started before
+the migration with ``--prepare SIZE``, so its restore guest is started and its memory faulted in
+ahead, as QEMU's destination is started with ``-incoming`` and ``-mem-prealloc``. (``--cold``
+starts the restore guest when the migration arrives: on this VM fresh memory costs 0.4-2.5 s of
+CPU per GiB, which then competes with round 0.)
+
 Baselines, measured first on the same guest and machine:
-- push: the region's bytes sent once through the same transport (same compression, streams)
-  to a receiver that applies nothing: the floor for the total migration time;
+- push: the region's bytes sent once through the same transport (same compression, streams) to
+  a receiver in another process that decodes every frame and applies nothing: the floor for the
+  total migration time, and what round 0's throughput is compared with;
 - stop-and-copy: SIGSTOP, process_vm_readv of the whole region, SIGCONT: the downtime that
   pre-copy must beat;
-- hash: xxh3-128 over the whole region: what ``--verify full`` adds to the downtime.
+- hash: xxh3-128 over the region in memory: what ``--verify full`` may add to the downtime.
+  Shown too: ``read+hash``, the source reading a private guest's region across processes
+  while hashing it, which is what hashing the region costs the migrator for such a guest.
 
 Then one migration with ``--verify pages`` and one with ``--verify full`` (fresh guests).
 
-    .venv/bin/python scripts/bench_migrate.py --size 1G --rate 20000 [--json out.json]
+    .venv/bin/python scripts/bench_migrate.py --size 1G --rate 20000 [--memfd] [--cold] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import trio
 import xxhash
 
 from migrator import protocol as p
-from migrator.destination.engine import DestinationMigration, ReceiveSettings
-from migrator.errors import MigrationFailed
+from migrator.guest.client import GuestClient
 from migrator.guest.layout import parse_size
 from migrator.guest.spawn import spawn_guest
 from migrator.model import Region
 from migrator.report import format_round_table, format_summary
 from migrator.runs import split_runs
-from migrator.source.engine import BATCH_PAGES, MAX_RUNS_PER_EVENT, MigrateSettings, SourceMigration
-from migrator.tracker.memory import ProcessMemory
+from migrator.source.engine import (
+    BATCH_PAGES,
+    MAX_RUNS_PER_EVENT,
+    MigrateSettings,
+    SourceMigration,
+)
 from migrator.testing.bench import finish, goal
+from migrator.tracker.memory import ProcessMemory
 from migrator.transport import connect, serve
+
+PS = 4096
+
+
+# --- baseline: push the region once ------------------------------------------------------------
 
 
 async def push_once(data: bytearray, region_start: int, settings: MigrateSettings) -> float:
-    """Seconds to send ``data`` as Pages through a fresh channel to a discarding receiver."""
-    done = trio.Event()
-
-    async def sink(channel) -> None:
-        while not isinstance(await channel.receive(), p.Abort):
-            pass
-        done.set()
-
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(functools.partial(serve, "127.0.0.1:0", sink, token=None))
+    """Seconds to send ``data`` as Pages, as the engine batches them, to a receiver in another
+    process (``--_sink``) that decodes every frame, until it acknowledges the RoundEnd."""
+    sink = subprocess.Popen([sys.executable, __file__, "--_sink"], stdout=subprocess.PIPE, text=True)
+    try:
+        address = sink.stdout.readline().strip()
         channel = await connect(address, token=None, compress=settings.compress, streams=settings.streams)
         view = memoryview(data)
-        pages = len(data) // 4096
-        await channel.send(p.Layout(regions=(Region(region_start, len(data)),), page_size=4096, meta={}))
-        t = time.perf_counter()
+        await channel.send(p.Layout(regions=(Region(region_start, len(data)),), page_size=PS, meta={}))
+        started = time.perf_counter()
         offset = 0
-        for batch in split_runs([(region_start, pages)], BATCH_PAGES, MAX_RUNS_PER_EVENT):
-            size = sum(n for _, n in batch) * 4096
+        for batch in split_runs([(region_start, len(data) // PS)], BATCH_PAGES, MAX_RUNS_PER_EVENT):
+            size = sum(n for _, n in batch) * PS
             await channel.send(p.Pages(round=0, runs=tuple(batch), payload=view[offset : offset + size]))
             offset += size
         await channel.send(p.RoundEnd(round=0, stats={}))
         await channel.flush()
-        seconds = time.perf_counter() - t
+        ack = await channel.receive()
+        seconds = time.perf_counter() - started
+        if not (isinstance(ack, p.Ack) and ack.of == "round"):
+            raise RuntimeError(f"the sink answered {ack!r}")
         await channel.send(p.Abort(reason="benchmark done"))
         await channel.flush()
-        await done.wait()
         await channel.aclose()
-        nursery.cancel_scope.cancel()
-    return seconds
+        return seconds
+    finally:
+        sink.wait(timeout=30)
 
 
-async def migrate(guest, settings: MigrateSettings, control_dir: str, memfd: bool) -> dict:
-    async with trio.open_nursery() as nursery:
+def run_sink() -> None:
+    """One session: decode every frame, acknowledge the RoundEnd, end at the Abort."""
 
-        async def handle(channel) -> None:
-            migration = DestinationMigration(channel, ReceiveSettings(control_dir=control_dir, memfd=memfd), log=lambda _: None)
-            try:
-                report = await migration.run()
-            except MigrationFailed:
-                return
-            from migrator.guest.client import GuestClient
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
 
+            async def sink(channel) -> None:
+                while not isinstance(event := await channel.receive(), (p.Abort, p.ConnectionClosed)):
+                    if isinstance(event, p.RoundEnd):
+                        await channel.send(p.Ack(of="round", ok=True))
+                        await channel.flush()
+                nursery.cancel_scope.cancel()
+
+            print(await nursery.start(functools.partial(serve, "127.0.0.1:0", sink, token=None)), flush=True)
+
+    trio.run(main)
+
+
+# --- the destination ----------------------------------------------------------------------------
+
+
+class Receiver:
+    """``migrator receive --once`` in its own process, started as an operator would."""
+
+    def __init__(self, work: str, name: str, size: int, *, memfd: bool, prepare: bool) -> None:
+        self.report_path = os.path.join(work, f"{name}-dest.json")
+        argv = [sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0", "--once",
+                "--control-dir", work, "--report", self.report_path]
+        argv += ["--memfd"] if memfd else []
+        argv += ["--prepare", str(size)] if prepare else []
+        self.popen = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        self.address = self._line("listening on").rsplit(" ", 1)[-1]
+        self.prepared = self._line("prepared") if prepare else None
+
+    def _line(self, marker: str) -> str:
+        for line in self.popen.stderr:
+            if marker in line:
+                return line.strip()
+        raise RuntimeError(f"migrator receive exited (status {self.popen.wait()}) before saying {marker!r}")
+
+    def finish(self) -> dict:
+        """Wait for the receiver to exit, quit the guest it resumed, return its report."""
+        self.popen.stderr.read()
+        self.popen.wait(timeout=60)
+        with open(self.report_path) as f:
+            report = json.load(f)
+        if report.get("result") == "resumed":
             GuestClient(report["guest_control"]).quit()
+        return report
 
-        address = await nursery.start(functools.partial(serve, "127.0.0.1:0", handle, token=None))
-        report = await SourceMigration(guest.control, address, settings).run()
-        nursery.cancel_scope.cancel()
-    return report
+
+
+def migrate(guest, settings: MigrateSettings, receiver: Receiver) -> tuple[dict, dict]:
+    try:
+        report = trio.run(SourceMigration(guest.control, receiver.address, settings).run)
+    finally:
+        dest = receiver.finish()
+    return report, dest
+
+
+def read_and_hash_ms(memory: ProcessMemory, region: Region, chunk: int = 1 << 20) -> float:
+    """One pass over a private guest's region as the migrator sees it: read a chunk, hash it."""
+    buffer = memoryview(bytearray(chunk))
+    digest = xxhash.xxh3_128()
+    started = time.perf_counter()
+    for offset in range(0, region.length, chunk):
+        memory.read_runs([(region.start + offset, chunk // PS)], buffer)
+        digest.update(buffer)
+    return (time.perf_counter() - started) * 1000
 
 
 def main() -> int:
@@ -99,8 +170,13 @@ def main() -> int:
     ap.add_argument("--compress", default="zstd:1")
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--memfd", action="store_true", help="guests on a shared memfd (the migrator maps it)")
+    ap.add_argument("--cold", action="store_true", help="start the restore guest when the migration arrives")
     ap.add_argument("--json", metavar="PATH", help="write results here ('-' for stdout)")
+    ap.add_argument("--_sink", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._sink:
+        run_sink()
+        return 0
     size = parse_size(args.size)
     work = tempfile.mkdtemp(prefix="bench-migrate-")
     settings = MigrateSettings(downtime_ms=args.downtime_ms, compress=args.compress, streams=args.streams)
@@ -117,37 +193,40 @@ def main() -> int:
         region = attachment.layout.regions[0]
         memory = ProcessMemory(guest.pid)
         buffer = bytearray(region.length)
-        memory.read_runs([(region.start, region.length // 4096)], buffer)  # touch the buffer once
+        memory.read_runs([(region.start, region.length // PS)], buffer)  # touch the buffer once
         downs = []
         for _ in range(3):
             t = time.perf_counter()
             os.kill(guest.pid, signal.SIGSTOP)
-            memory.read_runs([(region.start, region.length // 4096)], buffer)
+            memory.read_runs([(region.start, region.length // PS)], buffer)
             os.kill(guest.pid, signal.SIGCONT)
             downs.append((time.perf_counter() - t) * 1000)
         stop_copy_ms = sorted(downs)[1]
         t = time.perf_counter()
         xxhash.xxh3_128_hexdigest(buffer)
         hash_ms = (time.perf_counter() - t) * 1000
+        read_hash_ms = min(read_and_hash_ms(memory, region) for _ in range(2))
         push_s = min(trio.run(push_once, buffer, region.start, settings) for _ in range(2))
         del buffer
     push_bw = size / push_s
-    print(f"baseline push once:     {push_s * 1000:8.1f} ms  ({push_bw / 1e6:.0f} MB/s, {args.compress}, {args.streams} stream(s))")
+    print(f"baseline push once:     {push_s * 1000:8.1f} ms  ({push_bw / 1e6:.0f} MB/s, {args.compress}, "
+          f"{args.streams} stream(s), receiver in another process)")
     print(f"baseline stop-and-copy: {stop_copy_ms:8.1f} ms downtime")
-    print(f"baseline region hash:   {hash_ms:8.1f} ms")
-    out["baselines"] = {"push_s": push_s, "push_bandwidth": push_bw, "stop_and_copy_ms": stop_copy_ms, "hash_ms": hash_ms}
+    print(f"baseline region hash:   {hash_ms:8.1f} ms in memory, {read_hash_ms:.1f} ms read across processes + hash")
+    out["baselines"] = {"push_s": push_s, "push_bandwidth": push_bw, "stop_and_copy_ms": stop_copy_ms,
+                        "hash_ms": hash_ms, "read_hash_ms": read_hash_ms}
 
-    # --- migrations ---------------------------------------------------------------------------
-    reports = {}
+    # --- migrations -----------------------------------------------------------------------------
+    reports, dests = {}, {}
     for verify in ("pages", "full"):
         with new_guest(f"src-{verify}.sock") as guest:
+            receiver = Receiver(work, verify, size, memfd=args.memfd, prepare=not args.cold)
             s = MigrateSettings(**{**settings.__dict__, "verify": verify})
-            report = trio.run(migrate, guest, s, work, args.memfd)
-        reports[verify] = report
-        print(f"\n--verify {verify}")
-        print(format_round_table(report))
-        print(format_summary(report))
-    out["reports"] = reports
+            reports[verify], dests[verify] = migrate(guest, s, receiver)
+        print(f"\n--verify {verify}" + (f" ({receiver.prepared.split(': ', 1)[-1]})" if receiver.prepared else " (cold)"))
+        print(format_round_table(reports[verify]))
+        print(format_summary(reports[verify]))
+    out["reports"], out["destination_reports"] = reports, dests
 
     pages_r, full_r = reports["pages"], reports["full"]
     r0 = pages_r["rounds"][0]
@@ -157,7 +236,7 @@ def main() -> int:
         goal("downtime_ms (--verify pages)", pages_r["downtime_ms"], stop_copy_ms, args.downtime_ms,
              pages_r["verified"] and pages_r["downtime_ms"] <= args.downtime_ms),
         goal("downtime_ms (--verify full)", full_r["downtime_ms"], stop_copy_ms, args.downtime_ms + hash_ms,
-             full_r["verified"] and full_r["downtime_ms"] <= args.downtime_ms + hash_ms),
+             full_r["verified"] and full_r["downtime_ms"] <= args.downtime_ms + hash_ms, read_hash_ms=read_hash_ms),
         goal("total_s / push_s", pages_r["total_s"] / push_s, push_s, 1.5, pages_r["total_s"] <= 1.5 * push_s),
         goal("round0 bandwidth / push bandwidth", r0_bw / push_bw, push_bw, 0.7, r0_bw >= 0.7 * push_bw),
     ]

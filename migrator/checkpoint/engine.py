@@ -74,6 +74,8 @@ class CheckpointSettings:
 class CheckpointMigration(SourceMigration):
     """Write an image of the guest behind ``guest_control`` to the new directory ``image_dir``."""
 
+    ACKS_ROUNDS = False   # an image file answers nothing
+
     def __init__(self, guest_control: str, image_dir: str, settings: CheckpointSettings = CheckpointSettings(),
                  *, parent: str | None = None, on_round=None) -> None:
         super().__init__(guest_control, os.path.abspath(image_dir), settings.migrate_settings(), on_round=on_round)

@@ -3,6 +3,11 @@
 Listening on a non-loopback address requires ``--token-file`` (a pre-shared secret both sides
 hold). Needs ptrace rights over the restore guests it starts (it is their parent, so the
 default Yama ptrace_scope 1 allows it).
+
+``--prepare SIZE`` starts a restore guest of SIZE bytes before any migration arrives and faults
+its memory in, as QEMU's destination is started with ``-incoming`` and ``-mem-prealloc``: a
+migration of that size then neither waits for a guest to start nor pays for fresh memory while
+it receives. The line "prepared a ... restore guest" says when it is ready.
 """
 
 from __future__ import annotations
@@ -10,14 +15,17 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import tempfile
 
 import trio
 
 from ..errors import MigratorError
+from ..guest.layout import parse_size
 from ..report import save_report
 from ..source.cli import read_token
 from ..transport import serve
 from .engine import DestinationMigration, ReceiveSettings
+from .guests import RestoreGuests
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true", help="exit after the first migration (status says how it went)")
     parser.add_argument("--memfd", action="store_true", help="restore guests on a shared memfd (one copy fewer)")
     parser.add_argument("--control-dir", metavar="DIR", help="where restore guests' control sockets are made")
+    parser.add_argument("--prepare", type=_size, metavar="SIZE",
+                        help="keep a restore guest of SIZE (e.g. 1G) started and populated ahead of the migration")
     parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="S", help="fail a migration whose source is silent this long (default 120)")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _log(line: str) -> None:
@@ -38,12 +55,14 @@ def run(args: argparse.Namespace) -> int:
     settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout)
     token = read_token(args.token_file)
     outcome: list[bool] = []
+    control_dir = args.control_dir or tempfile.mkdtemp(prefix="migrator-")
+    guests = RestoreGuests(control_dir, memfd=args.memfd, prepare=args.prepare, log=_log)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
 
             async def handle(channel) -> None:
-                migration = DestinationMigration(channel, settings, log=_log)
+                migration = DestinationMigration(channel, settings, log=_log, guests=guests)
                 try:
                     await migration.run()
                     outcome.append(True)
@@ -58,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
             bound = await nursery.start(functools.partial(serve, args.listen, handle, token=token))
             _log(f"listening on {bound}")
+            nursery.start_soon(functools.partial(guests.keep_prepared, again=not args.once))
 
     trio.run(main)
     return 0 if all(outcome) else 1

@@ -10,7 +10,6 @@ thread call, so receiving, decompressing and applying overlap.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,10 +19,10 @@ import trio
 from .. import protocol as p
 from ..digest import PageDigests
 from ..errors import MigrationFailed, RemoteProtocolError
-from ..guest.spawn import spawn_guest
 from ..model import Layout, Run
 from ..runs import count_pages
 from ..tracker.memory import MemfdMemory, ProcessMemory
+from .guests import RestoreGuests
 
 APPLY_QUEUE = 8          # Pages events buffered between receiving and applying
 APPLY_BATCH = 8          # events applied per worker-thread call
@@ -47,11 +46,16 @@ class _Flush:
 
 
 class DestinationMigration:
-    def __init__(self, channel, settings: ReceiveSettings = ReceiveSettings(), *, log=print) -> None:
+    def __init__(self, channel, settings: ReceiveSettings = ReceiveSettings(), *, log=print,
+                 guests: RestoreGuests | None = None) -> None:
+        """``guests`` may hold a restore guest prepared ahead; by default one is started when
+        the Layout arrives."""
         self.channel = channel
         self.settings = settings
         self.log = log
+        self.guests = guests
         self.guest = None
+        self.prepared = False
         self.resumed = False
         self.parts: dict[str, float] = {}
         self.rounds: list[dict] = []
@@ -76,6 +80,7 @@ class DestinationMigration:
             "source_layout": [[r.start, r.length] for r in self.src.regions] if hasattr(self, "src") else None,
             "guest_pid": self.guest.pid if self.guest else None,
             "guest_control": self.guest.control if self.guest else None,
+            "restore_guest": "prepared" if self.prepared else "started",
             "rounds": self.rounds,
             "pages_applied": self.pages_applied,
             "parts_ms": self.parts,
@@ -119,12 +124,11 @@ class DestinationMigration:
             raise MigrationFailed(f"layout of {total} bytes exceeds this receiver's limit {self.settings.max_bytes}")
         if len(self.src.regions) != 1:
             raise MigrationFailed(f"layout has {len(self.src.regions)} regions; restore guests hold one")
-        control_dir = self.settings.control_dir or tempfile.mkdtemp(prefix="migrator-")
-        control = os.path.join(control_dir, f"guest-{layout.meta.get('id', os.getpid())}.sock")
+        if self.guests is None:
+            control_dir = self.settings.control_dir or tempfile.mkdtemp(prefix="migrator-")
+            self.guests = RestoreGuests(control_dir, memfd=self.settings.memfd)
         t = time.perf_counter()
-        self.guest = await trio.to_thread.run_sync(
-            lambda: spawn_guest(control, size=total, dirty_rate=None, restore=True, memfd=self.settings.memfd)
-        )
+        self.guest, self.prepared = await self.guests.take(total)
         self.client = await trio.to_thread.run_sync(self.guest.client)
         attachment = await trio.to_thread.run_sync(self.client.attach, "none")
         self.parts["spawn_guest"] = (time.perf_counter() - t) * 1000
@@ -189,6 +193,10 @@ class DestinationMigration:
                 await queue.send((event.round, list(event.runs), None))
             elif isinstance(event, p.RoundEnd):
                 self.rounds.append({"round": event.round, **dict(event.stats)})
+                if not event.stats.get("final"):  # the source waits until the round is applied
+                    await self._drain(queue)
+                    await self.channel.send(p.Ack(of="round", ok=True, detail={"round": event.round}))
+                    await self.channel.flush()
             elif isinstance(event, p.Freeze):
                 freeze_at = time.perf_counter()
             elif isinstance(event, p.Digest):

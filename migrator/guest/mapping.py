@@ -35,6 +35,7 @@ class RegionMapping:
         else:
             self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         self.size = size
+        self._populating: threading.Thread | None = None
         self.pointer = ffi.cast("uint8_t *", ffi.from_buffer(self._map))  # keeps the map exported
         self.region = Region(int(ffi.cast("uintptr_t", self.pointer)), size)
 
@@ -48,9 +49,14 @@ class RegionMapping:
                 if _libc.madvise(ctypes.c_void_p(base + offset), ctypes.c_size_t(length), MADV_POPULATE_WRITE):
                     return  # an old kernel: pages fault in on first write instead
 
-        thread = threading.Thread(target=populate, name="populate", daemon=True)
+        thread = self._populating = threading.Thread(target=populate, name="populate", daemon=True)
         thread.start()
         return thread
+
+    @property
+    def populated(self) -> bool | None:
+        """None if nothing populates this mapping, else whether the background fault-in is done."""
+        return None if self._populating is None else not self._populating.is_alive()
 
     @property
     def buffer(self) -> memoryview:

@@ -91,6 +91,8 @@ class GuestServer:
         valid = workload.control_problem() is None
         reply = {"steps": stats.steps, "write_rate": round(stats.write_rate, 1), "state": stats.state,
                  "tag": workload.tag if valid else None, "pid": os.getpid()}
+        if self.mapping.populated is not None:
+            reply["populated"] = self.mapping.populated
         if valid:
             reply.update(workload.describe())
         return reply, []

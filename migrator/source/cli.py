@@ -59,7 +59,7 @@ def read_token(path: str | None) -> bytes | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guest", required=True, metavar="SOCKET", help="the guest's control socket")
     parser.add_argument("--to", required=True, metavar="HOST:PORT", help="receiver address (or unix:PATH)")
-    parser.add_argument("--downtime-ms", type=float, default=50.0, help="switch over when the expected downtime is below this (default 50)")
+    parser.add_argument("--downtime-ms", type=float, default=50.0, help="downtime target: switch over once the expected downtime is within 90 %% of it (default 50)")
     parser.add_argument("--max-rounds", type=int, default=30)
     parser.add_argument("--bandwidth", type=parse_rate, default=None, metavar="RATE", help="cap the link, e.g. 100M (bytes/s) or 1gbit")
     parser.add_argument("--compress", type=parse_compress, default="zstd:1", metavar="zstd:LEVEL|none")

@@ -5,7 +5,8 @@ The rules, checked in this order after every round (the report records the rule'
 =================  ===========  ================================================================
 rule               action       when
 =================  ===========  ================================================================
-downtime-target    SWITCHOVER   the last round's expected downtime is within the target (QEMU)
+downtime-target    SWITCHOVER   the last round's expected downtime is within ``headroom`` times the
+                                target (QEMU's rule, aimed a little under the target)
 min-pages          SWITCHOVER   the last round moved at most ``min_pages`` pages (P.Haul)
 converging         CONTINUE     the dirty set is not growing and rounds are left
 no-progress        THROTTLE     the dirty set grew by more than ``max_growth`` (P.Haul); while
@@ -15,6 +16,11 @@ throttle-pending   CONTINUE     stalled, but the last throttle change has not sh
                                 set yet (see below)
 throttle-max       SWITCHOVER   ``THROTTLE_MAX_ROUNDS`` rounds at ``throttle_max`` and still stalled
 =================  ===========  ================================================================
+
+Why ``headroom``: the expected downtime is an estimate, and on the 2-vCPU test machine the
+measured downtime of a 1 GiB guest came out 0-10 % above it (timing noise of the rounds it is
+learned from). Switching over only once the estimate is within 90 % of the target costs at most
+one more short round and keeps the measured downtime within the target.
 
 With ``force_switchover`` a stall (no-progress or max-rounds) switches over at once under its own
 rule name instead of throttling, so a final rule of "no-progress" or "max-rounds" means a forced
@@ -43,6 +49,7 @@ MIN_ITER_PAGES_COUNT = 64       # a round this small is not worth another one
 MAX_ITER_GROW_RATE = 0.10       # growth round over round that means "not converging"
 # QEMU's defaults (--downtime-limit 300 ms there; ours is tighter) and cpu-throttle parameters.
 DOWNTIME_MS = 50.0
+DOWNTIME_HEADROOM = 0.9         # switch over when the estimate is within this share of the target
 MAX_ROUNDS = 30
 CPU_THROTTLE_INITIAL = 0.20
 CPU_THROTTLE_INCREMENT = 0.10
@@ -71,6 +78,7 @@ class Rule(enum.StrEnum):
 @dataclass(frozen=True)
 class PolicySettings:
     downtime_ms: float = DOWNTIME_MS
+    headroom: float = DOWNTIME_HEADROOM
     max_rounds: int = MAX_ROUNDS
     max_growth: float = MAX_ITER_GROW_RATE
     force_switchover: bool = False
@@ -82,6 +90,7 @@ class PolicySettings:
     def __post_init__(self) -> None:
         problems = [
             (self.downtime_ms > 0, f"downtime_ms must be > 0, got {self.downtime_ms}"),
+            (0 < self.headroom <= 1, f"headroom must be in (0, 1], got {self.headroom}"),
             (self.max_rounds >= 1, f"max_rounds must be >= 1, got {self.max_rounds}"),
             (self.max_growth >= 0, f"max_growth must be >= 0, got {self.max_growth}"),
             (self.min_pages >= 0, f"min_pages must be >= 0, got {self.min_pages}"),
@@ -110,10 +119,11 @@ def decide(history: Sequence[RoundStats], settings: PolicySettings = PolicySetti
         return Decision(Action.CONTINUE, Rule.FIRST_ROUND, 0.0, "no round has run yet")
     last, s = history[-1], settings
     duty = last.throttle
-    if last.expected_downtime_ms <= s.downtime_ms:
+    if last.expected_downtime_ms <= s.headroom * s.downtime_ms:
+        aim = "" if s.headroom == 1 else f"{s.headroom:.0%} of "
         return Decision(
             Action.SWITCHOVER, Rule.DOWNTIME_TARGET, duty,
-            f"expected downtime {last.expected_downtime_ms:.1f} ms is within the {s.downtime_ms:g} ms target",
+            f"expected downtime {last.expected_downtime_ms:.1f} ms is within {aim}the {s.downtime_ms:g} ms target",
         )
     if last.dirty_pages <= s.min_pages:
         return Decision(

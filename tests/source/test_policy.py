@@ -36,8 +36,11 @@ START = [(262144, 900.0, 0.0), (40000, 160.0, 0.0), (20000, 70.0, 0.0)]
 CASES = [
     ("no round yet", {}, [], (C, Rule.FIRST_ROUND, 0.0)),
     ("round 0 already within target", {}, [(65536, 12.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
-    ("target met exactly", {}, START + [(14000, 50.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
-    ("target just missed, shrinking", {}, START + [(14000, 50.1, 0.0)], (C, Rule.CONVERGING, 0.0)),
+    ("within the headroom exactly", {}, START + [(14000, 45.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("headroom just missed, shrinking", {}, START + [(14000, 45.1, 0.0)], (C, Rule.CONVERGING, 0.0)),
+    ("under the target is not enough", {}, START + [(14000, 49.0, 0.0)], (C, Rule.CONVERGING, 0.0)),
+    ("no headroom: target met exactly", {"headroom": 1.0}, START + [(14000, 50.0, 0.0)],
+     (S, Rule.DOWNTIME_TARGET, 0.0)),
     ("custom target", {"downtime_ms": 10.0}, START + [(5000, 12.0, 0.0)], (C, Rule.CONVERGING, 0.0)),
     ("few pages left although target missed", {"downtime_ms": 0.5}, START + [(64, 1.2, 0.0)],
      (S, Rule.MIN_PAGES, 0.0)),
@@ -118,6 +121,8 @@ def test_recorded_runaway_guest_is_throttled_until_it_converges():
     [
         ({"downtime_ms": 0}, "downtime_ms must be > 0"),
         ({"max_rounds": 0}, "max_rounds must be >= 1"),
+        ({"headroom": 0}, "headroom must be in"),
+        ({"headroom": 1.5}, "headroom must be in"),
         ({"max_growth": -0.1}, "max_growth must be >= 0"),
         ({"min_pages": -1}, "min_pages must be >= 0"),
         ({"throttle_increment": 0}, "throttle_increment must be > 0"),

@@ -1,0 +1,88 @@
+"""Restore guests prepared ahead (``receive --prepare``) and started on demand: real processes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from migrator.destination.guests import RestoreGuests
+from migrator.guest.client import GuestClient
+from migrator.guest.spawn import spawn_guest
+from migrator.source.engine import MigrateSettings, SourceMigration
+
+MiB = 1 << 20
+
+
+async def test_prepared_guest_is_populated_taken_and_replaced(sockdir):
+    lines: list[str] = []
+    guests = RestoreGuests(sockdir, prepare=32 * MiB, log=lines.append)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guests.keep_prepared)
+            while not lines:
+                await trio.sleep(0.05)
+            assert "prepared a 32 MiB restore guest" in lines[0]
+            first, prepared = await guests.take(32 * MiB)
+            assert prepared and first.alive()
+            with GuestClient(first.control) as client:
+                stats = client.stats()
+            assert stats["state"] == "restoring" and stats["populated"] is True
+            other, prepared = await guests.take(16 * MiB)     # another size: started on demand
+            assert not prepared and other.alive()
+            while len(lines) < 2:                             # the next one is prepared
+                await trio.sleep(0.05)
+            spare = guests._prepared
+            assert spare is not None and spare.pid != first.pid
+            nursery.cancel_scope.cancel()
+    assert not spare.alive(), "an unclaimed prepared guest is killed when the receiver stops"
+    for guest in (first, other):
+        guest.kill()
+
+
+async def test_take_waits_for_a_guest_that_is_still_starting(sockdir):
+    guests = RestoreGuests(sockdir, prepare=16 * MiB)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(guests.keep_prepared, again=False))  # starting, not ready
+            guest, prepared = await guests.take(16 * MiB)
+    assert prepared, "the guest being prepared is handed over instead of starting a second one"
+    guest.kill()
+
+
+def test_receive_prepare_migrates_into_the_prepared_guest(sockdir):
+    report = os.path.join(sockdir, "dest.json")
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0", "--once", "--prepare", "64M",
+         "--control-dir", sockdir, "--report", report],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        address = receiver.stderr.readline().strip().rsplit(" ", 1)[-1]
+        assert "prepared a 64 MiB restore guest" in receiver.stderr.readline()
+        with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=2000, fill="text") as guest:
+            result = trio.run(SourceMigration(guest.control, address, MigrateSettings()).run)
+        assert result["verified"] and result["result"] == "committed"
+        assert receiver.wait(timeout=30) == 0
+    finally:
+        receiver.kill()
+        receiver.wait()
+    with open(report) as f:
+        dest = json.load(f)
+    assert dest["restore_guest"] == "prepared" and dest["result"] == "resumed"
+    assert dest["parts_ms"]["spawn_guest"] < 100, "taking a prepared guest starts no process"
+    with GuestClient(dest["guest_control"]) as client:
+        assert client.check()["clean"]
+        client.quit()
+
+
+@pytest.mark.parametrize("size", ["12", "1Q"])
+def test_receive_rejects_a_bad_prepare_size(size):
+    result = subprocess.run([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0", "--prepare", size],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--prepare" in result.stderr and "size" in result.stderr
