@@ -12,9 +12,10 @@ Baselines, measured first on the same guest and machine:
   total migration time, and what round 0's throughput is compared with;
 - stop-and-copy: SIGSTOP, process_vm_readv of the whole region, SIGCONT: the downtime that
   pre-copy must beat;
-- hash: xxh3-128 over the region in memory: what ``--verify full`` may add to the downtime.
-  Shown too: ``read+hash``, the source reading a private guest's region across processes
-  while hashing it, which is what hashing the region costs the migrator for such a guest.
+- hash: the region digest (migrator.digest, on every core) of the region in memory: what
+  ``--verify full`` may add to the downtime. Shown too: ``read+hash``, the same digest with the
+  pieces read across processes, which is what hashing a private guest's region costs the
+  migrator.
 
 Then one migration with ``--verify pages`` and one with ``--verify full`` (fresh guests).
 
@@ -39,6 +40,7 @@ import trio
 import xxhash
 
 from migrator import protocol as p
+from migrator.digest import hash_region, region_digest
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import parse_size
 from migrator.guest.spawn import spawn_guest
@@ -132,8 +134,9 @@ class Receiver:
 
     def finish(self) -> dict:
         """Wait for the receiver to exit, quit the guest it resumed, return its report."""
-        self.popen.stderr.read()
-        self.popen.wait(timeout=60)
+        log = self.popen.stderr.read()
+        if self.popen.wait(timeout=60):
+            print(f"migrator receive failed:\n{log}", file=sys.stderr)
         with open(self.report_path) as f:
             report = json.load(f)
         if report.get("result") == "resumed":
@@ -150,14 +153,21 @@ def migrate(guest, settings: MigrateSettings, receiver: Receiver) -> tuple[dict,
     return report, dest
 
 
-def read_and_hash_ms(memory: ProcessMemory, region: Region, chunk: int = 1 << 20) -> float:
-    """One pass over a private guest's region as the migrator sees it: read a chunk, hash it."""
-    buffer = memoryview(bytearray(chunk))
-    digest = xxhash.xxh3_128()
+def read_and_hash_ms(memory: ProcessMemory, region: Region) -> float:
+    """One pass over a private guest's region as the migrator makes it: the region digest, its
+    pieces read across processes a chunk at a time and hashed, on every core."""
+    chunk = 1 << 20
+
+    def hash_piece(offset: int, size: int) -> bytes:
+        buffer = memoryview(bytearray(chunk))
+        piece = xxhash.xxh3_128()
+        for at in range(offset, offset + size, chunk):
+            memory.read_runs([(region.start + at, chunk // PS)], buffer)
+            piece.update(buffer)
+        return piece.digest()
+
     started = time.perf_counter()
-    for offset in range(0, region.length, chunk):
-        memory.read_runs([(region.start + offset, chunk // PS)], buffer)
-        digest.update(buffer)
+    hash_region(region.length, hash_piece)
     return (time.perf_counter() - started) * 1000
 
 
@@ -203,7 +213,7 @@ def main() -> int:
             downs.append((time.perf_counter() - t) * 1000)
         stop_copy_ms = sorted(downs)[1]
         t = time.perf_counter()
-        xxhash.xxh3_128_hexdigest(buffer)
+        region_digest(buffer)
         hash_ms = (time.perf_counter() - t) * 1000
         read_hash_ms = min(read_and_hash_ms(memory, region) for _ in range(2))
         push_s = min(trio.run(push_once, buffer, region.start, settings) for _ in range(2))

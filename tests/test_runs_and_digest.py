@@ -3,10 +3,11 @@
 import os
 
 import pytest
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from migrator.digest import PageDigests
+from migrator.digest import REGION_PIECE, PageDigests, hash_region, region_digest, region_pieces
 from migrator.model import Layout, Region
 from migrator.runs import complement, count_pages, split_runs, union
 
@@ -67,3 +68,28 @@ def test_page_digests_equal_iff_same_pages_at_same_indices():
     assert c.value() != a.value()
     a.record_zero([(2, 3)])
     assert a.value() == PageDigests(8).value()
+
+
+def test_region_digest_hashes_64_mib_pieces_on_any_number_of_threads():
+    size = 2 * REGION_PIECE + 3 * 4096
+    data = bytearray(size)
+    data[::4096] = bytes(range(256)) * (size // 4096 // 256) + bytes(range(size // 4096 % 256))
+    pieces = [data[o : o + n] for o, n in region_pieces(size)]
+    assert [len(p) for p in pieces] == [REGION_PIECE, REGION_PIECE, 3 * 4096]
+    expected = xxhash.xxh3_128_digest(b"".join(xxhash.xxh3_128_digest(p) for p in pieces))
+    view = memoryview(data)
+    for threads in (1, 2, 3):
+        assert hash_region(size, lambda o, n: xxhash.xxh3_128_digest(view[o : o + n]), threads) == expected
+    assert region_digest(data) == expected
+    data[REGION_PIECE + 5] ^= 1
+    assert region_digest(data) != expected
+
+
+def test_region_digest_raises_what_a_piece_raised():
+    def broken(offset, size):
+        if offset:
+            raise OSError(14, "Bad address")
+        return b"x" * 16
+
+    with pytest.raises(OSError, match="Bad address"):
+        hash_region(3 * REGION_PIECE, broken, threads=2)

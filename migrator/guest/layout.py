@@ -11,8 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
-import xxhash
-
+from .. import digest
 from ..model import PAGE_SIZE
 
 PATTERNS = ("uniform", "hot", "sequential")
@@ -24,9 +23,9 @@ _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def region_digest(buffer) -> str:
-    """xxh3-128 of a whole region's bytes, as hex: the one digest migrator, destination and guest
-    compare (the guest's ``digest`` command returns this for its own region)."""
-    return xxhash.xxh3_128_hexdigest(buffer)
+    """The region digest (``migrator.digest``) of a whole region's bytes, as hex: the one digest
+    migrator, destination and guest compare (the guest's ``digest`` command returns it)."""
+    return digest.region_digest(buffer).hex()
 
 
 def parse_size(text: str) -> int:

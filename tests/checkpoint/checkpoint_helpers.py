@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import trio
-import xxhash
 
 from migrator import protocol as p
 from migrator.checkpoint import load_chain
 from migrator.checkpoint._files import open_image_reader
+from migrator.guest.layout import region_digest
 
 MiB = 1 << 20
 
 
 async def replay_digest(image_dir: str) -> str:
-    """xxh3-128 (hex) of the memory the chain base..image_dir records, rebuilt independently of
+    """The region digest (hex) of the memory the chain base..image_dir records, rebuilt independently of
     the restore path: the guest's ``digest`` of the same bytes must equal it."""
     chain = load_chain(image_dir)
     region = chain[0].regions[0]
@@ -29,4 +29,4 @@ async def replay_digest(image_dir: str) -> str:
                         start = address - region.start
                         memory[start : start + size] = view[offset : offset + size] if view is not None else bytes(size)
                         offset += size
-    return await trio.to_thread.run_sync(lambda: xxhash.xxh3_128_hexdigest(memory))
+    return await trio.to_thread.run_sync(lambda: region_digest(memory))
