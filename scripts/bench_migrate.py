@@ -28,6 +28,7 @@ import argparse
 import functools
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -60,12 +61,20 @@ from migrator.transport import connect, serve
 PS = 4096
 
 
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU seconds of this process (all threads), or of its reaped children."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 # --- baseline: push the region once ------------------------------------------------------------
 
 
-async def push_once(data: bytearray, region_start: int, settings: MigrateSettings) -> float:
+async def push_once(data: bytearray, region_start: int, settings: MigrateSettings) -> tuple[float, dict]:
     """Seconds to send ``data`` as Pages, as the engine batches them, to a receiver in another
-    process (``--_sink``) that decodes every frame, until it acknowledges the RoundEnd."""
+    process (``--_sink``) that decodes every frame, until it acknowledges the RoundEnd; and the
+    CPU seconds each side spent on the whole session."""
+    cpu = {"sender": -cpu_seconds(), "receiver": -cpu_seconds(resource.RUSAGE_CHILDREN)}
     sink = subprocess.Popen([sys.executable, __file__, "--_sink"], stdout=subprocess.PIPE, text=True)
     try:
         address = sink.stdout.readline().strip()
@@ -87,9 +96,11 @@ async def push_once(data: bytearray, region_start: int, settings: MigrateSetting
         await channel.send(p.Abort(reason="benchmark done"))
         await channel.flush()
         await channel.aclose()
-        return seconds
     finally:
         sink.wait(timeout=30)
+    cpu["sender"] += cpu_seconds()
+    cpu["receiver"] += cpu_seconds(resource.RUSAGE_CHILDREN)
+    return seconds, cpu
 
 
 def run_sink() -> None:
@@ -135,8 +146,10 @@ class Receiver:
     def finish(self) -> dict:
         """Wait for the receiver to exit, quit the guest it resumed, return its report."""
         log = self.popen.stderr.read()
+        before = cpu_seconds(resource.RUSAGE_CHILDREN)
         if self.popen.wait(timeout=60):
             print(f"migrator receive failed:\n{log}", file=sys.stderr)
+        self.cpu_s = cpu_seconds(resource.RUSAGE_CHILDREN) - before
         with open(self.report_path) as f:
             report = json.load(f)
         if report.get("result") == "resumed":
@@ -145,12 +158,15 @@ class Receiver:
 
 
 
-def migrate(guest, settings: MigrateSettings, receiver: Receiver) -> tuple[dict, dict]:
+def migrate(guest, settings: MigrateSettings, receiver: Receiver) -> tuple[dict, dict, dict]:
+    """The source's and the destination's reports, and the CPU seconds each process spent."""
+    started = cpu_seconds()
     try:
         report = trio.run(SourceMigration(guest.control, receiver.address, settings).run)
     finally:
+        source_cpu = cpu_seconds() - started
         dest = receiver.finish()
-    return report, dest
+    return report, dest, {"source": source_cpu, "destination": receiver.cpu_s}
 
 
 def read_and_hash_ms(memory: ProcessMemory, region: Region) -> float:
@@ -216,27 +232,31 @@ def main() -> int:
         region_digest(buffer)
         hash_ms = (time.perf_counter() - t) * 1000
         read_hash_ms = min(read_and_hash_ms(memory, region) for _ in range(2))
-        push_s = min(trio.run(push_once, buffer, region.start, settings) for _ in range(2))
+        push_s, push_cpu = min(trio.run(push_once, buffer, region.start, settings) for _ in range(2))
         del buffer
     push_bw = size / push_s
     print(f"baseline push once:     {push_s * 1000:8.1f} ms  ({push_bw / 1e6:.0f} MB/s, {args.compress}, "
-          f"{args.streams} stream(s), receiver in another process)")
+          f"{args.streams} stream(s), receiver in another process; CPU s: sender {push_cpu['sender']:.2f}, "
+          f"receiver {push_cpu['receiver']:.2f})")
     print(f"baseline stop-and-copy: {stop_copy_ms:8.1f} ms downtime")
     print(f"baseline region hash:   {hash_ms:8.1f} ms in memory, {read_hash_ms:.1f} ms read across processes + hash")
     out["baselines"] = {"push_s": push_s, "push_bandwidth": push_bw, "stop_and_copy_ms": stop_copy_ms,
-                        "hash_ms": hash_ms, "read_hash_ms": read_hash_ms}
+                        "hash_ms": hash_ms, "read_hash_ms": read_hash_ms,
+                        "push_cpu_s": push_cpu}
 
     # --- migrations -----------------------------------------------------------------------------
-    reports, dests = {}, {}
+    reports, dests, cpus = {}, {}, {}
     for verify in ("pages", "full"):
         with new_guest(f"src-{verify}.sock") as guest:
             receiver = Receiver(work, verify, size, memfd=args.memfd, prepare=not args.cold)
             s = MigrateSettings(**{**settings.__dict__, "verify": verify})
-            reports[verify], dests[verify] = migrate(guest, s, receiver)
+            reports[verify], dests[verify], cpus[verify] = migrate(guest, s, receiver)
         print(f"\n--verify {verify}" + (f" ({receiver.prepared.split(': ', 1)[-1]})" if receiver.prepared else " (cold)"))
         print(format_round_table(reports[verify]))
         print(format_summary(reports[verify]))
-    out["reports"], out["destination_reports"] = reports, dests
+        print(f"cpu       source {cpus[verify]['source']:.2f} s, destination {cpus[verify]['destination']:.2f} s "
+              f"(wall {reports[verify]['total_s']:.2f} s, {os.cpu_count()} CPUs)")
+    out["reports"], out["destination_reports"], out["cpu_s"] = reports, dests, cpus
 
     pages_r, full_r = reports["pages"], reports["full"]
     r0 = pages_r["rounds"][0]

@@ -1,7 +1,8 @@
 """Local live migration demo: a guest, a receiver and the migrator, all on loopback.
 
 Starts a 512 MiB guest writing 1 % of its pages per second, a receiver (`migrator receive
---once`), migrates with `migrator migrate`, prints the round table and summary, writes
+--once --prepare 512M`: its restore guest started and populated ahead, as QEMU's destination is
+started before the migration), migrates with `migrator migrate`, prints the round table and summary, writes
 out/run.json and out/run.png, then shows that the resumed guest keeps running and passes its
 self-check.
 """
@@ -17,14 +18,10 @@ import tempfile
 import time
 
 from migrator.guest.client import GuestClient
+from migrator.guest.layout import parse_size
 from migrator.guest.spawn import spawn_guest
 
 PAGE = 4096
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
 def main() -> int:
@@ -44,17 +41,19 @@ def main() -> int:
     with spawn_guest(os.path.join(work, "source.sock"), size=size, dirty_rate=rate, fill="text") as guest:
         time.sleep(0.5)
         receiver = subprocess.Popen(
-            py + ["receive", "--listen", "127.0.0.1:0", "--once", "--control-dir", work,
+            py + ["receive", "--listen", "127.0.0.1:0", "--once", "--control-dir", work, "--prepare", str(size),
                   "--report", os.path.join(args.out, "dest.json")],
             stderr=subprocess.PIPE, text=True,
         )
         line = receiver.stderr.readline()
         match = re.search(r"listening on (\S+)", line)
-        if not match:
+        prepared = receiver.stderr.readline()
+        if not match or "prepared" not in prepared:
             receiver.kill()
-            print(f"demo: receiver did not start: {line.strip()}", file=sys.stderr)
+            print(f"demo: receiver did not start: {line.strip()} {prepared.strip()}", file=sys.stderr)
             return 1
         address = match.group(1)
+        print(f"demo: {prepared.strip()}")
         report = os.path.join(args.out, "run.json")
         status = subprocess.call(
             py + ["migrate", "--guest", guest.control, "--to", address, "--report", report,
