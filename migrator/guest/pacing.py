@@ -3,8 +3,13 @@
 The writer runs the compiled loop in batches: each call should take about a millisecond, long
 enough that Python overhead is negligible, short enough that pause and digest requests get a
 step boundary quickly. A throttled guest paces by the wall clock (steps due since it started),
-not by sleeping fixed amounts, and forgives debt beyond ``max_debt`` seconds so that a stop
-(SIGSTOP from a migrator's freeze or auto-converge) is not repaid by a burst afterwards.
+not by sleeping fixed amounts, so time lost to the scheduler (waiting for a CPU) is made up.
+Time the writer was *stopped* is not: a migrator's auto-converge takes run time away with a
+SIGSTOP/SIGCONT duty cycle (a few ms every 20 ms), and a guest that repaid every stop with a burst
+would never slow down. ``StopClock`` tells the two apart from the thread's scheduler statistics
+(time on a CPU, time waiting for one): wall time that is neither, nor the writer's own sleep, was
+spent stopped, and the pacer forgives it. Debt beyond ``max_debt`` seconds is forgiven too (a
+stop the clock could not see, a long freeze).
 """
 
 from __future__ import annotations
@@ -58,6 +63,30 @@ class Pacer:
 
     def record(self, steps: int) -> None:
         self._done += steps
+
+    def forgive(self, seconds: float) -> None:
+        """Owe nothing for ``seconds`` of the past (the writer was stopped meanwhile)."""
+        self._origin += seconds
+
+
+STOP_THRESHOLD = 0.0005   # gaps shorter than this are timer and accounting noise
+
+
+class StopClock:
+    """Seconds a thread spent stopped between readings: wall time that was neither on a CPU, nor
+    waiting for one, nor the thread's own sleep. Fed with clock readings, so it is pure."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, float, float] | None = None
+
+    def stopped(self, wall: float, on_cpu: float, waiting: float, slept: float = 0.0) -> float:
+        """``on_cpu``/``waiting``: the thread's cumulative seconds (``/proc/thread-self/schedstat``);
+        ``slept``: how long it chose to sleep since the last reading."""
+        last, self._last = self._last, (wall, on_cpu, waiting)
+        if last is None:
+            return 0.0
+        gap = (wall - last[0]) - (on_cpu - last[1]) - (waiting - last[2]) - slept
+        return gap if gap > STOP_THRESHOLD else 0.0
 
 
 class RateMeter:

@@ -14,13 +14,14 @@ of hanging the control socket.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import GuestError
-from .pacing import BatchSizer, Pacer, RateMeter
+from .pacing import BatchSizer, Pacer, RateMeter, StopClock
 from .workload import Workload
 
 RESTORING, RUNNING, PAUSED = "restoring", "running", "paused"
@@ -121,6 +122,8 @@ class WorkloadRunner:
         sizer = BatchSizer()
         pacer: Pacer | None = None
         seen_resume = -1
+        schedstat = _open_schedstat()
+        stops, slept = StopClock(), 0.0
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._state == RUNNING or self._quit)
@@ -130,13 +133,19 @@ class WorkloadRunner:
                     seen_resume = self._resumed
                     rate = self.workload.dirty_rate
                     pacer = Pacer(rate, time.monotonic()) if rate else None
+                    stops, slept = StopClock(), 0.0
             count = sizer.size
             if pacer is not None:
                 now = time.monotonic()
+                if schedstat is not None:
+                    on_cpu, waiting = _thread_times(schedstat)
+                    pacer.forgive(stops.stopped(now, on_cpu, waiting, slept))
                 due = pacer.due(now)
                 if due == 0:
-                    time.sleep(min(MAX_SLEEP, max(MIN_SLEEP, pacer.seconds_until_due(now))))
+                    slept = min(MAX_SLEEP, max(MIN_SLEEP, pacer.seconds_until_due(now)))
+                    time.sleep(slept)
                     continue
+                slept = 0.0
                 count = min(count, due)
             with self._batch_lock:
                 if self._state != RUNNING:
@@ -153,3 +162,17 @@ class WorkloadRunner:
                         self._cond.notify_all()
             if pacer is not None:
                 pacer.record(count)
+
+
+def _open_schedstat() -> int | None:
+    """The calling thread's scheduler statistics file (Linux with CONFIG_SCHED_INFO), or None."""
+    try:
+        return os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _thread_times(fd: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds waiting for one) of the thread that opened ``fd``."""
+    on_cpu, waiting, _ = os.pread(fd, 128, 0).split()
+    return int(on_cpu) / 1e9, int(waiting) / 1e9

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from migrator.guest.pacing import MAX_DEBT_SECONDS, BatchSizer, Pacer, RateMeter
+from migrator.guest.pacing import MAX_DEBT_SECONDS, BatchSizer, Pacer, RateMeter, StopClock
 
 
 def run_paced(pacer: Pacer, start: float, seconds: float, tick: float, stalls: dict[int, float] = {}) -> int:
@@ -62,3 +62,18 @@ def test_rate_meter_measures_the_last_window():
     assert meter.rate(2.99, 2990) == pytest.approx(1000, rel=0.02)
     assert meter.rate(5.0, 2990) == 0.0          # nothing written since: the rate falls to zero
     assert RateMeter().rate(1.0, 5) == 0.0
+
+
+def test_pacer_forgives_the_time_it_was_stopped():
+    pacer = Pacer(1000.0, start=0.0)
+    pacer.record(pacer.due(1.0))
+    pacer.forgive(0.4)                       # stopped for 0.4 s of the next 0.5 s
+    assert pacer.due(1.5) == pytest.approx(100, abs=1)
+
+
+def test_stop_clock_counts_only_time_neither_running_waiting_nor_sleeping():
+    clock = StopClock()
+    assert clock.stopped(10.0, 1.0, 0.5) == 0.0                      # first reading: no interval yet
+    assert clock.stopped(10.010, 1.006, 0.504) == 0.0                # ran 6 ms, waited 4 ms for a CPU
+    assert clock.stopped(10.030, 1.010, 0.504, slept=0.006) == pytest.approx(0.010)   # 10 ms stopped
+    assert clock.stopped(10.0302, 1.0101, 0.504) == 0.0              # sub-threshold noise

@@ -148,3 +148,26 @@ def test_bad_input(child):
             throttle.set(1.0)
     with pytest.raises(ValueError, match="period_s"):
         Throttle(1, period_s=0)
+
+
+def test_a_paced_guest_does_not_repay_the_time_the_throttle_stopped_it(tmp_path):
+    """The guest paces by the wall clock; a 50 % duty cycle must still halve what it writes."""
+    from migrator.guest.spawn import spawn_guest
+
+    rate = 20_000
+    with spawn_guest(str(tmp_path / "g.sock"), size=64 << 20, dirty_rate=rate, fill="sparse") as guest:
+        client = guest.client()
+
+        def steps_per_second(seconds: float = 1.0) -> float:
+            before = client.stats()["steps"]
+            time.sleep(seconds)
+            return (client.stats()["steps"] - before) / seconds
+
+        free = steps_per_second()
+        with Throttle(guest.pid) as throttle:
+            throttle.set(0.5)
+            time.sleep(0.2)
+            throttled = steps_per_second()
+        assert free > 0.8 * rate, f"the unthrottled guest writes {free:.0f}/s, not {rate}"
+        assert throttled < 0.7 * free, f"throttled at 50 % it still writes {throttled:.0f}/s against {free:.0f}/s"
+        client.close()
