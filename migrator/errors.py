@@ -11,6 +11,7 @@
     │   └── RemoteProtocolError  the peer sent bad data (raised only from next_event)
     ├── TransportError           a connection or file failed underneath the codec
     ├── ImageError               a checkpoint image is truncated, corrupted or incomplete
+    ├── DeadlineExceeded         a phase made no progress within its timeout (says which)
     └── MigrationFailed          a migration stopped; ``committed`` says on which side of the
                                  point of no return
 
@@ -55,6 +56,10 @@ class TransportError(MigratorError):
 
 class ImageError(MigratorError):
     pass
+
+
+class DeadlineExceeded(MigratorError):
+    """A phase (handshake, round, switch-over, a silent peer) ran out of time; names which."""
 
 
 class MigrationFailed(MigratorError):

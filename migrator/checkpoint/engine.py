@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import trio
 import xxhash
 
+from ..deadlines import deadline
 from ..errors import ImageError
 from ..guest.client import GuestClient
 from ..model import Run
@@ -159,7 +160,7 @@ class CheckpointMigration(SourceMigration):
         await super()._send_pages(r, runs)
 
     async def _stop_and_copy(self, dirty: list[Run]) -> None:
-        with trio.fail_after(self.settings.round_timeout_s):
+        with deadline(self.settings.round_timeout_s, "the final copy (--round-timeout)"):
             freeze_at, _ = await self._final_copy(dirty)
             if self.checkpoint.leave_running:
                 await trio.to_thread.run_sync(self.throttle.thaw)

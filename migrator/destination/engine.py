@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from .. import protocol as p
+from ..deadlines import deadline
 from ..digest import PageDigests
 from ..errors import MigrationFailed, RemoteProtocolError
 from ..model import Layout, Run
@@ -93,7 +94,7 @@ class DestinationMigration:
         return report
 
     async def _run(self) -> None:
-        with trio.fail_after(LAYOUT_TIMEOUT_S):
+        with deadline(LAYOUT_TIMEOUT_S, "waiting for the source's Layout"):
             event = await self.channel.receive()
         if not isinstance(event, p.Layout):
             raise RemoteProtocolError(f"expected Layout first, got {type(event).__name__}")
@@ -185,7 +186,7 @@ class DestinationMigration:
     async def _receive_loop(self, queue: trio.MemorySendChannel) -> None:
         freeze_at = None
         while True:
-            with trio.fail_after(self.settings.idle_timeout_s):
+            with deadline(self.settings.idle_timeout_s, "waiting for the source (it sent nothing; --idle-timeout)"):
                 event = await self.channel.receive()
             if isinstance(event, p.Pages):
                 await queue.send((event.round, list(event.runs), event.payload))

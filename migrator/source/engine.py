@@ -31,6 +31,7 @@ import xxhash
 
 from .. import protocol as p
 from ..buffers import BufferPool
+from ..deadlines import deadline
 from ..digest import PageDigests, hash_region
 from ..errors import MigrationFailed, MigratorError
 from ..guest.client import GuestClient
@@ -174,7 +175,7 @@ class SourceMigration:
     # --- phases ------------------------------------------------------------------------------
 
     async def _run_connected(self) -> None:
-        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+        with deadline(HANDSHAKE_TIMEOUT_S, f"connecting to {self.address} (handshake)"):
             self.channel = await self._open_channel()
         try:
             async with trio.open_nursery() as nursery:
@@ -241,7 +242,7 @@ class SourceMigration:
         policy = PolicySettings(
             downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, force_switchover=s.force_switchover
         )
-        with trio.fail_after(s.round_timeout_s):
+        with deadline(s.round_timeout_s, "round 0 (--round-timeout)"):
             dirty = await self._round_zero()
         while True:
             decision = decide(self.rounds, policy)
@@ -274,7 +275,7 @@ class SourceMigration:
 
     async def _round(self, number: int, dirty: list[Run], *, throttle: float) -> list[Run]:
         r = _Round(number, count_pages(dirty))
-        with trio.fail_after(self.settings.round_timeout_s):
+        with deadline(self.settings.round_timeout_s, f"round {number} (--round-timeout)"):
             await self._send_pages(r, dirty)
             return await self._end_round(r, throttle=throttle)
 
@@ -350,7 +351,7 @@ class SourceMigration:
                     r.bytes_raw += offset
 
     async def _stop_and_copy(self, dirty: list[Run]) -> None:
-        with trio.fail_after(self.settings.round_timeout_s):
+        with deadline(self.settings.round_timeout_s, "the switch-over: final copy, verification, commit (--round-timeout)"):
             await self._switch_over(dirty)
         if not self.settings.keep_source:
             _terminate(self.layout.pid)
@@ -478,7 +479,7 @@ def describe(error: BaseException) -> str:
         leaves = [e for e in error.exceptions if not isinstance(e, trio.Cancelled)]
         error = leaves[0] if leaves else error.exceptions[0]
     if isinstance(error, trio.TooSlowError):
-        return "timed out"
+        return "timed out"   # a deadline without a name (the named ones raise DeadlineExceeded)
     text = str(error).splitlines()[0] if str(error) else ""
     return text if isinstance(error, MigratorError) else f"{type(error).__name__}: {text}"
 
