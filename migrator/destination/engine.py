@@ -61,6 +61,7 @@ class DestinationMigration:
         self.parts: dict[str, float] = {}
         self.rounds: list[dict] = []
         self.pages_applied = 0
+        self.apply_s = 0.0              # worker-thread time writing pages and hashing them
         self.failure: str | None = None
         self._inspection: _Job | None = None
 
@@ -84,6 +85,7 @@ class DestinationMigration:
             "restore_guest": "prepared" if self.prepared else "started",
             "rounds": self.rounds,
             "pages_applied": self.pages_applied,
+            "apply_s": round(self.apply_s, 4),
             "parts_ms": self.parts,
             "total_s": time.perf_counter() - started,
             "result": "resumed" if self.resumed else "discarded",
@@ -146,6 +148,7 @@ class DestinationMigration:
 
     def _apply(self, batch: list[tuple[int, list[Run], object]]) -> None:
         """Worker thread: write a batch of page events into the restore guest and hash them."""
+        started = time.perf_counter()
         for round_no, runs, payload in batch:
             dst_runs = self.src.translate(runs, self.dst)
             if payload is None:  # a Zero event
@@ -156,6 +159,7 @@ class DestinationMigration:
                 self.memory.write_runs(dst_runs, payload)
                 self.digests.record(self.dst.page_indices(dst_runs), payload)
                 self.pages_applied += count_pages(runs)
+        self.apply_s += time.perf_counter() - started
 
     async def _apply_loop(self, queue: trio.MemoryReceiveChannel) -> None:
         async with queue:
