@@ -6,6 +6,11 @@ writer then blocks on each first write to a protected page until that migrator r
 that migrator disappears (its control connection closes), the guest unprotects and unregisters
 (``release_tracking``) so the writer never stays blocked, then registers for WP_ASYNC again.
 Re-registering makes uffds handed out earlier useless: a migrator attaches again.
+
+One tracker at a time: every scan re-protects the pages it reports, so a second migrator or
+checkpoint scanning the same guest would steal the first one's dirty pages and both would copy an
+inconsistent region. The first connection that attaches with a tracker owns tracking until it
+closes; another one is refused with a message saying so ("none" attaches are never refused).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class GuestTracking:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._sync_owner: object | None = None
+        self._owner: object | None = None      # the connection tracking the guest now
         self.unavailable: str | None = None   # why WP_ASYNC registration failed, if it did
         try:
             self._fd = register_for_tracking(self.regions, "async")
@@ -42,8 +48,9 @@ class GuestTracking:
         if tracker == "none":
             return None
         with self._lock:
-            if self._sync_owner is not None and self._sync_owner is not owner:
-                raise GuestError("the guest is attached with sync-wp by another connection")
+            if self._owner is not None and self._owner is not owner:
+                raise GuestError("another migrator or checkpoint is tracking this guest (its control connection "
+                                 "is open); one tracker at a time, or its scans would steal each other's pages")
             if tracker == "sync-wp":
                 if self._sync_owner is None:
                     self._reregister("sync")
@@ -53,11 +60,14 @@ class GuestTracking:
                 self._reregister("async")
             if self._fd is None:
                 raise GuestError(f"write-protect tracking is unavailable in this guest: {self.unavailable}")
+            self._owner = owner
             return self._fd
 
     def detach(self, owner: object) -> None:
         """``owner``'s connection closed: drop its synchronous registration, back to WP_ASYNC."""
         with self._lock:
+            if self._owner is owner:
+                self._owner = None
             if self._sync_owner is owner:
                 self._sync_owner = None
                 self._reregister("async")

@@ -225,7 +225,7 @@ def test_sync_wp_attach_and_migrator_disconnect_leave_the_guest_running(guests):
     attachment = migrator.attach("sync-wp")
     try:
         region = attachment.layout.regions[0]
-        with pytest.raises(GuestError, match="attached with sync-wp by another connection"):
+        with pytest.raises(GuestError, match="another migrator or checkpoint is tracking this guest"):
             watcher.attach("wp-async")
         _sys.uffdio_writeprotect(attachment.uffd, region.start, region.length, protect=True)
         time.sleep(0.2)
@@ -250,3 +250,26 @@ def test_sync_wp_attach_and_migrator_disconnect_leave_the_guest_running(guests):
         attachment.close()
         watcher.close()
     assert guest.alive()
+
+
+def test_one_tracker_at_a_time_until_its_connection_closes(guests):
+    missing = features.wp_async_missing()
+    if missing:
+        pytest.skip(missing)
+    guest = guests()
+    first, second = guest.client(), guest.client()
+    first.attach("wp-async")
+    first.attach("wp-async")                                  # the owner may attach again
+    with pytest.raises(GuestError, match="another migrator or checkpoint is tracking this guest"):
+        second.attach("wp-async")
+    assert second.attach("none").uffd is None                  # looking is always allowed
+    first.close()
+    deadline = time.monotonic() + 5
+    while True:                                                # the guest notices the close
+        try:
+            assert second.attach("wp-async").uffd is not None
+            break
+        except GuestError:
+            assert time.monotonic() < deadline, "tracking was not released when its owner left"
+            time.sleep(0.02)
+    second.close()
