@@ -19,7 +19,12 @@ Baselines, measured first on the same guest and machine:
 
 Then one migration with ``--verify pages`` and one with ``--verify full`` (fresh guests).
 
-    .venv/bin/python scripts/bench_migrate.py --size 1G --rate 20000 [--memfd] [--cold] [--json out.json]
+    .venv/bin/python scripts/bench_migrate.py --size 1G --rate 20000 [--memfd] [--cold] [--bandwidth 1G] [--json out.json]
+
+Uncapped, everything (the guest, both ends, both transports) shares this machine's CPUs and the
+migration's extra work (reading the guest, writing the restore guest, page digests) competes
+with the transport; the CPU seconds each side spent are printed with each run. With
+``--bandwidth`` the link is the bottleneck, as between two hosts.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from migrator.guest.spawn import spawn_guest
 from migrator.model import Region
 from migrator.report import format_round_table, format_summary
 from migrator.runs import split_runs
+from migrator.source.cli import parse_rate
 from migrator.source.engine import (
     BATCH_PAGES,
     MAX_RUNS_PER_EVENT,
@@ -78,7 +84,8 @@ async def push_once(data: bytearray, region_start: int, settings: MigrateSetting
     sink = subprocess.Popen([sys.executable, __file__, "--_sink"], stdout=subprocess.PIPE, text=True)
     try:
         address = sink.stdout.readline().strip()
-        channel = await connect(address, token=None, compress=settings.compress, streams=settings.streams)
+        channel = await connect(address, token=None, compress=settings.compress, streams=settings.streams,
+                                bandwidth=settings.bandwidth)
         view = memoryview(data)
         await channel.send(p.Layout(regions=(Region(region_start, len(data)),), page_size=PS, meta={}))
         started = time.perf_counter()
@@ -195,6 +202,8 @@ def main() -> int:
     ap.add_argument("--downtime-ms", type=float, default=50.0)
     ap.add_argument("--compress", default="zstd:1")
     ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--bandwidth", type=parse_rate, default=None, metavar="RATE",
+                    help="cap the transport (push and migrations alike), e.g. 1G bytes/s or 1gbit")
     ap.add_argument("--memfd", action="store_true", help="guests on a shared memfd (the migrator maps it)")
     ap.add_argument("--cold", action="store_true", help="start the restore guest when the migration arrives")
     ap.add_argument("--json", metavar="PATH", help="write results here ('-' for stdout)")
@@ -205,7 +214,8 @@ def main() -> int:
         return 0
     size = parse_size(args.size)
     work = tempfile.mkdtemp(prefix="bench-migrate-")
-    settings = MigrateSettings(downtime_ms=args.downtime_ms, compress=args.compress, streams=args.streams)
+    settings = MigrateSettings(downtime_ms=args.downtime_ms, compress=args.compress, streams=args.streams,
+                               bandwidth=args.bandwidth)
     out: dict = {"size": size, "rate": args.rate, "fill": args.fill, "settings": vars(args)}
 
     def new_guest(name: str):
@@ -235,8 +245,9 @@ def main() -> int:
         push_s, push_cpu = min(trio.run(push_once, buffer, region.start, settings) for _ in range(2))
         del buffer
     push_bw = size / push_s
+    cap = f", capped at {args.bandwidth / 1e6:.0f} MB/s" if args.bandwidth else ""
     print(f"baseline push once:     {push_s * 1000:8.1f} ms  ({push_bw / 1e6:.0f} MB/s, {args.compress}, "
-          f"{args.streams} stream(s), receiver in another process; CPU s: sender {push_cpu['sender']:.2f}, "
+          f"{args.streams} stream(s){cap}, receiver in another process; CPU s: sender {push_cpu['sender']:.2f}, "
           f"receiver {push_cpu['receiver']:.2f})")
     print(f"baseline stop-and-copy: {stop_copy_ms:8.1f} ms downtime")
     print(f"baseline region hash:   {hash_ms:8.1f} ms in memory, {read_hash_ms:.1f} ms read across processes + hash")
