@@ -1,6 +1,7 @@
 """Benchmark: live migration between two "hosts" (network namespaces joined by a shaped veth link).
 
-Host a runs the guest and ``migrator migrate``; host b runs ``migrator receive --once``. The link
+Host a runs the guest and ``migrator migrate``; host b runs ``migrator receive --once --prepare SIZE``
+(``--cold``: without ``--prepare``). The link
 is shaped with tc tbf (``--rate``); with ``--delay-ms``/``--jitter-ms`` a fault proxy in host b
 adds latency (this kernel has no netem). Baseline, measured first over the same link and proxy:
 plain TCP pushing up to 256 MiB from a to b, which gives the link's throughput and the time to
@@ -44,6 +45,8 @@ PUSH_CHUNK = 1 << 20
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G", help="guest region size (default 1G)")
+    ap.add_argument("--cold", action="store_true",
+                    help="start the restore guest when the migration arrives (default: receive --prepare SIZE)")
     ap.add_argument("--rate", default="1gbit", help="link rate, tc syntax, or 'none' (default 1gbit)")
     ap.add_argument("--delay-ms", type=float, default=2.0, help="one-way delay added by the proxy (default 2)")
     ap.add_argument("--jitter-ms", type=float, default=0.0, help="extra per-chunk delay, uniform in [0, J] (default 0)")
@@ -141,7 +144,10 @@ async def run(args: argparse.Namespace, bed: netns.Testbed, workdir: str) -> dic
         # --- the migration --------------------------------------------------------------------
         token = write_token(workdir)
         receiver = await start_receiver(nursery, bed, workdir, token_file=token, once=True,
+                                        extra=[] if args.cold else ["--prepare", str(size)],
                                         echo=lambda line: log(f"[b] {line}"))
+        if not args.cold:
+            await receiver.stderr.wait_for("prepared", timeout=120)
         to = receiver.address
         if stream is not None:
             host, port = receiver.address.rsplit(":", 1)

@@ -101,6 +101,9 @@ class DestinationMigration:
         if not isinstance(event, p.Layout):
             raise RemoteProtocolError(f"expected Layout first, got {type(event).__name__}")
         await self._start_guest(event)
+        # the source starts round 0 on this Ack, and takes the round trip from it
+        await self.channel.send(p.Ack(of="layout", ok=True, detail={"ready_ms": round(self.parts["spawn_guest"], 3)}))
+        await self.channel.flush()
         send_q, recv_q = trio.open_memory_channel(APPLY_QUEUE)
         try:
             async with trio.open_nursery() as nursery:

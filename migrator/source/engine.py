@@ -55,6 +55,7 @@ HANDSHAKE_TIMEOUT_S = 30.0
 # destination's apply queue (5-11) and the commit exchange (1-3): 9-14 ms together. Plus the
 # destination guest's shallow self-check, which visits every page header (15-20 ms per GiB).
 SWITCHOVER_FIXED_MS = 10.0
+SWITCHOVER_ROUND_TRIPS = 2  # Digest -> Ack and Commit -> Ack cross the link inside the downtime
 DEST_CHECK_MS_PER_GIB = 20.0
 
 
@@ -121,6 +122,7 @@ class SourceMigration:
         self.rule_reason = ""
         self.verified = False
         self.throttle_max = 0.0
+        self.rtt_ms: float | None = None
         self._wire_total = 0
         self._compress_total = 0.0
         self._acks: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = trio.open_memory_channel(4)
@@ -235,9 +237,13 @@ class SourceMigration:
 
     async def _migrate(self) -> None:
         s = self.settings
+        t = time.perf_counter()
         await self.channel.send(
             p.Layout(regions=self.layout.regions, page_size=self.layout.page_size, meta=self._layout_meta())
         )
+        await self.channel.flush()
+        if self.ACKS_ROUNDS:
+            await self._destination_ready(t)
         await trio.to_thread.run_sync(self.client.set_tag, self._scan_tag())
         policy = PolicySettings(
             downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, force_switchover=s.force_switchover
@@ -254,6 +260,16 @@ class SourceMigration:
                 self.throttle.set(decision.throttle)
             dirty = await self._round(len(self.rounds), dirty, throttle=decision.throttle)
         await self._stop_and_copy(dirty)
+
+    async def _destination_ready(self, sent_at: float) -> None:
+        """Wait until the destination has its restore guest, and take the link's round trip from
+        the exchange: the switch-over makes two more (Digest -> Ack, Commit -> Ack)."""
+        with deadline(HANDSHAKE_TIMEOUT_S, "waiting for the destination's restore guest"):
+            ack = await self._expect_ack("layout")
+        ready_ms = ack.detail.get("ready_ms")
+        ready_ms = ready_ms if isinstance(ready_ms, (int, float)) and ready_ms >= 0 else 0.0
+        self.rtt_ms = max(0.0, _ms(time.perf_counter() - sent_at) - ready_ms)
+        self.estimator.add_fixed(SWITCHOVER_ROUND_TRIPS * self.rtt_ms)
 
     async def _round_zero(self) -> list[Run]:
         r = _Round(0, 0)
@@ -458,6 +474,7 @@ class SourceMigration:
             "rule": self.rule,
             "rule_reason": self.rule_reason,
             "throttle_max": self.throttle_max,
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "final_pages": getattr(self, "final_pages", None),
             "downtime_ms": getattr(self, "downtime_ms", None),
             "downtime_parts_ms": self.parts,

@@ -60,6 +60,12 @@ class DowntimeEstimator:
         self._costs: deque[float] = deque(maxlen=WINDOW)      # ms per page, oldest first
         self._round0: deque[float] = deque(maxlen=WINDOW)
 
+    def add_fixed(self, ms: float) -> None:
+        """Add a measured cost to the fixed part (the link's round trips)."""
+        if ms < 0:
+            raise MigratorError(f"a fixed cost must be >= 0 ms, got {ms}")
+        self._fixed_ms += ms
+
     def observe(self, pages: int, seconds: float, *, round0: bool = False) -> None:
         """Record that a send phase moved ``pages`` pages in ``seconds`` (round 0's: ``round0=True``)."""
         if pages < 0 or seconds < 0:

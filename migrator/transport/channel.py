@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import trio
 
-from ..errors import TransportError
+from ..errors import LocalProtocolError, TransportError
 from ..protocol import ConnectionClosed, Event, Hello, Role
 from ._link import ChannelStats, Counters, Link
 from ._receivers import DirectReceiver, GatheringReceiver
@@ -74,12 +74,20 @@ class Channel:
         Raises LocalProtocolError if the event is not allowed now, TransportError if the
         connection failed."""
         self._check_open()
-        await self._sender.send(event)
+        try:
+            await self._sender.send(event)
+        except LocalProtocolError:
+            self._raise_receive_failure()   # bad data from the peer broke the connection first
+            raise
 
     async def flush(self) -> None:
         """Wait until every event sent so far is written to the stream(s)."""
         self._check_open()
-        await self._sender.flush()
+        try:
+            await self._sender.flush()
+        except LocalProtocolError:
+            self._raise_receive_failure()
+            raise
 
     async def receive(self) -> Event:
         """The next event from the peer. Raises RemoteProtocolError on bad data and
@@ -109,6 +117,12 @@ class Channel:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.aclose()
+
+    def _raise_receive_failure(self) -> None:
+        """A destination's reader tasks read ahead: when bad data from the peer put the shared
+        connection in ERROR, a send fails as a misuse; say what the peer did instead."""
+        if self._receiver.failure is not None:
+            raise self._receiver.failure
 
     def _check_open(self) -> None:
         if self._closed:

@@ -79,3 +79,12 @@ def test_bad_input():
         DowntimeEstimator().observe(-1, 0.1)
     with pytest.raises(ValueError, match="pages must be >= 0"):
         DowntimeEstimator().expected_ms(-1)
+
+
+def test_measured_round_trips_add_to_the_fixed_part():
+    est = DowntimeEstimator(fixed_ms=10.0)
+    est.add_fixed(8.0)
+    assert est.statistics().fixed_ms == 18.0
+    assert est.expected_ms(0) == 18.0
+    with pytest.raises(MigratorError, match="fixed cost must be >= 0"):
+        est.add_fixed(-1.0)
