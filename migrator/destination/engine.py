@@ -100,9 +100,12 @@ class DestinationMigration:
             event = await self.channel.receive()
         if not isinstance(event, p.Layout):
             raise RemoteProtocolError(f"expected Layout first, got {type(event).__name__}")
+        t = time.perf_counter()
         await self._start_guest(event)
-        # the source starts round 0 on this Ack, and takes the round trip from it
-        await self.channel.send(p.Ack(of="layout", ok=True, detail={"ready_ms": round(self.parts["spawn_guest"], 3)}))
+        # the source starts round 0 on this Ack, and takes the link's round trip from it: the
+        # exchange's time minus ``ready_ms``, what this side spent in between
+        ready_ms = round((time.perf_counter() - t) * 1000, 3)
+        await self.channel.send(p.Ack(of="layout", ok=True, detail={"ready_ms": ready_ms}))
         await self.channel.flush()
         send_q, recv_q = trio.open_memory_channel(APPLY_QUEUE)
         try:
