@@ -51,3 +51,38 @@ class BufferPool:
         if len(self._buffers) < self.keep:
             self._buffers.append(buf)
         return buf
+
+
+class SizedBufferPool:
+    """Writable views of exactly the size asked for (received frames vary in size), cut from
+    buffers that are reused once no view of them is alive, like ``BufferPool``'s.
+
+    A free buffer serves a request it fits, unless it is over twice as large. When none fits, a
+    new one (rounded up to ``granule``) is made; it takes the place of a free buffer once
+    ``keep`` are held, so the pool follows a change of sizes instead of clinging to old ones.
+    """
+
+    def __init__(self, *, keep: int = 16, granule: int = 64 << 10) -> None:
+        self.keep = keep
+        self.granule = granule
+        self._buffers: list[bytearray] = []
+        self.allocated = 0
+
+    def take(self, size: int) -> memoryview:
+        fit = spare = None
+        if _REFS_FREE is not None:
+            for buf in self._buffers:
+                if sys.getrefcount(buf) == _REFS_FREE:
+                    if size <= len(buf) <= 2 * size:
+                        fit = buf
+                        break
+                    spare = buf
+        if fit is None:
+            fit = bytearray(-(-size // self.granule) * self.granule)
+            self.allocated += 1
+            if len(self._buffers) < self.keep:
+                self._buffers.append(fit)
+            elif spare is not None:
+                index = next(i for i, buf in enumerate(self._buffers) if buf is spare)
+                self._buffers[index] = fit
+        return memoryview(fit)[:size]

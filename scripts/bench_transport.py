@@ -14,6 +14,11 @@ Goals (issue 4): ``stream`` reaches 70 % of min(sendall, zstd) with one stream, 
 on compressible (text-like) data two streams are at least 1.5x faster than one. A last line
 measures the bandwidth cap's accuracy (goal: within 5 %).
 
+Diagnostics (not goals): CPU seconds of each side (whole process and its trio thread) per run,
+and, for random data, sendall with the congestion control the stream picks for loopback peers
+(reno rather than the system default; see ``migrator.transport._link._tune_tcp``), so that the
+stream can also be compared with a raw socket tuned like it.
+
     scripts/bench_transport.py [--size 1G] [--json [FILE]] [--compress zstd:1] [--auth]
 """
 
@@ -23,6 +28,7 @@ import argparse
 import os
 import random
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -38,6 +44,7 @@ from migrator.model import Region  # noqa: E402
 from migrator.protocol import Ack, Compression, Digest, Layout, Pages, RoundEnd  # noqa: E402
 from migrator.testing.bench import finish, goal  # noqa: E402
 from migrator.transport import connect, serve  # noqa: E402
+from migrator.transport._link import LOOPBACK_CONGESTION  # noqa: E402
 
 PS = 4096
 BATCH = 1 << 20                 # bytes per Pages event (what the source engine sends)
@@ -118,12 +125,15 @@ def zstd_threads_rate(data: bytes, size: int, compression: Compression, threads:
     return size / (time.perf_counter() - started)
 
 
-def sendall_rate(data: bytes, size: int) -> float:
-    """Raw bytes/s of socket.sendall to another process that reads everything."""
+def sendall_rate(data: bytes, size: int, congestion: bytes | None = None) -> float:
+    """Raw bytes/s of socket.sendall to another process that reads everything (with the
+    system's default congestion control, or ``congestion``)."""
     sink = subprocess.Popen([sys.executable, __file__, "--_sink"], stdout=subprocess.PIPE, text=True)
     try:
         port = int(sink.stdout.readline())
         with socket.create_connection(("127.0.0.1", port)) as sock:
+            if congestion is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion)
             started = time.perf_counter()
             for _, chunk in batches(data, size):
                 sock.sendall(chunk)
@@ -153,29 +163,44 @@ async def stream_rate(address: str, data: bytes, size: int, *, streams: int, com
     channel = await connect(address, token=token, compress=compress, streams=streams, bandwidth=bandwidth)
     async with channel:
         await channel.send(Layout(regions=(Region(BASE, size),), meta={"bench": True}))
-        started = time.perf_counter()
+        started, cpu_before, main_before = time.perf_counter(), cpu_seconds(), time.thread_time()
         for offset, chunk in batches(data, size):
             await channel.send(Pages(round=0, runs=((BASE + offset, BATCH // PS),), payload=chunk))
         await channel.send(RoundEnd(round=0))
         await channel.send(Digest(kind="bench", value=b"end"))
         ack = await channel.receive()
         elapsed = time.perf_counter() - started
-        assert ack == Ack(of="digest", ok=True, detail={"bytes": size}), ack
+        cpu = cpu_seconds() - cpu_before
+        assert type(ack) is Ack and ack.ok and ack.detail["bytes"] == size, ack
     stats = channel.statistics()
     return size / elapsed, {"ratio": round(stats.ratio, 3), "compress_s": round(stats.compress_seconds, 3),
-                            "wire_bytes": stats.bytes_wire}
+                            "wire_bytes": stats.bytes_wire, "seconds": round(elapsed, 3),
+                            "send_cpu_s": round(cpu, 3), "send_main_cpu_s": round(time.thread_time() - main_before, 3),
+                            "recv_cpu_s": ack.detail["cpu_s"], "recv_main_cpu_s": ack.detail["main_cpu_s"],
+                            "recv_decompress_s": ack.detail["decompress_s"]}
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process so far, every thread, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def receive_all(channel) -> None:
-    received = 0
+    """Count the page bytes of each round; at a Digest answer with them and the CPU seconds this
+    process spent since the session began (receiving, checking, decompressing)."""
+    received, cpu_before, main_before = 0, cpu_seconds(), time.thread_time()
     while True:
         event = await channel.receive()
         if isinstance(event, Pages):
             received += len(event.payload)
         elif isinstance(event, Digest):
-            await channel.send(Ack(of="digest", ok=True, detail={"bytes": received}))
+            detail = {"bytes": received, "cpu_s": round(cpu_seconds() - cpu_before, 3),
+                      "main_cpu_s": round(time.thread_time() - main_before, 3),
+                      "decompress_s": round(channel.statistics().decompress_seconds, 3)}
+            await channel.send(Ack(of="digest", ok=True, detail=detail))
             await channel.flush()
-            received = 0
+            received, cpu_before, main_before = 0, cpu_seconds(), time.thread_time()
 
 
 def run_receiver(token) -> None:
@@ -226,6 +251,7 @@ def main(argv=None) -> int:
         for kind in KINDS:
             data = make_data(kind, min(BLOCK, args.size))
             sendall = sendall_rate(data, args.size)
+            sendall_tuned = sendall_rate(data, args.size, LOOPBACK_CONGESTION) if kind == "random" else None
             zstd, ratio = zstd_rate(data, args.size, compression)
             zstd2 = zstd_threads_rate(data, args.size, compression, 2)
             one, one_info = trio.run(lambda: stream_rate(address, data, args.size, streams=1,
@@ -233,7 +259,7 @@ def main(argv=None) -> int:
             two, two_info = trio.run(lambda: stream_rate(address, data, args.size, streams=2,
                                                          compress=args.compress, token=token))
             limit = min(sendall, zstd) if compression.level is not None else sendall
-            results.append({"kind": kind, "sendall_Bps": sendall, "zstd_Bps": zstd, "zstd2_Bps": zstd2, "zstd_ratio": ratio,
+            results.append({"kind": kind, "sendall_Bps": sendall, "sendall_stream_cc_Bps": sendall_tuned, "zstd_Bps": zstd, "zstd2_Bps": zstd2, "zstd_ratio": ratio,
                             "stream1_Bps": one, "stream2_Bps": two, "stream1": one_info, "stream2": two_info})
             print(f"{kind:10} {sendall / mb:9.0f} {zstd / mb:9.0f} {zstd2 / mb:9.0f} {ratio:6.2f} {one / mb:9.0f} {two / mb:10.0f} "
                   f"{one / limit:10.2f} {two / one:8.2f}", file=out)
@@ -243,6 +269,18 @@ def main(argv=None) -> int:
                 goals.append(goal("text: 2 streams / 1 stream, baseline MB/s", round(two / one, 3), round(one / mb, 1), 1.5,
                                   two >= 1.5 * one, stream2_MBps=round(two / mb, 1),
                                   zstd_2_vs_1_threads=round(zstd2 / zstd, 3)))
+        tuned = results[0]["sendall_stream_cc_Bps"] if results and results[0]["kind"] == "random" else None
+        if tuned:
+            print(f"random: sendall with the congestion control the stream uses on loopback "
+                  f"({LOOPBACK_CONGESTION.decode()}): {tuned / mb:.0f} MB/s; 1 stream reaches "
+                  f"{results[0]['stream1_Bps'] / tuned:.2f} of it", file=out)
+        print("CPU seconds per side (whole process, and its trio thread; the rest is compression or decompression "
+              "threads) and wall seconds:", file=out)
+        for r in results:
+            print(f"  {r['kind']:10} " + "   ".join(
+                f"{n} stream{'s' if n > 1 else ''}: send {info['send_cpu_s']:.2f} ({info['send_main_cpu_s']:.2f} trio) "
+                f"recv {info['recv_cpu_s']:.2f} ({info['recv_main_cpu_s']:.2f} trio) wall {info['seconds']:.2f}"
+                for n, info in ((1, r["stream1"]), (2, r["stream2"]))), file=out)
         cap = 100e6
         capped_size = min(args.size, 200 << 20)
         data = make_data("random", min(BLOCK, capped_size))

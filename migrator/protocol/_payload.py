@@ -56,15 +56,22 @@ def as_bytes_view(raw) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def encode_payload(compressor: zstandard.ZstdCompressor | None, raw) -> tuple[int, bytes | memoryview]:
-    """``(flags, body)``: zstd-compressed when that saves at least 1/64, else the raw bytes."""
+def encode_payload(compressor: zstandard.ZstdCompressor | None, raw, *, sample: bool = True) -> tuple[int, bytes | memoryview]:
+    """``(flags, body)``: zstd-compressed when that saves at least 1/64, else the raw bytes.
+    ``sample=False``: the caller sampled already (``worth_compressing``)."""
     view = as_bytes_view(raw)
-    if compressor is None or (len(view) >= SAMPLED_FROM and not _samples_shrink(compressor, view)):
+    if compressor is None or (sample and len(view) >= SAMPLED_FROM and not _samples_shrink(compressor, view)):
         return 0, view
     packed = compressor.compress(view)
     if len(packed) > len(view) - (len(view) >> 6):
         return 0, view
     return F_ZSTD, packed
+
+
+def worth_compressing(compressor: zstandard.ZstdCompressor, raw) -> bool:
+    """False when ``raw`` is large enough to be sampled and no sample shrinks: it will go raw."""
+    view = as_bytes_view(raw)
+    return len(view) < SAMPLED_FROM or _samples_shrink(compressor, view)
 
 
 def _samples_shrink(compressor: zstandard.ZstdCompressor, view: memoryview) -> bool:

@@ -13,6 +13,11 @@ bad peer data raises ``RemoteProtocolError`` from ``next_event`` only (and from
 ``LocalProtocolError``; ``_peer_errors`` converts at the boundary. After any error the connection
 is in state ERROR and refuses further work.
 
+Large frames need not be copied: when ``next_event`` says NEED_DATA and ``incomplete_frame()``
+names the size of the frame it waits for, a transport may hand over one buffer of exactly that
+size with ``gather_frame`` (it returns the part still to fill, for ``recv_into``), report what it
+wrote with ``gathered``, and get the frame's raw payload back as a read-only view of that buffer.
+
 Heavy work can leave the event loop's thread: ``send_deferred`` settles state and sequence number
 at once and returns a ``PendingFrame`` whose ``finish(compressor)`` (compression, MAC) may run in
 any thread; with ``defer_payloads=True``, ``next_event`` returns ``PendingPages`` whose
@@ -44,7 +49,7 @@ from ._frames import (
     CHECKSUM, DEFAULT_MAX_FRAME, F_MAC, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
     Mac, assemble_parts, frame_size, parse_header,
 )
-from ._payload import Compression, as_bytes_view, decode_payload, encode_payload
+from ._payload import Compression, as_bytes_view, decode_payload, encode_payload, worth_compressing
 from ._state import DATA_STATES, LIVE, RECORDED, Role, State, transition
 from ._wire import decode_fields, encode_meta
 from .events import (
@@ -53,6 +58,7 @@ from .events import (
 )
 
 MIN_TOKEN = 16
+RAW = Compression(None)
 
 _HANDSHAKE_STATES = frozenset({
     State.START, State.SOURCE_HELLO, State.DEST_HELLO, State.JOIN_SOURCE_HELLO, State.JOIN_DEST_HELLO,
@@ -89,6 +95,7 @@ class PendingFrame:
     raw: memoryview | None
     compression: Compression
     integrity: Integrity
+    sampled: bool = False        # ``sample`` found the payload worth compressing
 
     @property
     def raw_len(self) -> int:
@@ -98,6 +105,17 @@ class PendingFrame:
     def needs_thread(self) -> bool:
         """Worth a worker thread: compressing or MACing a payload."""
         return self.raw is not None and (self.compression.level is not None or isinstance(self.integrity, Mac))
+
+    def sample(self, compressor: zstandard.ZstdCompressor) -> PendingFrame:
+        """This frame after sampling its payload (a few 4 KiB compressions, cheap enough for any
+        thread): marked to go raw when zstd would not shrink it (random or encrypted pages),
+        which can spare it a worker thread, else marked ``sampled`` so that ``finish`` does not
+        sample again. ``compressor`` belongs to the calling thread."""
+        if self.raw is None or self.compression.level is None or self.sampled:
+            return self
+        if worth_compressing(compressor, self.raw):
+            return replace(self, sampled=True)
+        return replace(self, compression=RAW)
 
     def finish(self, compressor: zstandard.ZstdCompressor | None = None) -> bytes:
         """The frame's bytes. ``compressor`` belongs to the calling thread (made here if None)."""
@@ -109,7 +127,8 @@ class PendingFrame:
         if self.raw is not None:
             if self.compression.level is not None and compressor is None:
                 compressor = self.compression.compressor()
-            flags, body = encode_payload(compressor if self.compression.level is not None else None, self.raw)
+            flags, body = encode_payload(compressor if self.compression.level is not None else None, self.raw,
+                                         sample=not self.sampled)
         return assemble_parts(TYPE_CODES[self.kind], flags, self.seq, self.meta, body, self.integrity)
 
 
@@ -199,6 +218,7 @@ class Connection:
         self._recv_seq = 0
         self._buffer = ReceiveBuffer()
         self._consumed = 0                 # stream offset of the buffer's first byte
+        self._incomplete = 0               # size of the frame NEED_DATA waits for (its header is in)
         self._eof = False
         self._out: Integrity = CHECKSUM
         self._in: Integrity = CHECKSUM
@@ -395,9 +415,45 @@ class Connection:
         if self._eof:
             raise LocalProtocolError("receive_data after end of stream")
         if data:
+            if self._buffer.unfilled:
+                raise LocalProtocolError("receive_data while a gathered frame is incomplete: report its bytes with gathered()")
             self._buffer.append(data)
         else:
             self._eof = True
+
+    def incomplete_frame(self) -> int:
+        """The size of the frame ``next_event`` is waiting for when its header is already
+        buffered (so its size is known and checked against ``max_frame``); 0 when no header is
+        buffered yet, the frame is complete, or it is being gathered already."""
+        if self._eof or self._buffer.unfilled or self._state is State.ERROR:
+            return 0
+        return self._incomplete if len(self._buffer) < self._incomplete else 0
+
+    def gather_frame(self, buffer) -> memoryview:
+        """Receive the rest of the incomplete frame straight into ``buffer``: writable, exactly
+        ``incomplete_frame()`` bytes, kept by the Connection (a raw payload is handed out as a
+        read-only view of it, never copied). What is buffered of the frame is copied to its
+        front; returns the view still to fill, in order, each part reported with ``gathered``.
+        Do not write to ``buffer`` afterwards."""
+        size = self.incomplete_frame()
+        if not size:
+            raise LocalProtocolError("gather_frame: no incomplete frame with a known size (see incomplete_frame)")
+        view = memoryview(buffer)
+        if view.readonly or not view.c_contiguous:
+            raise LocalProtocolError("gather_frame: the buffer must be writable and contiguous")
+        if view.nbytes != size:
+            raise LocalProtocolError(f"gather_frame: a buffer of {view.nbytes} bytes for a frame of {size}")
+        return self._buffer.adopt(as_bytes_view(view))
+
+    def gathered(self, nbytes: int) -> None:
+        """``nbytes`` more bytes of the gathered frame were written to the view ``gather_frame``
+        returned (after those reported before)."""
+        unfilled = self._buffer.unfilled
+        if not unfilled:
+            raise LocalProtocolError("gathered: no frame is being gathered")
+        if type(nbytes) is not int or not 0 < nbytes <= unfilled:
+            raise LocalProtocolError(f"gathered: {nbytes!r} bytes, the frame misses {unfilled}")
+        self._buffer.filled(nbytes)
 
     def skip_to(self, seq: int, offset: int) -> None:
         """Recorded streams only, right after the Hello: drop what is buffered; the next bytes
@@ -406,6 +462,7 @@ class Connection:
         if not self.recorded or self.role is not Role.DEST or self._state is not State.READY or self._eof:
             raise LocalProtocolError("skip_to: only on a recorded destination right after its Hello")
         self._buffer.clear()
+        self._incomplete = 0
         self._recv_seq = seq
         self._consumed = offset
 
@@ -441,7 +498,9 @@ class Connection:
         if len(buf) < total:
             if self._eof:
                 raise LocalProtocolError(f"truncated frame at {where}: the stream ended after {len(buf)} of {total} bytes")
+            self._incomplete = total
             return NEED_DATA
+        self._incomplete = 0
         tag = header.tag_size
         end_meta = HEADER.size + header.meta_len
         end_body = end_meta + header.payload_len
@@ -449,6 +508,8 @@ class Connection:
         head = bytes(frame[: HEADER.size])
         meta = bytes(frame[HEADER.size : end_meta])
         body = frame[end_meta:end_body]          # a view: the payload is not copied here
+        if not body.readonly:                    # a gathered frame: the consumer may only read
+            body = body.toreadonly()
         payload_tag = bytes(frame[end_body : end_body + tag]) if header.payload_len else b""
         frame_tag = bytes(frame[total - tag : total])
         self._consumed += total
@@ -536,6 +597,9 @@ class Connection:
                 raise LocalProtocolError("authentication failed: the source does not know the token")
             self._in = self._keys.source_to_dest
         elif kind is Layout:
+            hello = self._source_hello
+            if hello is not None and hello.page_size != event.page_size:
+                raise LocalProtocolError(f"Layout.page_size {event.page_size} differs from the source's Hello.page_size {hello.page_size}")
             self._layout = event
             self._bounds = LayoutBounds(event)
         elif kind is Fence:

@@ -8,6 +8,11 @@ while frame i is written, frames i+1.. are compressing; a slow link makes ``send
 any event but Pages/Zero: nothing runs in the background, so a control event (a Digest the
 peer must answer, an Abort) must not wait in the queue for a later call.
 
+A Pages frame is sampled here first (a few 4 KiB compressions): one whose payload zstd would
+not shrink (random or encrypted pages) goes raw and is sealed here too, since hashing a
+megabyte (~20-90 us) costs less than handing it to a worker and back (two cross-CPU wake-ups,
+~64 us each). Only frames worth compressing, or MACing, go to worker threads.
+
 With several links (parallel streams), Pages and Zero go to the link with the fewest frames
 outstanding. Every other event is a barrier: it goes on link 0. If data moved since the last
 barrier, a ``Fence`` listing how many data frames each link has carried goes first on every
@@ -18,10 +23,12 @@ on another link before the barrier (multifd's sync packets, in effect).
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from collections.abc import Callable
 from functools import partial
 
 import trio
+import zstandard
 
 from ..errors import TransportError
 from ..protocol import DATA_EVENTS, Event, Fence, PendingFrame
@@ -30,6 +37,7 @@ from ._link import Counters, Link
 from ._threads import Job, ThreadJobs, finish_frame
 
 FrameHook = Callable[[Event, int], None]   # (event, frame length) after each write
+WAKE_BATCH = 2     # frames _drain waits for at once when too many are outstanding
 
 
 class _Outgoing:
@@ -71,6 +79,7 @@ class Sender:
         self._next = 0
         self._failure: TransportError | None = None
         self._on_written = on_written
+        self._sampler: zstandard.ZstdCompressor | None = None   # the trio thread's own
 
     @property
     def failure(self) -> TransportError | None:
@@ -113,6 +122,10 @@ class Sender:
 
     def _queue(self, link: Link, event: Event) -> None:
         pending = link.conn.send_deferred(event)       # LocalProtocolError: the caller's mistake
+        if pending.needs_thread and pending.compression.level is not None:
+            if self._sampler is None:
+                self._sampler = pending.compression.compressor()
+            pending = pending.sample(self._sampler)
         out = _Outgoing(link, pending, event)
         if pending.needs_thread:
             out.job = self._jobs.submit(partial(finish_frame, pending))
@@ -122,7 +135,12 @@ class Sender:
         self._order.append(out)
 
     async def _drain(self, bound: int) -> None:
-        """Write what is ready; wait for the oldest frame until at most ``bound`` remain."""
+        """Write what is ready; wait for the oldest frames until at most ``bound`` remain.
+
+        It waits for ``WAKE_BATCH`` frames at a time: each wait ends with a worker waking this
+        thread, a cross-CPU wake-up that also tends to pull this thread onto the worker's CPU
+        (the kernel takes a socket write as a hand-over), and then the two take turns on one
+        CPU. Fewer wake-ups measured +8 % on half-compressible pages with one stream."""
         try:
             while True:
                 for queue in self._queues:
@@ -133,7 +151,9 @@ class Sender:
                     self._order.popleft()
                 if len(self._order) <= bound:
                     return
-                await self._order[0].job.done.wait()
+                for out in islice(self._order, WAKE_BATCH):
+                    if not (out.written or out.ready):
+                        await out.job.done.wait()
         except TransportError as exc:
             self._failure = exc
             raise

@@ -6,10 +6,12 @@ reused across calls. (``list.pop``/``append`` are atomic, so the pool needs no l
 not to leave state in its cached worker threads, which rules out ``threading.local``.)
 
 ``ThreadJobs`` starts blocking calls on trio's worker threads and returns at once, so a caller
-can keep writing earlier frames while later ones are compressed: a channel is driven by the
+can keep writing earlier frames while later ones are compressed (the Sender), or keep reading
+while earlier frames are checked and decompressed (the receivers): a channel is driven by the
 tasks that call ``send``, it owns no background task (and so needs no nursery). At most
 ``limit`` threads work; each takes the next queued job itself (oldest first) and reports every
-result back to the trio thread through ``run_sync_soon``.
+result back to the trio thread through ``run_sync_soon``. That costs fewer cross-CPU wake-ups
+per frame than ``trio.to_thread.run_sync``, whose caller waits for each call.
 """
 
 from __future__ import annotations

@@ -159,12 +159,13 @@ class Acceptor:
         try:
             with trio.fail_after(self._timeout):
                 await _expect(link, Hello)
-                await link.write(conn.send(Hello(features=FEATURES)))
+                reply = conn.send(Hello(features=FEATURES))
                 if conn.stream:
+                    await link.write(reply)
                     gathering = await self._join(link)
                 else:
                     gathering = _Gathering(conn)
-                    links = await self._gather(link, gathering)
+                    links = await self._gather(link, gathering, reply)
         except trio.TooSlowError:
             raise TransportError(f"{peer}: handshake not finished within {self._timeout:g} s") from None
         if conn.stream:
@@ -185,11 +186,12 @@ class Acceptor:
         finally:
             gathering.finished.set()
 
-    async def _gather(self, link: Link, gathering: _Gathering) -> list[Link]:
+    async def _gather(self, link: Link, gathering: _Gathering, reply: bytes) -> list[Link]:
         conn = link.conn
         if conn.streams > 1:
-            self._sessions[conn.session_id] = gathering   # before the source's joins can arrive
+            self._sessions[conn.session_id] = gathering   # before the reply: with it the source may join
         try:
+            await link.write(reply)
             await _expect(link, Auth)
             if conn.streams > 1:
                 await gathering.complete.wait()

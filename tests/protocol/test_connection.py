@@ -307,3 +307,19 @@ def test_need_data_until_a_whole_frame_arrived():
     assert p.conn[D].next_event() == pages(fill=b"z")
     stats = p.conn[D].statistics()
     assert stats.frames_received == 4 and stats.state is State.PRECOPY
+
+
+def test_sampling_sends_incompressible_pages_raw_without_a_worker_thread():
+    p = ConnectionPair(compress="zstd:1")
+    p.open()
+    sampler = zstandard.ZstdCompressor(level=1)
+    random_pages = os.urandom(32 * PS)
+    text_pages = (b"sampled text-like pages " * (32 * PS))[: 32 * PS]
+    raw = p.conn[S].send_deferred(Pages(round=0, runs=((BASE, 32),), payload=random_pages)).sample(sampler)
+    assert raw.compression.level is None and not raw.needs_thread      # only a checksum is left to compute
+    packed = p.conn[S].send_deferred(Pages(round=0, runs=((BASE, 32),), payload=text_pages)).sample(sampler)
+    assert packed.sampled and packed.compression.level == 1 and packed.needs_thread
+    raw_frame, packed_frame = raw.finish(), packed.finish()
+    assert len(raw_frame) > len(random_pages) and len(packed_frame) < len(text_pages) // 4
+    p.conn[D].receive_data(raw_frame + packed_frame)
+    assert [bytes(e.payload) for e in drain(p.conn[D])] == [random_pages, text_pages]

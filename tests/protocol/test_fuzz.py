@@ -121,16 +121,32 @@ def _crafted(rng: random.Random) -> bytes:
 
 
 def _feed(conn: Connection, data: bytes, rng: random.Random) -> None:
+    """Feed ``data`` in up to three pieces; where a frame's header is in, sometimes gather the
+    rest of that frame into a buffer of its own, as a socket transport does."""
     cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randint(0, 2)))
     start = 0
+    gather = rng.random() < 0.3
+    rest = None     # the unfilled part of a frame being gathered
     try:
         for cut in [*cuts, len(data)]:
-            if cut > start:
-                conn.receive_data(data[start:cut])
-                start = cut
             while True:
+                if rest is not None and start < cut:
+                    n = min(len(rest), cut - start)
+                    rest[:n] = data[start : start + n]
+                    conn.gathered(n)
+                    rest = rest[n:] or None
+                    start += n
                 event = conn.next_event()
-                if event is NEED_DATA or type(event) is ConnectionClosed:
+                if event is NEED_DATA:
+                    if start >= cut:
+                        break
+                    if rest is None and gather and conn.incomplete_frame():
+                        rest = conn.gather_frame(bytearray(conn.incomplete_frame()))
+                    elif rest is None:
+                        conn.receive_data(data[start:cut])
+                        start = cut
+                    continue
+                if type(event) is ConnectionClosed:
                     break
                 if type(event) is PendingPages:
                     event.decode(DECOMPRESSOR)

@@ -6,7 +6,8 @@ import zstandard
 
 from migrator.errors import RemoteProtocolError
 from migrator.errors import LocalProtocolError
-from migrator.protocol import Ack, Connection, Hello, Pages, Role, State, Zero
+from migrator.model import Region
+from migrator.protocol import Ack, Connection, Hello, Layout, Pages, Role, State, Zero
 from migrator.protocol._frames import F_ZSTD, HEADER, Mac
 from migrator.protocol._wire import encode_meta
 
@@ -89,6 +90,18 @@ def test_wrong_protocol_version_in_hello():
               "nonce": b"n" * 16, "session": b"", "stream": 0, "proof": b""}
     refuses(d, craft(Hello, fields, seq=0),
             "peer speaks protocol version 9; this side speaks 1")
+
+
+def test_layout_page_size_must_match_the_hello():
+    p = ConnectionPair()
+    p.handshake()                      # the source's Hello says 4096
+    layout = Layout(regions=(Region(BASE, 4 * 16384),), page_size=16384, meta={})
+    refuses(p.conn[D], craft(Layout, encode_meta(layout), seq=2),
+            "Layout.page_size 16384 differs from the source's Hello.page_size 4096")
+    p = ConnectionPair()
+    p.handshake()
+    with pytest.raises(LocalProtocolError, match="Layout.page_size 16384 differs"):
+        p.conn[S].send(layout)
 
 
 @pytest.mark.parametrize("token", [TOKEN])

@@ -2,9 +2,11 @@
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from migrator.errors import LocalProtocolError
 from migrator.model import Region
 from migrator.protocol import (
     Abort, Ack, Auth, Commit, Connection, Digest, Fence, Freeze, Hello, Index, IndexEntry, Layout, Pages, RoundEnd, Zero,
@@ -96,7 +98,12 @@ def test_round_trip_of_handshake_and_layout(token, features, page_size, streams,
     [reply] = p.send(D, Hello(features=features), expect=...)
     assert reply.features == features and reply.session == p.conn[S].session_id
     p.send(S, Auth(), expect=...)
-    p.send(S, Layout(regions=layout_regions, page_size=4096, meta=meta))
+    layout = Layout(regions=layout_regions, page_size=4096, meta=meta)
+    if page_size == 4096:
+        p.send(S, layout)
+    else:
+        with pytest.raises(LocalProtocolError, match=f"Layout.page_size 4096 differs from the source's Hello.page_size {page_size}"):
+            p.conn[S].send(layout)
 
 
 @settings(max_examples=60, deadline=None)

@@ -10,7 +10,7 @@ from migrator.errors import LocalProtocolError, RemoteProtocolError, TransportEr
 from migrator.protocol import (
     Abort, Ack, Commit, Digest, Freeze, Layout, Pages, RoundEnd, Zero,
 )
-from migrator.transport import Acceptor
+from migrator.transport import Acceptor, open_source
 
 from .helpers import LAYOUT, PS, TOKEN, memory_session, page_batch, zero_batch
 
@@ -277,3 +277,47 @@ async def test_bandwidth_cap_is_accurate_to_5_percent(autojump_clock, rate):
 
 def test_layout_helper_is_a_layout():
     assert isinstance(LAYOUT, Layout) and LAYOUT.total_bytes == 4096 * PS
+
+
+async def test_a_session_is_joinable_before_the_destination_answers_its_hello():
+    """The source may open its parallel streams as soon as it reads the destination's Hello:
+    the session must be registered by then, not after (a race seen under load)."""
+    acceptor = Acceptor(token=None)
+    registered_at_reply = []
+
+    class Watching(trio.abc.Stream):
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        async def send_all(self, data) -> None:
+            registered_at_reply.append(bool(acceptor._sessions))
+            await self.inner.send_all(data)
+
+        async def receive_some(self, max_bytes=None):
+            return await self.inner.receive_some(max_bytes)
+
+        async def wait_send_all_might_not_block(self) -> None:
+            await self.inner.wait_send_all_might_not_block()
+
+        async def send_eof(self) -> None:
+            await self.inner.send_eof()
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    done = trio.Event()
+
+    async def handler(channel) -> None:
+        done.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            clients = []
+            for k in range(2):
+                client, server = trio.testing.memory_stream_pair()
+                clients.append(client)
+                nursery.start_soon(acceptor.handle, Watching(server) if k == 0 else server, handler)
+            channel = await open_source(clients, token=None)
+            await done.wait()
+            await channel.aclose()
+    assert registered_at_reply[0] is True
