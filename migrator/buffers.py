@@ -62,7 +62,7 @@ class SizedBufferPool:
     ``keep`` are held, so the pool follows a change of sizes instead of clinging to old ones.
     """
 
-    def __init__(self, *, keep: int = 16, granule: int = 64 << 10) -> None:
+    def __init__(self, *, keep: int = 24, granule: int = 64 << 10) -> None:
         self.keep = keep
         self.granule = granule
         self._buffers: list[bytearray] = []

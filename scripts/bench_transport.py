@@ -5,10 +5,11 @@ For each kind of page data (random, half-zero pages, text-like) it measures, in 
 on the same bytes:
 
 * ``sendall``: raw ``socket.sendall`` of the data to a process that only reads it;
-* ``zstd``: single-thread zstd (level of ``--compress``) over the data, 1 MiB at a time, and the
-  same with two threads (how far two compressors really scale on this machine);
-* ``stream``: Layout, Pages of 1 MiB, RoundEnd, Digest -> Ack through ``migrator.transport``
-  to a receiving process that decodes every frame (checksums, decompression).
+* ``zstd``: single-thread zstd (level of ``--compress``) over the data, one Pages batch (4 MiB)
+  at a time, and the same with two threads (how far two compressors really scale here);
+* ``stream``: Layout, Pages of 4 MiB (the engine's batch), RoundEnd, Digest -> Ack through
+  ``migrator.transport`` to a receiving process that decodes every frame (checksums,
+  decompression).
 
 Goals (issue 4): ``stream`` reaches 70 % of min(sendall, zstd) with one stream, for each kind;
 on compressible (text-like) data two streams are at least 1.5x faster than one. A last line
@@ -43,11 +44,12 @@ import zstandard  # noqa: E402
 from migrator.model import Region  # noqa: E402
 from migrator.protocol import Ack, Compression, Digest, Layout, Pages, RoundEnd  # noqa: E402
 from migrator.testing.bench import finish, goal  # noqa: E402
+from migrator.source.engine import BATCH_PAGES  # noqa: E402
 from migrator.transport import connect, serve  # noqa: E402
 from migrator.transport._link import LOOPBACK_CONGESTION  # noqa: E402
 
 PS = 4096
-BATCH = 1 << 20                 # bytes per Pages event (what the source engine sends)
+BATCH = BATCH_PAGES * PS        # bytes per Pages event (what the source engine sends)
 BLOCK = 64 << 20                # distinct data per kind; larger sizes cycle through it
 BASE = 0x7F0000000000
 TOKEN = b"bench-transport-token-0123456789"
@@ -83,7 +85,7 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"size {text!r}: expected e.g. 1G, 256M")
     size = int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
     if size < BATCH:
-        raise argparse.ArgumentTypeError("size must be at least 1M")
+        raise argparse.ArgumentTypeError(f"size must be at least {BATCH >> 20}M")
     return size - size % BATCH
 
 
@@ -98,7 +100,7 @@ def batches(data: bytes, size: int):
 
 
 def zstd_rate(data: bytes, size: int, compression: Compression) -> tuple[float, float]:
-    """Raw bytes/s of one thread compressing 1 MiB at a time, and the compression ratio."""
+    """Raw bytes/s of one thread compressing a batch at a time, and the compression ratio."""
     compressor = compression.compressor() or zstandard.ZstdCompressor(level=1)
     out = 0
     started = time.perf_counter()

@@ -25,8 +25,8 @@ from ..runs import count_pages
 from ..tracker.memory import MemfdMemory, ProcessMemory
 from .guests import RestoreGuests
 
-APPLY_QUEUE = 8          # Pages events buffered between receiving and applying
-APPLY_BATCH = 8          # events applied per worker-thread call
+APPLY_QUEUE = 4          # Pages events (up to 4 MiB each) buffered between receiving and applying
+APPLY_BATCH = 2          # events applied per worker-thread call
 LAYOUT_TIMEOUT_S = 30.0
 
 

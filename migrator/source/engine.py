@@ -44,8 +44,9 @@ from .estimator import DowntimeEstimator
 from .policy import Action, PolicySettings, decide
 from .throttle import Throttle
 
-BATCH_PAGES = 256        # pages per Pages event (1 MiB raw): one frame, one compression job
-READ_CHUNK_PAGES = 512   # pages read per worker-thread call: 2 MiB stays in L2 while it is hashed and sent
+BATCH_PAGES = 1024       # pages per Pages event (4 MiB raw): one frame, one compression job; 4x fewer
+                         # frames than 1 MiB cut the per-frame work of both ends (scripts/bench_transport.py)
+READ_CHUNK_PAGES = 1024  # pages read per worker-thread call: one event's worth, about what L2 holds
 MAX_RUNS_PER_EVENT = 1024  # IOV_MAX: one process_vm_readv per Pages event at most
 ZERO_RUNS_PER_EVENT = 8192
 DIGEST_CHUNK = 1 << 20   # bytes per read while hashing the frozen region (--verify full)
