@@ -11,7 +11,9 @@ from migrator.buffers import SizedBufferPool
 from migrator.model import Region
 from migrator.protocol import Ack, Digest, Layout, Pages, Zero
 from migrator.transport import connect, serve
-from migrator.transport._link import GATHER_MIN, NOTSENT_LOWAT, _is_loopback, _tune_tcp
+from migrator.transport._link import (
+    GATHER_MIN, KEEPALIVE_IDLE, NOTSENT_LOWAT, USER_TIMEOUT_MS, _is_loopback, _tune_tcp,
+)
 
 PS = 4096
 BASE = 0x7F0000000000
@@ -128,7 +130,7 @@ def _allowed_congestion() -> str:
 
 @pytest.mark.skipif("reno" not in _allowed_congestion().split(),
                     reason="kernel does not let unprivileged sockets choose reno (tcp_allowed_congestion_control)")
-async def test_tcp_links_queue_whole_frames_and_use_reno_on_loopback():
+async def test_tcp_links_queue_whole_frames_use_reno_on_loopback_and_notice_dead_peers():
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     stream = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
     try:
@@ -136,6 +138,9 @@ async def test_tcp_links_queue_whole_frames_and_use_reno_on_loopback():
         sock = stream.socket
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0") == b"reno"
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == USER_TIMEOUT_MS
     finally:
         await stream.aclose()
         await listeners[0].aclose()
