@@ -19,7 +19,7 @@ import trio
 from .. import protocol as p
 from ..deadlines import deadline
 from ..digest import PageDigests
-from ..errors import MigrationFailed, RemoteProtocolError
+from ..errors import LocalProtocolError, MigrationFailed, RemoteProtocolError
 from ..model import Layout, Run
 from ..runs import count_pages
 from ..tracker.memory import MemfdMemory, ProcessMemory
@@ -28,6 +28,7 @@ from .guests import RestoreGuests
 APPLY_QUEUE = 4          # Pages events (up to 4 MiB each) buffered between receiving and applying
 APPLY_BATCH = 2          # events applied per worker-thread call
 LAYOUT_TIMEOUT_S = 30.0
+ABORT_LOOKUP_S = 2.0     # how long a refused reply looks for the source's Abort among queued events
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,7 @@ class DestinationMigration:
         # the source starts round 0 on this Ack, and takes the link's round trip from it: the
         # exchange's time minus ``ready_ms``, what this side spent in between
         ready_ms = round((time.perf_counter() - t) * 1000, 3)
-        await self.channel.send(p.Ack(of="layout", ok=True, detail={"ready_ms": ready_ms}))
-        await self.channel.flush()
+        await self._reply(p.Ack(of="layout", ok=True, detail={"ready_ms": ready_ms}))
         send_q, recv_q = trio.open_memory_channel(APPLY_QUEUE)
         try:
             async with trio.open_nursery() as nursery:
@@ -124,6 +124,19 @@ class DestinationMigration:
                         await self.channel.flush()
                     except Exception:  # noqa: BLE001 - the link may be what failed
                         pass
+            raise
+
+    async def _reply(self, ack: p.Ack) -> None:
+        """Send ``ack`` now. If the source aborted meanwhile (its Abort is read but not yet
+        received here, so the send is refused), fail with the source's reason instead."""
+        try:
+            await self.channel.send(ack)
+            await self.channel.flush()
+        except LocalProtocolError:
+            with trio.move_on_after(ABORT_LOOKUP_S):
+                while not isinstance(event := await self.channel.receive(), p.Abort):
+                    pass
+                raise MigrationFailed(f"source aborted: {event.reason}") from None
             raise
 
     async def _start_guest(self, layout: p.Layout) -> None:
@@ -206,8 +219,7 @@ class DestinationMigration:
                 self.rounds.append({"round": event.round, **dict(event.stats)})
                 if not event.stats.get("final"):  # the source waits until the round is applied
                     await self._drain(queue)
-                    await self.channel.send(p.Ack(of="round", ok=True, detail={"round": event.round}))
-                    await self.channel.flush()
+                    await self._reply(p.Ack(of="round", ok=True, detail={"round": event.round}))
             elif isinstance(event, p.Freeze):
                 freeze_at = time.perf_counter()
             elif isinstance(event, p.Digest):
@@ -220,8 +232,7 @@ class DestinationMigration:
                 self.parts["resume"] = (time.perf_counter() - t) * 1000
                 if freeze_at is not None:
                     self.parts["since_freeze"] = (time.perf_counter() - freeze_at) * 1000
-                await self.channel.send(p.Ack(of="commit", ok=True, detail={"resume_ms": self.parts["resume"]}))
-                await self.channel.flush()
+                await self._reply(p.Ack(of="commit", ok=True, detail={"resume_ms": self.parts["resume"]}))
                 self.log(f"resumed guest pid {self.dst.pid}, control {self.guest.control}")
                 return
             elif isinstance(event, p.Abort):
@@ -261,8 +272,7 @@ class DestinationMigration:
         detail = {k + "_ms": round(v, 3) for k, v in self.parts.items() if k in ("page_digest", "region_digest", "check")}
         if self.failure:
             detail["reason"] = self.failure
-        await self.channel.send(p.Ack(of="digest", ok=self.failure is None, detail=detail))
-        await self.channel.flush()
+        await self._reply(p.Ack(of="digest", ok=self.failure is None, detail=detail))
         if self.failure:
             raise MigrationFailed(self.failure)
 

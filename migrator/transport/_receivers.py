@@ -29,6 +29,7 @@ from ._threads import Job, ThreadJobs, decode_pages
 OUT_QUEUE = 4        # events delivered, waiting for receive()
 DECODE_AHEAD = 3     # frames per link decoding while its reader reads on
 _FAILURES = (RemoteProtocolError, TransportError)
+FAILURE_GRACE_S = 1.0  # how long a failed link waits for its deliverer to hand out what came before
 
 
 def start_decode(pending: PendingPages, jobs: ThreadJobs) -> Job | tuple[Pages, float]:
@@ -57,6 +58,16 @@ class _Decoding:
     def __init__(self, pending: PendingPages, jobs: ThreadJobs) -> None:
         self.raw_len = pending.raw_len
         self.started = start_decode(pending, jobs)
+
+
+class _Failed:
+    """A link's reader failed; its deliverer hands out what was read before, then says so."""
+
+    __slots__ = ("error", "reached")
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.reached = trio.Event()
 
 
 class DirectReceiver:
@@ -127,7 +138,10 @@ class GatheringReceiver:
 
     async def receive(self) -> Event:
         if self._failure is not None:
-            raise self._failure
+            try:
+                return self._recv.receive_nowait()   # what was delivered before the failure
+            except (trio.WouldBlock, trio.EndOfChannel):
+                raise self._failure from None
         try:
             return await self._recv.receive()
         except trio.EndOfChannel:
@@ -162,6 +176,12 @@ class GatheringReceiver:
                     if type(event) is ConnectionClosed:
                         return
             except _FAILURES as exc:
+                # Events read before the failure are delivered first, unless the deliverer is
+                # held up (a Fence waiting on another link) for longer than FAILURE_GRACE_S.
+                failed = _Failed(exc)
+                with trio.move_on_after(FAILURE_GRACE_S):
+                    await items.send(failed)
+                    await failed.reached.wait()
                 self._fail(exc)
 
     async def _deliver_loop(self, link: Link, items: trio.MemoryReceiveChannel, out: trio.MemorySendChannel) -> None:
@@ -169,6 +189,10 @@ class GatheringReceiver:
             try:
                 fences, after_fence = 0, False
                 async for event in items:
+                    if type(event) is _Failed:
+                        self._fail(event.error)   # before this deliverer's end can look like EOF
+                        event.reached.set()
+                        return
                     if type(event) is _Decoding:
                         event = await finish_decode(event.started, event.raw_len, self._counters)
                     kind = type(event)
