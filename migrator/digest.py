@@ -98,6 +98,24 @@ def hash_region(length: int, hash_piece: Callable[[int, int], bytes], threads: i
     return xxhash.xxh3_128_digest(b"".join(digests))
 
 
+def region_digest_read(length: int, read: Callable[[int, memoryview], None], chunk: int = 1 << 20) -> bytes:
+    """The region digest of memory this process can only copy (another process's):
+    ``read(offset, view)`` fills ``view`` with the region's bytes at ``offset``. Each thread
+    reads its pieces ``chunk`` bytes at a time into one small buffer, which stays in the cache
+    while it is hashed (reading into large buffers costs twice as much here)."""
+
+    def hash_piece(offset: int, size: int) -> bytes:
+        buffer = memoryview(bytearray(chunk))
+        piece = xxhash.xxh3_128()
+        for at in range(offset, offset + size, chunk):
+            view = buffer[: min(chunk, offset + size - at)]
+            read(at, view)
+            piece.update(view)
+        return piece.digest()
+
+    return hash_region(length, hash_piece)
+
+
 def region_digest(buffer) -> bytes:
     """The region digest of bytes in this process's memory."""
     view = memoryview(buffer).cast("B")

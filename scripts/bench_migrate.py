@@ -43,10 +43,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import trio
-import xxhash
 
 from migrator import protocol as p
-from migrator.digest import hash_region, region_digest
+from migrator.digest import region_digest, region_digest_read
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import parse_size
 from migrator.guest.spawn import spawn_guest
@@ -179,18 +178,12 @@ def migrate(guest, settings: MigrateSettings, receiver: Receiver) -> tuple[dict,
 def read_and_hash_ms(memory: ProcessMemory, region: Region) -> float:
     """One pass over a private guest's region as the migrator makes it: the region digest, its
     pieces read across processes a chunk at a time and hashed, on every core."""
-    chunk = 1 << 20
 
-    def hash_piece(offset: int, size: int) -> bytes:
-        buffer = memoryview(bytearray(chunk))
-        piece = xxhash.xxh3_128()
-        for at in range(offset, offset + size, chunk):
-            memory.read_runs([(region.start + at, chunk // PS)], buffer)
-            piece.update(buffer)
-        return piece.digest()
+    def read(offset: int, view: memoryview) -> None:
+        memory.read_runs([(region.start + offset, len(view) // PS)], view)
 
     started = time.perf_counter()
-    hash_region(region.length, hash_piece)
+    region_digest_read(region.length, read)
     return (time.perf_counter() - started) * 1000
 
 

@@ -7,7 +7,7 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from migrator.digest import REGION_PIECE, PageDigests, hash_region, region_digest, region_pieces
+from migrator.digest import REGION_PIECE, PageDigests, hash_region, region_digest, region_digest_read, region_pieces
 from migrator.model import Layout, Region
 from migrator.runs import complement, count_pages, split_runs, union
 
@@ -93,3 +93,13 @@ def test_region_digest_raises_what_a_piece_raised():
 
     with pytest.raises(OSError, match="Bad address"):
         hash_region(3 * REGION_PIECE, broken, threads=2)
+
+
+def test_region_digest_read_matches_the_digest_of_the_bytes():
+    data = bytearray(os.urandom(3 * (1 << 20) + 8192))
+    view = memoryview(data)
+
+    def read(offset, out):
+        out[:] = view[offset : offset + len(out)]
+
+    assert region_digest_read(len(data), read, chunk=1 << 20) == region_digest(data)

@@ -27,12 +27,11 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 import trio
-import xxhash
 
 from .. import protocol as p
 from ..buffers import BufferPool
 from ..deadlines import deadline
-from ..digest import PageDigests, hash_region
+from ..digest import PageDigests, region_digest, region_digest_read
 from ..errors import MigrationFailed, MigratorError
 from ..guest.client import GuestClient
 from ..model import Layout, RoundStats, Run
@@ -440,23 +439,13 @@ class SourceMigration:
             raise MigratorError("--verify full needs a guest with one region")
         region = self.layout.regions[0]
         if isinstance(self.memory, MemfdMemory):
-            view = self.memory.view(region.start, region.length)
+            return await trio.to_thread.run_sync(region_digest, self.memory.view(region.start, region.length))
+        ps = self.layout.page_size
 
-            def hash_piece(offset: int, size: int) -> bytes:
-                return xxhash.xxh3_128_digest(view[offset : offset + size])
-        else:
-            ps = self.layout.page_size
+        def read(offset: int, view: memoryview) -> None:
+            self.memory.read_runs([(region.start + offset, len(view) // ps)], view)
 
-            def hash_piece(offset: int, size: int) -> bytes:
-                buffer = memoryview(bytearray(DIGEST_CHUNK))
-                piece = xxhash.xxh3_128()
-                for at in range(offset, offset + size, DIGEST_CHUNK):
-                    chunk = buffer[: min(DIGEST_CHUNK, offset + size - at)]
-                    self.memory.read_runs([(region.start + at, len(chunk) // ps)], chunk)
-                    piece.update(chunk)
-                return piece.digest()
-
-        return await trio.to_thread.run_sync(hash_region, region.length, hash_piece)
+        return await trio.to_thread.run_sync(region_digest_read, region.length, read, DIGEST_CHUNK)
 
     # --- report ------------------------------------------------------------------------------
 
