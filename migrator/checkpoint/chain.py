@@ -24,9 +24,9 @@ from .. import protocol as p
 from ..errors import ImageError
 from ..model import Run
 from ..runs import count_pages, union
+from ..transport import open_file_reader, open_file_writer
 from .engine import CheckpointSettings, take_checkpoint
 from .image import MANIFEST, ImageInfo, chain_images, manifest_bytes, read_image, write_file_atomically
-from ._files import open_image_reader, open_image_writer
 
 NAME_WIDTH = 6
 
@@ -58,8 +58,8 @@ def subtract(runs: tuple[Run, ...], covered: list[Run], starts: list[int], page_
 
 
 async def _events(image: ImageInfo, token: bytes | None):
-    with open_image_reader(image.stream, token=token) as reader:
-        while (event := await reader.receive()) is not None:
+    async with await open_file_reader(image.stream, token=token) as reader:
+        async for event in reader:
             yield event
 
 
@@ -76,8 +76,7 @@ async def merge_into_child(base: ImageInfo, child: ImageInfo, *, token: bytes | 
     covered = union([], touched, ps)
     starts = [address for address, _ in covered]
     name = f"stream-{uuid.uuid4().hex[:12]}.mgrt"
-    writer = await open_image_writer(os.path.join(child.path, name), token=token, compress=compress)
-    try:
+    async with await open_file_writer(os.path.join(child.path, name), token=token, compress=compress) as writer:
         meta = {"id": child.id, "image": True, "kind": "full", "parent": "", "merged": base.id}
         await writer.send(p.Layout(regions=child.regions, page_size=ps, meta=meta))
         shift = 0           # the child's rounds follow the base's: only the base's round 0 stays round 0
@@ -113,10 +112,6 @@ async def merge_into_child(base: ImageInfo, child: ImageInfo, *, token: bytes | 
                     await writer.send(p.Digest(kind=event.kind, value=event.value, stats=dict(event.stats)))
             await writer.send(p.RoundEnd(round=last, stats={"merged_from": image.id}))
             shift = last + 1
-        await writer.aclose()
-    except BaseException:
-        writer.discard()
-        raise
     doc = dict(child.manifest)
     size = os.stat(os.path.join(child.path, name)).st_size
     raw = writer.statistics().bytes_raw

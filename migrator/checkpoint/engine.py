@@ -3,8 +3,10 @@
 ``CheckpointMigration`` is ``SourceMigration`` with four things changed, each an override of
 one of its hooks:
 
-- the channel is an image file (``_open_channel``), written through the file transport, and
-  nobody answers on it (``_watch_peer`` just waits);
+- the channel is an image file (``_open_channel``), written through the file transport
+  (``migrator.transport.open_file_writer``), and nobody answers on it (``_watch_peer`` just
+  waits; ``ACKS_ROUNDS`` is off, so no Ack is awaited; a failure discards the file instead of
+  recording an Abort in it, ``_send_abort``);
 - with a parent image, round 0 is the tracker's ``collect`` (pages written since the parent's
   final scan) instead of arm-and-send-everything (``_first_scan``), and the per-page digest
   table starts from the parent's (``_migrate``), so the image's ``Digest(kind="pages")`` covers
@@ -38,7 +40,7 @@ from ..guest.client import GuestClient
 from ..model import Run
 from ..runs import count_pages, union
 from ..source.engine import MigrateSettings, SourceMigration, _ms, _terminate
-from ._files import open_image_writer
+from ..transport import open_file_writer
 from .image import (
     FORMAT, MANIFEST, TABLE, ImageInfo, PendingImage, load_chain, manifest_bytes, read_image, read_table,
     relative_parent, table_bytes,
@@ -123,10 +125,13 @@ class CheckpointMigration(SourceMigration):
 
     async def _open_channel(self):
         s = self.settings
-        return await open_image_writer(os.path.join(self.pending.scratch, STREAM), token=s.token, compress=s.compress)
+        return await open_file_writer(os.path.join(self.pending.scratch, STREAM), token=s.token, compress=s.compress)
 
     async def _watch_peer(self) -> None:
-        await trio.sleep_forever()      # an image file never answers
+        await trio.sleep_forever()      # an image file never answers (a FileWriter has no receive)
+
+    async def _send_abort(self, reason: str) -> None:
+        self.channel.discard()          # nobody to tell: a failed image is never sealed, nor named
 
     def _layout_meta(self) -> dict:
         return {**super()._layout_meta(), "image": True, "kind": self._kind,

@@ -13,8 +13,8 @@ from .. import protocol as p
 from ..digest import PageDigests
 from ..errors import ImageError
 from ..model import Layout
+from ..transport import open_file_reader
 from .image import ImageInfo, check_files, load_chain, read_table
-from ._files import open_image_reader
 
 
 def _summary(image: ImageInfo) -> dict:
@@ -51,8 +51,8 @@ async def verify_chain(image_dir: str, *, token: bytes | None = None) -> dict:
         check_files(image)
         frames = pages = 0
         digest = None
-        with open_image_reader(image.stream, token=token) as reader:
-            while (event := await reader.receive()) is not None:
+        async with await open_file_reader(image.stream, token=token) as reader:
+            async for event in reader:
                 frames += 1
                 kind = type(event)
                 if kind is p.Pages:

@@ -21,8 +21,8 @@ import trio
 from .. import protocol as p
 from ..destination.engine import DestinationMigration, ReceiveSettings
 from ..errors import ImageError, MigrationFailed
+from ..transport import ChannelStats, FileReader, open_file_reader
 from .image import ImageInfo, check_files, load_chain, read_table
-from ._files import open_image_reader
 
 
 @dataclass(frozen=True)
@@ -39,25 +39,26 @@ class ChainChannel:
         self.chain = chain
         self.token = token
         self._index = -1
-        self._reader = None
+        self._reader: FileReader | None = None
         self._offset = 0          # added to every round number of the current image
         self._last_round = -1
         self._digest_sent = False
         self._commit = False
-        self._frames = 0
-        self._bytes = 0
+        self._closed_stats: list[ChannelStats] = []     # of the images read to their end
 
-    def _open_next(self) -> bool:
-        if self._reader is not None:
-            self._bytes += self._reader.size
-            self._reader.close()
-            self._reader = None
+    async def _open_next(self) -> None:
+        """Close the current image and open the next one (none after the last)."""
+        await self._close_reader()
         self._index += 1
-        if self._index >= len(self.chain):
-            return False
-        self._offset = self._last_round + 1
-        self._reader = open_image_reader(self.chain[self._index].stream, token=self.token)
-        return True
+        if self._index < len(self.chain):
+            self._offset = self._last_round + 1
+            self._reader = await open_file_reader(self.chain[self._index].stream, token=self.token)
+
+    async def _close_reader(self) -> None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            self._closed_stats.append(reader.statistics())
+            await reader.aclose()
 
     @property
     def _image(self) -> ImageInfo:
@@ -65,18 +66,17 @@ class ChainChannel:
 
     async def receive(self) -> p.Event:
         if self._index < 0:
-            self._open_next()
+            await self._open_next()
         while True:
             if self._commit:
                 self._commit = False
                 return p.Commit()
             if self._reader is None:
                 raise ImageError(f"{self.chain[-1].stream}: the chain ended without a verified digest")
-            event = await self._reader.receive()
-            self._frames += 1
-            if event is None or type(event) is p.Index:
-                if event is None:
-                    self._open_next()
+            try:
+                event = await self._reader.receive()
+            except trio.EndOfChannel:      # this image's Index was read and checked: the next one
+                await self._open_next()
                 continue
             out = self._translate(event)
             if out is not None:
@@ -118,12 +118,12 @@ class ChainChannel:
         pass
 
     def statistics(self) -> ChainStats:
-        return ChainStats(len(self.chain), self._frames, self._bytes)
+        stats = [*self._closed_stats, *([self._reader.statistics()] if self._reader is not None else [])]
+        return ChainStats(len(self.chain), sum(s.frames_received for s in stats),
+                          sum(s.bytes_wire_received for s in stats))
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        await self._close_reader()
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import trio
 
 from migrator import protocol as p
 from migrator.checkpoint import load_chain
-from migrator.checkpoint._files import open_image_reader
 from migrator.guest.layout import region_digest
+from migrator.transport import open_file_reader
 
 MiB = 1 << 20
 
@@ -19,8 +19,8 @@ async def replay_digest(image_dir: str) -> str:
     region = chain[0].regions[0]
     memory = bytearray(region.length)
     for image in chain:
-        with open_image_reader(image.stream, token=None) as reader:
-            while (event := await reader.receive()) is not None:
+        async with await open_file_reader(image.stream, token=None) as reader:
+            async for event in reader:
                 if type(event) in (p.Pages, p.Zero):
                     view = memoryview(event.payload) if type(event) is p.Pages else None
                     offset = 0

@@ -14,7 +14,7 @@ from migrator.checkpoint import (
     CheckpointSettings, RestoreSettings, image_tag, load_chain, read_image, restore_chain, run_continuous,
     take_checkpoint, verify_chain,
 )
-from migrator.errors import ImageError
+from migrator.errors import ImageError, MigrationFailed
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
 from migrator.tracker.features import wp_async_missing
@@ -81,6 +81,17 @@ async def test_incremental_refused_unless_the_parent_scanned_last(sockdir, tmp_p
             report = await take_checkpoint(guest.control, str(tmp_path / "c"), settings, parent=str(tmp_path / "a"))
         assert report["image_kind"] == "full" and "last scanned by" in report["parent_refused"]
         assert read_image(str(tmp_path / "c")).kind == "full"
+
+
+async def test_a_checkpoint_that_fails_mid_stream_leaves_no_file_and_the_guest_running(sockdir, tmp_path):
+    with spawn_guest(os.path.join(sockdir, "g.sock"), size=16 * MiB, dirty_rate=1000) as guest:
+        settings = CheckpointSettings(leave_running=True, round_timeout_s=1e-4)    # round 0 cannot finish
+        with trio.fail_after(60):
+            with pytest.raises(MigrationFailed, match="round 0") as failed:
+                await take_checkpoint(guest.control, str(tmp_path / "x"), settings)
+        assert "stream failed" not in str(failed.value) and not failed.value.committed
+        assert os.listdir(tmp_path) == [], "a failed image leaves neither a directory nor a partial file"
+        await trio.to_thread.run_sync(_assert_running, guest.control)
 
 
 async def test_continuous_checkpoints_prune_and_every_kept_image_restores(sockdir, tmp_path):
