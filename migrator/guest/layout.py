@@ -1,7 +1,7 @@
 """Pure values describing a guest region: its geometry, its settings, and its digest.
 
-No I/O and no compiled code here, so a migrator or a destination can size, name and digest a
-region without the guest's hot loop. The byte layout of the control block itself is defined once,
+No I/O and not the guest's compiled hot loop here, so a migrator or a destination can size,
+name and digest a region without it (the digest itself is ``migrator.digest``'s). The byte layout of the control block itself is defined once,
 in C (``_build_workload.py``); ``workload.py`` reads it through cffi.
 """
 
