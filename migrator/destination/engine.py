@@ -22,8 +22,7 @@ from ..digest import PageDigests
 from ..errors import LocalProtocolError, MigrationFailed, RemoteProtocolError
 from ..model import Layout, Run
 from ..runs import count_pages
-from ..tracker.memory import MemfdMemory, ProcessMemory
-from .guests import RestoreGuests
+from .guests import RestoreGuests, RestoreTarget
 
 APPLY_QUEUE = 4          # Pages events (up to 4 MiB each) buffered between receiving and applying
 APPLY_BATCH = 2          # events applied per worker-thread call
@@ -57,6 +56,7 @@ class DestinationMigration:
         self.log = log
         self.guests = guests
         self.guest = None
+        self.target: RestoreTarget | None = None
         self.prepared = False
         self.resumed = False
         self.parts: dict[str, float] = {}
@@ -74,8 +74,8 @@ class DestinationMigration:
         except BaseException as exc:  # noqa: BLE001 - reported, then re-raised as MigrationFailed
             error = exc
         finally:
-            if not self.resumed and self.guest is not None:
-                await trio.to_thread.run_sync(self.guest.kill)
+            if self.target is not None:   # a guest that was not resumed is killed
+                await trio.to_thread.run_sync(self.target.close if not self.resumed else self.target.release)
         from ..source.engine import describe
 
         report = self.report = {
@@ -150,18 +150,12 @@ class DestinationMigration:
             control_dir = self.settings.control_dir or tempfile.mkdtemp(prefix="migrator-")
             self.guests = RestoreGuests(control_dir, memfd=self.settings.memfd)
         t = time.perf_counter()
-        self.guest, self.prepared = await self.guests.take(total)
-        self.client = await trio.to_thread.run_sync(self.guest.client)
-        attachment = await trio.to_thread.run_sync(self.client.attach, "none")
+        self.target = target = await self.guests.take(total)
         self.parts["spawn_guest"] = (time.perf_counter() - t) * 1000
-        self.dst = attachment.layout
+        self.guest, self.client, self.dst, self.memory = target.guest, target.client, target.layout, target.memory
+        self.prepared = target.prepared
         if not self.src.same_shape(self.dst):
             raise MigrationFailed("restore guest's layout does not match the source's")
-        self.memory = (
-            MemfdMemory(attachment.memfd, self.dst.regions, self.dst.page_size, writable=True)
-            if attachment.memfd is not None
-            else ProcessMemory(self.dst.pid, self.dst.page_size)
-        )
         self.digests = PageDigests(self.dst.total_pages, self.dst.page_size)
         self.log(f"receiving {total >> 20} MiB into restore guest pid {self.dst.pid}")
 

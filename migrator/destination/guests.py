@@ -7,9 +7,11 @@ the host backs memory on first touch and free page reporting hands freed memory 
 
 QEMU's destination is started with ``-incoming`` before the migration, its RAM allocated, and
 with ``-mem-prealloc`` faulted in. ``RestoreGuests(prepare=SIZE)`` does the same: the task
-``keep_prepared`` starts one restore guest of SIZE bytes and waits until it has faulted its
-memory in; the next migration of that size takes it, and the task starts the next one. A
-migration of another size gets a guest started on demand.
+``keep_prepared`` starts one restore guest of SIZE bytes, waits until it has faulted its memory
+in, and opens it as a ``RestoreTarget`` (control connection, layout, and its memory as this
+process writes it: for a memfd guest, the shared mapping with every page mapped here too). The
+next migration of that size takes it, and the task prepares the next one. A migration of
+another size gets a target started on demand.
 """
 
 from __future__ import annotations
@@ -18,13 +20,39 @@ import itertools
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
 from ..errors import GuestError
+from ..guest.client import GuestClient
 from ..guest.spawn import GuestProcess, spawn_guest
+from ..model import Layout
+from ..tracker.memory import MemfdMemory, ProcessMemory
 
 POPULATED_POLL_S = 0.05
+
+
+@dataclass
+class RestoreTarget:
+    """A restore guest opened for receiving: its process, control connection, layout, memory."""
+
+    guest: GuestProcess
+    client: GuestClient
+    layout: Layout
+    memory: ProcessMemory | MemfdMemory
+    prepared: bool
+
+    def release(self) -> None:
+        """Let go of a guest that now runs on its own: its control connection, its mapping."""
+        self.client.close()
+        if isinstance(self.memory, MemfdMemory):
+            self.memory.close()
+
+    def close(self) -> None:
+        """Kill the guest and let go of it (a target nobody resumed)."""
+        self.guest.kill()
+        self.release()
 
 
 class RestoreGuests:
@@ -41,20 +69,20 @@ class RestoreGuests:
         self.prepare = prepare
         self._log = log
         self._names = itertools.count()
-        self._prepared: GuestProcess | None = None
+        self._prepared: RestoreTarget | None = None
         self._starting: trio.Event | None = None    # set when the prepared guest's start ended
         self._taken = trio.Event()
 
-    async def take(self, size: int) -> tuple[GuestProcess, bool]:
-        """A restore guest of ``size`` bytes, and whether it was prepared ahead."""
+    async def take(self, size: int) -> RestoreTarget:
+        """A restore target of ``size`` bytes (``prepared`` says whether it was made ahead)."""
         if size == self.prepare:
             if self._starting is not None:
                 await self._starting.wait()
-            guest, self._prepared = self._prepared, None
-            if guest is not None and guest.alive():
+            target, self._prepared = self._prepared, None
+            if target is not None and target.guest.alive():
                 self._taken.set()
-                return guest, True
-        return await trio.to_thread.run_sync(self._start, size), False
+                return target
+        return await trio.to_thread.run_sync(self._open, size, False)
 
     async def keep_prepared(self, *, again: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Task: keep one guest of ``prepare`` bytes ready; once taken, prepare the next if
@@ -69,40 +97,50 @@ class RestoreGuests:
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED
             try:
-                self._prepared = await trio.to_thread.run_sync(self._start, self.prepare)
+                target = self._prepared = await trio.to_thread.run_sync(self._open, self.prepare, True)
             finally:
                 self._starting.set()
                 self._starting = None
             try:
-                if await self._wait_populated(self._prepared):
+                if await self._wait_populated(target):
                     self._log(f"prepared a {self.prepare >> 20} MiB restore guest "
-                              f"(pid {self._prepared.pid}) in {time.perf_counter() - started:.2f} s")
+                              f"(pid {target.guest.pid}) in {time.perf_counter() - started:.2f} s")
                 await self._taken.wait()
             finally:
                 if self._prepared is not None:        # cancelled before anyone took it
-                    guest, self._prepared = self._prepared, None
+                    target, self._prepared = self._prepared, None
                     with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(guest.kill)
+                        await trio.to_thread.run_sync(target.close)
             if not again:
                 return
 
-    async def _wait_populated(self, guest: GuestProcess) -> bool:
-        """Poll until the guest's memory is faulted in; False if it was taken before that."""
-        client = await trio.to_thread.run_sync(guest.client)
-        try:
-            while self._prepared is guest:
-                stats = await trio.to_thread.run_sync(client.stats)
-                if stats.get("populated", True):
-                    return True
-                with trio.move_on_after(POPULATED_POLL_S):
-                    await self._taken.wait()
-            return False
-        finally:
-            client.close()
+    async def _wait_populated(self, target: RestoreTarget) -> bool:
+        """Poll until the guest's memory is faulted in, then map a memfd guest's pages here
+        too; False if the target was taken before that."""
+        while self._prepared is target:
+            stats = await trio.to_thread.run_sync(target.client.stats)
+            if stats.get("populated", True):
+                if isinstance(target.memory, MemfdMemory):
+                    await trio.to_thread.run_sync(target.memory.populate)
+                return True
+            with trio.move_on_after(POPULATED_POLL_S):
+                await self._taken.wait()
+        return False
 
-    def _start(self, size: int) -> GuestProcess:
+    def _open(self, size: int, prepared: bool) -> RestoreTarget:
+        """Start a restore guest and open it for receiving (blocking: a worker thread)."""
         control = os.path.join(self.control_dir, f"restore-{os.getpid()}-{next(self._names)}.sock")
         try:
-            return spawn_guest(control, size=size, dirty_rate=None, restore=True, memfd=self.memfd)
+            guest = spawn_guest(control, size=size, dirty_rate=None, restore=True, memfd=self.memfd)
         except GuestError as exc:
             raise GuestError(f"cannot start a restore guest of {size >> 20} MiB: {exc}") from exc
+        try:
+            client = guest.client()
+            attachment = client.attach("none")
+            layout = attachment.layout
+            memory = (MemfdMemory(attachment.memfd, layout.regions, layout.page_size, writable=True)
+                      if attachment.memfd is not None else ProcessMemory(layout.pid, layout.page_size))
+        except BaseException:
+            guest.kill()
+            raise
+        return RestoreTarget(guest, client, layout, memory, prepared)

@@ -16,9 +16,9 @@ import os
 import threading
 
 from ..model import Region
+from ..tracker._uapi import MADV_POPULATE_WRITE
 from ._workload import ffi
 
-MADV_POPULATE_WRITE = 23  # include/uapi/asm-generic/mman-common.h (Linux 5.14+)
 POPULATE_CHUNK = 64 << 20
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -151,3 +151,8 @@ PM_ENTRY_PRESENT = 1 << 63
 
 # --- process_vm_readv / writev ------------------------------------------------------------------
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+# madvise advice that faults pages in without changing them (include/uapi/asm-generic/mman-common.h,
+# Linux 5.14+): restore guests pre-fault their region, receivers the mapping of a guest's memfd.
+MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23

@@ -13,7 +13,7 @@ from itertools import accumulate
 
 from ..model import Run
 from . import _sys
-from ._uapi import IOV_MAX, ffi
+from ._uapi import IOV_MAX, MADV_POPULATE_READ, MADV_POPULATE_WRITE, ffi
 
 
 class ProcessMemory:
@@ -96,6 +96,7 @@ class MemfdMemory:
         self._regions = list(regions)
         size = sum(r.length for r in self._regions)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self._writable = writable
         self._map = mmap.mmap(memfd, size, mmap.MAP_SHARED, prot)
         self._view = memoryview(self._map)
         offsets, offset = [], 0
@@ -138,6 +139,15 @@ class MemfdMemory:
         """The live bytes at ``address``, without a copy (they change while the guest runs)."""
         o = self._offset(address)
         return self._view[o : o + length]
+
+    def populate(self) -> None:
+        """Map every page of the memfd here now (MADV_POPULATE_READ/WRITE, Linux 5.14+) rather
+        than on first touch, a fault per page (~0.3 s per GiB here) inside whatever copy
+        touches it first. Best effort: an older kernel maps them on first touch as before."""
+        try:
+            self._map.madvise(MADV_POPULATE_WRITE if self._writable else MADV_POPULATE_READ)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self._view.release()

@@ -14,35 +14,41 @@ import trio
 from migrator.destination.guests import RestoreGuests
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
+from migrator.tracker.memory import MemfdMemory, ProcessMemory
 from migrator.source.engine import MigrateSettings, SourceMigration
 
 MiB = 1 << 20
 
 
-async def test_prepared_guest_is_populated_taken_and_replaced(sockdir):
+@pytest.mark.parametrize("memfd", [False, True])
+async def test_prepared_guest_is_populated_taken_and_replaced(sockdir, memfd):
     lines: list[str] = []
-    guests = RestoreGuests(sockdir, prepare=32 * MiB, log=lines.append)
+    guests = RestoreGuests(sockdir, prepare=32 * MiB, memfd=memfd, log=lines.append)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(guests.keep_prepared)
             while not lines:
                 await trio.sleep(0.05)
             assert "prepared a 32 MiB restore guest" in lines[0]
-            first, prepared = await guests.take(32 * MiB)
-            assert prepared and first.alive()
-            with GuestClient(first.control) as client:
-                stats = client.stats()
+            first = await guests.take(32 * MiB)
+            assert first.prepared and first.guest.alive()
+            stats = first.client.stats()
             assert stats["state"] == "restoring" and stats["populated"] is True
-            other, prepared = await guests.take(16 * MiB)     # another size: started on demand
-            assert not prepared and other.alive()
+            assert isinstance(first.memory, MemfdMemory if memfd else ProcessMemory)
+            region = first.layout.regions[0]
+            first.memory.write_runs([(region.start, 1)], b"x" * 4096)     # writable, in the guest
+            assert bytes(ProcessMemory(first.guest.pid).read_runs([(region.start, 1)])) == b"x" * 4096
+            other = await guests.take(16 * MiB)               # another size: started on demand
+            assert not other.prepared and other.guest.alive() and other.layout.regions[0].length == 16 * MiB
             while len(lines) < 2:                             # the next one is prepared
                 await trio.sleep(0.05)
             spare = guests._prepared
-            assert spare is not None and spare.pid != first.pid
+            assert spare is not None and spare.guest.pid != first.guest.pid
             nursery.cancel_scope.cancel()
-    assert not spare.alive(), "an unclaimed prepared guest is killed when the receiver stops"
-    for guest in (first, other):
-        guest.kill()
+    assert not spare.guest.alive(), "an unclaimed prepared guest is killed when the receiver stops"
+    for target in (first, other):
+        target.close()
+        assert not target.guest.alive()
 
 
 async def test_take_waits_for_a_guest_that_is_still_starting(sockdir):
@@ -50,9 +56,9 @@ async def test_take_waits_for_a_guest_that_is_still_starting(sockdir):
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(guests.keep_prepared, again=False))  # starting, not ready
-            guest, prepared = await guests.take(16 * MiB)
-    assert prepared, "the guest being prepared is handed over instead of starting a second one"
-    guest.kill()
+            target = await guests.take(16 * MiB)
+    assert target.prepared, "the guest being prepared is handed over instead of starting a second one"
+    target.close()
 
 
 def test_receive_prepare_migrates_into_the_prepared_guest(sockdir):
