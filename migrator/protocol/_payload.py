@@ -60,7 +60,7 @@ def encode_payload(compressor: zstandard.ZstdCompressor | None, raw, *, sample: 
     """``(flags, body)``: zstd-compressed when that saves at least 1/64, else the raw bytes.
     ``sample=False``: the caller sampled already (``worth_compressing``)."""
     view = as_bytes_view(raw)
-    if compressor is None or (sample and len(view) >= SAMPLED_FROM and not _samples_shrink(compressor, view)):
+    if compressor is None or (sample and not worth_compressing(compressor, view)):
         return 0, view
     packed = compressor.compress(view)
     if len(packed) > len(view) - (len(view) >> 6):

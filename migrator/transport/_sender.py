@@ -23,9 +23,9 @@ on another link before the barrier (multifd's sync packets, in effect).
 from __future__ import annotations
 
 from collections import deque
-from itertools import islice
 from collections.abc import Callable
 from functools import partial
+from itertools import islice
 
 import trio
 import zstandard

@@ -19,7 +19,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import trio
 import zstandard
@@ -30,34 +31,35 @@ _compressors: dict[int, list[zstandard.ZstdCompressor]] = {}
 _decompressors: list[zstandard.ZstdDecompressor] = []
 
 
+@contextmanager
+def _borrowed(pool: list, make: Callable[[], object]) -> Iterator:
+    """A coder of ``pool`` that no other thread uses meanwhile (a new one from ``make`` if all
+    are busy), given back afterwards."""
+    try:
+        coder = pool.pop()
+    except IndexError:
+        coder = make()
+    try:
+        yield coder
+    finally:
+        pool.append(coder)
+
+
 def finish_frame(pending: PendingFrame) -> tuple[tuple, float]:
     """Worker thread: compress and seal one frame. Returns its parts and the seconds it took."""
     started = time.perf_counter()
     compression: Compression = pending.compression
     if compression.level is None:
         return pending.finish_parts(None), time.perf_counter() - started
-    pool = _compressors.setdefault(compression.level, [])
-    try:
-        compressor = pool.pop()
-    except IndexError:
-        compressor = compression.compressor()
-    try:
+    with _borrowed(_compressors.setdefault(compression.level, []), compression.compressor) as compressor:
         return pending.finish_parts(compressor), time.perf_counter() - started
-    finally:
-        pool.append(compressor)
 
 
 def decode_pages(pending: PendingPages):
     """Worker thread: check and decompress one received Pages frame. Returns (Pages, seconds)."""
     started = time.perf_counter()
-    try:
-        decompressor = _decompressors.pop()
-    except IndexError:
-        decompressor = zstandard.ZstdDecompressor()
-    try:
+    with _borrowed(_decompressors, zstandard.ZstdDecompressor) as decompressor:
         return pending.decode(decompressor), time.perf_counter() - started
-    finally:
-        _decompressors.append(decompressor)
 
 
 class Job:
