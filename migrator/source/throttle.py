@@ -77,12 +77,7 @@ class Throttle:
         Polls /proc/PID/task/*/stat (usually well under a millisecond, it is part of the downtime);
         GuestError when the guest has exited or does not stop within ``timeout_s``.
         """
-        with self._cond:
-            if self._state == _CLOSED:
-                raise RuntimeError(f"throttle of pid {self.pid} is closed")
-            self._state = _FROZEN
-            self._cond.notify_all()
-            self._signal(signal.SIGSTOP)
+        self._take_over(_FROZEN, signal.SIGSTOP)
         deadline = time.monotonic() + timeout_s
         while not self._all_stopped():
             if time.monotonic() > deadline:
@@ -91,12 +86,7 @@ class Throttle:
 
     def thaw(self) -> None:
         """Resume a frozen guest (the duty cycle stays off)."""
-        with self._cond:
-            if self._state == _CLOSED:
-                raise RuntimeError(f"throttle of pid {self.pid} is closed")
-            self._state = _THAWED
-            self._cond.notify_all()
-            self._signal(signal.SIGCONT)
+        self._take_over(_THAWED, signal.SIGCONT)
 
     def close(self) -> None:
         """Stop the duty cycle; the guest is left running, or stopped if frozen and not thawed."""
@@ -148,6 +138,15 @@ class Throttle:
                 return                  # freeze keeps it stopped; close has resumed it
             self._cycles += 1
             self._cond.wait_for(lambda: self._state != _ACTIVE, (1 - duty) * self.period_s)
+
+    def _take_over(self, state: str, sig: int) -> None:
+        """Stop the duty cycle (its thread sees ``state``) and send ``sig`` under the lock."""
+        with self._cond:
+            if self._state == _CLOSED:
+                raise RuntimeError(f"throttle of pid {self.pid} is closed")
+            self._state = state
+            self._cond.notify_all()
+            self._signal(sig)
 
     def _signal(self, sig: int) -> bool:
         """Send ``sig``; False (and ``exited`` set) when the guest is gone."""
