@@ -15,8 +15,10 @@ Goals (issue 4): ``stream`` reaches 70 % of min(sendall, zstd) with one stream, 
 on compressible (text-like) data two streams are at least 1.5x faster than one. A last line
 measures the bandwidth cap's accuracy (goal: within 5 %).
 
-Diagnostics (not goals): CPU seconds of each side (whole process and its trio thread) per run,
-and, for random data, sendall with the congestion control the stream picks for loopback peers
+Diagnostics (not goals): for compressible data, the codec alone on these CPUs (``codec_rate``:
+N threads compress while N others decompress, no sockets or event loop), which bounds what N
+streams can reach while both ends share the machine; CPU seconds of each side (whole process
+and its trio thread) per run; and, for random data, sendall with the congestion control the stream picks for loopback peers
 (reno rather than the system default; see ``migrator.transport._link._tune_tcp``), so that the
 stream can also be compared with a raw socket tuned like it.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import random
 import re
 import resource
@@ -123,6 +126,38 @@ def zstd_threads_rate(data: bytes, size: int, compression: Compression, threads:
     for worker in workers:
         worker.start()
     for worker in workers:
+        worker.join()
+    return size / (time.perf_counter() - started)
+
+
+def codec_rate(data: bytes, size: int, compression: Compression, threads: int) -> float:
+    """Raw bytes/s of the codec's work alone on these CPUs: ``threads`` threads compress the
+    batches (one compressor each) while as many others decompress them as they come, with no
+    sockets, framing or event loop. This is what ``threads`` streams could reach with zero
+    overhead when both ends share the machine, as they do here."""
+    chunks = list(batches(data, size))
+    packed: queue.Queue = queue.Queue(maxsize=2 * threads)
+
+    def compress(part) -> None:
+        compressor = compression.compressor() or zstandard.ZstdCompressor(level=1)
+        for _, chunk in part:
+            packed.put(compressor.compress(chunk))
+
+    def decompress() -> None:
+        decompressor = zstandard.ZstdDecompressor()
+        while (frame := packed.get()) is not None:
+            decompressor.decompress(frame)
+
+    compressors = [threading.Thread(target=compress, args=(chunks[i::threads],)) for i in range(threads)]
+    decompressors = [threading.Thread(target=decompress) for _ in range(threads)]
+    started = time.perf_counter()
+    for worker in compressors + decompressors:
+        worker.start()
+    for worker in compressors:
+        worker.join()
+    for _ in decompressors:
+        packed.put(None)        # the end, once for each decompressor
+    for worker in decompressors:
         worker.join()
     return size / (time.perf_counter() - started)
 
@@ -261,7 +296,10 @@ def main(argv=None) -> int:
             two, two_info = trio.run(lambda: stream_rate(address, data, args.size, streams=2,
                                                          compress=args.compress, token=token))
             limit = min(sendall, zstd) if compression.level is not None else sendall
+            codec = ({n: codec_rate(data, args.size, compression, n) for n in (1, 2)}
+                     if compression.level is not None and kind != "random" else None)
             results.append({"kind": kind, "sendall_Bps": sendall, "sendall_stream_cc_Bps": sendall_tuned, "zstd_Bps": zstd, "zstd2_Bps": zstd2, "zstd_ratio": ratio,
+                            "codec1_Bps": codec and codec[1], "codec2_Bps": codec and codec[2],
                             "stream1_Bps": one, "stream2_Bps": two, "stream1": one_info, "stream2": two_info})
             print(f"{kind:10} {sendall / mb:9.0f} {zstd / mb:9.0f} {zstd2 / mb:9.0f} {ratio:6.2f} {one / mb:9.0f} {two / mb:10.0f} "
                   f"{one / limit:10.2f} {two / one:8.2f}", file=out)
@@ -270,12 +308,22 @@ def main(argv=None) -> int:
             if kind == "text":
                 goals.append(goal("text: 2 streams / 1 stream, baseline MB/s", round(two / one, 3), round(one / mb, 1), 1.5,
                                   two >= 1.5 * one, stream2_MBps=round(two / mb, 1),
-                                  zstd_2_vs_1_threads=round(zstd2 / zstd, 3)))
+                                  zstd_2_vs_1_threads=round(zstd2 / zstd, 3),
+                                  codec_alone_2_MBps=round(codec[2] / mb, 1) if codec else None,
+                                  zero_overhead_ceiling=round(codec[2] / one, 3) if codec else None))
         tuned = results[0]["sendall_stream_cc_Bps"] if results and results[0]["kind"] == "random" else None
         if tuned:
             print(f"random: sendall with the congestion control the stream uses on loopback "
                   f"({LOOPBACK_CONGESTION.decode()}): {tuned / mb:.0f} MB/s; 1 stream reaches "
                   f"{results[0]['stream1_Bps'] / tuned:.2f} of it", file=out)
+        print("The codec alone on these CPUs (compress and, at the same time, decompress; no sockets, framing or "
+              "event loop), against the streams:", file=out)
+        for r in results:
+            if r["codec1_Bps"]:
+                print(f"  {r['kind']:10} 1 thread each {r['codec1_Bps'] / mb:5.0f} MB/s, 1 stream reaches "
+                      f"{r['stream1_Bps'] / r['codec1_Bps']:.2f} of it;   2 threads each {r['codec2_Bps'] / mb:5.0f} MB/s, "
+                      f"2 streams reach {r['stream2_Bps'] / r['codec2_Bps']:.2f} of it;   with zero overhead, "
+                      f"2 streams / 1 stream would be at most {r['codec2_Bps'] / r['stream1_Bps']:.2f}", file=out)
         print("CPU seconds per side (whole process, and its trio thread; the rest is compression or decompression "
               "threads) and wall seconds:", file=out)
         for r in results:

@@ -5,7 +5,9 @@
     header   24 B  "<4sBBBBIIQ": magic "MGRT", version, type, flags, reserved (0),
                    meta length, payload length (as on the wire), sequence number
     meta           msgpack map of the event's fields (data only: no ext types, never code)
-    payload        Pages only: raw or zstd-compressed page bytes (flag ZSTD)
+    payload        Pages only: raw or zstd-compressed page bytes (flag ZSTD); with flag ZEROS
+                   a bitmap of the batch's zero pages (1 bit per page, little-endian) comes
+                   first and those pages are left out (see _payload)
     payload tag    T bytes, only when there is a payload: tag of the payload bytes
     frame tag      T bytes: tag of header + meta + payload tag
 
@@ -34,7 +36,8 @@ HEADER = struct.Struct("<4sBBBBIIQ")
 
 F_ZSTD = 0x01      # the payload is one zstd frame
 F_MAC = 0x02       # tags are HMACs under the session key
-KNOWN_FLAGS = F_ZSTD | F_MAC
+F_ZEROS = 0x04     # the payload starts with a zero-page bitmap; those pages are not sent
+KNOWN_FLAGS = F_ZSTD | F_MAC | F_ZEROS
 
 DEFAULT_MAX_FRAME = 64 << 20
 HANDSHAKE_MAX_FRAME = 64 << 10   # nothing large is accepted before the peer is authenticated
@@ -122,8 +125,8 @@ def parse_header(data) -> Header:
         raise LocalProtocolError(f"reserved header byte is {reserved}, not 0")
     if payload_len and type_code != TYPE_CODES[Pages]:
         raise LocalProtocolError(f"{TYPES[type_code].__name__} frame carries a {payload_len}-byte payload")
-    if flags & F_ZSTD and not payload_len:
-        raise LocalProtocolError("compressed flag on a frame without payload")
+    if flags & (F_ZSTD | F_ZEROS) and not payload_len:
+        raise LocalProtocolError("compressed or zero-page flag on a frame without payload")
     return Header(type_code, flags, meta_len, payload_len, seq)
 
 

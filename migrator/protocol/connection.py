@@ -46,7 +46,7 @@ from . import _handshake as hs
 from ._bounds import LayoutBounds
 from ._buffer import ReceiveBuffer
 from ._frames import (
-    CHECKSUM, DEFAULT_MAX_FRAME, F_MAC, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
+    CHECKSUM, DEFAULT_MAX_FRAME, F_MAC, F_ZEROS, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
     Mac, assemble_parts, frame_size, parse_header,
 )
 from ._payload import Compression, as_bytes_view, decode_payload, encode_payload, worth_compressing
@@ -95,6 +95,7 @@ class PendingFrame:
     raw: memoryview | None
     compression: Compression
     integrity: Integrity
+    page_size: int = 0           # Pages: zero pages are left out of a payload worth compressing
     sampled: bool = False        # ``sample`` found the payload worth compressing
 
     @property
@@ -128,7 +129,7 @@ class PendingFrame:
             if self.compression.level is not None and compressor is None:
                 compressor = self.compression.compressor()
             flags, body = encode_payload(compressor if self.compression.level is not None else None, self.raw,
-                                         sample=not self.sampled)
+                                         sample=not self.sampled, page_size=self.page_size)
         return assemble_parts(TYPE_CODES[self.kind], flags, self.seq, self.meta, body, self.integrity)
 
 
@@ -144,6 +145,7 @@ class PendingPages:
     payload_tag: bytes
     integrity: Integrity
     where: str                      # "frame seq N at byte X", for messages
+    page_size: int
 
     @property
     def wire_len(self) -> int:
@@ -151,7 +153,7 @@ class PendingPages:
 
     @property
     def needs_thread(self) -> bool:
-        return bool(self.flags & F_ZSTD) or isinstance(self.integrity, Mac)
+        return bool(self.flags & (F_ZSTD | F_ZEROS)) or isinstance(self.integrity, Mac)
 
     def decode(self, decompressor: zstandard.ZstdDecompressor) -> Pages:
         """Check the payload's tag and decompress it (any thread; ``decompressor`` is the
@@ -163,7 +165,7 @@ class PendingPages:
         expected = self.integrity.payload_tag(self.body)
         if not hmac.compare_digest(expected, self.payload_tag):
             raise LocalProtocolError(f"payload of {self.where} fails its {self.integrity.name} (corrupted or forged)")
-        raw = decode_payload(decompressor, self.flags, self.body, self.raw_len)
+        raw = decode_payload(decompressor, self.flags, self.body, self.raw_len, self.page_size)
         return Pages(round=self.round, runs=self.runs, payload=raw)
 
 
@@ -339,12 +341,12 @@ class Connection:
             event = self._fill_hello(event)
         elif type(event) is Auth:
             event = self._fill_auth(event)
-        raw = None
+        raw, page_size = None, 0
         if type(event) in DATA_EVENTS:
             bounds = self._require_bounds()
             pages = bounds.check(event.runs)
             if type(event) is Pages:
-                raw = as_bytes_view(event.payload)
+                raw, page_size = as_bytes_view(event.payload), bounds.page_size
                 if len(raw) != pages * bounds.page_size:
                     raise LocalProtocolError(f"Pages.payload: {len(raw)} bytes for {pages} pages of {bounds.page_size}")
         meta = encode_meta(event)
@@ -352,7 +354,7 @@ class Connection:
         if size > self.max_frame:
             raise LocalProtocolError(f"{type(event).__name__} frame of {size} bytes exceeds max_frame {self.max_frame}: send smaller batches")
         self._after(event, me)
-        pending = PendingFrame(type(event), self._send_seq, meta, raw, self.compression, integrity)
+        pending = PendingFrame(type(event), self._send_seq, meta, raw, self.compression, integrity, page_size)
         self._send_seq += 1
         self._frames_sent += 1
         self._state = target
@@ -569,11 +571,12 @@ class Connection:
             pages = bounds.check(runs if event is None else event.runs)
             if event is None:
                 raw_len = pages * bounds.page_size
-                if not header.flags & F_ZSTD and header.payload_len != raw_len:
+                if not header.flags & (F_ZSTD | F_ZEROS) and header.payload_len != raw_len:
                     raise LocalProtocolError(f"{where}: raw payload of {header.payload_len} bytes, the runs need {raw_len}")
                 if raw_len > self.max_frame:
                     raise LocalProtocolError(f"{where}: {pages} pages exceed max_frame {self.max_frame}")
-                event = PendingPages(round_, runs, raw_len, header.flags, body, payload_tag, self._in, where)
+                event = PendingPages(round_, runs, raw_len, header.flags, body, payload_tag, self._in, where,
+                                     bounds.page_size)
         self._after(event, peer, where)
         self._state = target
         if type(event) is PendingPages and not self._defer:

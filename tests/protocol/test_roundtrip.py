@@ -41,13 +41,16 @@ def runs(draw, max_runs=6):
 def pages_events(draw):
     event_runs = draw(runs())
     size = sum(n for _, n in event_runs) * PS
-    kind = draw(st.sampled_from(["random", "text", "zero"]))
+    kind = draw(st.sampled_from(["random", "text", "zero", "mixed"]))
     if kind == "random":   # from a seed: hypothesis keeps its examples small
         payload = random.Random(draw(st.integers(0, 1 << 32))).randbytes(size)
     elif kind == "text":
         payload = (draw(st.text(min_size=1, max_size=30)).encode() * size)[:size]
-    else:
+    elif kind == "zero":
         payload = bytes(size)
+    else:                  # zero pages among others: they travel as a bitmap (flag ZEROS)
+        rng = random.Random(draw(st.integers(0, 1 << 32)))
+        payload = b"".join(rng.choice([bytes(PS), rng.randbytes(PS), b"page" * (PS // 4)]) for _ in range(size // PS))
     return Pages(round=draw(rounds), runs=event_runs, payload=payload)
 
 
