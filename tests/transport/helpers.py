@@ -24,6 +24,9 @@ def page_batch(index: int, pages: int = 16, kind: str = "text") -> Pages:
         payload = random.Random(index).randbytes(size)
     elif kind == "zero":
         payload = bytes(size)
+    elif kind == "half-zero":   # every other page zero: those travel as a bitmap (flag ZEROS)
+        noise = random.Random(index).randbytes(size // 2)
+        payload = b"".join(noise[p // 2 * PS : (p // 2 + 1) * PS] if p % 2 else bytes(PS) for p in range(pages))
     else:
         payload = (f"page batch {index} of some text-like data; ".encode() * size)[:size]
     return Pages(round=0, runs=((BASE + index * pages * PS, pages),), payload=payload)

@@ -42,13 +42,13 @@ class Recorder:
             self.done.set()
 
 
-async def migrate(channel, batches: int, kinds=("text", "random", "zero")) -> list:
+async def migrate(channel, batches: int, kinds=("text", "random", "zero", "half-zero")) -> list:
     """A small migration: two rounds with barriers between them; returns what was sent."""
     sent = [LAYOUT]
     await channel.send(LAYOUT)
     for round_ in range(2):
         for i in range(batches):
-            event = page_batch(i, kind=kinds[i % len(kinds)]) if i % 4 else zero_batch(i)
+            event = page_batch(i, kind=kinds[(i - i // 4 - 1) % len(kinds)]) if i % 4 else zero_batch(i)  # kinds in turn
             sent.append(event)
             await channel.send(event)
         sent.append(RoundEnd(round=round_, stats={"batches": batches}))
