@@ -22,7 +22,10 @@ and its trio thread) per run; and, for random data, sendall with the congestion 
 (reno rather than the system default; see ``migrator.transport._link._tune_tcp``), so that the
 stream can also be compared with a raw socket tuned like it.
 
-    scripts/bench_transport.py [--size 1G] [--json [FILE]] [--compress zstd:1] [--auth]
+With ``--tls`` every stream run goes through TLS (a throwaway certificate: trustme if importable,
+else ``openssl req -x509``); the baselines stay plain.
+
+    scripts/bench_transport.py [--size 1G] [--json [FILE]] [--compress zstd:1] [--auth] [--tls]
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ import queue
 import random
 import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -48,7 +53,7 @@ from migrator.model import Region  # noqa: E402
 from migrator.protocol import Ack, Compression, Digest, Layout, Pages, RoundEnd  # noqa: E402
 from migrator.testing.bench import finish, goal  # noqa: E402
 from migrator.source.engine import BATCH_PAGES  # noqa: E402
-from migrator.transport import connect, serve  # noqa: E402
+from migrator.transport import client_context, connect, serve, server_context  # noqa: E402
 from migrator.transport._link import LOOPBACK_CONGESTION  # noqa: E402
 
 PS = 4096
@@ -196,8 +201,8 @@ def run_sink() -> None:
 
 
 async def stream_rate(address: str, data: bytes, size: int, *, streams: int, compress: str, token,
-                      bandwidth: float | None = None) -> tuple[float, dict]:
-    channel = await connect(address, token=token, compress=compress, streams=streams, bandwidth=bandwidth)
+                      bandwidth: float | None = None, tls=None) -> tuple[float, dict]:
+    channel = await connect(address, token=token, compress=compress, streams=streams, bandwidth=bandwidth, tls=tls)
     async with channel:
         await channel.send(Layout(regions=(Region(BASE, size),), meta={"bench": True}))
         started, cpu_before, main_before = time.perf_counter(), cpu_seconds(), time.thread_time()
@@ -240,11 +245,31 @@ async def receive_all(channel) -> None:
             received, cpu_before, main_before = 0, cpu_seconds(), time.thread_time()
 
 
-def run_receiver(token) -> None:
+def make_certificate(directory: str) -> str:
+    """A throwaway certificate for 127.0.0.1 (cert.pem, key.pem); returns the file that verifies it."""
+    cert, key, ca = (os.path.join(directory, name) for name in ("cert.pem", "key.pem", "ca.pem"))
+    try:
+        import trustme
+    except ImportError:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-days", "1", "-subj", "/CN=bench", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True)
+        return cert   # self-signed: it is its own CA
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1")
+    issued.private_key_pem.write_to_path(key)
+    issued.cert_chain_pems[0].write_to_path(cert)
+    authority.cert_pem.write_to_path(ca)
+    return ca
+
+
+def run_receiver(token, tls_dir: str | None) -> None:
+    tls = server_context(os.path.join(tls_dir, "cert.pem"), os.path.join(tls_dir, "key.pem")) if tls_dir else None
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             address = await nursery.start(lambda task_status: serve("127.0.0.1:0", receive_all_quietly, token=token,
-                                                                      task_status=task_status))
+                                                                      tls=tls, task_status=task_status))
             print(address, flush=True)
 
     async def receive_all_quietly(channel) -> None:
@@ -262,26 +287,31 @@ def main(argv=None) -> int:
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write the results as JSON (- = stdout)")
     parser.add_argument("--compress", default="zstd:1")
     parser.add_argument("--auth", action="store_true", help="authenticate (HMAC every frame) as with a token file")
+    parser.add_argument("--tls", action="store_true", help="the stream runs use TLS (a throwaway certificate)")
     parser.add_argument("--_sink", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_receive", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_tls-dir", dest="tls_dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     token = TOKEN if args.auth else None
     if args._sink:
         run_sink()
         return 0
     if args._receive:
-        run_receiver(token)
+        run_receiver(token, args.tls_dir)
         return 0
 
     compression = Compression.parse(args.compress)
     out = sys.stderr if args.json == "-" else sys.stdout
-    receiver = subprocess.Popen([sys.executable, __file__, "--_receive"] + (["--auth"] if args.auth else []),
-                                stdout=subprocess.PIPE, text=True)
+    tls_dir = tempfile.mkdtemp(prefix="bench-tls-") if args.tls else None
+    tls = client_context(make_certificate(tls_dir)) if tls_dir else None
+    receiver = subprocess.Popen([sys.executable, __file__, "--_receive"] + (["--auth"] if args.auth else [])
+                                + (["--_tls-dir", tls_dir] if tls_dir else []), stdout=subprocess.PIPE, text=True)
     results, goals = [], []
     try:
         address = receiver.stdout.readline().strip()
         mb = 1e6
         print(f"{args.size >> 20} MiB per kind, {args.compress}, {'HMAC' if token else 'xxh3'} tags, "
+              f"{'TLS' if tls else 'plain TCP'} streams (baselines plain), "
               f"receiver in another process, {os.cpu_count()} CPUs", file=out)
         print(f"{'data':10} {'sendall':>9} {'zstd 1T':>9} {'zstd 2T':>9} {'ratio':>6} {'1 stream':>9} "
               f"{'2 streams':>10} {'1 st/limit':>10} {'2st/1st':>8}  MB/s", file=out)
@@ -292,9 +322,9 @@ def main(argv=None) -> int:
             zstd, ratio = zstd_rate(data, args.size, compression)
             zstd2 = zstd_threads_rate(data, args.size, compression, 2)
             one, one_info = trio.run(lambda: stream_rate(address, data, args.size, streams=1,
-                                                         compress=args.compress, token=token))
+                                                         compress=args.compress, token=token, tls=tls))
             two, two_info = trio.run(lambda: stream_rate(address, data, args.size, streams=2,
-                                                         compress=args.compress, token=token))
+                                                         compress=args.compress, token=token, tls=tls))
             limit = min(sendall, zstd) if compression.level is not None else sendall
             codec = ({n: codec_rate(data, args.size, compression, n) for n in (1, 2)}
                      if compression.level is not None and kind != "random" else None)
@@ -335,7 +365,7 @@ def main(argv=None) -> int:
         capped_size = min(args.size, 200 << 20)
         data = make_data("random", min(BLOCK, capped_size))
         rate, _ = trio.run(lambda: stream_rate(address, data, capped_size, streams=1, compress="none", token=token,
-                                               bandwidth=cap))
+                                               bandwidth=cap, tls=tls))
         error = abs(rate - cap) / cap
         print(f"bandwidth cap {cap / mb:.0f} MB/s: measured {rate / mb:.1f} MB/s ({error:.1%} off)", file=out)
         goals.append(goal("bandwidth cap: relative error, baseline MB/s", round(error, 4), cap / mb, 0.05, error <= 0.05,
@@ -343,7 +373,9 @@ def main(argv=None) -> int:
     finally:
         receiver.terminate()
         receiver.wait(timeout=10)
-    result = {"size": args.size, "compress": args.compress, "auth": bool(token), "cpus": os.cpu_count(),
+        if tls_dir:
+            shutil.rmtree(tls_dir, ignore_errors=True)
+    result = {"size": args.size, "compress": args.compress, "auth": bool(token), "tls": bool(tls), "cpus": os.cpu_count(),
               "results": results, "goals": goals}
     return finish(result, goals, args.json, file=out)
 

@@ -2,7 +2,8 @@
 
 Listening on a non-loopback address requires ``--token-file`` (a pre-shared secret both sides
 hold). Needs ptrace rights over the restore guests it starts (it is their parent, so the
-default Yama ptrace_scope 1 allows it).
+default Yama ptrace_scope 1 allows it). ``--tls-cert``/``--tls-key`` make every connection TLS
+(sources then need ``--tls-ca`` or ``--tls``); TLS encrypts, the token still says who may send.
 
 ``--prepare SIZE`` starts a restore guest of SIZE bytes before any migration arrives and faults
 its memory in, as QEMU's destination is started with ``-incoming`` and ``-mem-prealloc``: a
@@ -19,11 +20,11 @@ import tempfile
 
 import trio
 
-from ..errors import MigratorError
+from ..errors import MigratorError, TransportError
 from ..guest.layout import parse_size
 from ..report import save_report
 from ..source.cli import read_token
-from ..transport import serve
+from ..transport import check_tls_address, parse_address, serve, server_context
 from .engine import DestinationMigration, ReceiveSettings
 from .guests import RestoreGuests
 
@@ -31,6 +32,10 @@ from .guests import RestoreGuests
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (or unix:PATH)")
     parser.add_argument("--token-file", metavar="F")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="encrypt with TLS: this server's certificate chain (PEM); it must name the host or IP address "
+                             "sources connect to (an IP needs an IP subjectAltName). Needs --tls-key")
+    parser.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM, unencrypted)")
     parser.add_argument("--report", metavar="dest.json", help="write each migration's destination report here")
     parser.add_argument("--once", action="store_true", help="exit after the first migration (status says how it went)")
     parser.add_argument("--memfd", action="store_true", help="restore guests on a shared memfd (one copy fewer)")
@@ -54,6 +59,10 @@ def _log(line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout)
     token = read_token(args.token_file)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise TransportError("--tls-cert and --tls-key go together: give both, or neither for plain TCP")
+    tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert is not None else None
+    check_tls_address(parse_address(args.listen), tls)
     outcome: list[bool] = []
     control_dir = args.control_dir or tempfile.mkdtemp(prefix="migrator-")
     guests = RestoreGuests(control_dir, memfd=args.memfd, prepare=args.prepare, log=_log)
@@ -75,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                     if args.once:
                         nursery.cancel_scope.cancel()
 
-            bound = await nursery.start(functools.partial(serve, args.listen, handle, token=token))
+            bound = await nursery.start(functools.partial(serve, args.listen, handle, token=token, tls=tls))
             _log(f"listening on {bound}")
             nursery.start_soon(functools.partial(guests.keep_prepared, again=not args.once))
 

@@ -3,7 +3,8 @@
 Needs: the guest's control socket (the guest hands over its userfaultfd there), ptrace-read
 rights over the guest (same user and ptrace_scope 0, or CAP_SYS_PTRACE) for PAGEMAP_SCAN and
 process_vm_readv, and a kernel with userfaultfd WP_ASYNC + PAGEMAP_SCAN (Linux 6.7+) for the
-default tracker (see ``migrator probe``).
+default tracker (see ``migrator probe``). ``--tls-ca``/``--tls`` encrypt the links (the receiver
+then needs ``--tls-cert``/``--tls-key``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import trio
 
 from ..tracker import TRACKERS
+from ..transport import check_tls_address, client_context, parse_address
 from .engine import MigrateSettings, SourceMigration
 
 
@@ -69,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force-switchover", action="store_true", help="switch over instead of throttling when not converging")
     parser.add_argument("--keep-source", action="store_true", help="keep the source guest frozen after commit instead of killing it")
     parser.add_argument("--token-file", metavar="F")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--tls-ca", metavar="FILE",
+                     help="encrypt with TLS; the receiver's certificate must chain to FILE (a CA bundle, or the receiver's "
+                          "self-signed certificate) and name the host or IP address of --to (an IP needs an IP subjectAltName)")
+    tls.add_argument("--tls", action="store_true",
+                     help="encrypt with TLS, verifying the receiver's certificate against the system's CAs")
     parser.add_argument("--report", metavar="run.json", help="write the JSON report here")
     parser.add_argument("--plot", metavar="out.png", help="also draw the report (needs matplotlib)")
     parser.add_argument("--round-timeout", type=float, default=300.0, metavar="S", help="fail (and resume the source) if a round or the switch-over takes longer (default 300)")
@@ -83,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
         compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
         force_switchover=args.force_switchover, keep_source=args.keep_source,
         token=read_token(args.token_file), round_timeout_s=args.round_timeout,
+        tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
     )
+    check_tls_address(parse_address(args.to), settings.tls)
     show = (lambda stats: None) if args.quiet else (lambda stats: print(rep.format_round_line(stats), file=sys.stderr, flush=True))
     migration = SourceMigration(args.guest, args.to, settings, on_round=show)
     try:

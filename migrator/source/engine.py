@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -72,6 +73,7 @@ class MigrateSettings:
     keep_source: bool = False
     token: bytes | None = None
     round_timeout_s: float = 300.0
+    tls: ssl.SSLContext | None = None   # a client context (transport.client_context): TLS links
 
     def __post_init__(self) -> None:
         if self.verify not in ("pages", "full"):
@@ -197,7 +199,8 @@ class SourceMigration:
     async def _open_channel(self):
         """The session the stream goes to (a checkpoint opens an image file instead)."""
         s = self.settings
-        return await connect(self.address, token=s.token, compress=s.compress, streams=s.streams, bandwidth=s.bandwidth)
+        return await connect(self.address, token=s.token, compress=s.compress, streams=s.streams, bandwidth=s.bandwidth,
+                             tls=s.tls)
 
     def _layout_meta(self) -> dict:
         s = self.settings
@@ -457,7 +460,7 @@ class SourceMigration:
             "settings": {
                 "downtime_ms": s.downtime_ms, "max_rounds": s.max_rounds, "tracker": s.tracker,
                 "compress": s.compress, "streams": s.streams, "bandwidth": s.bandwidth,
-                "verify": s.verify, "size_bytes": self.layout.total_bytes if hasattr(self, "layout") else None,
+                "verify": s.verify, "tls": s.tls is not None, "size_bytes": self.layout.total_bytes if hasattr(self, "layout") else None,
                 "pages": self.layout.total_pages if hasattr(self, "layout") else None,
             },
             "rounds": rounds,

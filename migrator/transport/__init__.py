@@ -2,6 +2,7 @@
 
 ``connect``/``serve`` give a ``Channel`` of events (the handshake done); ``open_file_writer``/
 ``open_file_reader`` record a source stream as a checkpoint image and play it back.
+``client_context``/``server_context`` build the TLS contexts ``connect``/``serve`` take.
 Compression and MACs run in worker threads; memory use is bounded everywhere.
 """
 
@@ -10,8 +11,10 @@ from ._link import ChannelStats
 from .channel import Channel
 from .files import FileReader, FileWriter, open_file_reader, open_file_writer
 from .net import Acceptor, connect, open_source, serve
+from .tls import check_tls_address, client_context, server_context
 
 __all__ = [
     "Acceptor", "Address", "Channel", "ChannelStats", "FileReader", "FileWriter",
-    "connect", "open_file_reader", "open_file_writer", "open_source", "parse_address", "serve",
+    "check_tls_address", "client_context", "connect", "open_file_reader", "open_file_writer", "open_source",
+    "parse_address", "serve", "server_context",
 ]

@@ -3,6 +3,10 @@ stream-level halves they are made of (``open_source``, ``Acceptor``), usable ove
 
 With ``streams=N`` the source opens N connections: the first runs the handshake, the others join
 its session (authenticated with the session's secret, not the token) and carry pages only.
+
+With ``tls`` (an ``ssl.SSLContext``, see ``tls.py``) every TCP connection is wrapped in
+``trio.SSLStream`` and its TLS handshake runs first, inside the handshake timeout; the token
+handshake and frame MACs run on top unchanged.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -20,6 +25,8 @@ from ..protocol import Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._link import Counters, Link
 from .channel import Channel
+from .tls import check_tls_address
+from .tls import handshake as tls_handshake
 
 HANDSHAKE_TIMEOUT_S = 10.0
 FEATURES = ("zstd", "streams")
@@ -41,19 +48,26 @@ async def connect(
     streams: int = 1,
     bandwidth: float | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+    tls: ssl.SSLContext | None = None,
 ) -> Channel:
     """Open a session to ``address`` ("HOST:PORT", "tcp:HOST:PORT", "unix:/path") as the source.
 
-    ``streams`` connections (and as many compression threads); ``bandwidth`` caps wire bytes/s.
+    ``streams`` connections (and as many compression threads); ``bandwidth`` caps wire bytes/s;
+    ``tls`` (a client context) encrypts every connection, the server's certificate checked
+    against the address's host.
     """
     target = parse_address(address)
     if type(streams) is not int or not 1 <= streams <= MAX_STREAMS:
         raise TransportError(f"streams must be 1..{MAX_STREAMS}, not {streams!r}")
+    check_tls_address(target, tls)
     opened: list[trio.abc.Stream] = []
     try:
         with trio.fail_after(handshake_timeout):
             for _ in range(streams):
                 opened.append(await _open_stream(target))
+                if tls is not None:
+                    opened[-1] = trio.SSLStream(opened[-1], tls, server_hostname=target.host)
+                    await tls_handshake(opened[-1], str(target))
             return await open_source(opened, token=token, compress=compress, bandwidth=bandwidth, name=str(target))
     except trio.TooSlowError:
         raise TransportError(f"{target}: no handshake within {handshake_timeout:g} s") from None
@@ -94,7 +108,11 @@ async def open_source(
 
 async def _source_handshake(link: Link, hello: Hello) -> None:
     await link.write(link.conn.send(hello))
-    await _expect(link, Hello)
+    try:
+        await _expect(link, Hello)
+    except TransportError as exc:
+        wants = "a token" if isinstance(link.stream, trio.SSLStream) else "a token, or TLS"
+        raise TransportError(f"{exc}; the destination dropped our Hello (does it want {wants}?)") from exc
     await link.write(link.conn.send(Auth()))
 
 
@@ -130,14 +148,18 @@ class Acceptor:
     ``await acceptor.handle(stream, handler)`` runs the handshake on ``stream``; a primary
     connection waits for its parallel streams, then runs ``handler(channel)`` with the channel's
     readers alive, and closes the channel when the handler returns. A joining stream is handed
-    to its session. A connection that fails (bad frames, wrong token, timeout) is logged in one
-    line and closed; the exception does not propagate, so a server keeps serving.
+    to its session. A connection that fails (bad frames, wrong token, TLS, timeout) is logged in
+    one line and closed; the exception does not propagate, so a server keeps serving. With
+    ``tls`` (a server context) each stream is wrapped in TLS first.
     """
 
-    def __init__(self, *, token: bytes | None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+    def __init__(
+        self, *, token: bytes | None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S, tls: ssl.SSLContext | None = None,
+    ) -> None:
         Connection(Role.DEST, token=token)   # validate the token once, here
         self._token = token
         self._timeout = handshake_timeout
+        self._tls = tls
         self._sessions: dict[bytes, _Gathering] = {}
 
     def _lookup(self, session_id: bytes) -> Connection | None:
@@ -155,9 +177,12 @@ class Acceptor:
     async def _handle(self, stream: trio.abc.Stream, handler: Handler, peer: str) -> None:
         counters = Counters(1)
         conn = Connection(Role.DEST, token=self._token, compress="none", sessions=self._lookup, defer_payloads=True)
-        link = Link(0, stream, conn, peer, counters)
         try:
             with trio.fail_after(self._timeout):
+                if self._tls is not None:
+                    stream = trio.SSLStream(stream, self._tls, server_side=True)
+                    await tls_handshake(stream, peer)
+                link = Link(0, stream, conn, peer, counters)
                 await _expect(link, Hello)
                 reply = conn.send(Hello(features=FEATURES))
                 if conn.stream:
@@ -219,21 +244,24 @@ async def serve(
     *,
     token: bytes | None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+    tls: ssl.SSLContext | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept sessions on ``address`` and run ``handler(channel)`` for each (role DEST).
 
     Reports the bound address ("HOST:PORT" with the real port, or "unix:PATH") through
     ``task_status``. Refuses a non-loopback address without a token: anyone who can reach it
-    could inject pages.
+    could inject pages (TLS does not change that: it does not say who the source is). ``tls``
+    (a server context) makes every connection TLS; plain-text peers then fail their handshake.
     """
     target = parse_address(address)
+    check_tls_address(target, tls)
     if token is None and not target.is_loopback:
         raise TransportError(
             f"refusing to listen on {target} without a token: anyone who can reach it could send pages; "
             "give a token file, or listen on 127.0.0.1, ::1 or a unix socket"
         )
-    acceptor = Acceptor(token=token, handshake_timeout=handshake_timeout)
+    acceptor = Acceptor(token=token, handshake_timeout=handshake_timeout, tls=tls)
     listeners, bound = await _listen(target)
     try:
         task_status.started(str(bound))
