@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     only = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(only).parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        try:
+            return int(args._run(args) or 0)
+        except BaseExceptionGroup as group:   # from a trio nursery: report what is inside
+            raise _one_cause(group) from None
     except MigratorError as exc:
         print(f"migrator: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -59,12 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("migrator: interrupted", file=sys.stderr)
         return 130
-    except BaseExceptionGroup as group:  # Ctrl-C inside a trio nursery arrives grouped
-        if group.subgroup(KeyboardInterrupt) is None:
-            raise
-        print("migrator: interrupted", file=sys.stderr)
-        return 130
 
+
+def _one_cause(group: BaseExceptionGroup) -> BaseException:
+    """Ctrl-C if it is in ``group``, else its only error when that is an expected one (``serve``
+    refusing to listen, say); anything else stays the group, traceback and all."""
+    if group.subgroup(KeyboardInterrupt) is not None:
+        return KeyboardInterrupt()
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    if len(leaves) == 1 and isinstance(leaves[0], (MigratorError, OSError)):
+        return leaves[0]
+    return group
 
 if __name__ == "__main__":
     sys.exit(main())
