@@ -8,7 +8,8 @@ pages then cost a few microseconds, not a pass of zstd over a megabyte).
 
 Zero pages of a batch worth compressing are left out (flag ZEROS), as QEMU's multifd zero-page
 detection does: the payload starts with a bitmap, bit i set when page i is all zero, followed by
-the other pages, raw or compressed on their own. Finding them costs a ~50 ns compare per page;
+the other pages, raw or compressed on their own. Finding, gathering and scattering them is C
+(``migrator._native``, without the GIL) that stops reading a page at its first non-zero word;
 zstd would spend far longer on a batch that mixes zero pages with incompressible ones (on
 half-zero random data it runs at ~1.6 GB/s, against ~5 GB/s on random data alone), and the
 receiver would decompress them.
@@ -21,12 +22,14 @@ from dataclasses import dataclass
 
 import zstandard
 
+from .._native import ffi, lib
 from ..errors import LocalProtocolError
 from ._frames import F_ZEROS, F_ZSTD
 
 MIN_LEVEL, MAX_LEVEL = -100, 22
 SAMPLE = 4096          # bytes per sampled piece
 SAMPLED_FROM = 64 << 10  # batches at least this large are sampled first
+ZERO_SCAN_UNIT = 32    # the zero-page scan reads 32 bytes at a time (page sizes are multiples)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,29 +74,34 @@ def encode_payload(compressor: zstandard.ZstdCompressor | None, raw, *, sample: 
     view = as_bytes_view(raw)
     if compressor is None or (sample and not worth_compressing(compressor, view)):
         return 0, view
-    if page_size:
-        marks = zero_marks(view, page_size)
-        if "1" in marks:
-            return _encode_without_zeros(compressor, view, page_size, marks)
+    if page_size and not page_size % ZERO_SCAN_UNIT:
+        bitmap, zero = zero_bitmap(view, page_size)
+        if zero:
+            return _encode_without_zeros(compressor, view, page_size, bitmap, zero)
     packed = compressor.compress(view)
     if len(packed) > len(view) - (len(view) >> 6):
         return 0, view
     return F_ZSTD, packed
 
 
-def zero_marks(view: memoryview, page_size: int) -> str:
-    """One character per page of ``view``: "1" where the page is all zero, else "0"."""
-    is_zero = bytes(page_size).startswith    # a memcmp that stops at the first non-zero byte
-    return "".join("1" if is_zero(view[at : at + page_size]) else "0" for at in range(0, len(view), page_size))
+def zero_bitmap(view, page_size: int) -> tuple[bytearray, int]:
+    """The zero-page bitmap of ``view`` (bit i, least significant first, set when page i is all
+    zero) and how many bits are set. ``page_size`` must be a multiple of ZERO_SCAN_UNIT."""
+    pages = len(view) // page_size
+    bitmap = bytearray(_bitmap_size(pages))
+    zero = lib.find_zero_pages(_ptr(view), pages, page_size, _ptr(bitmap))
+    return bitmap, zero
 
 
-def _encode_without_zeros(compressor, view: memoryview, page_size: int, marks: str) -> tuple[int, bytes]:
-    bitmap = int(marks[::-1], 2).to_bytes(_bitmap_size(len(marks)), "little")
-    kept = [view[m.start() * page_size : m.end() * page_size] for m in re.finditer("0+", marks)]
-    body = b"".join([bitmap, *kept])
-    flags, packed = encode_payload(compressor, memoryview(body)[len(bitmap):])   # the rest may not compress
+def _encode_without_zeros(compressor, view: memoryview, page_size: int, bitmap: bytearray, zero: int):
+    pages = len(view) // page_size
+    body = bytearray(len(bitmap) + (pages - zero) * page_size)
+    kept = memoryview(body)[len(bitmap):]
+    body[: len(bitmap)] = bitmap
+    lib.gather_pages(_ptr(view), pages, page_size, _ptr(bitmap), _ptr(kept))
+    flags, packed = encode_payload(compressor, kept)    # what is left may not compress
     if flags & F_ZSTD:
-        return F_ZEROS | F_ZSTD, bitmap + packed
+        return F_ZEROS | F_ZSTD, bytes(bitmap) + packed
     return F_ZEROS, body
 
 
@@ -101,17 +109,8 @@ def _bitmap_size(pages: int) -> int:
     return (pages + 7) // 8
 
 
-_zero_block = b""
-
-
-def _zeros(size: int) -> memoryview:
-    """``size`` zero bytes, from one block shared by every thread (grown when needed; a racing
-    thread at worst allocates its own)."""
-    global _zero_block
-    block = _zero_block
-    if len(block) < size:
-        block = _zero_block = bytes(size)
-    return memoryview(block)[:size]
+def _ptr(buffer):
+    return ffi.from_buffer("uint8_t[]", buffer)
 
 
 def worth_compressing(compressor: zstandard.ZstdCompressor, raw) -> bool:
@@ -155,25 +154,18 @@ def decode_payload(decompressor: zstandard.ZstdDecompressor, flags: int, body, r
     return raw
 
 
-def _decode_without_zeros(decompressor, flags: int, body: memoryview, raw_len: int, page_size: int) -> bytes:
+def _decode_without_zeros(decompressor, flags: int, body: memoryview, raw_len: int, page_size: int) -> bytearray:
     if page_size <= 0 or raw_len % page_size:
         raise LocalProtocolError(f"zero-page bitmap on a payload of {raw_len} bytes, not whole pages of {page_size}")
     pages = raw_len // page_size
     size = _bitmap_size(pages)
     if len(body) < size:
         raise LocalProtocolError(f"payload of {len(body)} bytes is shorter than its zero-page bitmap ({size} bytes)")
-    bits = int.from_bytes(body[:size], "little")
-    if bits >> pages:
+    bitmap = body[:size]
+    if pages % 8 and bitmap[-1] >> (pages % 8):
         raise LocalProtocolError(f"zero-page bitmap marks pages past the batch's {pages}")
-    marks = format(bits, f"0{pages}b")[::-1]
-    kept = memoryview(decode_payload(decompressor, flags, body[size:], marks.count("0") * page_size))
-    zeros = _zeros(raw_len)
-    pieces, at = [], 0
-    for run in re.finditer("0+|1+", marks):
-        length = (run.end() - run.start()) * page_size
-        if marks[run.start()] == "1":
-            pieces.append(zeros[:length])
-        else:
-            pieces.append(kept[at : at + length])
-            at += length
-    return b"".join(pieces)
+    zero = int.from_bytes(bitmap, "little").bit_count()
+    kept = decode_payload(decompressor, flags, body[size:], (pages - zero) * page_size)
+    raw = bytearray(raw_len)
+    lib.scatter_pages(_ptr(kept), pages, page_size, _ptr(bitmap), _ptr(raw))
+    return raw

@@ -7,7 +7,7 @@ import zstandard
 
 from migrator.protocol import Pages
 from migrator.protocol._frames import F_ZEROS, F_ZSTD, HEADER
-from migrator.protocol._payload import encode_payload, zero_marks
+from migrator.protocol._payload import encode_payload, zero_bitmap
 from migrator.protocol._wire import encode_meta
 
 from .helpers import LAYOUT, PS, D, S, ConnectionPair, craft
@@ -46,11 +46,12 @@ def test_zero_pages_travel_as_a_bitmap(pattern, flags):
     assert p.conn[D].next_event() == event
 
 
-def test_zero_marks_names_each_page():
-    assert zero_marks(memoryview(payload("zrtz")), PS) == "1001"
+def test_zero_bitmap_marks_each_zero_page():
+    assert zero_bitmap(payload("zrtz"), PS) == (b"\x09", 2)
+    assert zero_bitmap(payload("z" * 9 + "t"), PS) == (b"\xff\x01", 9)
     nearly = bytearray(PS)
-    nearly[-1] = 1
-    assert zero_marks(memoryview(bytes(nearly) + bytes(PS)), PS) == "01"
+    nearly[-1] = 1                     # the last word of a page counts too
+    assert zero_bitmap(bytes(nearly) + bytes(PS), PS) == (b"\x02", 1)
 
 
 def test_no_elision_without_compression_or_for_incompressible_batches():
