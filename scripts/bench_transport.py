@@ -15,10 +15,11 @@ Goals (issue 4): ``stream`` reaches 70 % of min(sendall, zstd) with one stream, 
 on compressible (text-like) data two streams are at least 1.5x faster than one. A last line
 measures the bandwidth cap's accuracy (goal: within 5 %).
 
-Diagnostics (not goals): for compressible data, the codec alone on these CPUs (``codec_rate``:
-N threads compress while N others decompress, no sockets or event loop), which bounds what N
-streams can reach while both ends share the machine; CPU seconds of each side (whole process
-and its trio thread) per run; and, for random data, sendall with the congestion control the stream picks for loopback peers
+Diagnostics (not goals): for compressible data, the payload codec alone on these CPUs
+(``codec_rate``: N threads encode while N others decode, no sockets or event loop), which
+bounds what N streams can reach while both ends share the machine; CPU seconds of each side
+(whole process and its trio thread) per run; and, for random data, sendall with the congestion
+control the stream picks for loopback peers
 (reno rather than the system default; see ``migrator.transport._link._tune_tcp``), so that the
 stream can also be compared with a raw socket tuned like it.
 
@@ -50,7 +51,7 @@ import trio  # noqa: E402
 import zstandard  # noqa: E402
 
 from migrator.model import Region  # noqa: E402
-from migrator.protocol import Ack, Compression, Digest, Layout, Pages, RoundEnd  # noqa: E402
+from migrator.protocol import Ack, Compression, Digest, Layout, Pages, RoundEnd, decode_payload, encode_payload  # noqa: E402
 from migrator.testing.bench import finish, goal  # noqa: E402
 from migrator.source.engine import BATCH_PAGES  # noqa: E402
 from migrator.transport import client_context, connect, serve, server_context  # noqa: E402
@@ -136,22 +137,23 @@ def zstd_threads_rate(data: bytes, size: int, compression: Compression, threads:
 
 
 def codec_rate(data: bytes, size: int, compression: Compression, threads: int) -> float:
-    """Raw bytes/s of the codec's work alone on these CPUs: ``threads`` threads compress the
-    batches (one compressor each) while as many others decompress them as they come, with no
-    sockets, framing or event loop. This is what ``threads`` streams could reach with zero
-    overhead when both ends share the machine, as they do here."""
+    """Raw bytes/s of the payload codec alone on these CPUs: ``threads`` threads encode the
+    batches (``encode_payload``: sampling, zero pages, zstd; one compressor each) while as many
+    others decode them as they come, with no sockets, framing, checksums or event loop. This is
+    what ``threads`` streams could reach with zero overhead when both ends share the machine, as
+    they do here."""
     chunks = list(batches(data, size))
     packed: queue.Queue = queue.Queue(maxsize=2 * threads)
 
     def compress(part) -> None:
         compressor = compression.compressor() or zstandard.ZstdCompressor(level=1)
         for _, chunk in part:
-            packed.put(compressor.compress(chunk))
+            packed.put(encode_payload(compressor, chunk, page_size=PS))
 
     def decompress() -> None:
         decompressor = zstandard.ZstdDecompressor()
         while (frame := packed.get()) is not None:
-            decompressor.decompress(frame)
+            decode_payload(decompressor, *frame, BATCH, PS)
 
     compressors = [threading.Thread(target=compress, args=(chunks[i::threads],)) for i in range(threads)]
     decompressors = [threading.Thread(target=decompress) for _ in range(threads)]
@@ -346,8 +348,8 @@ def main(argv=None) -> int:
             print(f"random: sendall with the congestion control the stream uses on loopback "
                   f"({LOOPBACK_CONGESTION.decode()}): {tuned / mb:.0f} MB/s; 1 stream reaches "
                   f"{results[0]['stream1_Bps'] / tuned:.2f} of it", file=out)
-        print("The codec alone on these CPUs (compress and, at the same time, decompress; no sockets, framing or "
-              "event loop), against the streams:", file=out)
+        print("The payload codec alone on these CPUs (encoding and, at the same time, decoding; no sockets, framing, "
+              "checksums or event loop), against the streams:", file=out)
         for r in results:
             if r["codec1_Bps"]:
                 print(f"  {r['kind']:10} 1 thread each {r['codec1_Bps'] / mb:5.0f} MB/s, 1 stream reaches "
