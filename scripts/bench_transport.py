@@ -23,8 +23,8 @@ control the stream picks for loopback peers
 (reno rather than the system default; see ``migrator.transport._link._tune_tcp``), so that the
 stream can also be compared with a raw socket tuned like it.
 
-With ``--tls`` every stream run goes through TLS (a throwaway certificate: trustme if importable,
-else ``openssl req -x509``); the baselines stay plain.
+With ``--tls`` every stream run goes through TLS (a throwaway self-signed certificate made with
+the openssl command); the baselines stay plain.
 
     scripts/bench_transport.py [--size 1G] [--json [FILE]] [--compress zstd:1] [--auth] [--tls]
 """
@@ -53,6 +53,7 @@ import zstandard  # noqa: E402
 from migrator.model import Region  # noqa: E402
 from migrator.protocol import Ack, Compression, Digest, Layout, Pages, RoundEnd, decode_payload, encode_payload  # noqa: E402
 from migrator.testing.bench import finish, goal  # noqa: E402
+from migrator.testing.hosts import write_certificate  # noqa: E402
 from migrator.source.engine import BATCH_PAGES  # noqa: E402
 from migrator.transport import client_context, connect, serve, server_context  # noqa: E402
 from migrator.transport._link import LOOPBACK_CONGESTION  # noqa: E402
@@ -247,24 +248,6 @@ async def receive_all(channel) -> None:
             received, cpu_before, main_before = 0, cpu_seconds(), time.thread_time()
 
 
-def make_certificate(directory: str) -> str:
-    """A throwaway certificate for 127.0.0.1 (cert.pem, key.pem); returns the file that verifies it."""
-    cert, key, ca = (os.path.join(directory, name) for name in ("cert.pem", "key.pem", "ca.pem"))
-    try:
-        import trustme
-    except ImportError:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                        "-days", "1", "-subj", "/CN=bench", "-addext", "subjectAltName=IP:127.0.0.1",
-                        "-keyout", key, "-out", cert], check=True, capture_output=True)
-        return cert   # self-signed: it is its own CA
-    authority = trustme.CA()
-    issued = authority.issue_cert("127.0.0.1")
-    issued.private_key_pem.write_to_path(key)
-    issued.cert_chain_pems[0].write_to_path(cert)
-    authority.cert_pem.write_to_path(ca)
-    return ca
-
-
 def run_receiver(token, tls_dir: str | None) -> None:
     tls = server_context(os.path.join(tls_dir, "cert.pem"), os.path.join(tls_dir, "key.pem")) if tls_dir else None
 
@@ -305,7 +288,7 @@ def main(argv=None) -> int:
     compression = Compression.parse(args.compress)
     out = sys.stderr if args.json == "-" else sys.stdout
     tls_dir = tempfile.mkdtemp(prefix="bench-tls-") if args.tls else None
-    tls = client_context(make_certificate(tls_dir)) if tls_dir else None
+    tls = client_context(write_certificate(tls_dir, "127.0.0.1")[0]) if tls_dir else None
     receiver = subprocess.Popen([sys.executable, __file__, "--_receive"] + (["--auth"] if args.auth else [])
                                 + (["--_tls-dir", tls_dir] if tls_dir else []), stdout=subprocess.PIPE, text=True)
     results, goals = [], []

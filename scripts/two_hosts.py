@@ -35,7 +35,9 @@ from migrator.guest.layout import PAGE_SIZE, parse_size
 from migrator.testing import netns
 from migrator.testing.bench import finish, goal
 from migrator.testing.faultproxy import FaultProxy, Faults
-from migrator.testing.hosts import spawn_guest_in, start_migrate, start_receiver, steps_advance, write_token
+from migrator.testing.hosts import (
+    spawn_guest_in, start_migrate, start_receiver, steps_advance, write_certificate, write_token,
+)
 from migrator.tracker import TRACKERS
 
 BASELINE_MAX = 256 << 20      # bytes pushed for the link baseline (enough for a steady rate)
@@ -60,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compress", default="zstd:1")
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--verify", choices=("pages", "full"), default="pages")
+    ap.add_argument("--tls", action="store_true", help="encrypt the migration with TLS (a throwaway certificate; needs openssl)")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up on the migration after this many seconds")
     ap.add_argument("--json", metavar="PATH", help="write results here ('-' for stdout)")
     return ap.parse_args(argv)
@@ -143,8 +146,12 @@ async def run(args: argparse.Namespace, bed: netns.Testbed, workdir: str) -> dic
 
         # --- the migration --------------------------------------------------------------------
         token = write_token(workdir)
+        tls_receive, tls_migrate = [], []
+        if args.tls:
+            cert, key = write_certificate(workdir, bed.b.address)
+            tls_receive, tls_migrate = ["--tls-cert", cert, "--tls-key", key], ["--tls-ca", cert]
         receiver = await start_receiver(nursery, bed, workdir, token_file=token, once=True,
-                                        extra=[] if args.cold else ["--prepare", str(size)],
+                                        extra=([] if args.cold else ["--prepare", str(size)]) + tls_receive,
                                         echo=lambda line: log(f"[b] {line}"))
         if not args.cold:
             await receiver.stderr.wait_for("prepared", timeout=120)
@@ -166,7 +173,7 @@ async def run(args: argparse.Namespace, bed: netns.Testbed, workdir: str) -> dic
             migrate = await start_migrate(
                 nursery, bed, control, to, token_file=token, report=report_path, stdout=None,
                 extra=["--downtime-ms", str(args.downtime_ms), "--tracker", args.tracker, "--compress", args.compress,
-                       "--streams", str(args.streams), "--verify", args.verify],
+                       "--streams", str(args.streams), "--verify", args.verify, *tls_migrate],
                 echo=lambda line: log(f"[a] {line}"),
             )
             started = time.perf_counter()

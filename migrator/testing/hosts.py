@@ -124,6 +124,20 @@ def write_token(directory: str, name: str = "token") -> str:
     return path
 
 
+def write_certificate(directory: str, ip: str) -> tuple[str, str]:
+    """A throwaway self-signed certificate for the address ``ip``, made with the openssl command:
+    (cert.pem, key.pem) in ``directory``. The certificate is also what the source trusts
+    (``--tls-ca``)."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-days", "1", "-subj", "/CN=migrator-test", "-addext", f"subjectAltName=IP:{ip}",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+    except FileNotFoundError:
+        raise RuntimeError("a TLS run needs the openssl command (apt-get install openssl)") from None
+    return cert, key
+
+
 @dataclass
 class Receiver(Child):
     address: str = ""             # HOST:PORT it listens on
