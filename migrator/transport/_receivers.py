@@ -74,7 +74,7 @@ class DirectReceiver:
     def __init__(self, link: Link, counters: Counters) -> None:
         self._link = link
         self._counters = counters
-        self._jobs = ThreadJobs(1)
+        self._jobs = ThreadJobs(1, "migrator decode")
         self._lock = trio.StrictFIFOLock()
         self._failure: Exception | None = None
 
@@ -114,7 +114,7 @@ class GatheringReceiver:
         self._changed = trio.Event()
         self._waiting = 0             # deliverers waiting for _changed
         self._layout_seen = trio.Event()
-        self._jobs = ThreadJobs(len(links))
+        self._jobs = ThreadJobs(len(links), "migrator decode")
         self._scope = trio.CancelScope()
         self._failure: Exception | None = None
 

@@ -71,7 +71,7 @@ class Sender:
         self._counters = counters
         self._queues: list[deque[_Outgoing]] = [deque() for _ in links]
         self._order: deque[_Outgoing] = deque()
-        self._jobs = ThreadJobs(threads)
+        self._jobs = ThreadJobs(threads, "migrator encode")
         self._bucket = TokenBucket(bandwidth) if bandwidth is not None else None
         self._lock = trio.StrictFIFOLock()
         self._max_outstanding = 2 * threads + 2

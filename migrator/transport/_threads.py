@@ -81,8 +81,9 @@ class Job:
 
 
 class ThreadJobs:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, name: str) -> None:
         self._limit = max(1, limit)
+        self._name = name           # of the threads, as ps and perf show them
         self._lock = threading.Lock()
         self._waiting: deque[Job] = deque()
         self._workers = 0
@@ -96,7 +97,7 @@ class ThreadJobs:
             if start:
                 self._workers += 1
         if start:
-            trio.lowlevel.start_thread_soon(self._work, _ignore, name="migrator compress")
+            trio.lowlevel.start_thread_soon(self._work, _ignore, name=self._name)
         return job
 
     def _work(self) -> None:
