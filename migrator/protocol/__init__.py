@@ -6,7 +6,7 @@ authentication and ``_state.py`` for what may be sent when.
 """
 
 from ._frames import DEFAULT_MAX_FRAME
-from ._payload import Compression, decode_payload, encode_payload
+from ._payload import ZERO_PAGES, Compression, decode_payload, encode_payload
 from ._state import Role, State
 from .connection import NEED_DATA, Connection, ConnectionStats, PendingFrame, PendingPages
 from .events import (
@@ -19,5 +19,5 @@ __all__ = [
     "Abort", "Ack", "Auth", "Commit", "Compression", "Connection", "ConnectionClosed", "ConnectionStats",
     "Digest", "Event", "Fence", "Freeze", "Hello", "Index", "IndexEntry", "Layout", "Pages",
     "PendingFrame", "PendingPages", "Role", "RoundEnd", "Scalar", "State", "Zero",
-    "decode_payload", "encode_payload",
+    "ZERO_PAGES", "decode_payload", "encode_payload",
 ]

@@ -7,7 +7,8 @@ one: if none of them shrinks, the batch goes raw without the full attempt (rando
 pages then cost a few microseconds, not a pass of zstd over a megabyte).
 
 Zero pages of a batch worth compressing are left out (flag ZEROS), as QEMU's multifd zero-page
-detection does: the payload starts with a bitmap, bit i set when page i is all zero, followed by
+detection does, when the peer's Hello lists ``ZERO_PAGES`` (or the stream is a recorded image):
+the payload starts with a bitmap, bit i set when page i is all zero, followed by
 the other pages, raw or compressed on their own. Finding, gathering and scattering them is C
 (``migrator._native``, without the GIL) that stops reading a page at its first non-zero word;
 zstd would spend far longer on a batch that mixes zero pages with incompressible ones (on
@@ -27,6 +28,7 @@ from ..errors import LocalProtocolError
 from ._frames import F_ZEROS, F_ZSTD
 
 MIN_LEVEL, MAX_LEVEL = -100, 22
+ZERO_PAGES = "zero-pages"   # Hello feature: this side reads the ZEROS flag (older peers refuse it)
 SAMPLE = 4096          # bytes per sampled piece
 SAMPLED_FROM = 64 << 10  # batches at least this large are sampled first
 ZERO_SCAN_UNIT = 32    # the zero-page scan reads 32 bytes at a time (page sizes are multiples)

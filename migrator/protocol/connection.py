@@ -49,7 +49,7 @@ from ._frames import (
     CHECKSUM, DEFAULT_MAX_FRAME, F_MAC, F_ZEROS, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
     Mac, assemble_parts, frame_size, parse_header,
 )
-from ._payload import Compression, as_bytes_view, decode_payload, encode_payload, worth_compressing
+from ._payload import ZERO_PAGES, Compression, as_bytes_view, decode_payload, encode_payload, worth_compressing
 from ._state import DATA_STATES, LIVE, RECORDED, Role, State, transition
 from ._wire import decode_fields, encode_meta
 from .events import (
@@ -346,7 +346,7 @@ class Connection:
             bounds = self._require_bounds()
             pages = bounds.check(event.runs)
             if type(event) is Pages:
-                raw, page_size = as_bytes_view(event.payload), bounds.page_size
+                raw, page_size = as_bytes_view(event.payload), bounds.page_size if self._peer_reads_zeros() else 0
                 if len(raw) != pages * bounds.page_size:
                     raise LocalProtocolError(f"Pages.payload: {len(raw)} bytes for {pages} pages of {bounds.page_size}")
         meta = encode_meta(event)
@@ -359,6 +359,12 @@ class Connection:
         self._frames_sent += 1
         self._state = target
         return pending
+
+    def _peer_reads_zeros(self) -> bool:
+        """Whether Pages may leave zero pages out (flag ZEROS): the peer said it reads them, or
+        the stream is recorded (an image is read by this version or a newer one)."""
+        hello = self.peer_hello
+        return self.recorded or (hello is not None and ZERO_PAGES in hello.features)
 
     def _fill_hello(self, hello: Hello) -> Hello:
         if hello.handshake_fields_set:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from ..errors import MigratorError, TransportError
-from ..protocol import Auth, Connection, Hello, Role
+from ..protocol import ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._link import Counters, Link
 from .channel import Channel
@@ -29,7 +29,7 @@ from .tls import check_tls_address
 from .tls import handshake as tls_handshake
 
 HANDSHAKE_TIMEOUT_S = 10.0
-FEATURES = ("zstd", "streams")
+FEATURES = ("zstd", "streams", ZERO_PAGES)
 MAX_STREAMS = 64
 
 log = logging.getLogger("migrator.transport")

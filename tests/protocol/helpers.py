@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 
 from migrator.model import Region
-from migrator.protocol import NEED_DATA, Auth, Connection, ConnectionClosed, Hello, Layout, Role
+from migrator.protocol import NEED_DATA, ZERO_PAGES, Auth, Connection, ConnectionClosed, Hello, Layout, Role
 from migrator.protocol._frames import CHECKSUM, F_MAC, FRAME_VERSION, HEADER, MAGIC, TYPE_CODES
 
 S, D = Role.SOURCE, Role.DEST
@@ -56,9 +56,9 @@ class ConnectionPair:
             assert got == expect
         return got
 
-    def handshake(self, *, streams: int = 1) -> None:
-        self.send(S, Hello(streams=streams, features=("zstd",)), expect=...)
-        self.send(D, Hello(), expect=...)
+    def handshake(self, *, streams: int = 1, dest_features: tuple[str, ...] = ("zstd", ZERO_PAGES)) -> None:
+        self.send(S, Hello(streams=streams, features=("zstd", ZERO_PAGES)), expect=...)
+        self.send(D, Hello(features=dest_features), expect=...)
         self.send(S, Auth(), expect=...)
 
     def open(self, layout: Layout = LAYOUT, **kwargs) -> None:

@@ -84,3 +84,14 @@ def test_a_bitmap_that_leaves_out_every_page_is_accepted():
     p = opened()
     p.conn[D].receive_data(craft(Pages, NINE, seq=3, body=b"\xff\x01", flags=F_ZEROS))
     assert p.conn[D].next_event().payload == bytes(9 * PS)
+
+
+def test_a_peer_that_does_not_say_it_reads_zero_bitmaps_gets_whole_pages():
+    """An older destination would refuse the ZEROS flag: without its Hello's feature, none."""
+    p = ConnectionPair(compress="zstd:1")
+    p.open(dest_features=("zstd",))
+    event = Pages(round=0, runs=((BASE, 20),), payload=payload("zt" * 10))
+    frame = p.conn[S].send(event)
+    assert frame_flags(frame) & (F_ZEROS | F_ZSTD) == F_ZSTD
+    p.conn[D].receive_data(frame)
+    assert p.conn[D].next_event() == event
