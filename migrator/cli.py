@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import MigratorError
+from .errors import MigratorError, leaf_exceptions
 
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,16 +69,7 @@ def _one_cause(group: BaseExceptionGroup) -> BaseException:
     refusing to listen, say); anything else stays the group, traceback and all."""
     if group.subgroup(KeyboardInterrupt) is not None:
         return KeyboardInterrupt()
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
+    leaves = leaf_exceptions(group)
     if len(leaves) == 1 and isinstance(leaves[0], (MigratorError, OSError)):
         return leaves[0]
     return group

@@ -72,3 +72,10 @@ class MigrationFailed(MigratorError):
     def __init__(self, message: str, *, committed: bool = False) -> None:
         super().__init__(message)
         self.committed = committed
+
+
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, as trio nurseries raise them, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaf_exceptions(inner)]
+    return [exc]

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from ..errors import MigratorError, TransportError
+from ..errors import MigratorError, TransportError, leaf_exceptions
 from ..protocol import ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._link import Counters, Link
@@ -313,14 +313,5 @@ def _peer_name(stream: trio.abc.Stream) -> str:
 
 
 def _one_line(group: BaseExceptionGroup) -> str:
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
+    leaves = leaf_exceptions(group)
     return "; ".join(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}" for exc in leaves)
