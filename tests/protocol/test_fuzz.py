@@ -14,10 +14,10 @@ import zstandard
 
 from migrator.errors import RemoteProtocolError
 from migrator.protocol import (
-    NEED_DATA, Auth, Connection, ConnectionClosed, Digest, Fence, Freeze, Hello, Pages, PendingPages, RoundEnd,
+    NEED_DATA, ZERO_PAGES, Auth, Connection, ConnectionClosed, Digest, Fence, Freeze, Hello, Pages, PendingPages, RoundEnd,
     Zero,
 )
-from migrator.protocol._frames import F_ZSTD, TYPE_CODES
+from migrator.protocol._frames import F_ZEROS, F_ZSTD, TYPE_CODES
 
 from .helpers import LAYOUT, PS, D, S, craft
 
@@ -34,7 +34,7 @@ def _prefix_and_stream():
     prefix = [s.send(Hello(streams=2))]
     d.receive_data(prefix[0])
     d.next_event()
-    s.receive_data(d.send(Hello()))
+    s.receive_data(d.send(Hello(features=(ZERO_PAGES,))))
     s.next_event()
     prefix += [s.send(Auth()), s.send(LAYOUT)]
     flow = [
@@ -44,6 +44,7 @@ def _prefix_and_stream():
         s.send(RoundEnd(round=0, stats={"pages": 6, "rate": 1.5, "tracker": "x", "final": False, "none": None})),
         s.send(Freeze(round=1)),
         s.send(Pages(round=1, runs=((BASE, 1),), payload=random.Random(1).randbytes(PS))),
+        s.send(Pages(round=1, runs=((BASE + 16 * PS, 4),), payload=bytes(PS) + b"t" * PS + bytes(2 * PS))),  # ZEROS
         s.send(Digest(kind="pages", value=b"d" * 16)),
     ]
     return prefix[0], b"".join(prefix[1:]), flow, len(prefix)
@@ -108,9 +109,17 @@ def _crafted(rng: random.Random) -> bytes:
         n = rng.randint(1, 3)
         meta = msgpack.packb({"round": 0, "runs": (BASE + rng.randrange(70) * PS).to_bytes(8, "little") + n.to_bytes(8, "little")})
         raw = rng.randbytes(n * PS) if rng.random() < 0.5 else bytes(n * PS)
-        if rng.random() < 0.5:
+        if rng.random() < 0.4:
             flags, body = F_ZSTD, zstandard.ZstdCompressor().compress(raw)
             body = _mutate(rng, body) if rng.random() < 0.5 else body
+        elif rng.random() < 0.5:   # a zero-page bitmap, true or lying, before raw or compressed pages
+            bitmap = rng.randbytes(rng.choice([1, 1, 1, 2]))
+            kept = raw[: PS * rng.randint(0, n)]
+            flags = F_ZEROS
+            if rng.random() < 0.5:
+                flags, kept = F_ZEROS | F_ZSTD, zstandard.ZstdCompressor().compress(kept)
+            body = bitmap + kept
+            body = _mutate(rng, body) if rng.random() < 0.3 else body
         else:
             body = raw if rng.random() < 0.7 else raw[: rng.randrange(len(raw))]
     else:
@@ -185,4 +194,5 @@ def test_fuzz_corpus_is_valid_before_mutation():
     events = []
     while (event := conn.next_event()) is not NEED_DATA:
         events.append(type(event).__name__)
-    assert events == ["Pages", "Zero", "Fence", "RoundEnd", "Freeze", "Pages", "Digest"]
+    assert events == ["Pages", "Zero", "Fence", "RoundEnd", "Freeze", "Pages", "Pages", "Digest"]
+    assert FLOW[6][5] & F_ZEROS    # the header's flags byte: the zero pages were left out
