@@ -7,10 +7,10 @@ in Python; buffers come from a pool and are reused once the consumer has let go 
 reads little at a time (``LOOKAHEAD``), so that the next frame's header arrives before much of
 its payload does; small frames are read in bulk (``READ_SIZE``) as before.
 
-A TLS link (``trio.SSLStream``) has none of these socket fast paths: it reads with
-``receive_some`` (OpenSSL hands out one record, <= 16 KiB, at a time; a large frame is read to
-its end before the Connection parses again) and writes a large frame part by part (each part is
-encrypted into new bytes anyway); its TCP socket is tuned all the same.
+A TLS link (``TLSStream``) gathers the same way, its ``receive_into`` decrypting into the
+frame's buffer, and writes a frame's parts with one ``send_parts``; its TCP socket is tuned all
+the same. Other streams (in memory, tests) read with ``receive_some``, a large frame to its end
+before the Connection parses again.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import trio
 from ..buffers import SizedBufferPool
 from ..errors import RemoteProtocolError, TransportError
 from ..protocol import NEED_DATA, Connection, ConnectionClosed, Event, PendingPages
+from ._tls_stream import TLSStream
 
 READ_SIZE = 1 << 20
-TLS_JOIN_MAX = 64 << 10  # a TLS frame at most this large is joined and sent as one record batch
 GATHER_MIN = 128 << 10   # frames at least this large are received into a buffer of their own
 LOOKAHEAD = 4 << 10      # read after a gathered frame: the next header, not the next payload
 NOTSENT_LOWAT = 4 << 20  # unsent bytes the kernel may hold for a TCP link (see _tune_tcp)
@@ -101,12 +101,15 @@ class Link:
         self.name = name
         self.counters = counters
         self.broken: TransportError | None = None
-        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
-        if self._socket is not None:
-            _tune_tcp(self._socket)
-        elif isinstance(stream, trio.SSLStream) and isinstance(stream.transport_stream, trio.SocketStream):
-            _tune_tcp(stream.transport_stream.socket)
-        self._pool = SizedBufferPool() if self._socket is not None else None
+        self._recv_into = None      # for gathering large frames: sockets and TLS
+        if isinstance(stream, trio.SocketStream):
+            self._recv_into = stream.socket.recv_into
+            _tune_tcp(stream.socket)
+        elif isinstance(stream, TLSStream):
+            self._recv_into = stream.receive_into
+            if isinstance(stream.transport_stream, trio.SocketStream):
+                _tune_tcp(stream.transport_stream.socket)
+        self._pool = SizedBufferPool() if self._recv_into is not None else None
         self._read_size = READ_SIZE
 
     async def read(self) -> Event | PendingPages:
@@ -139,14 +142,13 @@ class Link:
     async def _receive(self) -> None:
         """Feed the Connection what it waits for: a whole large frame, or some bytes."""
         size = self.conn.incomplete_frame()
-        if size >= GATHER_MIN and self._socket is not None:
+        if size >= GATHER_MIN and self._recv_into is not None:
             await self._gather(size)
             self._read_size = LOOKAHEAD
             return
         if size:
             self._read_size = READ_SIZE
-        # A large frame on a stream without a socket (TLS: <= 16 KiB a call) is read to its end
-        # here, not one next_event per chunk: +28 % MB/s over TLS.
+        # A large frame on another stream is read to its end here, not one next_event per chunk.
         conn, counters, stream = self.conn, self.counters, self.stream
         while True:
             data = await stream.receive_some(self._read_size)
@@ -165,7 +167,7 @@ class Link:
         counters.frames_gathered += 1
         end = size - len(conn.gather_frame(space[:size]))
         while end < size:
-            n = await self._socket.recv_into(space[end:])
+            n = await self._recv_into(space[end:])
             counters.bytes_wire_received += n
             if not n:
                 conn.receive_data(b"")      # the peer ended mid-frame: next_event says so
@@ -204,8 +206,7 @@ class Link:
 
 async def send_parts(stream: trio.abc.SendStream, parts) -> int:
     """Write buffers in order without joining them: one ``sendmsg`` (gather write) per try on a
-    socket, one ``send_all`` per part on TLS (a small frame joined), the stream's own
-    ``send_parts`` if it has one, else one joined ``send_all``."""
+    socket, the stream's own ``send_parts`` if it has one (TLS), else one joined ``send_all``."""
     views = [view for view in map(memoryview, parts) if view.nbytes]
     size = sum(view.nbytes for view in views)
     if isinstance(stream, trio.SocketStream):
@@ -216,9 +217,6 @@ async def send_parts(stream: trio.abc.SendStream, parts) -> int:
                 sent -= len(views.pop(0))
             if sent:
                 views[0] = views[0][sent:]
-    elif isinstance(stream, trio.SSLStream) and size > TLS_JOIN_MAX:
-        for view in views:
-            await stream.send_all(view)
     elif hasattr(stream, "send_parts"):
         await stream.send_parts(views)
     else:

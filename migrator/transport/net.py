@@ -4,8 +4,8 @@ stream-level halves they are made of (``open_source``, ``Acceptor``), usable ove
 With ``streams=N`` the source opens N connections: the first runs the handshake, the others join
 its session (authenticated with the session's secret, not the token) and carry pages only.
 
-With ``tls`` (an ``ssl.SSLContext``, see ``tls.py``) every TCP connection is wrapped in
-``trio.SSLStream`` and its TLS handshake runs first, inside the handshake timeout; the token
+With ``tls`` (an ``ssl.SSLContext``, see ``tls.py``) every TCP connection is wrapped in a
+``TLSStream`` and its TLS handshake runs first, inside the handshake timeout; the token
 handshake and frame MACs run on top unchanged.
 """
 
@@ -24,6 +24,7 @@ from ..errors import MigratorError, TransportError, leaf_exceptions
 from ..protocol import ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._link import Counters, Link
+from ._tls_stream import TLSStream
 from .channel import Channel
 from .tls import check_tls_address
 from .tls import handshake as tls_handshake
@@ -66,7 +67,7 @@ async def connect(
             for _ in range(streams):
                 opened.append(await _open_stream(target))
                 if tls is not None:
-                    opened[-1] = trio.SSLStream(opened[-1], tls, server_hostname=target.host)
+                    opened[-1] = TLSStream(opened[-1], tls, server_hostname=target.host)
                     await tls_handshake(opened[-1], str(target))
             return await open_source(opened, token=token, compress=compress, bandwidth=bandwidth, name=str(target))
     except trio.TooSlowError:
@@ -111,7 +112,7 @@ async def _source_handshake(link: Link, hello: Hello) -> None:
     try:
         await _expect(link, Hello)
     except TransportError as exc:
-        wants = "a token" if isinstance(link.stream, trio.SSLStream) else "a token, or TLS"
+        wants = "a token" if isinstance(link.stream, TLSStream) else "a token, or TLS"
         raise TransportError(f"{exc}; the destination dropped our Hello (does it want {wants}?)") from exc
     await link.write(link.conn.send(Auth()))
 
@@ -180,7 +181,7 @@ class Acceptor:
         try:
             with trio.fail_after(self._timeout):
                 if self._tls is not None:
-                    stream = trio.SSLStream(stream, self._tls, server_side=True)
+                    stream = TLSStream(stream, self._tls, server_side=True)
                     await tls_handshake(stream, peer)
                 link = Link(0, stream, conn, peer, counters)
                 await _expect(link, Hello)

@@ -18,6 +18,7 @@ import trio
 
 from ..errors import TransportError
 from ._address import Address
+from ._tls_stream import TLSStream
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 # verify codes (X509_V_ERR_*) that mean "this certificate is for another name or address"
@@ -33,6 +34,7 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     _load_certificates(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert, "--tls-cert", "certificate")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MIN_VERSION
+    context.options |= ssl.OP_NO_RENEGOTIATION   # TLSStream does not handle it (TLS 1.2 only)
 
     def no_password() -> bytes:
         raise TransportError(f"--tls-key {key}: the key is encrypted; give an unencrypted key (openssl pkey -in KEY -out PLAIN)")
@@ -53,6 +55,7 @@ def client_context(ca: str | None) -> ssl.SSLContext:
     server's self-signed certificate itself), or to the system's CAs when ``ca`` is None."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)   # CERT_REQUIRED, check_hostname
     context.minimum_version = MIN_VERSION
+    context.options |= ssl.OP_NO_RENEGOTIATION   # TLSStream does not handle it (TLS 1.2 only)
     if ca is None:
         context.load_default_certs()
     else:
@@ -79,7 +82,7 @@ def check_tls_address(target: Address, tls: ssl.SSLContext | None) -> None:
         raise TransportError(f"{target}: TLS is for TCP links only; a unix socket never leaves this host (drop the TLS options)")
 
 
-async def handshake(stream: trio.SSLStream, name: str) -> None:
+async def handshake(stream: TLSStream, name: str) -> None:
     """Run the TLS handshake now (the caller's timeout covers it), so that a failure is reported
     as a TLS failure and never surfaces later as a broken read."""
     try:

@@ -21,6 +21,7 @@ from migrator.protocol import Ack, Connection, Digest, Pages, Role, RoundEnd
 from migrator.testing.faultproxy import FaultProxy
 from migrator.transport import client_context, connect, serve, server_context
 from migrator.transport._link import NOTSENT_LOWAT, USER_TIMEOUT_MS, Counters, Link
+from migrator.transport._tls_stream import TLSStream
 
 from .helpers import BASE, LAYOUT, PS, TOKEN, page_batch, zero_batch
 from .test_channel import Recorder, assert_barrier_order
@@ -101,7 +102,7 @@ async def test_a_tls_link_tunes_its_tcp_socket(certs):
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     tcp = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
     try:
-        Link(0, trio.SSLStream(tcp, certs.client(), server_hostname="127.0.0.1"), Connection(Role.SOURCE, token=None),
+        Link(0, TLSStream(tcp, certs.client(), server_hostname="127.0.0.1"), Connection(Role.SOURCE, token=None),
              "tls link", Counters(1))
         assert tcp.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == USER_TIMEOUT_MS
         assert tcp.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT
