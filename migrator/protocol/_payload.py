@@ -76,7 +76,7 @@ def encode_payload(compressor: zstandard.ZstdCompressor | None, raw, *, sample: 
     view = as_bytes_view(raw)
     if compressor is None or (sample and not worth_compressing(compressor, view)):
         return 0, view
-    if page_size and not page_size % ZERO_SCAN_UNIT:
+    if page_size and not page_size % ZERO_SCAN_UNIT and not len(view) % page_size:
         bitmap, zero = zero_bitmap(view, page_size)
         if zero:
             return _encode_without_zeros(compressor, view, page_size, bitmap, zero)
@@ -130,7 +130,7 @@ def _samples_shrink(compressor: zstandard.ZstdCompressor, view: memoryview) -> b
 
 
 def decode_payload(decompressor: zstandard.ZstdDecompressor, flags: int, body, raw_len: int,
-                   page_size: int = 0) -> bytes | memoryview:
+                   page_size: int = 0) -> bytes | bytearray | memoryview:
     """The raw pages; refuses a body that does not expand to exactly ``raw_len`` bytes.
 
     Raises LocalProtocolError (the Connection reports it as the peer's fault).

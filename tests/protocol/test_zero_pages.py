@@ -95,3 +95,9 @@ def test_a_peer_that_does_not_say_it_reads_zero_bitmaps_gets_whole_pages():
     assert frame_flags(frame) & (F_ZEROS | F_ZSTD) == F_ZSTD
     p.conn[D].receive_data(frame)
     assert p.conn[D].next_event() == event
+
+
+def test_a_payload_of_partial_pages_keeps_every_byte():
+    raw = bytes(3 * PS + 100)
+    flags, body = encode_payload(zstandard.ZstdCompressor(), raw, page_size=PS)
+    assert not flags & F_ZEROS and zstandard.ZstdDecompressor().decompress(body) == raw
