@@ -62,9 +62,14 @@ class TLSStream(trio.abc.Stream):
         await self.transport_stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Up to ``max_bytes`` of plaintext; b"" once the peer closed the session cleanly."""
-        buffer = bytearray(max_bytes or READ_SIZE)
-        return bytes(buffer[: await self.receive_into(buffer)])
+        """Up to ``max_bytes`` of plaintext (one record); b"" once the peer closed the session
+        cleanly."""
+        self._check_open()
+        while (data := self._tls_call(self._ssl.read, max_bytes or READ_SIZE)) is WANT_READ:
+            await self._flush()
+            await self._refill()
+        await self._after_read()
+        return data or b""
 
     async def receive_into(self, buffer) -> int:
         """Decrypt into ``buffer`` every record that has arrived (waiting for the socket only
@@ -83,11 +88,15 @@ class TLSStream(trio.abc.Stream):
                 break
             await self._flush()              # what reading made OpenSSL queue (a key update's reply)
             await self._refill()
+        await self._after_read()
+        return filled
+
+    async def _after_read(self) -> None:
+        """Write what reading made OpenSSL queue; at least, let trio schedule (a checkpoint)."""
         if self._outgoing.pending:
             await self._flush()
         else:
             await trio.lowlevel.checkpoint()
-        return filled
 
     async def aclose(self) -> None:
         if self._closed:
