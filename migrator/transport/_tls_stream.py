@@ -55,7 +55,9 @@ class TLSStream(trio.abc.Stream):
         self._check_open()
         for part in parts:
             if len(part):
-                self._tls_call(self._ssl.write, part)
+                written = self._tls_call(self._ssl.write, part)
+                if written is WANT_READ or written == 0:    # cannot happen without renegotiation
+                    raise trio.BrokenResourceError("TLS: the session cannot take writes any more")
         await self._flush()
 
     async def wait_send_all_might_not_block(self) -> None:
