@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+import ssl
 from dataclasses import dataclass
 
 import trio
@@ -267,6 +268,8 @@ async def _quiet_close(stream: trio.abc.AsyncResource) -> None:
 
 def _why(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLError):
+        return str(exc)          # TLSStream's "TLS: <OpenSSL's reason>"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     if isinstance(cause, OSError) and cause.strerror:

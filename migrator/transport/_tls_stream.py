@@ -17,6 +17,7 @@ waiting for the peer's; a peer that ends the TCP stream without close_notify bre
 
 from __future__ import annotations
 
+import re
 import ssl
 
 import trio
@@ -127,7 +128,7 @@ class TLSStream(trio.abc.Stream):
         except ssl.SSLZeroReturnError:
             return 0
         except ssl.SSLError as exc:
-            raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+            raise trio.BrokenResourceError(f"TLS: {ssl_reason(exc)}") from exc
 
     async def _refill(self) -> None:
         data = await self.transport_stream.receive_some(RECEIVE_SIZE)
@@ -149,3 +150,9 @@ class TLSStream(trio.abc.Stream):
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the TLS stream is closed")
+
+
+def ssl_reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason without the ``(_ssl.c:1234)`` suffix."""
+    text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", exc.strerror or str(exc))
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,14 +11,13 @@ for an IP address: such a certificate needs that address as an IP subjectAltName
 
 from __future__ import annotations
 
-import re
 import ssl
 
 import trio
 
 from ..errors import TransportError
 from ._address import Address
-from ._tls_stream import TLSStream
+from ._tls_stream import TLSStream, ssl_reason
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 # verify codes (X509_V_ERR_*) that mean "this certificate is for another name or address"
@@ -45,7 +44,7 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
         if isinstance(exc, ssl.SSLError):
             if exc.reason == "KEY_VALUES_MISMATCH":
                 raise TransportError(f"--tls-key {key}: this key does not belong to the certificate in {cert}") from None
-            raise TransportError(f"--tls-key {key}: not a PEM private key ({_reason(exc)})") from None
+            raise TransportError(f"--tls-key {key}: not a PEM private key ({ssl_reason(exc)})") from None
         raise TransportError(f"--tls-key {key}: cannot read the private key: {exc.strerror or exc}") from None
     return context
 
@@ -71,7 +70,7 @@ def _load_certificates(context: ssl.SSLContext, path: str, option: str, what: st
             pass
         context.load_verify_locations(cafile=path)
     except ssl.SSLError as exc:
-        raise TransportError(f"{option} {path}: no PEM {what} in it ({_reason(exc)})") from None
+        raise TransportError(f"{option} {path}: no PEM {what} in it ({ssl_reason(exc)})") from None
     except OSError as exc:
         raise TransportError(f"{option} {path}: cannot read the {what}: {exc.strerror or exc}") from None
 
@@ -104,20 +103,14 @@ def _describe(exc: BaseException) -> str:
     if isinstance(cause, ssl.SSLError):
         reason = getattr(cause, "reason", None)
         if reason in _NOT_TLS:
-            return f"the peer does not speak TLS ({_reason(cause)})"
+            return f"the peer does not speak TLS ({ssl_reason(cause)})"
         if isinstance(cause, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
             return "the peer closed the connection mid-handshake (it does not speak TLS, or refused the certificate)"
         if reason and reason.startswith(("TLSV1_ALERT_", "SSLV3_ALERT_")):
-            return f"the peer refused the handshake ({_reason(cause)})"
-        return _reason(cause)
+            return f"the peer refused the handshake ({ssl_reason(cause)})"
+        return ssl_reason(cause)
     if isinstance(cause, OSError) and cause.strerror:
         return f"{cause.strerror} (does the peer speak TLS?)"
     if isinstance(cause, trio.BrokenResourceError):
         return "the peer closed the connection mid-handshake (does it speak TLS?)"
     return str(cause) or type(cause).__name__
-
-
-def _reason(exc: ssl.SSLError) -> str:
-    """OpenSSL's reason without the ``(_ssl.c:1234)`` suffix."""
-    text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", exc.strerror or str(exc))
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -17,7 +17,7 @@ from migrator.errors import TransportError
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
 from migrator.protocol import Ack, Connection, Digest, Pages, Role, RoundEnd
-from migrator.testing.faultproxy import FaultProxy
+from migrator.testing.faultproxy import FaultProxy, Faults
 from migrator.transport import client_context, connect, serve, server_context
 from migrator.transport._link import NOTSENT_LOWAT, USER_TIMEOUT_MS, Counters, Link
 from migrator.transport._tls_stream import TLSStream
@@ -229,3 +229,23 @@ def test_cli_migrate_to_receive_over_tls_with_a_token(certs, sockdir):
         assert client.check()["clean"]
     finally:
         client.quit()
+
+
+async def test_a_flipped_bit_on_the_wire_fails_the_tls_record_in_one_line(certs):
+    recorder = Recorder()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await start_server(nursery, recorder, tls=certs.server())
+            proxy = FaultProxy("127.0.0.1", int(address.rsplit(":", 1)[1]), Faults(corrupt_at=200_000))
+            port = await nursery.start(proxy.serve)
+            with pytest.raises(TransportError):
+                async with await connect(f"127.0.0.1:{port}", token=None, tls=certs.client()) as channel:
+                    await channel.send(LAYOUT)
+                    for i in range(1, 40):
+                        await channel.send(page_batch(i, pages=16, kind="random"))
+                    await channel.send(Digest(kind="pages", value=b"x"))
+                    await channel.receive()
+            await recorder.done.wait()
+            nursery.cancel_scope.cancel()
+    message = str(recorder.error)
+    assert "read failed (TLS: " in message and "bad record mac" in message and "_ssl.c" not in message, message
