@@ -17,7 +17,7 @@ from .helpers import LAYOUT, TOKEN, page_batch, zero_batch
 def events():
     out = [LAYOUT]
     for i in range(12):
-        out.append(zero_batch(i) if i % 5 == 0 else page_batch(i, kind=("text", "random", "zero")[i % 3]))
+        out.append(zero_batch(i) if i % 5 == 0 else page_batch(i, kind=("text", "random", "zero", "half-zero")[i % 4]))
     out += [RoundEnd(round=0, stats={"pages": 99}), Freeze(round=1), page_batch(3), RoundEnd(round=1),
             Digest(kind="pages", value=b"v" * 16)]
     return out
