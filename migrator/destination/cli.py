@@ -24,7 +24,7 @@ from ..errors import MigratorError, TransportError
 from ..guest.layout import parse_size
 from ..report import save_report
 from ..source.cli import read_token
-from ..transport import check_tls_address, parse_address, serve, server_context
+from ..transport import serve, server_context
 from .engine import DestinationMigration, ReceiveSettings
 from .guests import RestoreGuests
 
@@ -62,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise TransportError("--tls-cert and --tls-key go together: give both, or neither for plain TCP")
     tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert is not None else None
-    check_tls_address(parse_address(args.listen), tls)
     outcome: list[bool] = []
     control_dir = args.control_dir or tempfile.mkdtemp(prefix="migrator-")
     guests = RestoreGuests(control_dir, memfd=args.memfd, prepare=args.prepare, log=_log)
