@@ -175,8 +175,8 @@ def test_copy_of_a_guest_frozen_mid_step_continues_identically(guests):
             theirs.close()
         steps = dst.stats()["steps"]
         assert dst.check()["clean"]
-        goal = steps + 2_000_000   # far enough that the running source is paused before it
-        assert src.pause(at_step=goal) == goal
+        goal = src.pause()   # the running source is past the copy by now, by however much
+        assert goal >= steps
         dst.resume(until_step=goal)
         assert dst.pause(at_step=goal) == goal
         assert dst.digest() == src.digest()
