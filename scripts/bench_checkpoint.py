@@ -30,7 +30,7 @@ import time
 import trio
 
 from migrator.checkpoint import CheckpointSettings, read_image, take_checkpoint
-from migrator.testing.bench import emit_json
+from harness.bench import emit_json
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import parse_size
 from migrator.guest.spawn import spawn_guest

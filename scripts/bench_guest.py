@@ -25,7 +25,7 @@ import numpy as np
 from migrator.guest.layout import Settings, parse_size
 from migrator.guest.mapping import RegionMapping
 from migrator.guest.spawn import spawn_guest
-from migrator.testing.bench import finish
+from harness.bench import finish
 from migrator.guest.workload import Workload
 
 UNTHROTTLED_GOAL = 1_000_000

@@ -12,7 +12,7 @@ Baselines, measured first on the same guest and machine:
   total migration time, and what round 0's throughput is compared with;
 - stop-and-copy: SIGSTOP, process_vm_readv of the whole region, SIGCONT: the downtime that
   pre-copy must beat;
-- hash: the region digest (migrator.digest, on every core) of the region in memory: what
+- hash: the region digest (migrator.core.digest, on every core) of the region in memory: what
   ``--verify full`` may add to the downtime. Shown too: ``read+hash``, the same digest with the
   pieces read across processes, which is what hashing a private guest's region costs the
   migrator.
@@ -45,21 +45,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import trio
 
 from migrator import protocol as p
-from migrator.digest import region_digest, region_digest_read
+from migrator.core.digest import region_digest, region_digest_read
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import parse_size
 from migrator.guest.spawn import spawn_guest
-from migrator.model import Region
-from migrator.report import format_round_table, format_summary
-from migrator.runs import split_runs
-from migrator.source.cli import parse_rate
+from migrator.core.model import Region
+from migrator.cli.render import format_round_table, format_summary
+from migrator.core.runs import split_runs
+from migrator.core.units import parse_rate
 from migrator.source.engine import (
     BATCH_PAGES,
     MAX_RUNS_PER_EVENT,
     MigrateSettings,
     SourceMigration,
 )
-from migrator.testing.bench import finish, goal
+from harness.bench import finish, goal
 from migrator.tracker.memory import ProcessMemory
 from migrator.transport import connect, serve
 

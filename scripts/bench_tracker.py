@@ -26,7 +26,7 @@ import sys
 import time
 
 from migrator.tracker import _sys, open_tracker
-from migrator.testing.bench import finish
+from harness.bench import finish
 from migrator.tracker._uapi import (
     PAGE_IS_WRITTEN,
     PAGEMAP_SCAN,
@@ -35,7 +35,7 @@ from migrator.tracker._uapi import (
     ffi,
     libc,
 )
-from migrator.tracker.demo_cli import parse_size
+from migrator.core.units import parse_size
 from migrator.tracker.scan import DEFAULT_VEC_LEN, new_vec
 from migrator.tracker.scratch import ScratchProcess
 

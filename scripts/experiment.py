@@ -7,7 +7,7 @@ Usage: scripts/experiment.py [--quick] [--out DIR] [--sizes ...] [--rates ...] [
 
 import sys
 
-from migrator.cli import main
+from migrator.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["experiment", *sys.argv[1:]]))

@@ -32,10 +32,10 @@ import trio
 
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import PAGE_SIZE, parse_size
-from migrator.testing import netns
-from migrator.testing.bench import finish, goal
-from migrator.testing.faultproxy import FaultProxy, Faults
-from migrator.testing.hosts import (
+from harness import netns
+from harness.bench import finish, goal
+from harness.faultproxy import FaultProxy, Faults
+from harness.hosts import (
     spawn_guest_in, start_migrate, start_receiver, steps_advance, write_certificate, write_token,
 )
 from migrator.tracker import TRACKERS

@@ -1,5 +1,5 @@
-from migrator import buffers
-from migrator.buffers import BufferPool
+from migrator.core import buffers
+from migrator.core.buffers import BufferPool
 
 
 def _view(pool: BufferPool) -> memoryview:

@@ -3,9 +3,9 @@
 import pytest
 import trio
 
-from migrator.deadlines import deadline
-from migrator.errors import DeadlineExceeded
-from migrator.source.engine import describe
+from migrator.core.deadlines import deadline
+from migrator.core.errors import DeadlineExceeded
+from migrator.core.failures import describe
 
 
 async def test_deadline_names_the_phase_and_its_limit():

@@ -13,10 +13,10 @@ import pytest
 import trio
 
 from migrator.destination.engine import DestinationMigration, ReceiveSettings
-from migrator.errors import MigrationFailed
+from migrator.core.errors import MigrationFailed
 from migrator.guest.spawn import spawn_guest
 from migrator.source.engine import MigrateSettings, SourceMigration
-from migrator.testing.faultproxy import FaultProxy, Faults
+from harness.faultproxy import FaultProxy, Faults
 from migrator.transport import serve
 
 MiB = 1 << 20

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from migrator.cli import build_parser
-from migrator.errors import MigratorError
+from migrator.cli.main import build_parser
+from migrator.core.errors import MigratorError
 from migrator.experiment import grid as g
-from migrator.experiment.cli import build_grid
+from migrator.cli.experiment import build_grid
 from migrator.experiment.results import COLUMNS
 from migrator.tracker.features import wp_async_missing
 

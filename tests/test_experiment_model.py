@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from migrator.errors import MigratorError
+from migrator.core.errors import MigratorError
 from migrator.experiment import model
 
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from migrator.testing import netns
-from migrator.testing.faultproxy import FaultProxy, Faults
-from migrator.testing.hosts import (
+from harness import netns
+from harness.faultproxy import FaultProxy, Faults
+from harness.hosts import (
     Child, Receiver, spawn_guest_in, start_migrate, start_receiver, steps_advance, write_token,
 )
 

@@ -22,12 +22,12 @@ import pytest
 import trio
 
 from migrator import protocol as p
-from migrator.model import Region
+from migrator.core.model import Region
 from migrator.protocol._frames import HEADER, MAGIC, TYPE_CODES, assemble
 from migrator.protocol._wire import encode_meta
-from migrator.testing import netns
-from migrator.testing.faultproxy import FaultProxy, Faults
-from migrator.testing.hosts import Receiver, spawn_guest_in, start_migrate, start_receiver, vm_rss, write_token
+from harness import netns
+from harness.faultproxy import FaultProxy, Faults
+from harness.hosts import Receiver, spawn_guest_in, start_migrate, start_receiver, vm_rss, write_token
 from migrator.transport.net import FEATURES
 
 MiB = 1 << 20

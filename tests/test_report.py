@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from migrator import cli, report_cli
-from migrator.errors import MigratorError
-from migrator.model import RoundStats
-from migrator.report import (
+from migrator.cli import report as report_cli
+from migrator.cli.main import COMMANDS
+from migrator.core.errors import MigratorError
+from migrator.core.model import RoundStats
+from migrator.cli.render import (
     format_round_line,
     format_round_table,
     format_summary,
@@ -134,7 +135,7 @@ def run_cli(argv, capsys):
 
 
 def test_report_command(tmp_path, capsys):
-    assert cli.COMMANDS["report"][0] == "migrator.report_cli"
+    assert COMMANDS["report"][0] == "migrator.cli.report"
     path = tmp_path / "run.json"
     path.write_text(json.dumps(REPORT))
     code, out = run_cli([str(path)], capsys)
@@ -162,7 +163,7 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path):
     """A Python without site-packages really lacks matplotlib; migrator comes from the source tree."""
     source_tree = Path(__import__("migrator").__file__).parent.parent
     code = (
-        "import sys; from migrator.report import plot_report; from migrator.errors import MigratorError\n"
+        "import sys; from migrator.cli.render import plot_report; from migrator.core.errors import MigratorError\n"
         f"try: plot_report({REPORT!r}, {str(tmp_path / 'x.png')!r})\n"
         "except MigratorError as e: print(e)\n"
     )

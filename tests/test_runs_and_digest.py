@@ -7,9 +7,9 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from migrator.digest import REGION_PIECE, PageDigests, hash_region, region_digest, region_digest_read, region_pieces
-from migrator.model import Layout, Region
-from migrator.runs import complement, count_pages, split_runs, union
+from migrator.core.digest import REGION_PIECE, PageDigests, hash_region, region_digest, region_digest_read, region_pieces
+from migrator.core.model import Layout, Region
+from migrator.core.runs import complement, count_pages, split_runs, union
 
 P = 4096
 

@@ -21,9 +21,9 @@ from collections.abc import Callable
 import trio
 
 from .. import protocol as p
-from ..errors import ImageError
-from ..model import Run
-from ..runs import count_pages, union
+from ..core.errors import ImageError
+from ..core.model import Run
+from ..core.runs import count_pages, union
 from ..transport import open_file_reader, open_file_writer
 from .engine import CheckpointSettings, take_checkpoint
 from .image import MANIFEST, ImageInfo, chain_images, manifest_bytes, read_image, write_file_atomically

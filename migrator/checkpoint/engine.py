@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import trio
 import xxhash
 
-from ..deadlines import deadline
-from ..errors import ImageError
+from ..core.deadlines import deadline
+from ..core.errors import ImageError
 from ..guest.client import GuestClient
-from ..model import Run
-from ..runs import count_pages, union
+from ..core.model import Run
+from ..core.runs import count_pages, union
 from ..source.engine import MigrateSettings, SourceMigration, _ms, _terminate
 from ..transport import open_file_writer
 from .image import (

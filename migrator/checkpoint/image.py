@@ -34,8 +34,8 @@ from typing import Any
 
 import xxhash
 
-from ..errors import ImageError
-from ..model import Region
+from ..core.errors import ImageError
+from ..core.model import Region
 
 FORMAT = "migrator-image/1"
 MANIFEST = "image.json"

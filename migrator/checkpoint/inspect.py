@@ -10,9 +10,9 @@ the memory it recorded, short of the guest's own self-check.
 from __future__ import annotations
 
 from .. import protocol as p
-from ..digest import PageDigests
-from ..errors import ImageError
-from ..model import Layout
+from ..core.digest import PageDigests
+from ..core.errors import ImageError
+from ..core.model import Layout
 from ..transport import open_file_reader
 from .image import ImageInfo, check_files, load_chain, read_table
 

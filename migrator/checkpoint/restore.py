@@ -20,7 +20,8 @@ import trio
 
 from .. import protocol as p
 from ..destination.engine import DestinationMigration, ReceiveSettings
-from ..errors import ImageError, MigrationFailed
+from ..core.errors import ImageError, MigrationFailed
+from ..core.failures import first_cause
 from ..transport import ChannelStats, FileReader, open_file_reader
 from .image import ImageInfo, check_files, load_chain, read_table
 
@@ -150,9 +151,7 @@ async def restore_chain(image_dir: str, settings: RestoreSettings = RestoreSetti
     try:
         report = await restore.run()
     except MigrationFailed as exc:
-        cause = exc.__cause__
-        while isinstance(cause, BaseExceptionGroup):
-            cause = next((e for e in cause.exceptions if not isinstance(e, trio.Cancelled)), cause.exceptions[0])
+        cause = first_cause(exc.__cause__) if exc.__cause__ is not None else None
         if isinstance(cause, ImageError):
             raise ImageError(f"{cause} (restore guest discarded)") from exc
         raise

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import trio
 
 from .. import protocol as p
-from ..deadlines import deadline
-from ..digest import PageDigests
-from ..errors import LocalProtocolError, MigrationFailed, RemoteProtocolError
-from ..model import Layout, Run
-from ..runs import count_pages
+from ..core.deadlines import deadline
+from ..core.digest import PageDigests
+from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolError
+from ..core.failures import describe
+from ..core.model import Layout, Run
+from ..core.runs import count_pages
 from .guests import RestoreGuests, RestoreTarget
 
 APPLY_QUEUE = 4          # Pages events (up to 4 MiB each) buffered between receiving and applying
@@ -76,8 +77,6 @@ class DestinationMigration:
         finally:
             if self.target is not None:   # a guest that was not resumed is killed
                 await trio.to_thread.run_sync(self.target.close if not self.resumed else self.target.release)
-        from ..source.engine import describe
-
         report = self.report = {
             "kind": "receive",
             "source_layout": [[r.start, r.length] for r in self.src.regions] if hasattr(self, "src") else None,
@@ -116,8 +115,6 @@ class DestinationMigration:
                     await self._receive_loop(send_q)
         except BaseException as exc:
             if not self.resumed:
-                from ..source.engine import describe
-
                 with trio.move_on_after(2, shield=True):
                     try:
                         await self.channel.send(p.Abort(reason=f"destination failed: {describe(exc)}"))

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import GuestError
+from ..core.errors import GuestError
 from ..guest.client import GuestClient
 from ..guest.spawn import GuestProcess, spawn_guest
-from ..model import Layout
+from ..core.model import Layout
 from ..tracker.memory import MemfdMemory, ProcessMemory
 
 POPULATED_POLL_S = 0.05

@@ -19,14 +19,13 @@ page writes per second: ``pct / 100 * pages``), bandwidths in bytes per second (
 from __future__ import annotations
 
 import itertools
-from argparse import ArgumentTypeError
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from ..errors import MigratorError
+from ..core.errors import MigratorError
 from ..guest.layout import Pattern
-from ..model import PAGE_SIZE
-from ..source.cli import parse_rate as parse_link_rate
+from ..core.model import PAGE_SIZE
+from ..core.units import parse_rate as parse_link_rate
 from ..tracker import TRACKERS
 
 MiB = 1 << 20
@@ -214,10 +213,7 @@ def parse_bandwidth(text: str) -> float | None:
     """``unlimited`` -> None; otherwise what ``migrate --bandwidth`` takes (100M, 1G, 500mbit)."""
     if text.strip().lower() in ("unlimited", "none"):
         return None
-    try:
-        return parse_link_rate(text)
-    except ArgumentTypeError as exc:
-        raise ValueError(str(exc)) from None
+    return parse_link_rate(text)
 
 
 def parse_rate(text: str) -> float | None:

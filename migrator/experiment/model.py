@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import MigratorError
+from ..core.errors import MigratorError
 from ..guest.layout import Pattern
 
 MIN_PAGES = 64   # the policy's min-pages rule (P.Haul): a round this small is not worth another

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from ..errors import GuestError, MigratorError
+from ..core.errors import GuestError, MigratorError
 from ..guest.client import GuestClient
 from ..guest.spawn import spawn_guest
 from ..source.engine import MigrateSettings, SourceMigration

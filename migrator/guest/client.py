@@ -12,10 +12,10 @@ import os
 import socket
 from dataclasses import dataclass
 
-from ..errors import GuestError
-from ..model import Layout, Region
+from ..core.errors import GuestError
+from ..core.model import Layout, Region
 from ..tracker.handover import recv_fds
-from .protocol import LineBuffer, encode, parse_reply
+from .control import LineBuffer, encode, parse_reply
 
 MAX_FDS = 4
 

@@ -1,42 +1,34 @@
 """Pure values describing a guest region: its geometry, its settings, and its digest.
 
 No I/O and not the guest's compiled hot loop here, so a migrator or a destination can size,
-name and digest a region without it (the digest itself is ``migrator.digest``'s). The byte layout of the control block itself is defined once,
+name and digest a region without it (the digest itself is ``migrator.core.digest``'s). The byte layout of the control block itself is defined once,
 in C (``_build_workload.py``); ``workload.py`` reads it through cffi.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
-from .. import digest
-from ..model import PAGE_SIZE
+from ..core import digest, units
+from ..core.model import PAGE_SIZE
 
 PATTERNS = ("uniform", "hot", "sequential")
 FILLS = ("random", "text", "sparse")
 MIN_REGION_PAGES = 16
 TABLE_ENTRIES_PER_PAGE = PAGE_SIZE // 8
 
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def region_digest(buffer) -> str:
-    """The region digest (``migrator.digest``) of a whole region's bytes, as hex: the one digest
+    """The region digest (``migrator.core.digest``) of a whole region's bytes, as hex: the one digest
     migrator, destination and guest compare (the guest's ``digest`` command returns it)."""
     return digest.region_digest(buffer).hex()
 
 
 def parse_size(text: str) -> int:
-    """``"64M"``, ``"1G"``, ``"1GiB"``, ``"4096"`` -> bytes; a whole number of pages, at least 16."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"size {text!r}: expected a number with an optional K/M/G/T suffix, e.g. 1G")
-    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
-    if size % PAGE_SIZE or size < MIN_REGION_PAGES * PAGE_SIZE:
-        raise ValueError(f"size {text!r}: must be a multiple of {PAGE_SIZE} and at least {MIN_REGION_PAGES} pages")
-    return size
+    """A guest region's size (``"64M"``, ``"1G"``): a whole number of pages, at least 16."""
+    return units.parse_size(text, min_pages=MIN_REGION_PAGES)
 
 
 @dataclass(frozen=True, slots=True)

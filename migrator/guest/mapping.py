@@ -15,7 +15,7 @@ import mmap
 import os
 import threading
 
-from ..model import Region
+from ..core.model import Region
 from ..tracker._uapi import MADV_POPULATE_WRITE
 from ._workload import ffi
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..errors import GuestError
+from ..core.errors import GuestError
 from .pacing import BatchSizer, Pacer, RateMeter, StopClock
 from .workload import Workload
 

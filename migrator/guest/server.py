@@ -17,12 +17,12 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import GuestError, MigratorError
-from ..model import PAGE_SIZE
+from ..core.errors import GuestError, MigratorError
+from ..core.model import PAGE_SIZE
 from ..tracker.handover import send_fds
 from .layout import Settings
 from .mapping import RegionMapping
-from .protocol import LineBuffer, Request, error_reply, ok_reply, parse_request
+from .control import LineBuffer, Request, error_reply, ok_reply, parse_request
 from .runner import RESTORING, WorkloadRunner
 from .tracking import GuestTracking
 from .workload import Workload

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from ..errors import GuestError
+from ..core.errors import GuestError
 from .client import GuestClient
 
 READY_TIMEOUT = 60.0   # the initial fill of a large region takes a while on a fresh VM

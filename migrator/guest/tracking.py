@@ -19,8 +19,8 @@ import os
 import threading
 from collections.abc import Sequence
 
-from ..errors import GuestError, MigratorError
-from ..model import Region
+from ..core.errors import GuestError, MigratorError
+from ..core.model import Region
 from ..tracker.handover import register_for_tracking, release_tracking
 
 TRACKERS = ("wp-async", "sync-wp", "none")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import GuestError
+from ..core.errors import GuestError
 from .layout import Geometry, Settings, region_digest
 from .mapping import RegionMapping
 from ._workload import ffi, lib

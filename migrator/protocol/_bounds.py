@@ -12,8 +12,8 @@ from functools import reduce
 from itertools import repeat
 from operator import add, mul, or_
 
-from ..errors import LocalProtocolError
-from ..model import Run
+from ..core.errors import LocalProtocolError
+from ..core.model import Run
 from .events import Layout
 
 

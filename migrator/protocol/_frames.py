@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from ..errors import LocalProtocolError
+from ..core.errors import LocalProtocolError
 from .events import (
     Abort, Ack, Auth, Commit, Digest, Event, Fence, Freeze, Hello, Index, Layout, Pages, RoundEnd, Zero,
 )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import zstandard
 
 from .._native import ffi, lib
-from ..errors import LocalProtocolError
+from ..core.errors import LocalProtocolError
 from ._frames import F_ZEROS, F_ZSTD
 
 MIN_LEVEL, MAX_LEVEL = -100, 22

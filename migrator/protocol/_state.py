@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 
-from ..errors import LocalProtocolError
+from ..core.errors import LocalProtocolError
 
 
 class Role(enum.Enum):

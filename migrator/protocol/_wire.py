@@ -15,8 +15,8 @@ from itertools import chain
 
 import msgpack
 
-from ..errors import LocalProtocolError
-from ..model import Region
+from ..core.errors import LocalProtocolError
+from ..core.model import Region
 from ._frames import TYPE_CODES, TYPES
 from .events import (
     Abort, Ack, Auth, Commit, Digest, Event, Fence, Freeze, Hello, Index, IndexEntry, Layout, Pages,

@@ -40,8 +40,8 @@ from dataclasses import dataclass, replace
 
 import zstandard
 
-from ..errors import LocalProtocolError, RemoteProtocolError
-from ..model import Run
+from ..core.errors import LocalProtocolError, RemoteProtocolError
+from ..core.model import Run
 from . import _handshake as hs
 from ._bounds import LayoutBounds
 from ._buffer import ReceiveBuffer

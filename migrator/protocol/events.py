@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from ..errors import LocalProtocolError
-from ..model import PAGE_SIZE, Region, Run
+from ..core.errors import LocalProtocolError
+from ..core.model import PAGE_SIZE, Region, Run
 
 PROTOCOL_VERSION = 1
 

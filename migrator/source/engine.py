@@ -30,13 +30,14 @@ from dataclasses import asdict, dataclass, field
 import trio
 
 from .. import protocol as p
-from ..buffers import BufferPool
-from ..deadlines import deadline
-from ..digest import PageDigests, region_digest, region_digest_read
-from ..errors import MigrationFailed, MigratorError
+from ..core.buffers import BufferPool
+from ..core.deadlines import deadline
+from ..core.digest import PageDigests, region_digest, region_digest_read
+from ..core.errors import MigrationFailed, MigratorError
+from ..core.failures import describe
 from ..guest.client import GuestClient
-from ..model import Layout, RoundStats, Run
-from ..runs import complement, count_pages, split_runs, union
+from ..core.model import Layout, RoundStats, Run
+from ..core.runs import complement, count_pages, split_runs, union
 from ..tracker import open_tracker, required_uffd_mode
 from ..tracker.memory import MemfdMemory, ProcessMemory
 from ..transport import connect
@@ -431,7 +432,7 @@ class SourceMigration:
         self.downtime_ms = _ms(time.perf_counter() - freeze_at)
 
     async def _region_digest(self) -> bytes:
-        """The region digest (``migrator.digest``) of the frozen region, equal to the restore
+        """The region digest (``migrator.core.digest``) of the frozen region, equal to the restore
         guest's own ``digest`` answer, so the two compare directly.
 
         Its pieces are hashed on every core. A memfd guest is hashed in place; a private
@@ -481,17 +482,6 @@ class SourceMigration:
             "committed": self.committed,
             "error": None if error is None else describe(error),
         }
-
-
-def describe(error: BaseException) -> str:
-    """One line for the user from an exception or an exception group (first real cause)."""
-    while isinstance(error, BaseExceptionGroup):
-        leaves = [e for e in error.exceptions if not isinstance(e, trio.Cancelled)]
-        error = leaves[0] if leaves else error.exceptions[0]
-    if isinstance(error, trio.TooSlowError):
-        return "timed out"   # a deadline without a name (the named ones raise DeadlineExceeded)
-    text = str(error).splitlines()[0] if str(error) else ""
-    return text if isinstance(error, MigratorError) else f"{type(error).__name__}: {text}"
 
 
 def _ms(seconds: float) -> float:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ..errors import MigratorError
-from ..model import PAGE_SIZE
+from ..core.errors import MigratorError
+from ..core.model import PAGE_SIZE
 
 DEFAULT_FIXED_MS = 1.0          # wake the guest for SIGSTOP, final scan, end/ack exchange (1 GiB)
 DEFAULT_PER_PAGE_MS = 0.003     # 2-3 us per leftover page, uncompressed, loopback

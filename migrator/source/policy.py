@@ -41,8 +41,8 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import MigratorError
-from ..model import RoundStats
+from ..core.errors import MigratorError
+from ..core.model import RoundStats
 
 # P.Haul's iteration limits (phaul/iters.py).
 MIN_ITER_PAGES_COUNT = 64       # a round this small is not worth another one

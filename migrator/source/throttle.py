@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..errors import GuestError
+from ..core.errors import GuestError
 
 _ACTIVE, _FROZEN, _THAWED, _CLOSED = "active", "frozen", "thawed", "closed"
 _STOPPED_STATES = ("T", "t")       # stopped by a signal, or traced and stopped

@@ -27,8 +27,8 @@ import os
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
-from ..errors import TrackerError, TrackerUnavailable
-from ..model import Region, Run
+from ..core.errors import TrackerError, TrackerUnavailable
+from ..core.model import Region, Run
 from .base import TrackerBase, TrackerStats
 from .features import soft_dirty_missing, sync_wp_missing, wp_async_missing
 from .full import FullTracker

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import TrackerError
-from ..model import Region, Run
-from ..runs import union
+from ..core.errors import TrackerError
+from ..core.model import Region, Run
+from ..core.runs import union
 from . import features, pagemap
 from ._uapi import PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC
 from .scan import DEFAULT_VEC_LEN, Scanner

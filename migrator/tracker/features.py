@@ -14,8 +14,8 @@ import mmap
 import os
 import struct
 
-from ..errors import TrackerUnavailable
-from ..model import Region
+from ..core.errors import TrackerUnavailable
+from ..core.model import Region
 from . import _sys
 from .handover import register_for_tracking
 from ._uapi import (

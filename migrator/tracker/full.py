@@ -6,8 +6,8 @@ those mapped to the shared zero page. Needs only ptrace read rights over the gue
 
 from __future__ import annotations
 
-from ..model import Run
-from ..runs import count_pages
+from ..core.model import Run
+from ..core.runs import count_pages
 from .base import TrackerBase
 
 

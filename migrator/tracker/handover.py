@@ -15,8 +15,8 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from ..errors import TrackerUnavailable
-from ..model import Region
+from ..core.errors import TrackerUnavailable
+from ..core.model import Region
 from . import _sys
 from .maps import check_regions, normalize_regions
 from ._uapi import (

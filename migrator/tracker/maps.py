@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import TrackerError, TrackerUnavailable
-from ..model import Region
+from ..core.errors import TrackerError, TrackerUnavailable
+from ..core.model import Region
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import errno
 from array import array
 from itertools import accumulate
 
-from ..model import Run
+from ..core.model import Run
 from . import _sys
 from ._uapi import IOV_MAX, MADV_POPULATE_READ, MADV_POPULATE_WRITE, ffi
 

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from ..model import Region, Run
+from ..core.model import Region, Run
 from ._uapi import PM_ENTRY_PRESENT, PM_ENTRY_SOFT_DIRTY, PM_ENTRY_SWAPPED, PM_ENTRY_UFFD_WP
 
 ENTRY_BYTES = 8

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from itertools import islice
 from typing import NamedTuple
 
-from ..model import Region, Run
+from ..core.model import Region, Run
 from . import _sys
 from ._uapi import ffi
 

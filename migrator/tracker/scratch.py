@@ -35,8 +35,8 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 
-from ..errors import GuestError
-from ..model import Region
+from ..core.errors import GuestError
+from ..core.model import Region
 from . import _sys
 from .handover import recv_fds, register_for_tracking, send_fds
 

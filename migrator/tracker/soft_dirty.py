@@ -22,9 +22,9 @@ import signal
 import time
 from collections.abc import Iterator
 
-from ..errors import TrackerError, TrackerUnavailable
-from ..model import Run
-from ..runs import count_pages
+from ..core.errors import TrackerError, TrackerUnavailable
+from ..core.model import Run
+from ..core.runs import count_pages
 from .base import TrackerBase
 from .features import soft_dirty_missing
 from .pagemap import flagged_runs

@@ -39,8 +39,8 @@ import os
 import select
 import threading
 
-from ..errors import TrackerError, TrackerUnavailable
-from ..model import Run
+from ..core.errors import TrackerError, TrackerUnavailable
+from ..core.model import Run
 from . import _sys
 from .base import TrackerBase
 from ._uapi import (

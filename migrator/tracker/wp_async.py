@@ -27,8 +27,8 @@ Needs: ptrace read rights over the guest (to open /proc/PID/pagemap), Linux 6.7+
 from __future__ import annotations
 
 
-from ..errors import TrackerUnavailable
-from ..model import Run
+from ..core.errors import TrackerUnavailable
+from ..core.model import Run
 from .base import TrackerBase
 from .features import pagemap_scan_missing
 from ._uapi import PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING

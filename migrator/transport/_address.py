@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from ..errors import TransportError
+from ..core.errors import TransportError
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import trio
 
-from ..errors import TransportError
+from ..core.errors import TransportError
 
 
 class TokenBucket:

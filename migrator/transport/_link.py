@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import trio
 
-from ..buffers import SizedBufferPool
-from ..errors import RemoteProtocolError, TransportError
+from ..core.buffers import SizedBufferPool
+from ..core.errors import RemoteProtocolError, TransportError
 from ..protocol import NEED_DATA, Connection, ConnectionClosed, Event, PendingPages
 from ._tls_stream import TLSStream
 

@@ -21,7 +21,7 @@ from functools import partial
 
 import trio
 
-from ..errors import RemoteProtocolError, TransportError
+from ..core.errors import RemoteProtocolError, TransportError
 from ..protocol import DATA_EVENTS, ConnectionClosed, Event, Fence, Layout, Pages, PendingPages
 from ._link import Counters, Link
 from ._threads import Job, ThreadJobs, decode_pages

@@ -30,7 +30,7 @@ from itertools import islice
 import trio
 import zstandard
 
-from ..errors import TransportError
+from ..core.errors import TransportError
 from ..protocol import DATA_EVENTS, Event, Fence, PendingFrame
 from ._limiter import TokenBucket
 from ._link import Counters, Link

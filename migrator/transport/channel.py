@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import trio
 
-from ..errors import LocalProtocolError, TransportError
+from ..core.errors import LocalProtocolError, TransportError
 from ..protocol import ConnectionClosed, Event, Hello, Role
 from ._link import ChannelStats, Counters, Link
 from ._receivers import DirectReceiver, GatheringReceiver

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import trio
 
-from ..errors import ImageError, RemoteProtocolError, TransportError
+from ..core.errors import ImageError, RemoteProtocolError, TransportError
 from ..protocol import Connection, ConnectionClosed, Event, Hello, Index, IndexEntry, Role
 from ._link import ChannelStats, Counters, Link
 from ._receivers import DirectReceiver

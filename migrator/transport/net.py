@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from ..errors import MigratorError, TransportError, leaf_exceptions
+from ..core.errors import MigratorError, TransportError
+from ..core.failures import leaf_exceptions
 from ..protocol import ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._link import Counters, Link

@@ -15,7 +15,7 @@ import ssl
 
 import trio
 
-from ..errors import TransportError
+from ..core.errors import TransportError
 from ._address import Address
 from ._tls_stream import TLSStream, ssl_reason
 

@@ -14,7 +14,7 @@ from migrator.checkpoint import (
     CheckpointSettings, RestoreSettings, image_tag, load_chain, read_image, restore_chain, run_continuous,
     take_checkpoint, verify_chain,
 )
-from migrator.errors import ImageError, MigrationFailed
+from migrator.core.errors import ImageError, MigrationFailed
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
 from migrator.tracker.features import wp_async_missing

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from migrator.errors import GuestError
-from migrator.guest import cli
+from migrator.core.errors import GuestError
+from migrator.cli import guest as cli
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from migrator.errors import GuestError
+from migrator.core.errors import GuestError
 from migrator.guest._workload import ffi as workload_ffi
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import Pattern
 from migrator.guest.spawn import spawn_guest
-from migrator.model import PAGE_SIZE
+from migrator.core.model import PAGE_SIZE
 from migrator.source.throttle import Throttle
 from migrator.tracker import _sys, features
 from migrator.tracker._uapi import PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, ffi

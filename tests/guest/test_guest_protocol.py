@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from migrator.errors import GuestError
-from migrator.guest.protocol import LineBuffer, Request, encode, error_reply, ok_reply, parse_reply, parse_request
+from migrator.core.errors import GuestError
+from migrator.guest.control import LineBuffer, Request, encode, error_reply, ok_reply, parse_reply, parse_request
 
 
 def test_parse_valid_requests():

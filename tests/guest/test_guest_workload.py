@@ -8,11 +8,11 @@ import pytest
 import xxhash
 import zstandard
 
-from migrator.errors import GuestError
+from migrator.core.errors import GuestError
 from migrator.guest.layout import Geometry, Pattern, Settings, region_digest
 from migrator.guest.mapping import RegionMapping
 from migrator.guest.workload import CheckResult, Workload
-from migrator.model import PAGE_SIZE
+from migrator.core.model import PAGE_SIZE
 
 SIZE = 4 << 20
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgpack
 
-from migrator.model import Region
+from migrator.core.model import Region
 from migrator.protocol import NEED_DATA, ZERO_PAGES, Auth, Connection, ConnectionClosed, Hello, Layout, Role
 from migrator.protocol._frames import CHECKSUM, F_MAC, FRAME_VERSION, HEADER, MAGIC, TYPE_CODES
 

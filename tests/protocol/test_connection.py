@@ -5,7 +5,7 @@ import os
 import pytest
 import zstandard
 
-from migrator.errors import LocalProtocolError, RemoteProtocolError
+from migrator.core.errors import LocalProtocolError, RemoteProtocolError
 from migrator.protocol import (
     NEED_DATA, Abort, Ack, Auth, Commit, Connection, ConnectionClosed, Digest, Fence, Freeze, Hello, Index,
     IndexEntry, Pages, PendingPages, Role, RoundEnd, State, Zero,

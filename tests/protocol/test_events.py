@@ -2,8 +2,8 @@
 
 import pytest
 
-from migrator.errors import LocalProtocolError
-from migrator.model import Region
+from migrator.core.errors import LocalProtocolError
+from migrator.core.model import Region
 from migrator.protocol import (
     Abort, Ack, Digest, Fence, Freeze, Hello, Index, IndexEntry, Layout, Pages, RoundEnd, Zero,
 )

@@ -12,7 +12,7 @@ import random
 import msgpack
 import zstandard
 
-from migrator.errors import RemoteProtocolError
+from migrator.core.errors import RemoteProtocolError
 from migrator.protocol import (
     NEED_DATA, ZERO_PAGES, Auth, Connection, ConnectionClosed, Digest, Fence, Freeze, Hello, Pages, PendingPages, RoundEnd,
     Zero,

@@ -6,7 +6,7 @@ import sys
 import pytest
 import zstandard
 
-from migrator.errors import LocalProtocolError, RemoteProtocolError
+from migrator.core.errors import LocalProtocolError, RemoteProtocolError
 from migrator.protocol import NEED_DATA, Connection, Pages, PendingPages, RoundEnd, State
 from migrator.protocol._frames import HEADER
 

@@ -4,9 +4,9 @@ import msgpack
 import pytest
 import zstandard
 
-from migrator.errors import RemoteProtocolError
-from migrator.errors import LocalProtocolError
-from migrator.model import Region
+from migrator.core.errors import RemoteProtocolError
+from migrator.core.errors import LocalProtocolError
+from migrator.core.model import Region
 from migrator.protocol import Ack, Connection, Hello, Layout, Pages, Role, State, Zero
 from migrator.protocol._frames import F_ZSTD, HEADER, Mac
 from migrator.protocol._wire import encode_meta

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migrator.errors import LocalProtocolError
-from migrator.model import Region
+from migrator.core.errors import LocalProtocolError
+from migrator.core.model import Region
 from migrator.protocol import (
     Abort, Ack, Auth, Commit, Connection, Digest, Fence, Freeze, Hello, Index, IndexEntry, Layout, Pages, RoundEnd, Zero,
 )

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from migrator.errors import MigratorError
+from migrator.core.errors import MigratorError
 from migrator.source.estimator import DowntimeEstimator
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from migrator.errors import MigratorError
-from migrator.model import RoundStats
+from migrator.core.errors import MigratorError
+from migrator.core.model import RoundStats
 from migrator.source.policy import (
     THROTTLE_MAX_ROUNDS,
     Action,

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from migrator.errors import GuestError
+from migrator.core.errors import GuestError
 from migrator.source.throttle import Throttle, _proc_state
 
 COUNTER = r"""

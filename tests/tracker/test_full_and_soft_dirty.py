@@ -9,7 +9,7 @@ import time
 import pytest
 from tracker_helpers import assert_coalesced, need, pages_of
 
-from migrator.errors import TrackerUnavailable
+from migrator.core.errors import TrackerUnavailable
 from migrator.tracker import features, open_tracker
 from migrator.tracker.soft_dirty import thread_states, frozen
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from migrator.model import Region
+from migrator.core.model import Region
 from migrator.tracker._uapi import IOV_MAX, ffi
 from migrator.tracker.memory import MemfdMemory, ProcessMemory
 

@@ -10,8 +10,8 @@ import os
 import pytest
 from tracker_helpers import PAGE, need, pages_of
 
-from migrator.errors import GuestError, TrackerError, TrackerUnavailable
-from migrator.model import Region
+from migrator.core.errors import GuestError, TrackerError, TrackerUnavailable
+from migrator.core.model import Region
 from migrator.tracker import TRACKERS, _sys, features, open_tracker, required_uffd_mode
 from migrator.tracker.handover import create_uffd, register_for_tracking, take_fd
 from migrator.tracker.scratch import MAP_HUGETLB

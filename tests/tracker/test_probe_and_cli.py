@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from migrator.tracker import choose_tracker, demo_cli, features, open_tracker, probe_cli, required_uffd_mode
+from migrator.cli import options, probe as probe_cli, track as demo_cli
+from migrator.tracker import choose_tracker, features, open_tracker, required_uffd_mode
 from migrator.tracker.probe import probe
 from migrator.tracker.scratch import ScratchProcess
 
@@ -73,10 +74,10 @@ def test_track_demo_prints_rounds(capsys, kind):
 
 @pytest.mark.parametrize(("text", "size"), [("64M", 64 << 20), ("1G", 1 << 30), ("8192", 8192), ("4KiB", 4096)])
 def test_sizes_parse(text, size):
-    assert demo_cli.parse_size(text) == size
+    assert options.size(text) == size
 
 
 @pytest.mark.parametrize("text", ["12Q", "", "100", "-4K"])
 def test_bad_sizes_are_refused_naming_them(text):
     with pytest.raises(argparse.ArgumentTypeError, match=repr(text).replace("'", ".")):
-        demo_cli.parse_size(text)
+        options.size(text)

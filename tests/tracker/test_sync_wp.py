@@ -7,7 +7,7 @@ import random
 import pytest
 from tracker_helpers import assert_coalesced, pages_of
 
-from migrator.errors import TrackerUnavailable
+from migrator.core.errors import TrackerUnavailable
 from migrator.tracker import open_tracker
 from migrator.tracker.sync_wp import pages_to_runs, parse_fault_pages
 

@@ -8,7 +8,7 @@ import random
 import pytest
 from tracker_helpers import assert_coalesced, pages_of
 
-from migrator.errors import TrackerError, TrackerUnavailable
+from migrator.core.errors import TrackerError, TrackerUnavailable
 from migrator.tracker import _sys, open_tracker
 from migrator.tracker.handover import register_for_tracking
 from migrator.tracker.scratch import ScratchTimeout

@@ -6,7 +6,7 @@ import mmap
 
 import pytest
 
-from migrator.model import Region, Run
+from migrator.core.model import Region, Run
 from migrator.tracker import _sys
 
 PAGE = mmap.PAGESIZE

@@ -8,7 +8,7 @@ import random
 import trio
 import trio.testing
 
-from migrator.model import Region
+from migrator.core.model import Region
 from migrator.protocol import Layout, Pages, Zero
 from migrator.transport import Acceptor, open_source
 

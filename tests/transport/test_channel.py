@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from migrator.errors import LocalProtocolError, RemoteProtocolError, TransportError
+from migrator.core.errors import LocalProtocolError, RemoteProtocolError, TransportError
 from migrator.protocol import (
     Abort, Ack, Commit, Digest, Freeze, Layout, Pages, RoundEnd, Zero,
 )

@@ -6,7 +6,7 @@ import stat
 import pytest
 import trio
 
-from migrator.errors import ImageError
+from migrator.core.errors import ImageError
 from migrator.protocol import Digest, Freeze, Pages, RoundEnd
 from migrator.transport import open_file_reader, open_file_writer
 from migrator.transport.files import TRAILER
@@ -70,7 +70,7 @@ async def test_nothing_appears_until_commit_and_a_failed_writer_leaves_nothing(t
 
 
 async def test_writer_refuses_what_the_protocol_refuses(tmp_path):
-    from migrator.errors import LocalProtocolError
+    from migrator.core.errors import LocalProtocolError
 
     writer = await open_file_writer(str(tmp_path / "x"), token=None)
     with pytest.raises(LocalProtocolError, match="Pages from source is not allowed in state READY"):

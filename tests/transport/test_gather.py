@@ -7,8 +7,8 @@ import socket
 import pytest
 import trio
 
-from migrator.buffers import SizedBufferPool
-from migrator.model import Region
+from migrator.core.buffers import SizedBufferPool
+from migrator.core.model import Region
 from migrator.protocol import Ack, Digest, Layout, Pages, Zero
 from migrator.transport import connect, serve
 from migrator.transport._link import (

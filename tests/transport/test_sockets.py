@@ -8,7 +8,7 @@ import socket
 import pytest
 import trio
 
-from migrator.errors import RemoteProtocolError, TransportError
+from migrator.core.errors import RemoteProtocolError, TransportError
 from migrator.protocol import Ack, Digest, RoundEnd
 from migrator.transport import connect, parse_address, serve
 

@@ -13,11 +13,11 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from migrator.errors import TransportError
+from migrator.core.errors import TransportError
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
 from migrator.protocol import Ack, Connection, Digest, Pages, Role, RoundEnd
-from migrator.testing.faultproxy import FaultProxy, Faults
+from harness.faultproxy import FaultProxy, Faults
 from migrator.transport import client_context, connect, serve, server_context
 from migrator.transport._link import NOTSENT_LOWAT, USER_TIMEOUT_MS, Counters, Link
 from migrator.transport._tls_stream import TLSStream

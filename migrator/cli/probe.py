@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .probe import ProbeResult, probe
+from ..tracker.probe import ProbeResult, probe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,8 +10,8 @@ import json
 
 import trio
 
-from ..source.cli import read_token
-from .inspect import describe_chain, format_chain, verify_chain
+from .options import read_token
+from ..checkpoint.inspect import describe_chain, format_chain, verify_chain
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..errors import GuestError
+from ..core.errors import GuestError
 
 MAX_LINE = 64 * 1024
 

@@ -73,9 +73,3 @@ class MigrationFailed(MigratorError):
         super().__init__(message)
         self.committed = committed
 
-
-def leaf_exceptions(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups, as trio nurseries raise them, in order."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in leaf_exceptions(inner)]
-    return [exc]

@@ -16,46 +16,8 @@ import trio
 
 from ..tracker import TRACKERS
 from ..transport import check_tls_address, client_context, parse_address
-from .engine import MigrateSettings, SourceMigration
-
-
-def parse_rate(text: str) -> float:
-    """'100M' / '1G' / '1gbit' / '500mbit' / '12345' -> bytes per second."""
-    t = text.strip().lower()
-    bits = t.endswith("bit")
-    if bits:
-        t = t[:-3]
-    t = t.rstrip("b/s") if not bits else t
-    scale = {"k": 1e3, "m": 1e6, "g": 1e9}
-    factor = 1.0
-    if t and t[-1] in scale:
-        factor, t = scale[t[-1]], t[:-1]
-    try:
-        value = float(t) * factor
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (examples: 100M, 1G, 500mbit)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"rate must be positive: {text!r}")
-    return value / 8 if bits else value
-
-
-def parse_compress(text: str) -> str:
-    if text == "none" or (text.startswith("zstd:") and text[5:].lstrip("-").isdigit()) or text == "zstd":
-        return "zstd:1" if text == "zstd" else text
-    raise argparse.ArgumentTypeError(f"--compress takes zstd:LEVEL or none, not {text!r}")
-
-
-def read_token(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise SystemExit(f"migrator: cannot read token file {path}: {exc.strerror}") from None
-    if len(token) < 16:
-        raise SystemExit(f"migrator: token file {path} holds {len(token)} bytes; use at least 16")
-    return token
+from ..source.engine import MigrateSettings, SourceMigration
+from . import options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, metavar="HOST:PORT", help="receiver address (or unix:PATH)")
     parser.add_argument("--downtime-ms", type=float, default=50.0, help="downtime target: switch over once the expected downtime is within 90 %% of it (default 50)")
     parser.add_argument("--max-rounds", type=int, default=30)
-    parser.add_argument("--bandwidth", type=parse_rate, default=None, metavar="RATE", help="cap the link, e.g. 100M (bytes/s) or 1gbit")
-    parser.add_argument("--compress", type=parse_compress, default="zstd:1", metavar="zstd:LEVEL|none")
+    parser.add_argument("--bandwidth", type=options.rate, default=None, metavar="RATE", help="cap the link, e.g. 100M (bytes/s) or 1gbit")
+    parser.add_argument("--compress", type=options.compress, default="zstd:1", metavar="zstd:LEVEL|none")
     parser.add_argument("--streams", type=int, default=1, help="parallel connections (compression on more cores)")
     parser.add_argument("--tracker", choices=TRACKERS, default="wp-async")
     parser.add_argument("--verify", choices=("pages", "full"), default="pages")
@@ -84,13 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import report as rep
+    from . import render as rep
 
     settings = MigrateSettings(
         downtime_ms=args.downtime_ms, max_rounds=args.max_rounds, bandwidth=args.bandwidth,
         compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
         force_switchover=args.force_switchover, keep_source=args.keep_source,
-        token=read_token(args.token_file), round_timeout_s=args.round_timeout,
+        token=options.read_token(args.token_file), round_timeout_s=args.round_timeout,
         tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
     )
     check_tls_address(parse_address(args.to), settings.tls)

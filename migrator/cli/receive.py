@@ -20,13 +20,12 @@ import tempfile
 
 import trio
 
-from ..errors import MigratorError, TransportError
-from ..guest.layout import parse_size
-from ..report import save_report
-from ..source.cli import read_token
+from ..core.errors import MigratorError, TransportError
+from .render import save_report
+from . import options
 from ..transport import serve, server_context
-from .engine import DestinationMigration, ReceiveSettings
-from .guests import RestoreGuests
+from ..destination.engine import DestinationMigration, ReceiveSettings
+from ..destination.guests import RestoreGuests
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,16 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true", help="exit after the first migration (status says how it went)")
     parser.add_argument("--memfd", action="store_true", help="restore guests on a shared memfd (one copy fewer)")
     parser.add_argument("--control-dir", metavar="DIR", help="where restore guests' control sockets are made")
-    parser.add_argument("--prepare", type=_size, metavar="SIZE",
+    parser.add_argument("--prepare", type=options.guest_size, metavar="SIZE",
                         help="keep a restore guest of SIZE (e.g. 1G) started and populated ahead of the migration")
     parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="S", help="fail a migration whose source is silent this long (default 120)")
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _log(line: str) -> None:
@@ -58,7 +50,7 @@ def _log(line: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout)
-    token = read_token(args.token_file)
+    token = options.read_token(args.token_file)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise TransportError("--tls-cert and --tls-key go together: give both, or neither for plain TCP")
     tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert is not None else None

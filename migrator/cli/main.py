@@ -11,20 +11,21 @@ import argparse
 import importlib
 import sys
 
-from .errors import MigratorError, leaf_exceptions
+from ..core.errors import MigratorError
+from ..core.failures import expected_cause
 
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "probe": ("migrator.tracker.probe_cli", "report which kernel features and trackers work here"),
-    "track": ("migrator.tracker.demo_cli", "watch a scratch process's writes with a tracker (demo)"),
-    "guest": ("migrator.guest.cli", "run a guest workload whose whole state lives in its tracked memory"),
-    "report": ("migrator.report_cli", "print a migration report's round table and summary; --plot draws it"),
-    "migrate": ("migrator.source.cli", "live-migrate a running guest to a receiver"),
-    "receive": ("migrator.destination.cli", "receive migrations and resume their guests"),
-    "checkpoint": ("migrator.checkpoint.cli", "write a checkpoint image of a running guest (full, incremental, continuous)"),
-    "restore": ("migrator.checkpoint.restore_cli", "restore a guest from a checkpoint image chain and resume it"),
-    "inspect": ("migrator.checkpoint.inspect_cli", "show (and --verify) a checkpoint image chain"),
-    "experiment": ("migrator.experiment.cli", "measure pre-copy convergence over a grid of real migrations"),
+    "probe": ("migrator.cli.probe", "report which kernel features and trackers work here"),
+    "track": ("migrator.cli.track", "watch a scratch process's writes with a tracker (demo)"),
+    "guest": ("migrator.cli.guest", "run a guest workload whose whole state lives in its tracked memory"),
+    "report": ("migrator.cli.report", "print a migration report's round table and summary; --plot draws it"),
+    "migrate": ("migrator.cli.migrate", "live-migrate a running guest to a receiver"),
+    "receive": ("migrator.cli.receive", "receive migrations and resume their guests"),
+    "checkpoint": ("migrator.cli.checkpoint", "write a checkpoint image of a running guest (full, incremental, continuous)"),
+    "restore": ("migrator.cli.restore", "restore a guest from a checkpoint image chain and resume it"),
+    "inspect": ("migrator.cli.inspect", "show (and --verify) a checkpoint image chain"),
+    "experiment": ("migrator.cli.experiment", "measure pre-copy convergence over a grid of real migrations"),
 }
 
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args._run(args) or 0)
         except BaseExceptionGroup as group:   # from a trio nursery: report what is inside
-            raise _one_cause(group) from None
+            raise expected_cause(group) from None
     except MigratorError as exc:
         print(f"migrator: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -64,15 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _one_cause(group: BaseExceptionGroup) -> BaseException:
-    """Ctrl-C if it is in ``group``, else its only error when that is an expected one (``serve``
-    refusing to listen, say); anything else stays the group, traceback and all."""
-    if group.subgroup(KeyboardInterrupt) is not None:
-        return KeyboardInterrupt()
-    leaves = leaf_exceptions(group)
-    if len(leaves) == 1 and isinstance(leaves[0], (MigratorError, OSError)):
-        return leaves[0]
-    return group
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,8 +11,8 @@ import json
 
 import trio
 
-from ..source.cli import read_token
-from .restore import RestoreSettings, restore_chain
+from .options import read_token
+from ..checkpoint.restore import RestoreSettings, restore_chain
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .report import format_round_table, format_summary, load_report, plot_report, summarize
+from .render import format_round_table, format_summary, load_report, plot_report, summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

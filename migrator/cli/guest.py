@@ -13,18 +13,12 @@ import argparse
 import os
 import tempfile
 
-from ..errors import GuestError
-from .layout import Pattern, Settings, parse_size
-from .server import GuestConfig, run_guest
+from ..core.errors import GuestError
+from ..guest.layout import Pattern, Settings
+from . import options
+from ..guest.server import GuestConfig, run_guest
 
 _SETTING_OPTIONS = ("dirty_rate", "pattern", "fill", "seed")
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _rate(text: str) -> float | None:
@@ -57,7 +51,7 @@ def _seed(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=_size, required=True, help="region size, e.g. 256M or 1G")
+    parser.add_argument("--size", type=options.guest_size, required=True, help="region size, e.g. 256M or 1G")
     parser.add_argument("--dirty-rate", type=_rate, metavar="PAGES_PER_S|unlimited",
                         help="page writes per second (default: unlimited)")
     parser.add_argument("--pattern", type=_pattern, metavar="uniform|hot:FRACTION:SHARE|sequential",

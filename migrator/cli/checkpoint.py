@@ -18,9 +18,9 @@ import json
 
 import trio
 
-from ..source.cli import parse_compress, read_token
-from .chain import run_continuous
-from .engine import CheckpointSettings, take_checkpoint
+from . import options
+from ..checkpoint.chain import run_continuous
+from ..checkpoint.engine import CheckpointSettings, take_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, default=3, metavar="N", help="with --every: images kept (older ones merged; default 3)")
     parser.add_argument("--count", type=int, metavar="K", help="with --every: stop after K images (default: until interrupted)")
     parser.add_argument("--downtime-ms", type=float, default=20.0, help="pre-copy into the file until the frozen part is expected below this")
-    parser.add_argument("--compress", type=parse_compress, default="zstd:1", metavar="zstd:LEVEL|none")
+    parser.add_argument("--compress", type=options.compress, default="zstd:1", metavar="zstd:LEVEL|none")
     parser.add_argument("--token-file", metavar="F", help="MAC the image with this key (restore and inspect need it)")
     parser.add_argument("--report", metavar="R.json", help="write the JSON report(s) here")
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("migrator checkpoint: --keep must be at least 1")
     settings = CheckpointSettings(
         leave_running=args.leave_running or args.every is not None, full_if_needed=args.full_if_needed,
-        downtime_ms=args.downtime_ms, compress=args.compress, token=read_token(args.token_file),
+        downtime_ms=args.downtime_ms, compress=args.compress, token=options.read_token(args.token_file),
     )
     if args.every is not None:
         if args.parent:

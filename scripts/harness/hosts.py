@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import GuestError
-from ..guest.client import GuestClient
-from ..guest.spawn import GuestProcess, spawn_guest
+from migrator.core.errors import GuestError
+from migrator.guest.client import GuestClient
+from migrator.guest.spawn import GuestProcess, spawn_guest
 from .netns import Host, Testbed, entered
 
 MIGRATOR = (sys.executable, "-m", "migrator")

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MigratorError
-from .model import RoundStats
+from ..core.errors import MigratorError
+from ..core.model import RoundStats
 
 KINDS = ("migration", "checkpoint")
 RESULTS = ("committed", "failed")

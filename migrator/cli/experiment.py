@@ -26,12 +26,11 @@ from pathlib import Path
 
 import trio
 
-from ..errors import MigratorError
-from ..guest.layout import parse_size
-from ..source.cli import parse_compress
-from . import compare, grid as g, results
-from .run import run_experiment
-from .summary import summary_markdown
+from ..core.errors import MigratorError
+from . import options
+from ..experiment import compare, grid as g, results
+from ..experiment.run import run_experiment
+from ..experiment.summary import summary_markdown
 
 
 def _list(item):
@@ -62,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the CI smoke grid (a few 16-32 MiB cells, < 60 s)")
     parser.add_argument("--out", default="experiment-out", metavar="DIR", help="output directory (default experiment-out)")
     sweep = parser.add_argument_group("custom sweep (replaces the preset grid's cells)")
-    sweep.add_argument("--sizes", type=_list(parse_size), metavar="64M,256M")
+    sweep.add_argument("--sizes", type=_list(options.parse_guest_size), metavar="64M,256M")
     sweep.add_argument("--rates", type=_list(g.parse_rate), metavar="PCT,...",
                        help="dirty rates in %% of the region's pages per second, e.g. 0.1,1,20 "
                             "(unlimited: as fast as the guest can)")
@@ -76,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_argument("--downtime-ms", type=_positive(float), help="switch-over target (default 10)")
     settings.add_argument("--max-rounds", type=_positive(int), help="rounds before the forced switch-over or "
                           "auto-converge (default 15)")
-    settings.add_argument("--compress", type=parse_compress, metavar="zstd:LEVEL|none",
+    settings.add_argument("--compress", type=options.compress, metavar="zstd:LEVEL|none",
                           help="default none (the model counts raw pages)")
     settings.add_argument("--fill", choices=("random", "text", "sparse"), help="guest page contents (default random)")
     settings.add_argument("--repeats", type=_positive(int), help="runs of each cell (default 1)")
@@ -167,7 +166,7 @@ def _finish(document: dict, out: Path, args: argparse.Namespace) -> None:
     (out / "summary.md").write_text(summary_markdown(document))
     if not args.no_plots:
         try:
-            from . import plots
+            from ..experiment import plots
         except ImportError as exc:
             raise MigratorError(f"plotting needs matplotlib (pip install migrator[plot]) or --no-plots: {exc}") from None
         for path in plots.plot_all(document, out):

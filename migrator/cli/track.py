@@ -11,29 +11,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..errors import TrackerError
-from . import TRACKERS, choose_tracker, open_tracker, required_uffd_mode
-from .scratch import ScratchProcess
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """'64M' -> 67108864; plain numbers are bytes. A whole number of 4 KiB pages."""
-    number, unit = text.strip().upper().rstrip("IB") or "0", ""
-    if number[-1:] in _UNITS:
-        number, unit = number[:-1], number[-1]
-    try:
-        size = int(number) * _UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M, 1G)") from None
-    if size <= 0 or size % 4096:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be a positive multiple of 4096 bytes")
-    return size
-
+from ..core.errors import TrackerError
+from ..tracker import TRACKERS, choose_tracker, open_tracker, required_uffd_mode
+from ..tracker.scratch import ScratchProcess
+from . import options
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=parse_size, default=parse_size("64M"), help="region size (default 64M)")
+    parser.add_argument("--size", type=options.size, default=64 << 20, help="region size (default 64M)")
     parser.add_argument("--rounds", type=int, default=5, help="collect rounds (default 5)")
     parser.add_argument("--tracker", choices=TRACKERS, default=None, help="default: what probe recommends")
     parser.add_argument("--rate", type=float, default=20000.0, help="page writes per second (default 20000)")
