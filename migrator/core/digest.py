@@ -22,7 +22,7 @@ from itertools import chain
 
 import xxhash
 
-from .._native import ffi, lib
+from ..native.pages import ffi, lib
 
 
 def _hash_into(table: array.array, indices: list[tuple[int, int]], payload, page_size: int) -> None:

@@ -3,7 +3,7 @@
 Library side (no compiled code needed): ``GuestClient`` talks to a guest's control socket,
 ``spawn_guest`` starts one as a child, ``region_digest`` is the digest everyone compares. The
 process itself (``migrator guest``) is ``server`` + ``runner`` + ``workload`` over the compiled
-hot loop ``_workload``. Protocol: docs/guest-protocol.md.
+hot loop ``migrator.native.workload``. Protocol: docs/guest-protocol.md.
 """
 
 from .client import Attachment, GuestClient

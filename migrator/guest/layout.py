@@ -2,7 +2,7 @@
 
 No I/O and not the guest's compiled hot loop here, so a migrator or a destination can size,
 name and digest a region without it (the digest itself is ``migrator.core.digest``'s). The byte layout of the control block itself is defined once,
-in C (``_build_workload.py``); ``workload.py`` reads it through cffi.
+in C (``migrator/native/workload.h``); ``workload.py`` reads it through cffi.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import os
 import threading
 
 from ..core.model import Region
+from ..native.workload import ffi
 from ..tracker._uapi import MADV_POPULATE_WRITE
-from ._workload import ffi
 
 POPULATE_CHUNK = 64 << 20
 _libc = ctypes.CDLL(None, use_errno=True)

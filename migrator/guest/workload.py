@@ -1,8 +1,8 @@
 """The guest's workload over its region: format, run steps, self-check, tag. Not thread-aware.
 
 All state lives in the region (control block, version table, page headers), so a region copied
-into another process continues exactly where it stopped; see ``_build_workload.py`` for the
-layout and the step protocol. The compiled calls release the GIL.
+into another process continues exactly where it stopped; see ``migrator/native/workload.h`` for
+the layout and ``workload.c`` for the step protocol. The compiled calls release the GIL.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.errors import GuestError
+from ..native.workload import ffi, lib
 from .layout import Geometry, Settings, region_digest
 from .mapping import RegionMapping
-from ._workload import ffi, lib
 
 _PATTERN_CODES = {"uniform": lib.PATTERN_UNIFORM, "hot": lib.PATTERN_HOT, "sequential": lib.PATTERN_SEQUENTIAL}
 _FILL_CODES = {"random": lib.FILL_RANDOM, "text": lib.FILL_TEXT, "sparse": lib.FILL_SPARSE}

@@ -10,7 +10,7 @@ Zero pages of a batch worth compressing are left out (flag ZEROS), as QEMU's mul
 detection does, when the peer's Hello lists ``ZERO_PAGES`` (or the stream is a recorded image):
 the payload starts with a bitmap, bit i set when page i is all zero, followed by
 the other pages, raw or compressed on their own. Finding, gathering and scattering them is C
-(``migrator._native``, without the GIL) that stops reading a page at its first non-zero word;
+(``migrator.native.pages``, without the GIL) that stops reading a page at its first non-zero word;
 zstd would spend far longer on a batch that mixes zero pages with incompressible ones (on
 half-zero random data it runs at ~1.6 GB/s, against ~5 GB/s on random data alone), and the
 receiver would decompress them.
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import zstandard
 
-from .._native import ffi, lib
 from ..core.errors import LocalProtocolError
+from ..native.pages import ffi, lib
 from ._frames import F_ZEROS, F_ZSTD
 
 MIN_LEVEL, MAX_LEVEL = -100, 22

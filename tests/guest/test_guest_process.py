@@ -11,7 +11,7 @@ import time
 import pytest
 
 from migrator.core.errors import GuestError
-from migrator.guest._workload import ffi as workload_ffi
+from migrator.native.workload import ffi as workload_ffi
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import Pattern
 from migrator.guest.spawn import spawn_guest

@@ -1,28 +1,15 @@
-"""cffi API-mode build of ``migrator._native``: per-page loops without the GIL.
+/* Per-page hashes and zero-page find/gather/scatter (migrator.native.pages).
 
-``setup.py`` names this file in ``cffi_modules``; ``pip install -e .`` compiles it. cffi runs
-this file standalone, so it imports nothing from migrator.
+   Why C: --verify pages hashes every page each time it moves; in Python that loop holds the GIL
+   and competes with the transport's threads, here it is a memory-bound loop that releases it.
+   Likewise the zero-page bitmap of compressed Pages payloads (migrator/protocol/_payload.py):
+   found, gathered and scattered a page at a time in Python it held the GIL long enough that two
+   streams' worker threads queued behind each other. */
 
-Why C: ``--verify pages`` hashes every page each time it moves (a GiB is 262,144 pages). In
-Python that costs ~1.3 us a page under the GIL, competing with the transport's threads; here it is
-a memory-bound loop that releases the GIL. Likewise the zero-page bitmap of compressed Pages
-payloads (``protocol._payload``): found, gathered and scattered a page at a time in Python it
-held the GIL ~0.3 ms per 4 MiB batch, and two streams' worker threads queued behind each other.
-"""
-
-from cffi import FFI
-
-CDEF = """
-void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint64_t page_size,
-                 uint64_t *table, uint64_t table_len);
-uint64_t find_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint8_t *bitmap);
-void gather_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, const uint8_t *bitmap, uint8_t *out);
-void scatter_pages(const uint8_t *kept, uint64_t npages, uint64_t page_size, const uint8_t *bitmap, uint8_t *out);
-"""
-
-SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+
+#include "pages.h"
 
 static inline uint64_t mix(uint64_t h)
 {
@@ -47,7 +34,6 @@ static uint64_t hash_page(const uint8_t *p, uint64_t size)
     return mix(a ^ mix(b + 0x1234567) ^ mix(c + 0x89abcdef) ^ mix(d + size));
 }
 
-/* runs: (first table index, page count) pairs; pages of buf follow the runs in order. */
 void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint64_t page_size,
                  uint64_t *table, uint64_t table_len)
 {
@@ -59,20 +45,18 @@ void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint6
     }
 }
 
-/* Zero-page bitmaps: bit i (byte i / 8, least significant bit first) is set when page i is all
-   zero. page_size is a multiple of 8 (checked by the caller). */
 static int page_is_zero(const uint8_t *p, uint64_t size)
 {
-    uint64_t w[4];
-    for (uint64_t off = 0; off < size; off += 32) {     /* stops at the first non-zero word */
-        memcpy(w, p + off, 32);
+    uint64_t w[ZERO_SCAN_BYTES / 8];
+    _Static_assert(sizeof w == ZERO_SCAN_BYTES, "one scan step is the four words tested below");
+    for (uint64_t off = 0; off < size; off += ZERO_SCAN_BYTES) {   /* stops at the first non-zero word */
+        memcpy(w, p + off, ZERO_SCAN_BYTES);
         if (w[0] | w[1] | w[2] | w[3])
             return 0;
     }
     return 1;
 }
 
-/* Fill bitmap ((npages + 7) / 8 bytes); returns the number of zero pages. */
 uint64_t find_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint8_t *bitmap)
 {
     uint64_t zero = 0;
@@ -85,7 +69,6 @@ uint64_t find_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size
     return zero;
 }
 
-/* Copy the pages whose bit is clear, in order, to out. */
 void gather_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, const uint8_t *bitmap, uint8_t *out)
 {
     for (uint64_t i = 0; i < npages; i++, buf += page_size)
@@ -95,7 +78,6 @@ void gather_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, const
         }
 }
 
-/* The inverse: page i of out is zeroed where its bit is set, else the next page of kept. */
 void scatter_pages(const uint8_t *kept, uint64_t npages, uint64_t page_size, const uint8_t *bitmap, uint8_t *out)
 {
     for (uint64_t i = 0; i < npages; i++, out += page_size)
@@ -106,11 +88,3 @@ void scatter_pages(const uint8_t *kept, uint64_t npages, uint64_t page_size, con
             kept += page_size;
         }
 }
-"""
-
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source("migrator._native", SOURCE, extra_compile_args=["-O2", "-std=gnu11"])
-
-if __name__ == "__main__":
-    ffibuilder.compile(verbose=True)

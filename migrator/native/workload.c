@@ -1,127 +1,17 @@
-"""cffi API-mode build of the guest's hot loop (``migrator.guest._workload``), run at install time.
+/* The guest's hot loop over its region (migrator.native.workload); the layout is workload.h's.
 
-``setup.py`` names this file in ``cffi_modules``; ``pip install -e .`` compiles it with the
-machine's C compiler. cffi executes this file standalone, so it imports nothing from migrator.
+   The PRNG is counter-based (SplitMix64 of the key and the step number), so its whole state is
+   the key in the control block plus the step counter. A step is idempotent and is committed by
+   one aligned 8-byte store of `steps`: a guest stopped (SIGSTOP) at any instruction and copied
+   elsewhere redoes the interrupted step and then continues exactly as the original would.
+   Nothing stored in the region is a pointer, so its content does not depend on where it is
+   mapped. */
 
-Everything the workload needs lives in its region (see ``docs/guest-protocol.md``)::
-
-    page 0                  struct guest_control: settings, step counter, in-flight marker, tag
-    pages 1 .. table_pages  version table: u64 per data page, the (1-based) step that last wrote it
-    the rest                data pages: a 32-byte header (magic, region page index, step,
-                            checksum), a chunk rewritten by every write, and a tail from the fill
-
-The PRNG is counter-based (SplitMix64 of the key and the step number), so its whole state is the
-key in the control block plus the step counter. A step is idempotent and is committed by one
-aligned 8-byte store of ``steps``: a guest stopped (SIGSTOP) at any instruction and copied
-elsewhere redoes the interrupted step and then continues exactly as the original would. Nothing
-stored in the region is a pointer, so its content does not depend on where it is mapped.
-"""
-
-from cffi import FFI
-
-# Shared by cdef and the C source, so Python and C agree on the control block by construction.
-TYPES = r"""
-#define GUEST_LAYOUT_VERSION 1
-#define GUEST_PAGE_SIZE 4096
-#define GUEST_HEADER_BYTES 32
-#define GUEST_TAG_MAX 200
-
-#define PATTERN_UNIFORM 0
-#define PATTERN_HOT 1
-#define PATTERN_SEQUENTIAL 2
-
-#define FILL_RANDOM 0
-#define FILL_TEXT 1
-#define FILL_SPARSE 2
-
-/* check() problem codes; migrator/guest/workload.py words them. */
-#define PROBLEM_NONE 0
-#define PROBLEM_CTL_MAGIC 1
-#define PROBLEM_CTL_VERSION 2
-#define PROBLEM_CTL_GEOMETRY 3
-#define PROBLEM_CTL_SETTINGS 4
-#define PROBLEM_CTL_CHECKSUM 5
-#define PROBLEM_CTL_STEPS 6
-#define PROBLEM_CTL_TAG 7
-#define PROBLEM_TABLE_AHEAD 10
-#define PROBLEM_TABLE_WRONG_STEP 11
-#define PROBLEM_HEADER_MISSING 12
-#define PROBLEM_HEADER_CORRUPT 13
-#define PROBLEM_HEADER_INDEX 14
-#define PROBLEM_STALE 15
-#define PROBLEM_BODY 16
-
-struct guest_control {
-    uint64_t magic;
-    uint32_t layout_version;
-    uint32_t page_size;
-    uint64_t region_pages;      /* control page + table pages + data pages */
-    uint64_t table_pages;
-    uint64_t data_pages;
-    uint64_t seed;
-    uint64_t prng_key;          /* derived from seed by guest_format */
-    uint32_t pattern;
-    uint32_t fill;
-    uint64_t hot_pages;         /* PATTERN_HOT: size of the hot set */
-    uint64_t hot_threshold;     /* PATTERN_HOT: a write is hot when rand < threshold (share * 2^64) */
-    uint64_t hot_stride;        /* PATTERN_HOT: data page of rank r is (r * stride) % data_pages */
-    double dirty_rate;          /* page writes per second; 0 = unlimited */
-    uint64_t settings_checksum; /* over every field above */
-    uint64_t steps;             /* steps done: the commit point of a step */
-    uint64_t in_flight;         /* steps + 1 while step `steps` is being written */
-    uint32_t tag_len;
-    uint8_t tag[200];           /* opaque tag (set-tag) */
-};
-"""
-
-CDEF = TYPES + r"""
-static const uint64_t GUEST_MAGIC;
-static const uint64_t PAGE_MAGIC;
-
-void guest_format(uint8_t *region);
-uint64_t guest_run(uint8_t *region, uint64_t count);
-uint64_t guest_pick(const uint8_t *region, uint64_t step);
-int guest_check_control(const uint8_t *region, uint64_t region_bytes, uint64_t detail[2]);
-int64_t guest_check(const uint8_t *region, uint64_t region_bytes, int deep, int *problem, uint64_t detail[2]);
-"""
-
-# Text fill: 256 common words (a byte of PRNG output picks one), a few ending a sentence or a line
-# ("|" = followed by a line break instead of a space), so "text" pages compress like prose.
-TEXT_WORDS = """
-the of and to a in is it you that he was for on are with as I his they be at one have this from
-or had by hot word but what some we can out other were all there when up use your how said an
-each she which do their time if will way about many then them write would like so these her long
-make thing see him two has look more day could go come did number sound no most people my over
-know water than call first who may down side been now find any new work part take get place made
-live where after back little only round man year came show every good me give our under name
-very through just form great think say help low line differ turn cause much mean before move
-right boy old too same tell does set three want air well also play small end put home read hand
-port large spell add even land here must big high such follow act why ask men change went light
-kind off need house picture try us again animal point mother world near build self earth father
-head stand own page should country found answer school grow study still learn plant cover food
-sun four between state keep eye never last let thought city tree cross farm hard start might story
-saw far sea draw left late run while, press, close, night, real, life, few, north, The It And
-book.| carry. took. science eat.|
-""".split()
-assert len(TEXT_WORDS) == 256 and all(len(w) <= 7 for w in TEXT_WORDS)
-
-
-def _word_slot(word: str) -> str:
-    """A C initializer {"word ", length} of an 8-byte slot, padded with spaces."""
-    text = word[:-1] + "\\n" if word.endswith("|") else word + " "
-    length = len(word) if word.endswith("|") else len(word) + 1
-    return '{"%s", %d}' % (text + " " * (8 - length), length)
-
-
-WORD_TABLE = ",\n".join("    " + _word_slot(w) for w in TEXT_WORDS)
-
-SOURCE = r"""
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
-""" + TYPES + r"""
-static const uint64_t GUEST_MAGIC = 0x5453455547494d47ULL;  /* "GMIGUEST" */
-static const uint64_t PAGE_MAGIC = 0x31454741504d4947ULL;   /* "GIMPAGE1" */
+
+#include "workload.h"
 
 _Static_assert(sizeof(struct guest_control) <= GUEST_PAGE_SIZE, "control block fits page 0");
 _Static_assert(offsetof(struct guest_control, settings_checksum) % 8 == 0, "checksummed words");
@@ -131,6 +21,7 @@ _Static_assert(offsetof(struct guest_control, settings_checksum) % 8 == 0, "chec
 #define SPARSE_KEEP_ONE_IN 16                 /* sparse fill: pages with content at start */
 
 struct page_header { uint64_t magic, index, step, checksum; };
+_Static_assert(sizeof(struct page_header) == GUEST_HEADER_BYTES, "the header workload.h sizes");
 
 static inline uint64_t mix64(uint64_t z)
 {
@@ -159,10 +50,55 @@ static const unsigned CHUNK_BYTES[3] = {
     [FILL_RANDOM] = 1024, [FILL_TEXT] = 1024, [FILL_SPARSE] = 64,
 };
 
-/* 256 words in 8-byte slots (word + space); only `len` bytes of a slot count. */
-static const struct { char s[8]; unsigned char len; } WORDS[256] = {
-""" + WORD_TABLE + r"""
+/* Text fill: 256 common words (a byte of PRNG output picks one) in 8-byte slots, word then a
+   space; a few end a sentence or a line (a line break instead of the space), so "text" pages
+   compress like prose. Only `len` bytes of a slot count. */
+static const struct { char s[8]; unsigned char len; } WORDS[] = {
+    {"the     ", 4}, {"of      ", 3}, {"and     ", 4}, {"to      ", 3}, {"a       ", 2}, {"in      ", 3},
+    {"is      ", 3}, {"it      ", 3}, {"you     ", 4}, {"that    ", 5}, {"he      ", 3}, {"was     ", 4},
+    {"for     ", 4}, {"on      ", 3}, {"are     ", 4}, {"with    ", 5}, {"as      ", 3}, {"I       ", 2},
+    {"his     ", 4}, {"they    ", 5}, {"be      ", 3}, {"at      ", 3}, {"one     ", 4}, {"have    ", 5},
+    {"this    ", 5}, {"from    ", 5}, {"or      ", 3}, {"had     ", 4}, {"by      ", 3}, {"hot     ", 4},
+    {"word    ", 5}, {"but     ", 4}, {"what    ", 5}, {"some    ", 5}, {"we      ", 3}, {"can     ", 4},
+    {"out     ", 4}, {"other   ", 6}, {"were    ", 5}, {"all     ", 4}, {"there   ", 6}, {"when    ", 5},
+    {"up      ", 3}, {"use     ", 4}, {"your    ", 5}, {"how     ", 4}, {"said    ", 5}, {"an      ", 3},
+    {"each    ", 5}, {"she     ", 4}, {"which   ", 6}, {"do      ", 3}, {"their   ", 6}, {"time    ", 5},
+    {"if      ", 3}, {"will    ", 5}, {"way     ", 4}, {"about   ", 6}, {"many    ", 5}, {"then    ", 5},
+    {"them    ", 5}, {"write   ", 6}, {"would   ", 6}, {"like    ", 5}, {"so      ", 3}, {"these   ", 6},
+    {"her     ", 4}, {"long    ", 5}, {"make    ", 5}, {"thing   ", 6}, {"see     ", 4}, {"him     ", 4},
+    {"two     ", 4}, {"has     ", 4}, {"look    ", 5}, {"more    ", 5}, {"day     ", 4}, {"could   ", 6},
+    {"go      ", 3}, {"come    ", 5}, {"did     ", 4}, {"number  ", 7}, {"sound   ", 6}, {"no      ", 3},
+    {"most    ", 5}, {"people  ", 7}, {"my      ", 3}, {"over    ", 5}, {"know    ", 5}, {"water   ", 6},
+    {"than    ", 5}, {"call    ", 5}, {"first   ", 6}, {"who     ", 4}, {"may     ", 4}, {"down    ", 5},
+    {"side    ", 5}, {"been    ", 5}, {"now     ", 4}, {"find    ", 5}, {"any     ", 4}, {"new     ", 4},
+    {"work    ", 5}, {"part    ", 5}, {"take    ", 5}, {"get     ", 4}, {"place   ", 6}, {"made    ", 5},
+    {"live    ", 5}, {"where   ", 6}, {"after   ", 6}, {"back    ", 5}, {"little  ", 7}, {"only    ", 5},
+    {"round   ", 6}, {"man     ", 4}, {"year    ", 5}, {"came    ", 5}, {"show    ", 5}, {"every   ", 6},
+    {"good    ", 5}, {"me      ", 3}, {"give    ", 5}, {"our     ", 4}, {"under   ", 6}, {"name    ", 5},
+    {"very    ", 5}, {"through ", 8}, {"just    ", 5}, {"form    ", 5}, {"great   ", 6}, {"think   ", 6},
+    {"say     ", 4}, {"help    ", 5}, {"low     ", 4}, {"line    ", 5}, {"differ  ", 7}, {"turn    ", 5},
+    {"cause   ", 6}, {"much    ", 5}, {"mean    ", 5}, {"before  ", 7}, {"move    ", 5}, {"right   ", 6},
+    {"boy     ", 4}, {"old     ", 4}, {"too     ", 4}, {"same    ", 5}, {"tell    ", 5}, {"does    ", 5},
+    {"set     ", 4}, {"three   ", 6}, {"want    ", 5}, {"air     ", 4}, {"well    ", 5}, {"also    ", 5},
+    {"play    ", 5}, {"small   ", 6}, {"end     ", 4}, {"put     ", 4}, {"home    ", 5}, {"read    ", 5},
+    {"hand    ", 5}, {"port    ", 5}, {"large   ", 6}, {"spell   ", 6}, {"add     ", 4}, {"even    ", 5},
+    {"land    ", 5}, {"here    ", 5}, {"must    ", 5}, {"big     ", 4}, {"high    ", 5}, {"such    ", 5},
+    {"follow  ", 7}, {"act     ", 4}, {"why     ", 4}, {"ask     ", 4}, {"men     ", 4}, {"change  ", 7},
+    {"went    ", 5}, {"light   ", 6}, {"kind    ", 5}, {"off     ", 4}, {"need    ", 5}, {"house   ", 6},
+    {"picture ", 8}, {"try     ", 4}, {"us      ", 3}, {"again   ", 6}, {"animal  ", 7}, {"point   ", 6},
+    {"mother  ", 7}, {"world   ", 6}, {"near    ", 5}, {"build   ", 6}, {"self    ", 5}, {"earth   ", 6},
+    {"father  ", 7}, {"head    ", 5}, {"stand   ", 6}, {"own     ", 4}, {"page    ", 5}, {"should  ", 7},
+    {"country ", 8}, {"found   ", 6}, {"answer  ", 7}, {"school  ", 7}, {"grow    ", 5}, {"study   ", 6},
+    {"still   ", 6}, {"learn   ", 6}, {"plant   ", 6}, {"cover   ", 6}, {"food    ", 5}, {"sun     ", 4},
+    {"four    ", 5}, {"between ", 8}, {"state   ", 6}, {"keep    ", 5}, {"eye     ", 4}, {"never   ", 6},
+    {"last    ", 5}, {"let     ", 4}, {"thought ", 8}, {"city    ", 5}, {"tree    ", 5}, {"cross   ", 6},
+    {"farm    ", 5}, {"hard    ", 5}, {"start   ", 6}, {"might   ", 6}, {"story   ", 6}, {"saw     ", 4},
+    {"far     ", 4}, {"sea     ", 4}, {"draw    ", 5}, {"left    ", 5}, {"late    ", 5}, {"run     ", 4},
+    {"while,  ", 7}, {"press,  ", 7}, {"close,  ", 7}, {"night,  ", 7}, {"real,   ", 6}, {"life,   ", 6},
+    {"few,    ", 5}, {"north,  ", 7}, {"The     ", 4}, {"It      ", 3}, {"And     ", 4}, {"book.\n  ", 6},
+    {"carry.  ", 7}, {"took.   ", 6}, {"science ", 8}, {"eat.\n   ", 5},
 };
+_Static_assert(sizeof WORDS / sizeof WORDS[0] == 256, "a byte picks a word");
 
 static void gen_random(uint8_t *dst, size_t len, uint64_t seed)
 {
@@ -360,8 +296,6 @@ static inline int plausible_version(const struct guest_control *ctl, uint64_t j,
 
 int64_t guest_check(const uint8_t *region, uint64_t region_bytes, int deep, int *problem, uint64_t detail[2])
 {
-    /* deep: also regenerate every page body (~0.2 s per GiB); shallow checks control block,
-       version table and page headers only (what fits in a migration's downtime). */
     const struct guest_control *ctl = (const struct guest_control *)region;
     *problem = guest_check_control(region, region_bytes, detail);
     if (*problem)
@@ -422,8 +356,3 @@ int64_t guest_check(const uint8_t *region, uint64_t region_bytes, int deep, int 
     }
     return -1;
 }
-"""
-
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source("migrator.guest._workload", SOURCE, extra_compile_args=["-O2", "-std=gnu11"])

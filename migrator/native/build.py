@@ -1,0 +1,47 @@
+"""cffi API-mode builds of the two compiled modules, ``migrator.native.pages`` and ``.workload``.
+
+``setup.py`` names the functions ``pages`` and ``workload`` in ``cffi_modules``; ``pip install``
+calls each for its builder and compiles the module with the machine's C compiler. A module is
+two files beside this one: ``NAME.c``, compiled as its own source, and ``NAME.h``, which both
+that source and cffi's generated wrapper include and which cffi's cdef reads unchanged. So
+Python sees the very struct layouts and constants C compiles (cffi also checks them when the
+module loads), and the header holds only what cdef parses: declarations and integer defines.
+
+cffi runs this file standalone, not as part of the package, so it imports nothing from
+migrator; the builders are functions so that importing it reads no files.
+"""
+
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(__file__)   # relative to setup.py's directory when cffi runs this file
+COMPILE_ARGS = ["-O2", "-std=gnu11"]
+
+
+def _builder(name: str) -> FFI:
+    header = os.path.join(HERE, name + ".h")
+    with open(header) as f:
+        declarations = f.read()
+    ffi = FFI()
+    ffi.cdef(declarations)
+    ffi.set_source(
+        f"migrator.native.{name}",
+        f'#include <stdint.h>\n#include "{name}.h"\n',
+        sources=[os.path.join(HERE, name + ".c")],
+        depends=[header],
+        include_dirs=[HERE],
+        extra_compile_args=COMPILE_ARGS,
+    )
+    return ffi
+
+
+def pages() -> FFI:
+    """Per-page hashes and zero-page find/gather/scatter (``migrator.core.digest``,
+    ``migrator.protocol._payload``)."""
+    return _builder("pages")
+
+
+def workload() -> FFI:
+    """The guest's control block and hot loop (``migrator.guest.workload``)."""
+    return _builder("workload")

@@ -1,0 +1,21 @@
+/* migrator.native.pages: per-page loops over page buffers, called from Python without the GIL.
+
+   cffi's cdef reads this file as it is, so it holds only what cdef parses: comments, integer
+   #defines, declarations (no #include, no #if; include <stdint.h> before it). */
+
+/* The zero-page scan reads a page this many bytes at a time, so a page size must be a multiple
+   of it (migrator/protocol/_payload.py checks before calling). */
+#define ZERO_SCAN_BYTES 32
+
+/* runs: nruns (first table index, page count) pairs; the pages of buf follow the runs in order.
+   table[first + i] = hash of the run's i-th page, for indices below table_len. */
+void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint64_t page_size,
+                 uint64_t *table, uint64_t table_len);
+
+/* Zero-page bitmaps: bit i (byte i / 8, least significant bit first) is set when page i is all
+   zero. find_zero_pages fills bitmap ((npages + 7) / 8 bytes) and returns the number of zero
+   pages; gather_pages copies the pages whose bit is clear, in order, to out; scatter_pages is
+   the inverse (page i of out is zeroed where its bit is set, else the next page of kept). */
+uint64_t find_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint8_t *bitmap);
+void gather_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, const uint8_t *bitmap, uint8_t *out);
+void scatter_pages(const uint8_t *kept, uint64_t npages, uint64_t page_size, const uint8_t *bitmap, uint8_t *out);
