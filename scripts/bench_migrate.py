@@ -53,7 +53,7 @@ from migrator.core.model import Region
 from migrator.cli.render import format_round_table, format_summary
 from migrator.core.runs import split_runs
 from migrator.core.units import parse_rate
-from migrator.source.engine import (
+from migrator.source.migration import (
     BATCH_PAGES,
     MAX_RUNS_PER_EVENT,
     MigrateSettings,

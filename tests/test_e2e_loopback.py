@@ -15,7 +15,7 @@ import trio
 from migrator.destination.engine import DestinationMigration, ReceiveSettings
 from migrator.core.errors import MigrationFailed
 from migrator.guest.spawn import spawn_guest
-from migrator.source.engine import MigrateSettings, SourceMigration
+from migrator.source.migration import MigrateSettings, SourceMigration
 from harness.faultproxy import FaultProxy, Faults
 from migrator.transport import serve
 

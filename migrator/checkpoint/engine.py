@@ -39,7 +39,7 @@ from ..core.errors import ImageError
 from ..guest.client import GuestClient
 from ..core.model import Run
 from ..core.runs import count_pages, union
-from ..source.engine import MigrateSettings, SourceMigration, _ms, _terminate
+from ..source.migration import MigrateSettings, SourceMigration, _ms, _terminate
 from ..transport import open_file_writer
 from .image import (
     FORMAT, MANIFEST, TABLE, ImageInfo, PendingImage, load_chain, manifest_bytes, read_image, read_table,

@@ -16,7 +16,7 @@ import trio
 
 from ..tracker import TRACKERS
 from ..transport import check_tls_address, client_context, parse_address
-from ..source.engine import MigrateSettings, SourceMigration
+from ..source.migration import MigrateSettings, SourceMigration
 from . import options
 
 

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from ..guest.layout import TABLE_ENTRIES_PER_PAGE, Geometry
 from ..core.model import PAGE_SIZE
-from ..source.engine import DEST_CHECK_MS_PER_GIB, SWITCHOVER_FIXED_MS
+from ..source.migration import DEST_CHECK_MS_PER_GIB, SWITCHOVER_FIXED_MS
 from ..source.estimator import MIN_FIT_PAGES
 from . import model
 from .grid import Cell, Grid

@@ -26,7 +26,7 @@ import trio
 from ..core.errors import GuestError, MigratorError
 from ..guest.client import GuestClient
 from ..guest.spawn import spawn_guest
-from ..source.engine import MigrateSettings, SourceMigration
+from ..source.migration import MigrateSettings, SourceMigration
 from .compare import Window, measure_slowdown, process_cpu_s
 from .grid import Cell, Grid
 from .results import CellResult

@@ -15,7 +15,7 @@ from migrator.destination.guests import RestoreGuests
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
 from migrator.tracker.memory import MemfdMemory, ProcessMemory
-from migrator.source.engine import MigrateSettings, SourceMigration
+from migrator.source.migration import MigrateSettings, SourceMigration
 
 MiB = 1 << 20
 
