@@ -16,7 +16,7 @@ import os
 import threading
 
 from ..core.model import Region
-from ..tracker._uapi import MADV_POPULATE_WRITE
+from ..tracker import MADV_POPULATE_WRITE
 from ._workload import ffi
 
 POPULATE_CHUNK = 64 << 20

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core.errors import MigratorError
-from ..core.model import RoundStats
+from .report import RoundStats
 
 # P.Haul's iteration limits (phaul/iters.py).
 MIN_ITER_PAGES_COUNT = 64       # a round this small is not worth another one

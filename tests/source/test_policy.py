@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from migrator.core.errors import MigratorError
-from migrator.core.model import RoundStats
+from migrator.source.report import RoundStats
 from migrator.source.policy import (
     THROTTLE_MAX_ROUNDS,
     Action,
