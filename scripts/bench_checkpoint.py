@@ -84,12 +84,12 @@ def criu_dump(size: int, workdir: str) -> dict:
 
 async def chain(control: str, root: str, repeat: int, interval: float) -> tuple[dict, list[dict]]:
     settings = CheckpointSettings(leave_running=True)
-    full = await take_checkpoint(control, os.path.join(root, "full"), settings)
+    full = (await take_checkpoint(control, os.path.join(root, "full"), settings)).to_dict()
     parent, incrementals = os.path.join(root, "full"), []
     for i in range(repeat):
         await trio.sleep(interval)
         path = os.path.join(root, f"inc{i}")
-        incrementals.append(await take_checkpoint(control, path, settings, parent=parent))
+        incrementals.append((await take_checkpoint(control, path, settings, parent=parent)).to_dict())
         parent = path
     return full, incrementals
 

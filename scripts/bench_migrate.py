@@ -53,12 +53,8 @@ from migrator.core.model import Region
 from migrator.cli.render import format_round_table, format_summary
 from migrator.core.runs import split_runs
 from migrator.core.units import parse_rate
-from migrator.source.engine import (
-    BATCH_PAGES,
-    MAX_RUNS_PER_EVENT,
-    MigrateSettings,
-    SourceMigration,
-)
+from migrator.source.migration import MigrateSettings, SourceMigration
+from migrator.source.pages import BATCH_PAGES, MAX_RUNS_PER_EVENT
 from harness.bench import finish, goal
 from migrator.tracker.memory import ProcessMemory
 from migrator.transport import connect, serve
@@ -168,7 +164,7 @@ def migrate(guest, settings: MigrateSettings, receiver: Receiver) -> tuple[dict,
     """The source's and the destination's reports, and the CPU seconds each process spent."""
     started = cpu_seconds()
     try:
-        report = trio.run(SourceMigration(guest.control, receiver.address, settings).run)
+        report = trio.run(SourceMigration(guest.control, receiver.address, settings).run).to_dict()
     finally:
         source_cpu = cpu_seconds() - started
         dest = receiver.finish()

@@ -54,7 +54,7 @@ from migrator.core.model import Region  # noqa: E402
 from migrator.protocol import Ack, Compression, Digest, Layout, Pages, RoundEnd, decode_payload, encode_payload  # noqa: E402
 from harness.bench import finish, goal  # noqa: E402
 from harness.hosts import write_certificate  # noqa: E402
-from migrator.source.engine import BATCH_PAGES  # noqa: E402
+from migrator.source.pages import BATCH_PAGES  # noqa: E402
 from migrator.transport import client_context, connect, serve, server_context  # noqa: E402
 from migrator.transport._link import LOOPBACK_CONGESTION  # noqa: E402
 

@@ -15,7 +15,7 @@ import trio
 from migrator.destination.engine import DestinationMigration, ReceiveSettings
 from migrator.core.errors import MigrationFailed
 from migrator.guest.spawn import spawn_guest
-from migrator.source.engine import MigrateSettings, SourceMigration
+from migrator.source.migration import MigrateSettings, SourceMigration
 from harness.faultproxy import FaultProxy, Faults
 from migrator.transport import serve
 
@@ -61,7 +61,7 @@ async def test_migration_converges_verifies_and_resumes(sockdir, tracker, memfd,
             async with trio.open_nursery() as nursery:
                 address = await _receiver(nursery, outcomes, ReceiveSettings(control_dir=sockdir, memfd=memfd))
                 settings = MigrateSettings(verify="full", downtime_ms=50, tracker=tracker, **extra)
-                report = await SourceMigration(guest.control, address, settings).run()
+                report = (await SourceMigration(guest.control, address, settings).run()).to_dict()
                 nursery.cancel_scope.cancel()
         assert report["verified"] and report["result"] == "committed"
         assert report["settings"]["tracker"] == tracker

@@ -12,7 +12,7 @@ import pytest
 from migrator.cli import report as report_cli
 from migrator.cli.main import COMMANDS
 from migrator.core.errors import MigratorError
-from migrator.core.model import RoundStats
+from migrator.source.report import RoundStats
 from migrator.cli.render import (
     format_round_line,
     format_round_table,

@@ -17,6 +17,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import trio
 
@@ -160,7 +161,7 @@ async def run_continuous(guest_control: str, root: str, settings: CheckpointSett
         started = trio.current_time()
         path = os.path.join(root, f"{number:0{NAME_WIDTH}d}")
         report = await take_checkpoint(guest_control, path, settings, parent=parent)
-        report["pruned"] = await prune(root, keep, token=settings.token, compress=settings.compress)
+        report = replace(report, pruned=tuple(await prune(root, keep, token=settings.token, compress=settings.compress)))
         reports.append(report)
         on_image(report)
         parent, number = path, number + 1

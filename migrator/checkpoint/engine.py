@@ -1,21 +1,17 @@
 """Taking a checkpoint image: a live migration whose destination is a file.
 
-``CheckpointMigration`` is ``SourceMigration`` with four things changed, each an override of
-one of its hooks:
+It is composed of the source's phases, with an image file as the sink
+(``migrator.source.sink.ImageSink``) instead of a live peer:
 
-- the channel is an image file (``_open_channel``), written through the file transport
-  (``migrator.transport.open_file_writer``), and nobody answers on it (``_watch_peer`` just
-  waits; ``ACKS_ROUNDS`` is off, so no Ack is awaited; a failure discards the file instead of
-  recording an Abort in it, ``_send_abort``);
+- nobody answers: rounds end without an acknowledgement, and a failure discards the file;
 - with a parent image, round 0 is the tracker's ``collect`` (pages written since the parent's
-  final scan) instead of arm-and-send-everything (``_first_scan``), and the per-page digest
-  table starts from the parent's (``_migrate``), so the image's ``Digest(kind="pages")`` covers
-  the whole memory as of this image;
-- the guest's tag names this image before the first scan (``_scan_tag``): every scan resets what
-  "written" means, so a later incremental image may only build on the image that scanned last;
-- the switch-over ends at the file (``_stop_and_copy``): freeze, final scan-and-copy, thaw
-  (``leave_running``) or keep frozen, seal the stream, write the table and the manifest, rename
-  the directory into place, and only then, without ``leave_running``, kill the guest.
+  final scan) instead of arm-and-send-everything, and the per-page digest table starts from the
+  parent's, so the image's ``Digest(kind="pages")`` covers the whole memory as of this image;
+- the guest's tag names this image before the first scan: every scan resets what "written"
+  means, so a later incremental image may only build on the image that scanned last;
+- the switch-over ends at the file: freeze, final scan-and-copy, thaw (``leave_running``) or keep
+  frozen, seal the stream, write the table and the manifest, rename the directory into place,
+  and only then, without ``leave_running``, kill the guest.
 
 Frozen time is measured from the freeze to the moment the last page is captured (and the guest
 thawed, with ``leave_running``). Any failure before the image is renamed into place thaws the
@@ -29,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import trio
@@ -38,9 +35,18 @@ from ..core.deadlines import deadline
 from ..core.errors import ImageError
 from ..guest.client import GuestClient
 from ..core.model import Run
+from ..core.digest import PageDigests
+from ..core.errors import MigrationFailed
+from ..core.failures import describe
 from ..core.runs import count_pages, union
-from ..source.engine import MigrateSettings, SourceMigration, _ms, _terminate
-from ..transport import open_file_writer
+from ..source.attach import AttachedGuest
+from ..source.estimator import DowntimeEstimator, switchover_fixed_ms
+from ..source.migration import MigrateSettings
+from ..source.pages import PageStream
+from ..source.report import MigrationReport, ReportSettings
+from ..source.rounds import Precopy, ms
+from ..source.sink import ImageSink
+from ..source.switchover import Switchover, final_copy
 from .image import (
     FORMAT, MANIFEST, TABLE, ImageInfo, PendingImage, load_chain, manifest_bytes, read_image, read_table,
     relative_parent, table_bytes,
@@ -74,34 +80,55 @@ class CheckpointSettings:
         )
 
 
-class CheckpointMigration(SourceMigration):
+class CheckpointMigration:
     """Write an image of the guest behind ``guest_control`` to the new directory ``image_dir``."""
-
-    ACKS_ROUNDS = False   # an image file answers nothing
 
     def __init__(self, guest_control: str, image_dir: str, settings: CheckpointSettings = CheckpointSettings(),
                  *, parent: str | None = None, on_round=None) -> None:
-        super().__init__(guest_control, os.path.abspath(image_dir), settings.migrate_settings(), on_round=on_round)
+        self.guest_control = guest_control
         self.image_dir = os.path.abspath(image_dir)
         self.checkpoint = settings
+        self.settings = settings.migrate_settings()
+        self.on_round = on_round
+        self.id = uuid.uuid4().hex
         self.parent_dir = parent
         self.parent: ImageInfo | None = None
         self.parent_refused: str | None = None
         self.frozen_ms: float | None = None
         self.image: ImageInfo | None = None
-        self._sent: list[list[Run]] = []
+        self.committed = False
+        self._guest: AttachedGuest | None = None
+        self._precopy: Precopy | None = None
+        self._switchover: Switchover | None = None
+        self._sink: ImageSink | None = None
+        self._pages: PageStream | None = None
         self._zero: list[Run] = []
+        self._rule = ("", "")
 
-    async def run(self) -> dict:
+    async def run(self) -> CheckpointReport:
         """Take the image; returns the report (``image``, ``frozen_ms`` …). Raises ImageError when
         the parent cannot be used, MigrationFailed (guest thawed, nothing written) otherwise."""
         await trio.to_thread.run_sync(self._choose_parent)
         self.pending = PendingImage(self.image_dir)
+        started = time.perf_counter()
+        error: BaseException | None = None
         try:
-            return await super().run()
+            async with AttachedGuest(self.guest_control, self.settings.tracker) as guest:
+                self._guest = guest
+                await self._take(guest)
+        except BaseException as exc:  # noqa: BLE001 - turned into one typed line below
+            error = exc
         finally:
             if self.image is None:
                 self.pending.discard()
+        self.report = self._report(time.perf_counter() - started, error)
+        if error is not None:
+            raise MigrationFailed(self.report.source.error, committed=self.committed) from error
+        return self.report
+
+    @property
+    def _kind(self) -> str:
+        return "incremental" if self.parent else "full"
 
     # --- the parent ------------------------------------------------------------------------------
 
@@ -121,71 +148,69 @@ class CheckpointMigration(SourceMigration):
         self.parent = parent
         self.parent_table = read_table(parent)
 
-    # --- hooks of SourceMigration ----------------------------------------------------------------
+    def _check_parent(self, layout) -> None:
+        if self.parent.regions != layout.regions or self.parent.page_size != layout.page_size:
+            raise ImageError(f"the guest's memory layout differs from the parent image {self.parent.path}'s")
+        if len(self.parent_table) != layout.total_pages:
+            raise ImageError(f"{self.parent.table_path}: {len(self.parent_table)} pages, the guest has {layout.total_pages}")
 
-    async def _open_channel(self):
-        s = self.settings
-        return await open_file_writer(os.path.join(self.pending.scratch, STREAM), token=s.token, compress=s.compress)
+    # --- the image -------------------------------------------------------------------------------
 
-    async def _watch_peer(self) -> None:
-        await trio.sleep_forever()      # an image file never answers (a FileWriter has no receive)
-
-    async def _send_abort(self, reason: str) -> None:
-        self.channel.discard()          # nobody to tell: a failed image is never sealed, nor named
-
-    def _layout_meta(self) -> dict:
-        return {**super()._layout_meta(), "image": True, "kind": self._kind,
-                "parent": self.parent.id if self.parent else ""}
-
-    @property
-    def _kind(self) -> str:
-        return "incremental" if self.parent else "full"
-
-    def _scan_tag(self) -> str:
-        return image_tag(self.id)
-
-    async def _migrate(self) -> None:
+    async def _take(self, guest: AttachedGuest) -> None:
+        s, layout = self.settings, guest.layout
+        digests = PageDigests(layout.total_pages, layout.page_size)
         if self.parent is not None:
-            if self.parent.regions != self.layout.regions or self.parent.page_size != self.layout.page_size:
-                raise ImageError(f"the guest's memory layout differs from the parent image {self.parent.path}'s")
-            if len(self.parent_table) != self.layout.total_pages:
-                raise ImageError(f"{self.parent.table_path}: {len(self.parent_table)} pages, the guest has {self.layout.total_pages}")
-            self.digests.table = self.parent_table
-        await super()._migrate()
-
-    def _first_scan(self) -> tuple[list[Run], list[Run]]:
-        if self.parent is None:
-            populated, zero = super()._first_scan()
-            self._zero = zero
-            return populated, zero
-        return self.tracker.collect(), []      # written since the parent's final scan; re-protected
-
-    async def _send_pages(self, r, runs: list[Run]) -> None:
-        self._sent.append(runs)
-        await super()._send_pages(r, runs)
-
-    async def _stop_and_copy(self, dirty: list[Run]) -> None:
-        with deadline(self.settings.round_timeout_s, "the final copy (--round-timeout)"):
-            freeze_at, _ = await self._final_copy(dirty)
-            if self.checkpoint.leave_running:
-                await trio.to_thread.run_sync(self.throttle.thaw)
-            self.frozen_ms = self.downtime_ms = _ms(time.perf_counter() - freeze_at)
-            t = time.perf_counter()
-            await self.channel.aclose()                        # Index, fsync, rename
-            self.parts["seal"] = _ms(time.perf_counter() - t)
-            await trio.to_thread.run_sync(self._commit_image)
+            self._check_parent(layout)
+            digests.table = self.parent_table
+        stream = os.path.join(self.pending.scratch, STREAM)
+        async with ImageSink.open(stream, token=s.token, compress=s.compress) as sink:
+            self._sink = sink
+            pages = self._pages = PageStream(guest.memory, layout, digests, sink, keep_sent=True)
+            estimator = DowntimeEstimator(fixed_ms=switchover_fixed_ms(layout.total_bytes),
+                                          page_size=layout.page_size, bandwidth=s.bandwidth)
+            precopy = self._precopy = Precopy(guest, sink, pages, estimator, s.policy(),
+                                              round_timeout_s=s.round_timeout_s, on_round=self.on_round)
+            await precopy.send_layout({"id": self.id, "tracker": s.tracker, "size": layout.total_bytes,
+                                       "image": True, "kind": self._kind,
+                                       "parent": self.parent.id if self.parent else ""})
+            await guest.set_tag(image_tag(self.id))
+            dirty, decision = await precopy.run(self._first_scan(precopy))
+            self._rule = (str(decision.rule), decision.reason)
+            state = self._switchover = Switchover(number=len(precopy.rounds))
+            with deadline(s.round_timeout_s, "the final copy (--round-timeout)"):
+                await final_copy(guest, sink, pages, digests, dirty, state, verify="pages")
+                if self.checkpoint.leave_running:
+                    await trio.to_thread.run_sync(guest.throttle.thaw)
+                self.frozen_ms = state.downtime_ms = ms(time.perf_counter() - state.freeze_at)
+                t = time.perf_counter()
+                await sink.seal()                                  # Index, fsync
+                state.parts["seal"] = ms(time.perf_counter() - t)
+                await trio.to_thread.run_sync(self._commit_image, digests)
         if not self.checkpoint.leave_running:
-            self.committed = True       # the image holds the guest now; it never resumes
-            _terminate(self.layout.pid)
+            self.committed = guest.committed = True   # the image holds the guest now; it never resumes
+            guest.terminate()
 
-    def _commit_image(self) -> None:
+    def _first_scan(self, precopy: Precopy):
+        """Round 0: from scratch (a full image: zero ranges recorded for the manifest), or what
+        was written since the parent's final scan (re-protected by the same collect)."""
+        if self.parent is not None:
+            tracker = self._guest.tracker
+            return lambda: (tracker.collect(), [])
+
+        def full() -> tuple[list[Run], list[Run]]:
+            populated, self._zero = precopy.arm_and_scan()
+            return populated, self._zero
+
+        return full
+
+    def _commit_image(self, digests: PageDigests) -> None:
         """Write the digest table and the manifest, then rename the directory into place."""
-        scratch = self.pending.scratch
-        table = table_bytes(self.digests.table)
+        scratch, layout, sent = self.pending.scratch, self._guest.layout, self._pages.sent
+        table = table_bytes(digests.table)
         with open(os.path.join(scratch, TABLE), "wb") as f:
             f.write(table)
-        sent = union([], [run for runs in self._sent for run in runs], self.layout.page_size)
-        stats = self.channel.statistics()
+        unique = union([], [run for runs in sent for run in runs], layout.page_size)
+        stats = self._sink.statistics()
         stream_bytes = os.stat(os.path.join(scratch, STREAM)).st_size
         doc = {
             "format": FORMAT,
@@ -195,26 +220,25 @@ class CheckpointMigration(SourceMigration):
             if self.parent else None,
             "parent_refused": self.parent_refused,
             "created": time.time(),
-            "guest": {"pid": self.layout.pid, "control": self.guest_control},
-            "layout": {"page_size": self.layout.page_size,
-                       "regions": [[r.start, r.length] for r in self.layout.regions]},
+            "guest": {"pid": layout.pid, "control": self.guest_control},
+            "layout": {"page_size": layout.page_size, "regions": [[r.start, r.length] for r in layout.regions]},
             "tracker": self.settings.tracker,
             "compress": self.settings.compress,
             "stream": {"file": STREAM, "bytes": stream_bytes},
-            "digests": {"pages": self.digests.value().hex(), "table_xxh3": xxhash.xxh3_64_hexdigest(table)},
+            "digests": {"pages": digests.value().hex(), "table_xxh3": xxhash.xxh3_64_hexdigest(table)},
             "pages": {
-                "unique": count_pages(sent),
+                "unique": count_pages(unique),
                 "zero": count_pages(self._zero),
-                "sent": sum(count_pages(runs) for runs in self._sent),
-                "final": self.final_pages,
+                "sent": sum(count_pages(runs) for runs in sent),
+                "final": self._switchover.final_pages,
             },
             "bytes_raw": stats.bytes_raw,
             "bytes_stored": stream_bytes,
             "ratio": round(stats.bytes_raw / stream_bytes, 3) if stream_bytes else 0.0,
             "frozen_ms": self.frozen_ms,
-            "frozen_parts_ms": dict(self.parts),
-            "rounds": len(self.rounds) + 1,
-            "rule": self.rule,
+            "frozen_parts_ms": dict(self._switchover.parts),
+            "rounds": len(self._precopy.rounds) + 1,
+            "rule": self._rule[0],
             "merged": [],
         }
         with open(os.path.join(scratch, MANIFEST), "wb") as f:
@@ -222,10 +246,33 @@ class CheckpointMigration(SourceMigration):
         self.pending.commit()
         self.image = read_image(self.image_dir)
 
-    def _report(self, total_s: float, error: BaseException | None) -> dict:
-        report = super()._report(total_s, error)
-        report.update(
+    def _report(self, total_s: float, error: BaseException | None) -> CheckpointReport:
+        s = self.settings
+        layout = self._guest.layout if self._guest is not None and hasattr(self._guest, "layout") else None
+        precopy, state = self._precopy, self._switchover
+        source = MigrationReport(
             kind="checkpoint",
+            settings=ReportSettings(
+                downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, tracker=s.tracker, compress=s.compress,
+                streams=s.streams, bandwidth=s.bandwidth, verify=s.verify, tls=False,
+                size_bytes=layout.total_bytes if layout else None, pages=layout.total_pages if layout else None,
+            ),
+            rounds=tuple(precopy.rounds) if precopy else (),
+            result="written" if self.image else "failed",
+            committed=self.committed,
+            verified=False,
+            error=None if error is None else describe(error),
+            total_s=total_s,
+            rule=self._rule[0],
+            rule_reason=self._rule[1],
+            throttle_max=precopy.throttle_max if precopy else 0.0,
+            final_pages=state.final_pages if state else None,
+            downtime_ms=state.downtime_ms if state else None,
+            downtime_parts_ms=state.parts if state else {},
+            bytes_wire=self._sink.statistics().bytes_wire if self._sink else 0,
+        )
+        return CheckpointReport(
+            source=source,
             image=self.image_dir if self.image else None,
             image_id=self.id,
             image_kind=self._kind,
@@ -233,12 +280,31 @@ class CheckpointMigration(SourceMigration):
             parent_refused=self.parent_refused,
             frozen_ms=self.frozen_ms,
             leave_running=self.checkpoint.leave_running,
-            result="written" if self.image else "failed",
         )
-        return report
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    """A checkpoint's outcome: the source side's report plus what the image became."""
+
+    source: MigrationReport
+    image: str | None            # the image directory, None when nothing was written
+    image_id: str
+    image_kind: str              # "full" or "incremental"
+    parent: str | None
+    parent_refused: str | None   # why a requested parent was not used (--full-if-needed)
+    frozen_ms: float | None
+    leave_running: bool
+    pruned: tuple[str, ...] = ()   # images merged away after this one (continuous checkpoints)
+
+    def to_dict(self) -> dict:
+        return {**self.source.to_dict(), "image": self.image, "image_id": self.image_id,
+                "image_kind": self.image_kind, "parent": self.parent, "parent_refused": self.parent_refused,
+                "frozen_ms": self.frozen_ms, "leave_running": self.leave_running,
+                "pruned": list(self.pruned)}
 
 
 async def take_checkpoint(guest_control: str, image_dir: str, settings: CheckpointSettings = CheckpointSettings(),
-                          *, parent: str | None = None, on_round=None) -> dict:
+                          *, parent: str | None = None, on_round=None) -> CheckpointReport:
     """Write one image; the report (see ``CheckpointMigration.run``)."""
     return await CheckpointMigration(guest_control, image_dir, settings, parent=parent, on_round=on_round).run()

@@ -56,14 +56,14 @@ def run(args: argparse.Namespace) -> int:
     if args.every is not None:
         if args.parent:
             raise SystemExit("migrator checkpoint: --every continues the chain in --dir; do not give --parent")
-        show = lambda report: print(_line(report), flush=True)  # noqa: E731
+        show = lambda report: print(_line(report.to_dict()), flush=True)  # noqa: E731
         reports = trio.run(lambda: run_continuous(args.guest, args.dir, settings, every=args.every, keep=args.keep,
                                                   count=args.count, on_image=show))
-        result: object = reports
+        result: object = [r.to_dict() for r in reports]
     else:
         report = trio.run(lambda: take_checkpoint(args.guest, args.dir, settings, parent=args.parent))
-        print(_line(report))
-        result = report
+        result = report.to_dict()
+        print(_line(result))
     if args.report:
         with open(args.report, "w") as f:
             json.dump(result, f, indent=1)

@@ -16,7 +16,7 @@ import trio
 
 from ..tracker import TRACKERS
 from ..transport import check_tls_address, client_context, parse_address
-from ..source.engine import MigrateSettings, SourceMigration
+from ..source.migration import MigrateSettings, SourceMigration
 from . import options
 
 
@@ -59,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
     show = (lambda stats: None) if args.quiet else (lambda stats: print(rep.format_round_line(stats), file=sys.stderr, flush=True))
     migration = SourceMigration(args.guest, args.to, settings, on_round=show)
     try:
-        report = trio.run(migration.run)
+        report = trio.run(migration.run).to_dict()
     finally:
-        if args.report and getattr(migration, "report", None) is not None:
-            rep.save_report(migration.report, args.report)
+        if args.report and migration.report is not None:
+            rep.save_report(migration.report.to_dict(), args.report)
     print(rep.format_round_table(report))
     print(rep.format_summary(report))
     if args.plot:

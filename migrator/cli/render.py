@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import MigratorError
-from ..core.model import RoundStats
+from ..source.report import RoundStats
 
 KINDS = ("migration", "checkpoint")
 RESULTS = ("committed", "failed")

@@ -1,4 +1,4 @@
-"""Plain values shared by every layer (no I/O here).
+"""Plain values shared by every layer (no I/O here): pages, runs, regions, layouts.
 
 A *run* is ``(address, page_count)``: consecutive pages starting at ``address``. Trackers return
 lists of runs, the codec carries them, the destination applies them. Addresses are the guest's
@@ -83,27 +83,3 @@ class Layout:
             r.length for r in other.regions
         ]
 
-
-@dataclass(frozen=True, slots=True)
-class RoundStats:
-    """What one pre-copy round did; the convergence policy and the report read these.
-
-    Round 0 sends every populated page; round i > 0 sends the pages written during round i-1.
-    ``dirty_pages`` is what the scan at the start of the round found (for round 0: the populated
-    pages); ``dirty_rate`` is pages written per second while the previous round ran.
-    """
-
-    round: int
-    dirty_pages: int           # pages the scan reported for this round
-    zero_pages: int            # of those, pages sent as zero ranges (no bytes)
-    bytes_raw: int             # page bytes before compression
-    bytes_wire: int            # bytes on the wire (frames, after compression)
-    scan_s: float              # collect() time
-    read_s: float              # reading the guest's pages
-    compress_s: float          # compression (summed over worker threads)
-    send_s: float              # waiting on the transport
-    duration_s: float          # wall time of the round
-    dirty_rate: float          # pages/s written by the guest during the previous round
-    bandwidth: float           # raw bytes/s this round achieved
-    expected_downtime_ms: float  # if we froze now: pages left x cost per page + fixed part
-    throttle: float = 0.0      # auto-converge duty cycle in force (0 = none, 0.99 = max)

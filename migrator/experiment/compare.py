@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from ..guest.client import GuestClient
-from ..source.engine import attach_mode
+from ..source.attach import attach_mode
 from ..tracker import open_tracker
 from .grid import CompareSettings
 

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from ..guest.layout import TABLE_ENTRIES_PER_PAGE, Geometry
 from ..core.model import PAGE_SIZE
-from ..source.engine import DEST_CHECK_MS_PER_GIB, SWITCHOVER_FIXED_MS
+from ..source.estimator import switchover_fixed_ms
 from ..source.estimator import MIN_FIT_PAGES
 from . import model
 from .grid import Cell, Grid
@@ -92,7 +92,7 @@ class CellResult:
 
 def fixed_downtime_ms(size: int) -> float:
     """The engine's fixed switch-over cost for a region of ``size`` bytes (its own constants)."""
-    return SWITCHOVER_FIXED_MS + DEST_CHECK_MS_PER_GIB * size / GiB
+    return switchover_fixed_ms(size)
 
 
 @dataclass(frozen=True)

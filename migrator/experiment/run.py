@@ -26,7 +26,7 @@ import trio
 from ..core.errors import GuestError, MigratorError
 from ..guest.client import GuestClient
 from ..guest.spawn import spawn_guest
-from ..source.engine import MigrateSettings, SourceMigration
+from ..source.migration import MigrateSettings, SourceMigration
 from .compare import Window, measure_slowdown, process_cpu_s
 from .grid import Cell, Grid
 from .results import CellResult
@@ -130,9 +130,9 @@ async def run_cell(cell: Cell, repeat: int, grid: Grid, receiver: Receiver, sock
         cpu, dest_cpu = process_cpu_s(), receiver.cpu_s()
         try:
             with trio.fail_after(CELL_TIMEOUT_S):
-                report = await migration.run()
+                report = (await migration.run()).to_dict()
         except (MigratorError, trio.TooSlowError) as exc:
-            report = getattr(migration, "report", None) or _failed_report(exc)
+            report = migration.report.to_dict() if migration.report is not None else _failed_report(exc)
         cpu = process_cpu_s() - cpu
         dest_after = receiver.cpu_s()
         dest_cpu = None if dest_cpu is None or dest_after is None else dest_after - dest_cpu

@@ -17,7 +17,7 @@ import threading
 
 from ..core.model import Region
 from ..native.workload import ffi
-from ..tracker._uapi import MADV_POPULATE_WRITE
+from ..tracker import MADV_POPULATE_WRITE
 
 POPULATE_CHUNK = 64 << 20
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -9,8 +9,9 @@ downtime-target    SWITCHOVER   the last round's expected downtime is within ``h
                                 target (QEMU's rule, aimed a little under the target)
 min-pages          SWITCHOVER   the last round moved at most ``min_pages`` pages (P.Haul)
 converging         CONTINUE     the dirty set is not growing and rounds are left
-no-progress        THROTTLE     the dirty set grew by more than ``max_growth`` (P.Haul); while
-                                throttled, it did not shrink at all
+no-progress        THROTTLE     the dirty set grew by more than ``max_growth`` (P.Haul), or it
+                                shrank by less than ``min_shrink`` over the last ``flat_rounds``
+                                rounds; while throttled, it did not shrink at all
 max-rounds         THROTTLE     ``max_rounds`` rounds have run and the target is still missed
 throttle-pending   CONTINUE     stalled, but the last throttle change has not shown in the dirty
                                 set yet (see below)
@@ -21,6 +22,10 @@ Why ``headroom``: the expected downtime is an estimate, and on the 2-vCPU test m
 measured downtime of a 1 GiB guest came out 0-10 % above it (timing noise of the rounds it is
 learned from). Switching over only once the estimate is within 90 % of the target costs at most
 one more short round and keeps the measured downtime within the target.
+
+Why a flat dirty set is no progress: a guest that writes about as fast as the link moves pages
+leaves a dirty set that neither grows past ``max_growth`` nor shrinks; without this rule it
+counted as converging until ``max_rounds``, dozens of rounds before auto-converge started.
 
 With ``force_switchover`` a stall (no-progress or max-rounds) switches over at once under its own
 rule name instead of throttling, so a final rule of "no-progress" or "max-rounds" means a forced
@@ -42,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core.errors import MigratorError
-from ..core.model import RoundStats
+from .report import RoundStats
 
 # P.Haul's iteration limits (phaul/iters.py).
 MIN_ITER_PAGES_COUNT = 64       # a round this small is not worth another one
@@ -56,6 +61,9 @@ CPU_THROTTLE_INCREMENT = 0.10
 CPU_THROTTLE_MAX = 0.99
 # Rounds at the maximum duty that still stall before giving up and switching over anyway.
 THROTTLE_MAX_ROUNDS = 3
+# A dirty set that shrank by less than this share over that many rounds is not converging.
+MIN_SHRINK = 0.10
+FLAT_ROUNDS = 3
 
 
 class Action(enum.Enum):
@@ -81,6 +89,8 @@ class PolicySettings:
     headroom: float = DOWNTIME_HEADROOM
     max_rounds: int = MAX_ROUNDS
     max_growth: float = MAX_ITER_GROW_RATE
+    min_shrink: float = MIN_SHRINK
+    flat_rounds: int = FLAT_ROUNDS
     force_switchover: bool = False
     throttle_initial: float = CPU_THROTTLE_INITIAL
     throttle_increment: float = CPU_THROTTLE_INCREMENT
@@ -93,6 +103,8 @@ class PolicySettings:
             (0 < self.headroom <= 1, f"headroom must be in (0, 1], got {self.headroom}"),
             (self.max_rounds >= 1, f"max_rounds must be >= 1, got {self.max_rounds}"),
             (self.max_growth >= 0, f"max_growth must be >= 0, got {self.max_growth}"),
+            (0 <= self.min_shrink < 1, f"min_shrink must be in [0, 1), got {self.min_shrink}"),
+            (self.flat_rounds >= 1, f"flat_rounds must be >= 1, got {self.flat_rounds}"),
             (self.min_pages >= 0, f"min_pages must be >= 0, got {self.min_pages}"),
             (self.throttle_increment > 0, f"throttle_increment must be > 0, got {self.throttle_increment}"),
             (
@@ -171,6 +183,13 @@ def _stall(history: Sequence[RoundStats], s: PolicySettings) -> tuple[Rule, str]
         return Rule.NO_PROGRESS, (
             f"dirty set grew {prev} -> {last.dirty_pages} pages (more than {s.max_growth:.0%})"
         )
+    elif len(history) >= s.flat_rounds + 2:   # round 0 covers every page: compare later rounds only
+        before = history[-1 - s.flat_rounds].dirty_pages
+        if last.dirty_pages > before * (1 - s.min_shrink):
+            return Rule.NO_PROGRESS, (
+                f"dirty set flat: {before} -> {last.dirty_pages} pages over {s.flat_rounds} rounds "
+                f"(less than {s.min_shrink:.0%} smaller)"
+            )
     return None
 
 

@@ -29,6 +29,7 @@ from typing import Literal, Protocol
 
 from ..core.errors import TrackerError, TrackerUnavailable
 from ..core.model import Region, Run
+from ._uapi import MADV_POPULATE_WRITE
 from .base import TrackerBase, TrackerStats
 from .features import soft_dirty_missing, sync_wp_missing, wp_async_missing
 from .full import FullTracker
@@ -38,6 +39,7 @@ from .sync_wp import SyncWpTracker
 from .wp_async import WpAsyncTracker
 
 __all__ = [
+    "MADV_POPULATE_WRITE",
     "TRACKERS",
     "DirtyTracker",
     "TrackerStats",

@@ -48,11 +48,11 @@ async def _restore_and_check(image_dir: str, control_dir: str) -> dict:
 async def test_full_and_incremental_round_trip(sockdir, tmp_path):
     with spawn_guest(os.path.join(sockdir, "g.sock"), size=32 * MiB, dirty_rate=3000, fill="text") as guest:
         with trio.fail_after(60):
-            full = await take_checkpoint(guest.control, str(tmp_path / "c1"), RUNNING)
+            full = (await take_checkpoint(guest.control, str(tmp_path / "c1"), RUNNING)).to_dict()
             await trio.sleep(0.4)
             with GuestClient(guest.control) as client:
                 client.pause()      # hold the memory still so the image can be compared with it
-                incremental = await take_checkpoint(guest.control, str(tmp_path / "c2"), RUNNING, parent=str(tmp_path / "c1"))
+                incremental = (await take_checkpoint(guest.control, str(tmp_path / "c2"), RUNNING, parent=str(tmp_path / "c1"))).to_dict()
                 source_digest = client.digest()
                 assert client.stats()["tag"] == image_tag(incremental["image_id"])
                 client.resume()
@@ -78,7 +78,7 @@ async def test_incremental_refused_unless_the_parent_scanned_last(sockdir, tmp_p
                 await take_checkpoint(guest.control, str(tmp_path / "c"), RUNNING, parent=str(tmp_path / "a"))
             assert not os.path.exists(tmp_path / "c") and not any("partial" in n for n in os.listdir(tmp_path))
             settings = CheckpointSettings(leave_running=True, full_if_needed=True)
-            report = await take_checkpoint(guest.control, str(tmp_path / "c"), settings, parent=str(tmp_path / "a"))
+            report = (await take_checkpoint(guest.control, str(tmp_path / "c"), settings, parent=str(tmp_path / "a"))).to_dict()
         assert report["image_kind"] == "full" and "last scanned by" in report["parent_refused"]
         assert read_image(str(tmp_path / "c")).kind == "full"
 
@@ -99,7 +99,7 @@ async def test_continuous_checkpoints_prune_and_every_kept_image_restores(sockdi
     with spawn_guest(os.path.join(sockdir, "g.sock"), size=16 * MiB, dirty_rate=2000, fill="text") as guest:
         with trio.fail_after(60):
             reports = await run_continuous(guest.control, root, CheckpointSettings(), every=0.15, keep=2, count=4)
-        assert [r["image_kind"] for r in reports] == ["full", "incremental", "incremental", "incremental"]
+        assert [r.image_kind for r in reports] == ["full", "incremental", "incremental", "incremental"]
         assert sorted(os.listdir(root)) == ["000003", "000004"]
         kept = load_chain(os.path.join(root, "000004"))
         assert [image.kind for image in kept] == ["full", "incremental"]

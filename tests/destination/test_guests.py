@@ -15,7 +15,7 @@ from migrator.destination.guests import RestoreGuests
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
 from migrator.tracker.memory import MemfdMemory, ProcessMemory
-from migrator.source.engine import MigrateSettings, SourceMigration
+from migrator.source.migration import MigrateSettings, SourceMigration
 
 MiB = 1 << 20
 
@@ -72,7 +72,7 @@ def test_receive_prepare_migrates_into_the_prepared_guest(sockdir):
         address = receiver.stderr.readline().strip().rsplit(" ", 1)[-1]
         assert "prepared a 64 MiB restore guest" in receiver.stderr.readline()
         with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=2000, fill="text") as guest:
-            result = trio.run(SourceMigration(guest.control, address, MigrateSettings()).run)
+            result = trio.run(SourceMigration(guest.control, address, MigrateSettings()).run).to_dict()
         assert result["verified"] and result["result"] == "committed"
         assert receiver.wait(timeout=30) == 0
     finally:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from migrator.core.errors import MigratorError
-from migrator.core.model import RoundStats
+from migrator.source.report import RoundStats
 from migrator.source.policy import (
     THROTTLE_MAX_ROUNDS,
     Action,
@@ -50,6 +50,16 @@ CASES = [
     ("custom growth limit", {"max_growth": 0.5}, START + [(29000, 99.0, 0.0)], (C, Rule.CONVERGING, 0.0)),
     ("growth with force-switchover", {"force_switchover": True}, START + [(22001, 75.0, 0.0)],
      (S, Rule.NO_PROGRESS, 0.0)),
+    ("a flat dirty set for three rounds starts auto-converge", {},
+     START + [(19500, 68.0, 0.0), (19000, 66.0, 0.0), (18500, 64.0, 0.0)], (T, Rule.NO_PROGRESS, 0.20)),
+    ("10 % smaller over three rounds is progress", {},
+     START + [(19500, 68.0, 0.0), (19000, 66.0, 0.0), (18000, 63.0, 0.0)], (C, Rule.CONVERGING, 0.0)),
+    ("two flat rounds are not yet a stall", {},
+     START + [(19500, 68.0, 0.0), (19000, 66.0, 0.0)], (C, Rule.CONVERGING, 0.0)),
+    ("custom flat window", {"flat_rounds": 1, "min_shrink": 0.05},
+     START + [(19500, 68.0, 0.0)], (T, Rule.NO_PROGRESS, 0.20)),
+    ("flat with force-switchover", {"force_switchover": True},
+     START + [(19500, 68.0, 0.0), (19000, 66.0, 0.0), (18500, 64.0, 0.0)], (S, Rule.NO_PROGRESS, 0.0)),
     ("round limit starts auto-converge", {"max_rounds": 3}, START, (T, Rule.MAX_ROUNDS, 0.20)),
     ("round limit with force-switchover", {"max_rounds": 3, "force_switchover": True}, START,
      (S, Rule.MAX_ROUNDS, 0.0)),

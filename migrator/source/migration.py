@@ -1,0 +1,155 @@
+"""One live migration, seen from the source: attach, pre-copy rounds, switch-over, report.
+
+::
+
+    attach guest ─ connect ─ Layout ─ round 0 (every populated page; untouched pages as Zero)
+      └─ rounds: collect written pages ─ policy: continue / throttle / switch over
+                                              │
+    freeze ─ final collect ─ send the rest ─ Digest ─ Ack ══ COMMIT (point of no return) ─ Ack
+      ─ terminate (or keep frozen) the source guest
+
+Each phase has its module: ``attach`` (the guest, its tracker and throttle), ``sink`` (where
+pages go), ``pages`` (read and send a round), ``rounds`` (pre-copy and its policy),
+``switchover`` (the final copy and the commit), ``report``. This module only composes them.
+
+Before the point of no return any failure thaws the source guest, releases the tracker, tells
+the destination to discard its copy (Abort) and raises ``MigrationFailed(committed=False)``.
+From the moment Commit is sent the source guest never resumes: if the destination's
+acknowledgement does not arrive, the source is kept frozen (not killed) and the failure says the
+outcome is unknown.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..core.deadlines import deadline
+from ..core.digest import PageDigests
+from ..core.errors import MigrationFailed
+from ..core.failures import describe
+from .attach import AttachedGuest
+from .estimator import DowntimeEstimator, switchover_fixed_ms
+from .pages import PageStream
+from .policy import PolicySettings
+from .report import MigrationReport, ReportSettings
+from .rounds import Precopy
+from .sink import PeerSink
+from .switchover import Switchover, commit, final_copy
+
+
+@dataclass(frozen=True)
+class MigrateSettings:
+    downtime_ms: float = 50.0
+    max_rounds: int = 30
+    bandwidth: float | None = None      # bytes/s cap on the link, None = unlimited
+    compress: str = "zstd:1"
+    streams: int = 1
+    tracker: str = "wp-async"
+    verify: str = "pages"               # "pages" or "full"
+    force_switchover: bool = False
+    keep_source: bool = False
+    token: bytes | None = None
+    round_timeout_s: float = 300.0
+    tls: ssl.SSLContext | None = None   # a client context (transport.client_context): TLS links
+
+    def __post_init__(self) -> None:
+        if self.verify not in ("pages", "full"):
+            raise ValueError(f"verify must be 'pages' or 'full', not {self.verify!r}")
+        if self.downtime_ms <= 0 or self.max_rounds < 1 or self.streams < 1:
+            raise ValueError("downtime_ms, max_rounds and streams must be positive")
+
+    def policy(self) -> PolicySettings:
+        return PolicySettings(downtime_ms=self.downtime_ms, max_rounds=self.max_rounds,
+                              force_switchover=self.force_switchover)
+
+
+class SourceMigration:
+    """Migrate the guest behind control socket ``guest_control`` to ``address``."""
+
+    def __init__(self, guest_control: str, address: str, settings: MigrateSettings, *, on_round=None) -> None:
+        self.guest_control = guest_control
+        self.address = address
+        self.settings = settings
+        self.on_round = on_round
+        self.id = uuid.uuid4().hex
+        self.report: MigrationReport | None = None
+        self._guest: AttachedGuest | None = None
+        self._precopy: Precopy | None = None
+        self._switchover: Switchover | None = None
+        self._sink: PeerSink | None = None
+        self._rule = ("", "")
+
+    async def run(self) -> MigrationReport:
+        """Migrate; returns the report. Raises MigrationFailed with one line saying why."""
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            async with AttachedGuest(self.guest_control, self.settings.tracker) as guest:
+                self._guest = guest
+                await self._migrate(guest)
+        except BaseException as exc:  # noqa: BLE001 - turned into one typed line below
+            error = exc
+        self.report = self._report(time.perf_counter() - started, error)
+        if error is not None:
+            raise MigrationFailed(self.report.error, committed=self.committed) from error
+        return self.report
+
+    @property
+    def committed(self) -> bool:
+        return self._sink is not None and self._sink.committed
+
+    async def _migrate(self, guest: AttachedGuest) -> None:
+        s, layout = self.settings, guest.layout
+        async with PeerSink.open(self.address, token=s.token, compress=s.compress, streams=s.streams,
+                                 bandwidth=s.bandwidth, tls=s.tls) as sink:
+            self._sink = sink
+            digests = PageDigests(layout.total_pages, layout.page_size)
+            estimator = DowntimeEstimator(fixed_ms=switchover_fixed_ms(layout.total_bytes),
+                                          page_size=layout.page_size, bandwidth=s.bandwidth)
+            pages = PageStream(guest.memory, layout, digests, sink)
+            precopy = self._precopy = Precopy(guest, sink, pages, estimator, s.policy(),
+                                              round_timeout_s=s.round_timeout_s, on_round=self.on_round)
+            await precopy.send_layout({"id": self.id, "tracker": s.tracker, "size": layout.total_bytes})
+            # every scan resets what "written" means: a checkpoint taken later must know who
+            # scanned last (see migrator.checkpoint)
+            await guest.set_tag(f"migration:{self.id}")
+            dirty, decision = await precopy.run()
+            self._rule = (str(decision.rule), decision.reason)
+            state = self._switchover = Switchover(number=len(precopy.rounds))
+            with deadline(s.round_timeout_s, "the switch-over: final copy, verification, commit (--round-timeout)"):
+                sent_at = await final_copy(guest, sink, pages, digests, dirty, state, verify=s.verify)
+                try:
+                    await commit(sink, state, sent_at)
+                finally:
+                    guest.committed = sink.committed
+            if not s.keep_source:
+                guest.terminate()
+
+    def _report(self, total_s: float, error: BaseException | None) -> MigrationReport:
+        s = self.settings
+        layout = self._guest.layout if self._guest is not None and hasattr(self._guest, "layout") else None
+        precopy, state = self._precopy, self._switchover
+        return MigrationReport(
+            settings=ReportSettings(
+                downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, tracker=s.tracker, compress=s.compress,
+                streams=s.streams, bandwidth=s.bandwidth, verify=s.verify, tls=s.tls is not None,
+                size_bytes=layout.total_bytes if layout else None, pages=layout.total_pages if layout else None,
+            ),
+            rounds=tuple(precopy.rounds) if precopy else (),
+            result="committed" if error is None else "failed",
+            committed=self.committed,
+            verified=bool(state and state.verified),
+            error=None if error is None else describe(error),
+            total_s=total_s,
+            rule=self._rule[0],
+            rule_reason=self._rule[1],
+            throttle_max=precopy.throttle_max if precopy else 0.0,
+            rtt_ms=precopy.rtt_ms if precopy else None,
+            final_pages=state.final_pages if state else None,
+            downtime_ms=state.downtime_ms if state else None,
+            downtime_parts_ms=state.parts if state else {},
+            bytes_wire=self._sink.statistics().bytes_wire if self._sink else 0,
+        )

@@ -1,0 +1,90 @@
+"""A round's pages, from the guest's memory to the sink: read, digest, cut into Pages events.
+
+Reading and sending overlap: a reader task reads chunks of runs on a worker thread into pooled
+buffers (and records each page's digest there, in C without the GIL) and feeds a bounded channel;
+this task cuts each chunk into Pages events for the sink, whose transport compresses them in its
+own worker threads. So a slow link slows the reader instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import protocol as p
+from ..core.buffers import BufferPool
+from ..core.digest import PageDigests
+from ..core.model import Layout, Run
+from ..core.runs import count_pages, split_runs
+from .sink import Sink
+
+BATCH_PAGES = 1024       # pages per Pages event (4 MiB raw): one frame, one compression job; 4x fewer
+                         # frames than 1 MiB cut the per-frame work of both ends (scripts/bench_transport.py)
+READ_CHUNK_PAGES = 1024  # pages read per worker-thread call: one event's worth, about what L2 holds
+MAX_RUNS_PER_EVENT = 1024  # IOV_MAX: one process_vm_readv per Pages event at most
+CHUNKS_AHEAD = 2         # chunks read ahead of the sender
+
+
+@dataclass
+class RoundTimer:
+    """Timers of the round in progress (mutable scratch, frozen into RoundStats at its end)."""
+
+    number: int
+    dirty_pages: int
+    started: float = field(default_factory=time.perf_counter)
+    scan_s: float = 0.0
+    read_s: float = 0.0
+    send_s: float = 0.0
+    zero_pages: int = 0
+    bytes_raw: int = 0
+
+
+class PageStream:
+    """Sends runs of the guest's pages to a sink, recording what went (``digests``; ``sent`` when
+    asked, for a checkpoint's manifest)."""
+
+    def __init__(self, memory, layout: Layout, digests: PageDigests, sink: Sink, *, keep_sent: bool = False) -> None:
+        self.memory = memory
+        self.layout = layout
+        self.digests = digests
+        self.sink = sink
+        self.sent: list[list[Run]] | None = [] if keep_sent else None
+        self._buffers = BufferPool(READ_CHUNK_PAGES * layout.page_size)
+
+    def _read_chunk(self, chunk: list[Run]) -> tuple[memoryview, float]:
+        """Worker thread: the chunk's pages into a pooled buffer, digests recorded."""
+        t = time.perf_counter()
+        data = memoryview(self._buffers.take())[: count_pages(chunk) * self.layout.page_size]
+        self.memory.read_runs(chunk, data)
+        self.digests.record(self.layout.page_indices(chunk), data)
+        return data, time.perf_counter() - t
+
+    async def send(self, timer: RoundTimer, runs: list[Run]) -> None:
+        if self.sent is not None:
+            self.sent.append(runs)
+        send_chunks, recv_chunks = trio.open_memory_channel(CHUNKS_AHEAD)
+        ps = self.layout.page_size
+
+        async def reader() -> None:
+            async with send_chunks:
+                for chunk in split_runs(runs, READ_CHUNK_PAGES, 1 << 30, ps):
+                    data, seconds = await trio.to_thread.run_sync(self._read_chunk, chunk)
+                    timer.read_s += seconds
+                    await send_chunks.send((chunk, data))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            async with recv_chunks:
+                async for chunk, view in recv_chunks:
+                    offset = 0
+                    for batch in split_runs(chunk, BATCH_PAGES, MAX_RUNS_PER_EVENT, ps):
+                        size = count_pages(batch) * ps
+                        t = time.perf_counter()
+                        await self.sink.send(
+                            p.Pages(round=timer.number, runs=tuple(batch), payload=view[offset : offset + size])
+                        )
+                        timer.send_s += time.perf_counter() - t
+                        offset += size
+                    timer.bytes_raw += offset

@@ -1,0 +1,145 @@
+"""Pre-copy: round 0 sends every page, then rounds of the pages written since, until the policy
+says the rest fits the downtime target (or throttles the guest, or gives up waiting).
+
+Each round ends, on a sink that acknowledges, when the destination acknowledges its RoundEnd,
+which it sends once every page before it is applied. So a round's time, which the downtime
+estimate learns from, includes the destination's work, and no backlog of unapplied pages is
+left to slow the final copy inside the downtime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import trio
+
+from .. import protocol as p
+from ..core.deadlines import deadline
+from ..core.model import Run
+from ..core.runs import complement, count_pages
+from .attach import AttachedGuest
+from .estimator import DowntimeEstimator
+from .pages import PageStream, RoundTimer
+from .policy import Action, Decision, PolicySettings, decide
+from .report import RoundStats
+from .sink import HANDSHAKE_TIMEOUT_S, Sink
+
+ZERO_RUNS_PER_EVENT = 8192
+SWITCHOVER_ROUND_TRIPS = 2  # Digest -> Ack and Commit -> Ack cross the link inside the downtime
+
+FirstScan = Callable[[], tuple[list[Run], list[Run]]]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+class Precopy:
+    """The rounds of one migration; ``rounds`` holds each finished round's statistics."""
+
+    def __init__(self, guest: AttachedGuest, sink: Sink, pages: PageStream, estimator: DowntimeEstimator,
+                 policy: PolicySettings, *, round_timeout_s: float, on_round=None) -> None:
+        self.guest = guest
+        self.sink = sink
+        self.pages = pages
+        self.estimator = estimator
+        self.policy = policy
+        self.round_timeout_s = round_timeout_s
+        self.on_round = on_round or (lambda stats: None)
+        self.rounds: list[RoundStats] = []
+        self.throttle_max = 0.0
+        self.rtt_ms: float | None = None
+        self._wire_total = 0
+        self._compress_total = 0.0
+
+    async def send_layout(self, meta: dict) -> None:
+        """Announce the guest's memory; on a live sink, wait until the destination has its restore
+        guest, and take the link's round trip from the exchange (the switch-over makes two more)."""
+        layout = self.guest.layout
+        t = time.perf_counter()
+        await self.sink.send(p.Layout(regions=layout.regions, page_size=layout.page_size, meta=meta))
+        await self.sink.flush()
+        if not self.sink.acknowledges:
+            return
+        with deadline(HANDSHAKE_TIMEOUT_S, "waiting for the destination's restore guest"):
+            ack = await self.sink.expect_ack("layout")
+        ready_ms = ack.detail.get("ready_ms")
+        ready_ms = ready_ms if isinstance(ready_ms, (int, float)) and ready_ms >= 0 else 0.0
+        self.rtt_ms = max(0.0, ms(time.perf_counter() - t) - ready_ms)
+        self.estimator.add_fixed(SWITCHOVER_ROUND_TRIPS * self.rtt_ms)
+
+    def arm_and_scan(self) -> tuple[list[Run], list[Run]]:
+        """Worker thread, a first scan from scratch: arm the tracker; every populated page to
+        send, and the untouched rest to send as Zero ranges."""
+        tracker, layout = self.guest.tracker, self.guest.layout
+        tracker.arm()
+        populated = tracker.populated()
+        return populated, complement(layout.regions, populated, layout.page_size)
+
+    async def run(self, first_scan: FirstScan | None = None) -> tuple[list[Run], Decision]:
+        """Round 0 from ``first_scan`` (default ``arm_and_scan``), then rounds until the policy
+        switches over; returns the pages still dirty and the deciding rule."""
+        with deadline(self.round_timeout_s, "round 0 (--round-timeout)"):
+            dirty = await self._round_zero(first_scan or self.arm_and_scan)
+        while True:
+            decision = decide(self.rounds, self.policy)
+            self.throttle_max = max(self.throttle_max, decision.throttle)
+            if decision.action is Action.SWITCHOVER:
+                return dirty, decision
+            if decision.action is Action.THROTTLE:
+                self.guest.throttle.set(decision.throttle)
+            number = len(self.rounds)
+            timer = RoundTimer(number, count_pages(dirty))
+            with deadline(self.round_timeout_s, f"round {number} (--round-timeout)"):
+                await self.pages.send(timer, dirty)
+                dirty = await self._end_round(timer, throttle=decision.throttle)
+
+    async def _round_zero(self, first_scan: FirstScan) -> list[Run]:
+        timer = RoundTimer(0, 0)
+        t = time.perf_counter()
+        populated, zero = await trio.to_thread.run_sync(first_scan)
+        timer.scan_s = time.perf_counter() - t
+        timer.zero_pages = count_pages(zero)
+        timer.dirty_pages = count_pages(populated) + timer.zero_pages  # round 0 covers every page
+        for first in range(0, len(zero), ZERO_RUNS_PER_EVENT):
+            await self.sink.send(p.Zero(round=0, runs=tuple(zero[first : first + ZERO_RUNS_PER_EVENT])))
+        await self.pages.send(timer, populated)
+        return await self._end_round(timer, throttle=0.0)
+
+    async def _end_round(self, timer: RoundTimer, *, throttle: float) -> list[Run]:
+        """Flush, scan what the guest wrote meanwhile, and record the round's statistics."""
+        t = time.perf_counter()
+        await self.sink.send(p.RoundEnd(round=timer.number, stats={"pages": timer.dirty_pages}))
+        await self.sink.flush()
+        if self.sink.acknowledges:
+            await self.sink.expect_ack("round")
+        timer.send_s += time.perf_counter() - t
+        duration = time.perf_counter() - timer.started
+        t = time.perf_counter()
+        dirty = await trio.to_thread.run_sync(self.guest.tracker.collect)
+        scan_next = time.perf_counter() - t
+        sent_pages = timer.dirty_pages - timer.zero_pages
+        self.estimator.observe(pages=sent_pages, seconds=duration - timer.scan_s, round0=timer.number == 0)
+        stats = self.sink.statistics()
+        prev_wire, prev_compress = self._wire_total, self._compress_total
+        self._wire_total, self._compress_total = stats.bytes_wire, stats.compress_seconds
+        round_stats = RoundStats(
+            round=timer.number,
+            dirty_pages=timer.dirty_pages,
+            zero_pages=timer.zero_pages,
+            bytes_raw=timer.bytes_raw,
+            bytes_wire=stats.bytes_wire - prev_wire,
+            scan_s=timer.scan_s,
+            read_s=timer.read_s,
+            compress_s=stats.compress_seconds - prev_compress,
+            send_s=timer.send_s,
+            duration_s=duration,
+            dirty_rate=count_pages(dirty) / (duration + scan_next) if duration > 0 else 0.0,
+            bandwidth=timer.bytes_raw / duration if duration > 0 else 0.0,
+            expected_downtime_ms=self.estimator.expected_ms(count_pages(dirty)),
+            throttle=throttle,
+        )
+        self.rounds.append(round_stats)
+        self.on_round(round_stats)
+        return dirty

@@ -1,0 +1,114 @@
+"""The switch-over: freeze the guest, send the last pages and the digests, then (live) commit.
+
+Every part of the downtime is timed under its own name in ``parts`` (ms): ``freeze``,
+``final_scan``, ``final_send``, ``region_digest`` (``--verify full``), ``verify`` (waiting for the
+destination's verdict), the destination's own parts (``dest_*``) and ``commit``.
+
+**The point of no return** is ``commit``: the source sends Commit only after the destination has
+acknowledged the digests and its guest's self-check. From that moment the source guest never
+resumes (the caller kills it, or keeps it frozen with ``--keep-source``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import protocol as p
+from ..core.digest import PageDigests, region_digest, region_digest_read
+from ..core.errors import MigrationFailed, MigratorError
+from ..core.model import Run
+from ..core.runs import count_pages, union
+from ..tracker.memory import MemfdMemory
+from .attach import AttachedGuest
+from .pages import PageStream, RoundTimer
+from .rounds import ms
+from .sink import PeerSink, Sink
+
+DIGEST_CHUNK = 1 << 20   # bytes per read while hashing the frozen region (--verify full)
+
+
+@dataclass
+class Switchover:
+    """The final copy's outcome and timings, filled in as it goes."""
+
+    number: int                                  # the final round's number
+    parts: dict[str, float] = field(default_factory=dict)
+    freeze_at: float = 0.0
+    final_pages: int | None = None
+    downtime_ms: float | None = None
+    verified: bool = False
+
+
+async def final_copy(guest: AttachedGuest, sink: Sink, pages: PageStream, digests: PageDigests,
+                     dirty: list[Run], state: Switchover, *, verify: str) -> float:
+    """Freeze, send the last pages and the digests; returns when the digests were sent."""
+    layout = guest.layout
+    state.freeze_at = time.perf_counter()
+    await trio.to_thread.run_sync(guest.throttle.freeze)
+    state.parts["freeze"] = ms(time.perf_counter() - state.freeze_at)
+    await sink.send(p.Freeze(round=state.number))
+    t = time.perf_counter()
+    late = await trio.to_thread.run_sync(guest.tracker.collect)
+    final = union(dirty, late, layout.page_size)
+    state.parts["final_scan"] = ms(time.perf_counter() - t)
+    timer = RoundTimer(state.number, count_pages(final))
+    t = time.perf_counter()
+    await pages.send(timer, final)
+    await sink.send(p.RoundEnd(round=state.number, stats={"pages": timer.dirty_pages, "final": True}))
+    await sink.flush()
+    state.parts["final_send"] = ms(time.perf_counter() - t)
+    state.final_pages = timer.dirty_pages
+    t = time.perf_counter()
+    await sink.send(p.Digest(kind="pages", value=digests.value(), stats={"last": verify != "full"}))
+    if verify == "full":
+        h = time.perf_counter()
+        await sink.flush()  # the destination starts hashing its side meanwhile
+        value = await region_digest_of(guest)
+        state.parts["region_digest"] = ms(time.perf_counter() - h)
+        await sink.send(p.Digest(kind="region", value=value))
+    await sink.flush()
+    return t
+
+
+async def commit(sink: PeerSink, state: Switchover, digests_sent_at: float) -> None:
+    """Wait for the destination's verdict, then cross the point of no return."""
+    ack = await sink.expect_ack("digest")
+    state.parts["verify"] = ms(time.perf_counter() - digests_sent_at) - state.parts.get("region_digest", 0.0)
+    for key, value in ack.detail.items():
+        if key.endswith("_ms"):
+            state.parts["dest_" + key[:-3]] = float(value)
+    if not ack.ok:
+        raise MigrationFailed(f"destination refused the copy: {ack.detail.get('reason', 'verification failed')}")
+    state.verified = True
+    # ---- point of no return: from here the source guest never resumes ----
+    t = time.perf_counter()
+    ack = await sink.commit()
+    state.parts["commit"] = ms(time.perf_counter() - t)
+    if not ack.ok:
+        raise MigrationFailed(f"destination failed to resume: {ack.detail.get('reason', '?')}")
+    state.downtime_ms = ms(time.perf_counter() - state.freeze_at)
+
+
+async def region_digest_of(guest: AttachedGuest) -> bytes:
+    """The region digest (``migrator.core.digest``) of the frozen region, equal to the restore
+    guest's own ``digest`` answer, so the two compare directly.
+
+    Its pieces are hashed on every core. A memfd guest is hashed in place; a private guest's
+    pieces are read across processes a chunk at a time into a small buffer per thread, which
+    stays in the cache while it is hashed.
+    """
+    layout, memory = guest.layout, guest.memory
+    if len(layout.regions) != 1:
+        raise MigratorError("--verify full needs a guest with one region")
+    region = layout.regions[0]
+    if isinstance(memory, MemfdMemory):
+        return await trio.to_thread.run_sync(region_digest, memory.view(region.start, region.length))
+    ps = layout.page_size
+
+    def read(offset: int, view: memoryview) -> None:
+        memory.read_runs([(region.start + offset, len(view) // ps)], view)
+
+    return await trio.to_thread.run_sync(region_digest_read, region.length, read, DIGEST_CHUNK)
