@@ -4,8 +4,3 @@
 receives one migration: applies pages, compares digests, runs the guest's self-check and resumes
 it after the source's Commit.
 """
-
-from .engine import DestinationMigration, ReceiveSettings
-from .guests import RestoreGuests
-
-__all__ = ["DestinationMigration", "ReceiveSettings", "RestoreGuests"]

@@ -6,8 +6,3 @@ downtime, slowed by ``throttle``) -> ``pages`` (read, digest, cut into Pages eve
 (a live peer or an image file) -> ``switchover`` (freeze, final copy, commit) -> ``report``.
 ``migration`` composes them into ``SourceMigration``.
 """
-
-from .migration import MigrateSettings, SourceMigration
-from .report import MigrationReport, RoundStats
-
-__all__ = ["MigrateSettings", "MigrationReport", "RoundStats", "SourceMigration"]
