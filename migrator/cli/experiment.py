@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="experiment-out", metavar="DIR", help="output directory (default experiment-out)")
     sweep = parser.add_argument_group("custom sweep (replaces the preset grid's cells)")
     sweep.add_argument("--sizes", type=_list(options.parse_guest_size), metavar="64M,256M")
-    sweep.add_argument("--rates", type=_list(g.parse_rate), metavar="PCT,...",
+    sweep.add_argument("--rates", type=_list(g.parse_dirty_percent), metavar="PCT,...",
                        help="dirty rates in %% of the region's pages per second, e.g. 0.1,1,20 "
                             "(unlimited: as fast as the guest can)")
     sweep.add_argument("--bandwidths", type=_list(g.parse_bandwidth), metavar="50M,unlimited",

@@ -216,7 +216,7 @@ def parse_bandwidth(text: str) -> float | None:
     return parse_link_rate(text)
 
 
-def parse_rate(text: str) -> float | None:
+def parse_dirty_percent(text: str) -> float | None:
     """``5`` or ``5%`` -> 5.0 (% of pages per second); ``unlimited`` -> None (as fast as it can)."""
     if text.strip().lower() == "unlimited":
         return None

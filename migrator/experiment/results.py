@@ -60,7 +60,7 @@ from ..guest.layout import TABLE_ENTRIES_PER_PAGE, Geometry
 from ..core.model import PAGE_SIZE
 from ..source.estimator import switchover_fixed_ms
 from ..source.estimator import MIN_FIT_PAGES
-from . import model
+from . import classic_model as model
 from .grid import Cell, Grid
 
 GiB = 1 << 30

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from migrator.core.errors import MigratorError
-from migrator.experiment import model
+from migrator.experiment import classic_model as model
 
 
 def test_ratio_is_dirty_rate_over_bandwidth():
