@@ -43,7 +43,7 @@ from ..source.attach import AttachedGuest
 from ..source.estimator import DowntimeEstimator, switchover_fixed_ms
 from ..source.migration import MigrateSettings
 from ..source.pages import PageStream
-from ..source.report import MigrationReport, ReportSettings
+from ..source.report import MigrationReport, report_of
 from ..source.rounds import Precopy, ms
 from ..source.sink import ImageSink
 from ..source.switchover import Switchover, final_copy
@@ -247,29 +247,11 @@ class CheckpointMigration:
         self.image = read_image(self.image_dir)
 
     def _report(self, total_s: float, error: BaseException | None) -> CheckpointReport:
-        s = self.settings
-        layout = self._guest.layout if self._guest is not None and hasattr(self._guest, "layout") else None
-        precopy, state = self._precopy, self._switchover
-        source = MigrationReport(
-            kind="checkpoint",
-            settings=ReportSettings(
-                downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, tracker=s.tracker, compress=s.compress,
-                streams=s.streams, bandwidth=s.bandwidth, verify=s.verify, tls=False,
-                size_bytes=layout.total_bytes if layout else None, pages=layout.total_pages if layout else None,
-            ),
-            rounds=tuple(precopy.rounds) if precopy else (),
-            result="written" if self.image else "failed",
-            committed=self.committed,
-            verified=False,
-            error=None if error is None else describe(error),
-            total_s=total_s,
-            rule=self._rule[0],
-            rule_reason=self._rule[1],
-            throttle_max=precopy.throttle_max if precopy else 0.0,
-            final_pages=state.final_pages if state else None,
-            downtime_ms=state.downtime_ms if state else None,
-            downtime_parts_ms=state.parts if state else {},
-            bytes_wire=self._sink.statistics().bytes_wire if self._sink else 0,
+        source = report_of(
+            self.settings, layout=getattr(self._guest, "layout", None), precopy=self._precopy,
+            switchover=self._switchover, wire_bytes=self._sink.statistics().bytes_wire if self._sink else 0,
+            rule=self._rule, error=None if error is None else describe(error), total_s=total_s,
+            result="written" if self.image else "failed", committed=self.committed, kind="checkpoint",
         )
         return CheckpointReport(
             source=source,

@@ -34,7 +34,7 @@ from .attach import AttachedGuest
 from .estimator import DowntimeEstimator, switchover_fixed_ms
 from .pages import PageStream
 from .policy import PolicySettings
-from .report import MigrationReport, ReportSettings
+from .report import MigrationReport, report_of
 from .rounds import Precopy
 from .sink import PeerSink
 from .switchover import Switchover, commit, final_copy
@@ -129,27 +129,11 @@ class SourceMigration:
                 guest.terminate()
 
     def _report(self, total_s: float, error: BaseException | None) -> MigrationReport:
-        s = self.settings
-        layout = self._guest.layout if self._guest is not None and hasattr(self._guest, "layout") else None
-        precopy, state = self._precopy, self._switchover
-        return MigrationReport(
-            settings=ReportSettings(
-                downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, tracker=s.tracker, compress=s.compress,
-                streams=s.streams, bandwidth=s.bandwidth, verify=s.verify, tls=s.tls is not None,
-                size_bytes=layout.total_bytes if layout else None, pages=layout.total_pages if layout else None,
-            ),
-            rounds=tuple(precopy.rounds) if precopy else (),
-            result="committed" if error is None else "failed",
-            committed=self.committed,
-            verified=bool(state and state.verified),
-            error=None if error is None else describe(error),
-            total_s=total_s,
-            rule=self._rule[0],
-            rule_reason=self._rule[1],
-            throttle_max=precopy.throttle_max if precopy else 0.0,
-            rtt_ms=precopy.rtt_ms if precopy else None,
-            final_pages=state.final_pages if state else None,
-            downtime_ms=state.downtime_ms if state else None,
-            downtime_parts_ms=state.parts if state else {},
-            bytes_wire=self._sink.statistics().bytes_wire if self._sink else 0,
+        guest = self._guest
+        return report_of(
+            self.settings, layout=getattr(guest, "layout", None), precopy=self._precopy, switchover=self._switchover,
+            wire_bytes=self._sink.statistics().bytes_wire if self._sink else 0, rule=self._rule,
+            error=None if error is None else describe(error), total_s=total_s,
+            result="committed" if error is None else "failed", committed=self.committed,
+            tls=self.settings.tls is not None,
         )

@@ -110,3 +110,33 @@ class MigrationReport:
             "committed": self.committed,
             "error": self.error,
         }
+
+
+def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: tuple[str, str],
+              error: str | None, total_s: float, result: str, committed: bool, kind: str = "migration",
+              tls: bool = False) -> MigrationReport:
+    """The report from what a run's phases measured (``precopy``, ``switchover``, ``layout``: None
+    for a phase the run never reached); ``settings`` is the run's ``MigrateSettings``."""
+    s = settings
+    return MigrationReport(
+        kind=kind,
+        settings=ReportSettings(
+            downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, tracker=s.tracker, compress=s.compress,
+            streams=s.streams, bandwidth=s.bandwidth, verify=s.verify, tls=tls,
+            size_bytes=layout.total_bytes if layout else None, pages=layout.total_pages if layout else None,
+        ),
+        rounds=tuple(precopy.rounds) if precopy else (),
+        result=result,
+        committed=committed,
+        verified=bool(switchover and switchover.verified),
+        error=error,
+        total_s=total_s,
+        rule=rule[0],
+        rule_reason=rule[1],
+        throttle_max=precopy.throttle_max if precopy else 0.0,
+        rtt_ms=precopy.rtt_ms if precopy else None,
+        final_pages=switchover.final_pages if switchover else None,
+        downtime_ms=switchover.downtime_ms if switchover else None,
+        downtime_parts_ms=switchover.parts if switchover else {},
+        bytes_wire=wire_bytes,
+    )
