@@ -9,8 +9,8 @@ one of its hooks:
   recording an Abort in it, ``_send_abort``);
 - with a parent image, round 0 is the tracker's ``collect`` (pages written since the parent's
   final scan) instead of arm-and-send-everything (``_first_scan``), and the per-page digest
-  table starts from the parent's (``_migrate``), so the image's ``Digest(kind="pages")`` covers
-  the whole memory as of this image;
+  table starts from the parent's (``_migrate``), so the image's pages ``Digest``
+  (``DigestKind.PAGES``) covers the whole memory as of this image;
 - the guest's tag names this image before the first scan (``_scan_tag``): every scan resets what
   "written" means, so a later incremental image may only build on the image that scanned last;
 - the switch-over ends at the file (``_stop_and_copy``): freeze, final scan-and-copy, thaw

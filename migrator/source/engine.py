@@ -228,16 +228,16 @@ class SourceMigration:
                 raise MigrationFailed(f"destination aborted: {event.reason}")
             await send_acks.send(event)
 
-    async def _expect_ack(self, of: str) -> p.Ack:
+    async def _expect_ack(self, of: p.Acked) -> p.Ack:
         _, acks = self._acks
         while True:
             event = await acks.receive()
-            if isinstance(event, p.Ack) and event.of == of:
+            if isinstance(event, p.Ack) and event.of is of:
                 return event
             if isinstance(event, p.Digest):
                 self.dest_digest = event
                 continue
-            raise MigrationFailed(f"destination sent {type(event).__name__} while {of} was awaited")
+            raise MigrationFailed(f"destination sent {type(event).__name__} while an Ack of {of.value} was awaited")
 
     async def _migrate(self) -> None:
         s = self.settings
@@ -269,10 +269,8 @@ class SourceMigration:
         """Wait until the destination has its restore guest, and take the link's round trip from
         the exchange: the switch-over makes two more (Digest -> Ack, Commit -> Ack)."""
         with deadline(HANDSHAKE_TIMEOUT_S, "waiting for the destination's restore guest"):
-            ack = await self._expect_ack("layout")
-        ready_ms = ack.detail.get("ready_ms")
-        ready_ms = ready_ms if isinstance(ready_ms, (int, float)) and ready_ms >= 0 else 0.0
-        self.rtt_ms = max(0.0, _ms(time.perf_counter() - sent_at) - ready_ms)
+            ack = await self._expect_ack(p.Acked.LAYOUT)
+        self.rtt_ms = max(0.0, _ms(time.perf_counter() - sent_at) - ack.ready_ms)
         self.estimator.add_fixed(SWITCHOVER_ROUND_TRIPS * self.rtt_ms)
 
     async def _round_zero(self) -> list[Run]:
@@ -302,10 +300,12 @@ class SourceMigration:
     async def _end_round(self, r: _Round, *, throttle: float) -> list[Run]:
         """Flush, scan what the guest wrote meanwhile, and record the round's statistics."""
         t = time.perf_counter()
-        await self.channel.send(p.RoundEnd(round=r.number, stats={"pages": r.dirty_pages}))
+        await self.channel.send(p.RoundEnd(round=r.number, pages=r.dirty_pages))
         await self.channel.flush()
         if self.ACKS_ROUNDS:
-            await self._expect_ack("round")
+            ack = await self._expect_ack(p.Acked.ROUND)
+            if ack.round != r.number:
+                raise MigrationFailed(f"destination acknowledged round {ack.round} at the end of round {r.number}")
         r.send_s += time.perf_counter() - t
         duration = time.perf_counter() - r.started
         t = time.perf_counter()
@@ -395,40 +395,38 @@ class SourceMigration:
         r = _Round(number, count_pages(final))
         t = time.perf_counter()
         await self._send_pages(r, final)
-        await self.channel.send(p.RoundEnd(round=number, stats={"pages": r.dirty_pages, "final": True}))
+        await self.channel.send(p.RoundEnd(round=number, pages=r.dirty_pages, final=True))
         await self.channel.flush()
         self.parts["final_send"] = _ms(time.perf_counter() - t)
         self.final_pages = r.dirty_pages
         t = time.perf_counter()
-        last = {"last": s.verify != "full"}
-        await self.channel.send(p.Digest(kind="pages", value=self.digests.value(), stats=last))
+        await self.channel.send(p.Digest(kind=p.DigestKind.PAGES, value=self.digests.value(), last=s.verify != "full"))
         if s.verify == "full":
             h = time.perf_counter()
             await self.channel.flush()  # the destination starts hashing its side meanwhile
             value = await self._region_digest()
             self.parts["region_digest"] = _ms(time.perf_counter() - h)
-            await self.channel.send(p.Digest(kind="region", value=value))
+            await self.channel.send(p.Digest(kind=p.DigestKind.REGION, value=value, last=True))
         await self.channel.flush()
         return freeze_at, t
 
     async def _commit(self, freeze_at: float, t: float) -> None:
-        ack = await self._expect_ack("digest")
+        ack = await self._expect_ack(p.Acked.DIGEST)
         self.parts["verify"] = _ms(time.perf_counter() - t) - self.parts.get("region_digest", 0.0)
-        for key, value in ack.detail.items():
-            if key.endswith("_ms"):
-                self.parts["dest_" + key[:-3]] = float(value)
+        for key, value in ack.timings_ms.items():
+            self.parts["dest_" + key] = value
         if not ack.ok:
-            raise MigrationFailed(f"destination refused the copy: {ack.detail.get('reason', 'verification failed')}")
+            raise MigrationFailed(f"destination refused the copy: {ack.reason or 'verification failed'}")
         self.verified = True
         # ---- point of no return: from here the source guest never resumes ----
         t = time.perf_counter()
         self.committed = True
         await self.channel.send(p.Commit())
         await self.channel.flush()
-        ack = await self._expect_ack("commit")
+        ack = await self._expect_ack(p.Acked.COMMIT)
         self.parts["commit"] = _ms(time.perf_counter() - t)
         if not ack.ok:
-            raise MigrationFailed(f"destination failed to resume: {ack.detail.get('reason', '?')}")
+            raise MigrationFailed(f"destination failed to resume: {ack.reason or '?'}")
         self.downtime_ms = _ms(time.perf_counter() - freeze_at)
 
     async def _region_digest(self) -> bytes:

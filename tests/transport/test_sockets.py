@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from migrator.core.errors import RemoteProtocolError, TransportError
-from migrator.protocol import Ack, Digest, RoundEnd
+from migrator.protocol import Ack, Acked, Digest, DigestKind, RoundEnd
 from migrator.transport import connect, parse_address, serve
 
 from .helpers import LAYOUT, TOKEN, page_batch, zero_batch
@@ -124,8 +124,8 @@ async def test_destination_sees_source_ack_flow_with_digest_from_both_sides():
         while True:
             event = await channel.receive()
             if isinstance(event, Digest):
-                await channel.send(Digest(kind="pages", value=b"mine"))
-                await channel.send(Ack(of="digest", ok=False, detail={"reason": "differs"}))
+                await channel.send(Digest(kind=DigestKind.PAGES, value=b"mine"))
+                await channel.send(Ack(of=Acked.DIGEST, ok=False, reason="differs"))
                 await channel.flush()
                 return
 
@@ -136,9 +136,9 @@ async def test_destination_sees_source_ack_flow_with_digest_from_both_sides():
                 await channel.send(LAYOUT)
                 await channel.send(page_batch(1))
                 await channel.send(RoundEnd(round=0))
-                await channel.send(Digest(kind="pages", value=b"yours"))
-                assert await channel.receive() == Digest(kind="pages", value=b"mine")
-                assert await channel.receive() == Ack(of="digest", ok=False, detail={"reason": "differs"})
+                await channel.send(Digest(kind=DigestKind.PAGES, value=b"yours"))
+                assert await channel.receive() == Digest(kind=DigestKind.PAGES, value=b"mine")
+                assert await channel.receive() == Ack(of=Acked.DIGEST, ok=False, reason="differs")
                 with pytest.raises(TransportError, match="closed the connection in state PRECOPY"):
                     await channel.receive()
             nursery.cancel_scope.cancel()
