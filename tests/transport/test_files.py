@@ -51,6 +51,7 @@ async def test_image_round_trip_and_index(tmp_path, token, compress):
     assert kinds[:2] == ["Hello", "Layout"] and kinds[-1] == "Digest"
     assert kinds.count("Pages") == sum(isinstance(e, Pages) for e in events())
     assert sum(e.pages for e in reader.entries if e.kind == "Pages") == sum(e.pages for e in got if isinstance(e, Pages))
+    assert {e.pages for e in reader.entries if e.kind == "RoundEnd"} == {0}, "an entry counts the pages its frame holds"
     end = reader.entries[-1].offset + reader.entries[-1].length
     assert os.path.getsize(path) > end and reader.statistics().bytes_raw_received > 0
 
