@@ -89,11 +89,11 @@ async def push_once(data: bytearray, region_start: int, settings: MigrateSetting
             size = sum(n for _, n in batch) * PS
             await channel.send(p.Pages(round=0, runs=tuple(batch), payload=view[offset : offset + size]))
             offset += size
-        await channel.send(p.RoundEnd(round=0, stats={}))
+        await channel.send(p.RoundEnd(round=0, pages=len(data) // PS))
         await channel.flush()
         ack = await channel.receive()
         seconds = time.perf_counter() - started
-        if not (isinstance(ack, p.Ack) and ack.of == "round"):
+        if not (isinstance(ack, p.Ack) and ack.of is p.Acked.ROUND):
             raise RuntimeError(f"the sink answered {ack!r}")
         await channel.send(p.Abort(reason="benchmark done"))
         await channel.flush()
@@ -114,7 +114,7 @@ def run_sink() -> None:
             async def sink(channel) -> None:
                 while not isinstance(event := await channel.receive(), (p.Abort, p.ConnectionClosed)):
                     if isinstance(event, p.RoundEnd):
-                        await channel.send(p.Ack(of="round", ok=True))
+                        await channel.send(p.Ack(of=p.Acked.ROUND, ok=True, round=event.round))
                         await channel.flush()
                 nursery.cancel_scope.cancel()
 

@@ -51,7 +51,9 @@ import trio  # noqa: E402
 import zstandard  # noqa: E402
 
 from migrator.core.model import Region  # noqa: E402
-from migrator.protocol import Ack, Compression, Digest, Layout, Pages, RoundEnd, decode_payload, encode_payload  # noqa: E402
+from migrator.protocol import (  # noqa: E402
+    Ack, Acked, Compression, Digest, DigestKind, Layout, Pages, RoundEnd, decode_payload, encode_payload,
+)
 from harness.bench import finish, goal  # noqa: E402
 from harness.hosts import write_certificate  # noqa: E402
 from migrator.source.pages import BATCH_PAGES  # noqa: E402
@@ -212,17 +214,16 @@ async def stream_rate(address: str, data: bytes, size: int, *, streams: int, com
         for offset, chunk in batches(data, size):
             await channel.send(Pages(round=0, runs=((BASE + offset, BATCH // PS),), payload=chunk))
         await channel.send(RoundEnd(round=0))
-        await channel.send(Digest(kind="bench", value=b"end"))
+        await channel.send(Digest(kind=DigestKind.PAGES, value=b"end"))
         ack = await channel.receive()
         elapsed = time.perf_counter() - started
         cpu = cpu_seconds() - cpu_before
-        assert type(ack) is Ack and ack.ok and ack.detail["bytes"] == size, ack
+        assert type(ack) is Ack and ack.ok, ack
     stats = channel.statistics()
     return size / elapsed, {"ratio": round(stats.ratio, 3), "compress_s": round(stats.compress_seconds, 3),
                             "wire_bytes": stats.bytes_wire, "seconds": round(elapsed, 3),
                             "send_cpu_s": round(cpu, 3), "send_main_cpu_s": round(time.thread_time() - main_before, 3),
-                            "recv_cpu_s": ack.detail["cpu_s"], "recv_main_cpu_s": ack.detail["main_cpu_s"],
-                            "recv_decompress_s": ack.detail["decompress_s"]}
+                            **{f"recv_{name}_s": round(ms / 1000, 3) for name, ms in ack.timings_ms.items()}}
 
 
 def cpu_seconds() -> float:
@@ -232,18 +233,22 @@ def cpu_seconds() -> float:
 
 
 async def receive_all(channel) -> None:
-    """Count the page bytes of each round; at a Digest answer with them and the CPU seconds this
-    process spent since the session began (receiving, checking, decompressing)."""
-    received, cpu_before, main_before = 0, cpu_seconds(), time.thread_time()
+    """Count the page bytes of each round; at a Digest answer whether they were the Layout's
+    size, with the CPU time this process spent since the session began (receiving, checking,
+    decompressing)."""
+    received, expected, cpu_before, main_before = 0, 0, cpu_seconds(), time.thread_time()
     while True:
         event = await channel.receive()
-        if isinstance(event, Pages):
+        if isinstance(event, Layout):
+            expected = event.total_bytes
+        elif isinstance(event, Pages):
             received += len(event.payload)
         elif isinstance(event, Digest):
-            detail = {"bytes": received, "cpu_s": round(cpu_seconds() - cpu_before, 3),
-                      "main_cpu_s": round(time.thread_time() - main_before, 3),
-                      "decompress_s": round(channel.statistics().decompress_seconds, 3)}
-            await channel.send(Ack(of="digest", ok=True, detail=detail))
+            timings = {"cpu": (cpu_seconds() - cpu_before) * 1000, "main_cpu": (time.thread_time() - main_before) * 1000,
+                       "decompress": channel.statistics().decompress_seconds * 1000}
+            ok = received == expected
+            reason = "" if ok else f"received {received} bytes of {expected}"
+            await channel.send(Ack(of=Acked.DIGEST, ok=ok, reason=reason, timings_ms=timings))
             await channel.flush()
             received, cpu_before, main_before = 0, cpu_seconds(), time.thread_time()
 

@@ -83,13 +83,16 @@ async def merge_into_child(base: ImageInfo, child: ImageInfo, *, token: bytes | 
         shift = 0           # the child's rounds follow the base's: only the base's round 0 stays round 0
         written: list[Run] = []
         zeroed: list[Run] = []
+        emitted = [0]       # pages of the image being merged, for its RoundEnd
 
         async def emit(event: p.Pages | p.Zero) -> None:
             (written if type(event) is p.Pages else zeroed).extend(event.runs)
+            emitted[0] += event.pages
             await writer.send(event)
 
         for image in (base, child):
             last = shift
+            emitted[0] = 0
             async for event in _events(image, token):
                 kind = type(event)
                 if kind is p.Zero or kind is p.Pages:
@@ -110,8 +113,9 @@ async def merge_into_child(base: ImageInfo, child: ImageInfo, *, token: bytes | 
                         payload = b"".join(view[first * ps:(first + n) * ps] for (_, n), first in pieces)
                         await emit(p.Pages(round=number, runs=runs, payload=payload))
                 elif kind is p.Digest and image is child:
-                    await writer.send(p.Digest(kind=event.kind, value=event.value, stats=dict(event.stats)))
-            await writer.send(p.RoundEnd(round=last, stats={"merged_from": image.id}))
+                    await writer.send(event)
+            # one pre-copy round per merged image (no Freeze in a merged stream, so no final round)
+            await writer.send(p.RoundEnd(round=last, pages=emitted[0]))
             shift = last + 1
     doc = dict(child.manifest)
     size = os.stat(os.path.join(child.path, name)).st_size

@@ -6,7 +6,8 @@ It is composed of the source's phases, with an image file as the sink
 - nobody answers: rounds end without an acknowledgement, and a failure discards the file;
 - with a parent image, round 0 is the tracker's ``collect`` (pages written since the parent's
   final scan) instead of arm-and-send-everything, and the per-page digest table starts from the
-  parent's, so the image's ``Digest(kind="pages")`` covers the whole memory as of this image;
+  parent's, so the image's pages ``Digest`` (``DigestKind.PAGES``)
+  covers the whole memory as of this image;
 - the guest's tag names this image before the first scan: every scan resets what "written"
   means, so a later incremental image may only build on the image that scanned last;
 - the switch-over ends at the file: freeze, final scan-and-copy, thaw (``leave_running``) or keep

@@ -9,7 +9,7 @@ An image is a directory::
     D/pages.xxh         one 64-bit digest per page of the guest's memory *as of this image*
                         (base .. D applied), little-endian; an incremental image starts from its
                         parent's table, and restore compares the table's digest (sent as the
-                        stream's ``Digest(kind="pages")``) with what it applied
+                        stream's ``Digest`` of ``DigestKind.PAGES``) with what it applied
 
 A new image is written under ``D.partial-*`` and renamed to ``D`` once every file in it is
 fsynced, so a checkpoint that crashed never looks complete. Merging an image into its child
@@ -37,7 +37,8 @@ import xxhash
 from ..core.errors import ImageError
 from ..core.model import Region
 
-FORMAT = "migrator-image/1"
+FORMAT_NAME = "migrator-image"
+FORMAT = f"{FORMAT_NAME}/2"       # 2: streams of protocol version 2 (typed control fields)
 MANIFEST = "image.json"
 TABLE = "pages.xxh"
 MAX_MANIFEST = 16 << 20
@@ -99,7 +100,11 @@ def read_image(path: str) -> ImageInfo:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         offset = getattr(exc, "pos", getattr(exc, "start", 0))
         raise ImageError(f"{where}: corrupted manifest at offset {offset}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    found = doc.get("format") if isinstance(doc, dict) else None
+    if found != FORMAT:
+        if isinstance(found, str) and found.startswith(f"{FORMAT_NAME}/"):
+            raise ImageError(f"{where}: image format {found[:64]!r}; this migrator reads {FORMAT!r} only "
+                             "(the image was taken by another migrator version: restore it with that one)")
         raise ImageError(f"{where}: not a {FORMAT} manifest")
     image_id = _field(doc, "id", str, where)
     kind = _field(doc, "kind", str, where)

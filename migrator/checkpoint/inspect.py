@@ -60,7 +60,7 @@ async def verify_chain(image_dir: str, *, token: bytes | None = None) -> dict:
                     pages += event.pages
                 elif kind is p.Zero:
                     digests.record_zero(layout.page_indices(list(event.runs)))
-                elif kind is p.Digest and event.kind == "pages":
+                elif kind is p.Digest and event.kind is p.DigestKind.PAGES:
                     digest = event.value.hex()
                 elif kind is p.Layout and (tuple(event.regions) != image.regions or event.meta.get("id") != image.id):
                     raise ImageError(f"{image.stream}: its Layout does not match the manifest")

@@ -4,7 +4,7 @@
 ``ChainChannel`` plays the source's part: the base's Layout, then every image's pages in order
 (later images overwrite earlier pages; round numbers are shifted so that only the base has a
 round 0, whose Zero ranges a fresh restore guest may skip), then the last image's Digest. The
-destination answers with ``Ack(digest)``: only when that says the digests matched and the deep
+destination answers with an Ack of ``Acked.DIGEST``: only when that says the digests matched and the deep
 self-check passed does the channel send Commit, and the guest resumes. Anything wrong before that
 (a corrupted or truncated frame, a missing parent, a digest differing from the manifest's) fails
 the restore and the restore guest is discarded: nothing resumes from a bad image.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -99,11 +99,11 @@ class ChainChannel:
             return event if not shift else p.Zero(round=event.round + shift, runs=event.runs)
         if kind is p.RoundEnd:
             self._last_round = max(self._last_round, event.round + shift)
-            return p.RoundEnd(round=event.round + shift, stats={**event.stats, "image": self._index})
+            return replace(event, round=event.round + shift)
         if kind is p.Freeze:
             return None
         if kind is p.Digest:
-            if event.kind == "pages" and event.value.hex() != image.pages_digest:
+            if event.kind is p.DigestKind.PAGES and event.value.hex() != image.pages_digest:
                 raise ImageError(f"{image.stream}: its pages digest differs from the manifest's")
             if self._index != len(self.chain) - 1:
                 return None       # an intermediate image's digest: the chain's last one decides
@@ -112,7 +112,7 @@ class ChainChannel:
         raise ImageError(f"{image.stream}: unexpected {kind.__name__} in an image")
 
     async def send(self, event: p.Event) -> None:
-        if type(event) is p.Ack and event.of == "digest" and event.ok and self._digest_sent:
+        if type(event) is p.Ack and event.of is p.Acked.DIGEST and event.ok and self._digest_sent:
             self._commit = True
 
     async def flush(self) -> None:

@@ -105,7 +105,7 @@ class DestinationMigration:
         # the source starts round 0 on this Ack, and takes the link's round trip from it: the
         # exchange's time minus ``ready_ms``, what this side spent in between
         ready_ms = round((time.perf_counter() - t) * 1000, 3)
-        await self._reply(p.Ack(of="layout", ok=True, detail={"ready_ms": ready_ms}))
+        await self._reply(p.Ack(of=p.Acked.LAYOUT, ok=True, ready_ms=ready_ms))
         send_q, recv_q = trio.open_memory_channel(APPLY_QUEUE)
         try:
             async with trio.open_nursery() as nursery:
@@ -207,10 +207,10 @@ class DestinationMigration:
             elif isinstance(event, p.Zero):
                 await queue.send((event.round, list(event.runs), None))
             elif isinstance(event, p.RoundEnd):
-                self.rounds.append({"round": event.round, **dict(event.stats)})
-                if not event.stats.get("final"):  # the source waits until the round is applied
+                self.rounds.append({"round": event.round, "pages": event.pages, "final": event.final})
+                if not event.final:  # the source waits until the round is applied
                     await self._drain(queue)
-                    await self._reply(p.Ack(of="round", ok=True, detail={"round": event.round}))
+                    await self._reply(p.Ack(of=p.Acked.ROUND, ok=True, round=event.round))
             elif isinstance(event, p.Freeze):
                 freeze_at = time.perf_counter()
             elif isinstance(event, p.Digest):
@@ -223,7 +223,7 @@ class DestinationMigration:
                 self.parts["resume"] = (time.perf_counter() - t) * 1000
                 if freeze_at is not None:
                     self.parts["since_freeze"] = (time.perf_counter() - freeze_at) * 1000
-                await self._reply(p.Ack(of="commit", ok=True, detail={"resume_ms": self.parts["resume"]}))
+                await self._reply(p.Ack(of=p.Acked.COMMIT, ok=True, timings_ms={"resume": self.parts["resume"]}))
                 self.log(f"resumed guest pid {self.dst.pid}, control {self.guest.control}")
                 return
             elif isinstance(event, p.Abort):
@@ -234,36 +234,33 @@ class DestinationMigration:
     async def _verify(self, digest: p.Digest) -> None:
         """Compare a source digest; after the last one, answer with the self-check's verdict.
 
-        The source marks every digest but the last with ``stats["last"] = False``. The guest's
+        The source marks every digest but the last with ``last=False``. The guest's
         own work (its region digest for ``--verify full``, then its self-check) starts as soon
         as the page digest has arrived, so it overlaps the source hashing its frozen region.
         The self-check is shallow (control block, version table, headers: ~15 ms per GiB): when
         the digests match, the bytes are the source's, so page bodies need no second look;
         restoring an image (``deep_check``) checks them too.
         """
-        if digest.kind == "pages":
+        if digest.kind is p.DigestKind.PAGES:
             t = time.perf_counter()
             if digest.value != self.digests.value():
                 self.failure = self.failure or "page digests differ: a page was corrupted or misapplied"
             self.parts["page_digest"] = (time.perf_counter() - t) * 1000
-            self._inspection = _Job(self._nursery, self._inspect, not digest.stats.get("last", True))
-        elif digest.kind == "region":
+            self._inspection = _Job(self._nursery, self._inspect, not digest.last)
+        else:  # DigestKind.REGION
             if self._inspection is None:
                 raise RemoteProtocolError("region digest before the page digest")
             value, _ = await self._inspection.result()
             if value != digest.value:
                 self.failure = self.failure or "region digests differ: the destination's memory is not the source's"
-        else:
-            raise RemoteProtocolError(f"unknown digest kind {digest.kind!r}")
-        if not digest.stats.get("last", True):
+        if not digest.last:
             return
         _, check = await self._inspection.result()
         if self.failure is None and not check.get("clean"):
             self.failure = f"self-check failed at page {check.get('first_bad_page')}: {check.get('problem')}"
-        detail = {k + "_ms": round(v, 3) for k, v in self.parts.items() if k in ("page_digest", "region_digest", "check")}
-        if self.failure:
-            detail["reason"] = self.failure
-        await self._reply(p.Ack(of="digest", ok=self.failure is None, detail=detail))
+        timings = {k: round(v, 3) for k, v in self.parts.items() if k in ("page_digest", "region_digest", "check")}
+        ack = p.Ack(of=p.Acked.DIGEST, ok=self.failure is None, reason=self.failure or "", timings_ms=timings)
+        await self._reply(ack)
         if self.failure:
             raise MigrationFailed(self.failure)
 

@@ -10,14 +10,14 @@ from ._payload import ZERO_PAGES, Compression, decode_payload, encode_payload
 from ._state import Role, State
 from .connection import NEED_DATA, Connection, ConnectionStats, PendingFrame, PendingPages
 from .events import (
-    DATA_EVENTS, EVENT_TYPES, PROTOCOL_VERSION, Abort, Ack, Auth, Commit, ConnectionClosed, Digest, Event, Fence,
-    Freeze, Hello, Index, IndexEntry, Layout, Pages, RoundEnd, Scalar, Zero,
+    DATA_EVENTS, EVENT_TYPES, PROTOCOL_VERSION, Abort, Ack, Acked, Auth, Commit, ConnectionClosed, Digest, DigestKind,
+    Event, Fence, Freeze, Hello, Index, IndexEntry, Layout, Pages, RoundEnd, Scalar, Zero,
 )
 
 __all__ = [
     "DATA_EVENTS", "DEFAULT_MAX_FRAME", "EVENT_TYPES", "NEED_DATA", "PROTOCOL_VERSION",
-    "Abort", "Ack", "Auth", "Commit", "Compression", "Connection", "ConnectionClosed", "ConnectionStats",
-    "Digest", "Event", "Fence", "Freeze", "Hello", "Index", "IndexEntry", "Layout", "Pages",
+    "Abort", "Ack", "Acked", "Auth", "Commit", "Compression", "Connection", "ConnectionClosed", "ConnectionStats",
+    "Digest", "DigestKind", "Event", "Fence", "Freeze", "Hello", "Index", "IndexEntry", "Layout", "Pages",
     "PendingFrame", "PendingPages", "Role", "RoundEnd", "Scalar", "State", "Zero",
     "ZERO_PAGES", "decode_payload", "encode_payload",
 ]

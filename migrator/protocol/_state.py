@@ -5,11 +5,13 @@ the event (``Role.SOURCE`` or ``Role.DEST``) and its symbol, so a side applies i
 its receives to one table. The two directions are independent byte streams; the tables accept
 every interleaving the flow allows (the destination may Ack or Digest while pages still flow).
 
-Symbols are event type names, plus ``JoinHello`` (a source's Hello that joins an existing session
-as a parallel stream), ``Ack(commit)`` (only after Commit) and ``Closed`` (the peer's clean EOF).
-A ``*`` entry matches any symbol from that sender, for received frames only: they are checked
-(MAC, sequence) and then dropped. That is how stragglers the peer sent before it saw our Abort
-are absorbed.
+Symbols are event type names, refined by the typed fields the flow turns on (``symbol`` makes
+them, from the event's values): ``Ack(layout)`` … ``Ack(commit)`` (``Ack.of``: an Ack of commit,
+and only that, completes COMMITTING, and is allowed nowhere else), ``RoundEnd(final)`` (the
+round after Freeze, the only RoundEnd allowed there), ``JoinHello`` (a source's Hello that joins
+an existing session as a parallel stream), and ``Closed`` (the peer's clean EOF). A ``*`` entry
+matches any symbol from that sender, for received frames only: they are checked (MAC, sequence)
+and then dropped. That is how stragglers the peer sent before it saw our Abort are absorbed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import enum
 
 from ..core.errors import LocalProtocolError
+from .events import Ack, Acked, Event, Hello, RoundEnd
 
 
 class Role(enum.Enum):
@@ -50,10 +53,31 @@ class State(enum.Enum):
 
 S, D = Role.SOURCE, Role.DEST
 ANY = "*"
+FINAL_ROUND_END = "RoundEnd(final)"
 
-_ROUND = ("Pages", "Zero", "RoundEnd", "Digest", "Fence")   # the source, during rounds
-_NOTES = ("Ack", "Digest")                                  # the destination, after Layout
+
+def ack(of: Acked) -> str:
+    """The symbol of an Ack of ``of``."""
+    return f"Ack({of.value})"
+
+
+def symbol(event: Event, sender: Role) -> str:
+    """The symbol ``event`` from ``sender`` has in the tables."""
+    kind = type(event)
+    if kind is Ack:
+        return ack(event.of)
+    if kind is RoundEnd and event.final:
+        return FINAL_ROUND_END
+    if kind is Hello and sender is Role.SOURCE and event.session:
+        return "JoinHello"
+    return kind.__name__
+
+
 _DATA = ("Pages", "Zero")
+_SENT = _DATA + ("Digest", "Fence")                         # the source, in rounds and after Freeze
+# The destination, after Layout: answers to the source's Layout, RoundEnd and Digest (an answer may
+# cross the source's Freeze), and digests of its own. An Ack of commit only after Commit.
+_NOTES = tuple(ack(of) for of in Acked if of is not Acked.COMMIT) + ("Digest",)
 
 
 def _loop(sender: Role, symbols: tuple[str, ...], state: State) -> dict:
@@ -71,14 +95,14 @@ LIVE: Table = {
     State.DEST_HELLO: {(S, "Auth"): State.READY},
     State.READY: {(S, "Layout"): State.PRECOPY, **_ABORTS},
     State.PRECOPY: {
-        **_loop(S, _ROUND, State.PRECOPY), (S, "Freeze"): State.FROZEN,
+        **_loop(S, _SENT + ("RoundEnd",), State.PRECOPY), (S, "Freeze"): State.FROZEN,
         **_loop(D, _NOTES, State.PRECOPY), **_ABORTS,
     },
     State.FROZEN: {
-        **_loop(S, _ROUND, State.FROZEN), (S, "Commit"): State.COMMITTING,
+        **_loop(S, _SENT + (FINAL_ROUND_END,), State.FROZEN), (S, "Commit"): State.COMMITTING,
         **_loop(D, _NOTES, State.FROZEN), **_ABORTS,
     },
-    State.COMMITTING: {(D, "Ack(commit)"): State.DONE, **_loop(D, _NOTES, State.COMMITTING), **_ABORTS},
+    State.COMMITTING: {(D, ack(Acked.COMMIT)): State.DONE, (D, "Digest"): State.COMMITTING, **_ABORTS},
     State.DONE: dict(_EOF_OK),
     State.ABORTED_BY_SOURCE: {(D, ANY): State.ABORTED_BY_SOURCE, (D, "Abort"): State.ABORTED, **_EOF_OK},
     State.ABORTED_BY_DEST: {(S, ANY): State.ABORTED_BY_DEST, (S, "Abort"): State.ABORTED, **_EOF_OK},
@@ -95,8 +119,10 @@ LIVE: Table = {
 RECORDED: Table = {
     State.START: {(S, "Hello"): State.READY},
     State.READY: {(S, "Layout"): State.PRECOPY, (S, "Index"): State.SEALED},
-    State.PRECOPY: {**_loop(S, _ROUND, State.PRECOPY), (S, "Freeze"): State.FROZEN, (S, "Index"): State.SEALED},
-    State.FROZEN: {**_loop(S, _ROUND, State.FROZEN), (S, "Index"): State.SEALED},
+    State.PRECOPY: {
+        **_loop(S, _SENT + ("RoundEnd",), State.PRECOPY), (S, "Freeze"): State.FROZEN, (S, "Index"): State.SEALED,
+    },
+    State.FROZEN: {**_loop(S, _SENT + (FINAL_ROUND_END,), State.FROZEN), (S, "Index"): State.SEALED},
     State.SEALED: dict(_EOF_OK),
     State.CLOSED: {},
     State.ERROR: {},

@@ -2,13 +2,16 @@
 
 Each event type lists its fields and their wire kind. Bulk fields (runs, regions, index entries)
 travel as packed little-endian integers in one msgpack ``bin``, so decoding thousands of runs is a
-few C-level passes rather than a Python loop per run. Decoding accepts exactly the listed fields
-with exactly the listed msgpack types; the event constructors then check the values.
+few C-level passes rather than a Python loop per run. Enums travel as their string values and
+durations as msgpack floats. Decoding accepts exactly the listed fields with exactly the listed
+msgpack types, and only the values an enum defines; the event constructors then check the values.
+Every refusal names the event and the field.
 """
 
 from __future__ import annotations
 
 import array
+import enum
 import struct
 import sys
 from itertools import chain
@@ -19,8 +22,8 @@ from ..core.errors import LocalProtocolError
 from ..core.model import Region
 from ._frames import TYPE_CODES, TYPES
 from .events import (
-    Abort, Ack, Auth, Commit, Digest, Event, Fence, Freeze, Hello, Index, IndexEntry, Layout, Pages,
-    RoundEnd, Zero,
+    Abort, Ack, Acked, Auth, Commit, Digest, DigestKind, Event, Fence, Freeze, Hello, Index, IndexEntry, Layout,
+    Pages, RoundEnd, Zero,
 )
 
 _ENTRY = struct.Struct("<QIIIB")   # offset, length, round, pages, type code
@@ -33,9 +36,9 @@ def _pack_pairs(pairs) -> bytes:
     return packed.tobytes()
 
 
-def _unpack_pairs(name: str, data: bytes) -> tuple[tuple[int, int], ...]:
+def _unpack_pairs(data: bytes) -> tuple[tuple[int, int], ...]:
     if len(data) % 16:
-        raise LocalProtocolError(f"{name}: {len(data)} bytes is not a whole number of 16-byte pairs")
+        raise LocalProtocolError(f"{len(data)} bytes is not a whole number of 16-byte pairs")
     values = array.array("Q")
     values.frombytes(data)
     if sys.byteorder == "big":
@@ -50,29 +53,54 @@ def _pack_entries(entries: tuple[IndexEntry, ...]) -> bytes:
 
 def _unpack_entries(data: bytes) -> tuple[IndexEntry, ...]:
     if len(data) % _ENTRY.size:
-        raise LocalProtocolError(f"entries: {len(data)} bytes is not a whole number of {_ENTRY.size}-byte entries")
+        raise LocalProtocolError(f"{len(data)} bytes is not a whole number of {_ENTRY.size}-byte entries")
     entries = []
     for offset, length, round_, pages, code in _ENTRY.iter_unpack(data):
         if code not in TYPES:
-            raise LocalProtocolError(f"entries: unknown frame type {code}")
+            raise LocalProtocolError(f"unknown frame type {code}")
         entries.append(IndexEntry(offset=offset, length=length, kind=TYPES[code].__name__, round=round_, pages=pages))
     return tuple(entries)
 
 
-# wire kind -> (msgpack type expected, to-wire, from-wire)
+def _enum_kind(kind: type[enum.Enum]) -> tuple:
+    values = {member.value: member for member in kind}
+    known = ", ".join(values)
+
+    def from_wire(value: str) -> enum.Enum:
+        member = values.get(value)
+        if member is None:
+            raise LocalProtocolError(f"unknown value {value[:64]!r}, expected one of {known}")
+        return member
+
+    return str, lambda member: member.value, from_wire
+
+
+def _timings_from_wire(value: dict) -> dict:
+    for key, item in value.items():
+        if type(item) is not float:
+            raise LocalProtocolError(f"{key!r}: {type(item).__name__} on the wire, expected float")
+    return value
+
+
+# wire kind -> (msgpack type expected, to-wire, from-wire); from-wire raises LocalProtocolError
+# with a message that decode_fields prefixes with the event and field name
 _KINDS = {
     "int": (int, None, None),
     "bool": (bool, None, None),
     "str": (str, None, None),
     "bytes": (bytes, None, None),
+    "float": (float, None, None),
     "strs": (list, list, tuple),
     "ints": (list, list, tuple),
     "scalars": (dict, dict, None),
-    "runs": (bytes, _pack_pairs, lambda data: _unpack_pairs("runs", data)),
+    "timings": (dict, dict, _timings_from_wire),
+    "acked": _enum_kind(Acked),
+    "digest_kind": _enum_kind(DigestKind),
+    "runs": (bytes, _pack_pairs, _unpack_pairs),
     "regions": (
         bytes,
         lambda regions: _pack_pairs((r.start, r.length) for r in regions),
-        lambda data: tuple(Region(start, length) for start, length in _unpack_pairs("regions", data)),
+        lambda data: tuple(Region(start, length) for start, length in _unpack_pairs(data)),
     ),
     "entries": (bytes, _pack_entries, _unpack_entries),
 }
@@ -87,11 +115,14 @@ FIELDS: dict[type[Event], tuple[tuple[str, str], ...]] = {
     Layout: (("regions", "regions"), ("page_size", "int"), ("meta", "scalars")),
     Pages: (("round", "int"), ("runs", "runs")),     # the payload travels after the metadata
     Zero: (("round", "int"), ("runs", "runs")),
-    RoundEnd: (("round", "int"), ("stats", "scalars")),
+    RoundEnd: (("round", "int"), ("pages", "int"), ("final", "bool")),
     Freeze: (("round", "int"),),
-    Digest: (("kind", "str"), ("value", "bytes"), ("stats", "scalars")),
+    Digest: (("kind", "digest_kind"), ("value", "bytes"), ("last", "bool")),
     Commit: (),
-    Ack: (("of", "str"), ("ok", "bool"), ("detail", "scalars")),
+    Ack: (
+        ("of", "acked"), ("ok", "bool"), ("reason", "str"), ("round", "int"), ("ready_ms", "float"),
+        ("timings_ms", "timings"),
+    ),
     Abort: (("reason", "str"),),
     Fence: (("frames", "ints"),),
     Index: (("entries", "entries"),),
@@ -134,5 +165,21 @@ def decode_fields(kind: type[Event], meta: bytes) -> dict:
         value = fields[field]
         if type(value) is not wire_type:
             raise LocalProtocolError(f"{name}.{field}: {type(value).__name__} on the wire, expected {wire_type.__name__}")
-        args[field] = from_wire(value) if from_wire else value
+        if from_wire is not None:
+            try:
+                value = from_wire(value)
+            except LocalProtocolError as exc:
+                raise LocalProtocolError(f"{name}.{field}: {exc}") from None
+        args[field] = value
     return args
+
+
+def hello_version(meta: bytes) -> int | None:
+    """The ``version`` of a Hello's metadata, read before anything else of it: a peer of another
+    protocol version may send a Hello of other fields, and is told about the version, not them."""
+    try:
+        fields = msgpack.unpackb(meta, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except (LocalProtocolError, ValueError, TypeError, msgpack.UnpackException):
+        return None
+    version = fields.get("version") if type(fields) is dict else None
+    return version if type(version) is int else None

@@ -5,7 +5,7 @@
     conn = Connection(Role.DEST, token=token)
     while (event := conn.next_event()) is NEED_DATA:
         conn.receive_data(await stream.receive_some())
-    await stream.send_all(conn.send(Ack(of="digest", ok=True)))
+    await stream.send_all(conn.send(Ack(of=Acked.DIGEST, ok=True)))
 
 Errors: misuse raises ``LocalProtocolError`` from ``send``/``send_deferred`` and the constructors;
 bad peer data raises ``RemoteProtocolError`` from ``next_event`` only (and from
@@ -47,13 +47,13 @@ from ._bounds import LayoutBounds
 from ._buffer import ReceiveBuffer
 from ._frames import (
     CHECKSUM, DEFAULT_MAX_FRAME, F_MAC, F_ZEROS, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
-    Mac, assemble_parts, frame_size, parse_header,
+    Mac, assemble, assemble_parts, frame_size, parse_header,
 )
 from ._payload import ZERO_PAGES, Compression, as_bytes_view, decode_payload, encode_payload, worth_compressing
-from ._state import DATA_STATES, LIVE, RECORDED, Role, State, transition
-from ._wire import decode_fields, encode_meta
+from ._state import DATA_STATES, LIVE, RECORDED, Role, State, symbol, transition
+from ._wire import decode_fields, encode_meta, hello_version
 from .events import (
-    DATA_EVENTS, NONCE_SIZE, PROTOCOL_VERSION, SESSION_ID_SIZE, Abort, Ack, Auth, Commit, ConnectionClosed,
+    DATA_EVENTS, NONCE_SIZE, PROTOCOL_VERSION, SESSION_ID_SIZE, Abort, Auth, Commit, ConnectionClosed,
     Event, Fence, Hello, Index, Layout, Pages, _int, _runs,
 )
 
@@ -177,14 +177,6 @@ class ConnectionStats:
     bytes_received: int
 
 
-def _symbol(event: Event, sender: Role) -> str:
-    if type(event) is Hello and sender is Role.SOURCE and event.session:
-        return "JoinHello"
-    if type(event) is Ack and event.of == "commit":
-        return "Ack(commit)"
-    return type(event).__name__
-
-
 class Connection:
     """One side of one byte stream of a migration session (see the module docstring)."""
 
@@ -241,6 +233,7 @@ class Connection:
         self._decompressor: zstandard.ZstdDecompressor | None = None
         self._frames_sent = 0
         self._frames_received = 0
+        self._refusal = b""
         if join is not None:
             self._join_as_source(join, stream)
 
@@ -330,12 +323,12 @@ class Connection:
             raise LocalProtocolError(f"cannot send {type(event).__name__}: not a protocol event")
         me = self.role
         if type(event) is Hello:
-            symbol = "JoinHello" if me is Role.SOURCE and self._primary is not None else "Hello"
+            sym = "JoinHello" if me is Role.SOURCE and self._primary is not None else "Hello"
         else:
-            symbol = _symbol(event, me)
-        target, _ = transition(self._table, self._state, me, symbol, received=False)
+            sym = symbol(event, me)
+        target, _ = transition(self._table, self._state, me, sym, received=False)
         if self._state is State.DATA:
-            self._check_primary_takes_data(symbol)
+            self._check_primary_takes_data(sym)
         integrity = self._out
         if type(event) is Hello:
             event = self._fill_hello(event)
@@ -552,6 +545,8 @@ class Connection:
     def _process(self, header: Header, meta: bytes, body: bytes, payload_tag: bytes, where: str):
         kind = header.kind
         name = kind.__name__
+        if kind is Hello and self._state in _HANDSHAKE_STATES:   # before the fields: another version's differ
+            self._check_version(hello_version(meta))
         fields = decode_fields(kind, meta)
         try:
             if kind is Pages:
@@ -563,14 +558,14 @@ class Connection:
         except LocalProtocolError as exc:
             raise LocalProtocolError(f"invalid {name} in {where}: {exc}") from None
         peer = self.role.peer
-        symbol = _symbol(event, peer) if event is not None else "Pages"
-        target, drop = transition(self._table, self._state, peer, symbol, received=True)
+        sym = symbol(event, peer) if event is not None else "Pages"
+        target, drop = transition(self._table, self._state, peer, sym, received=True)
         self._frames_received += 1
         if drop:
             self._state = target
             return None
         if self._state is State.DATA:
-            if self._check_joined_data(symbol, where):
+            if self._check_joined_data(sym, where):
                 return None
         if kind in DATA_EVENTS:
             bounds = self._require_bounds()
@@ -625,9 +620,31 @@ class Connection:
             # data frames of parallel streams sent before this are counted by the last Fence
             self._data_limit = self._fence or (0,) * self._streams
 
+    def _check_version(self, version: int | None) -> None:
+        """Refuse a Hello of another protocol version (None: unreadable, left to the decoder).
+
+        A live destination keeps a Hello of its own for the transport to send before it closes
+        (``version_refusal``): the peer checks the version of a Hello first, so even an older
+        migrator then reports the mismatch, where it would otherwise see a dropped connection.
+        """
+        if version is None or version == PROTOCOL_VERSION:
+            return
+        if self.recorded:
+            raise LocalProtocolError(f"the image was recorded with protocol version {version}; "
+                                     f"this migrator reads version {PROTOCOL_VERSION} only")
+        if self.role is Role.DEST and self._send_seq == 0:
+            hello = Hello(nonce=os.urandom(NONCE_SIZE), session=os.urandom(SESSION_ID_SIZE))
+            self._refusal = assemble(TYPE_CODES[Hello], 0, 0, encode_meta(hello), b"", CHECKSUM)
+        raise LocalProtocolError(f"peer speaks protocol version {version}; this side speaks {PROTOCOL_VERSION} "
+                                 "(run the same migrator version on both sides)")
+
+    def version_refusal(self) -> bytes:
+        """After ``next_event`` refused the peer's Hello for its protocol version: a Hello frame
+        of this side's version, to send before closing so that the peer can say what is wrong.
+        ``b""`` if there is none (not a live destination, or no such refusal)."""
+        return self._refusal
+
     def _receive_hello(self, hello: Hello, where: str) -> None:
-        if hello.version != PROTOCOL_VERSION:
-            raise LocalProtocolError(f"peer speaks protocol version {hello.version}; this side speaks {PROTOCOL_VERSION}")
         if hello.recorded != (self.recorded and self.role is Role.DEST):
             raise LocalProtocolError("a recorded image where a live peer was expected" if hello.recorded
                                      else "a live stream where a recorded image was expected")

@@ -11,10 +11,17 @@ Who sends what (the full rules are the state tables in ``_state``)::
 
 ``Fence`` is the transport's ordering marker for parallel streams and ``Index`` ends a recorded
 stream (a checkpoint image); engines never see either.
+
+Whatever a side acts on is a typed field: ``RoundEnd.final``, ``Digest.kind`` and ``.last``,
+``Ack.of``, ``.ok``, ``.reason``, ``.round`` and ``.ready_ms``; the state tables key on
+``Ack.of`` and ``RoundEnd.final`` too. The one open mapping of a session event,
+``Ack.timings_ms``, holds measurements the source only reports.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -22,7 +29,7 @@ from types import MappingProxyType
 from ..core.errors import LocalProtocolError
 from ..core.model import PAGE_SIZE, Region, Run
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2    # 2: typed control fields (RoundEnd.final, Digest.last, Ack.of …)
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
@@ -30,10 +37,27 @@ MAX_NAME = 256          # event kinds, feature names, mapping keys
 MAX_TEXT = 64 * 1024    # reasons, string values
 MAX_ENTRIES = 4096      # entries of a scalar mapping
 MAX_DIGEST = 64         # bytes of a digest value
+MAX_TIMINGS = 64        # entries of Ack.timings_ms
 NONCE_SIZE = 16
 SESSION_ID_SIZE = 16
 
 Scalar = int | float | str | bool | None
+
+
+class Acked(enum.Enum):
+    """What an ``Ack`` answers (the value is its wire form)."""
+
+    LAYOUT = "layout"    # the restore guest is ready: round 0 may start
+    ROUND = "round"      # every page of a pre-copy round is applied
+    DIGEST = "digest"    # the verdict on the last Digest (and the self-check)
+    COMMIT = "commit"    # the destination guest runs: the session is done
+
+
+class DigestKind(enum.Enum):
+    """What a ``Digest`` covers (the value is its wire form)."""
+
+    PAGES = "pages"      # the per-page digest table of every page sent
+    REGION = "region"    # the guest region as a whole, hashed in place (``--verify full``)
 
 
 class Event:
@@ -60,6 +84,25 @@ def _int(event: str, name: str, value: object, low: int = 0, high: int = U64) ->
 def _bool(event: str, name: str, value: object) -> bool:
     if type(value) is not bool:
         raise _fail(event, name, f"expected a bool, got {type(value).__name__}")
+    return value
+
+
+def _float(event: str, name: str, value: object) -> float:
+    """A finite, non-negative number (an int is taken as the float it equals)."""
+    if type(value) is int:
+        if not 0 <= value <= U64:
+            raise _fail(event, name, f"{value} is outside [0, {U64}]")
+        value = float(value)
+    if type(value) is not float:
+        raise _fail(event, name, f"expected a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise _fail(event, name, f"{value} is not a finite number >= 0")
+    return value
+
+
+def _enum(event: str, name: str, value: object, kind: type[enum.Enum]) -> enum.Enum:
+    if type(value) is not kind:
+        raise _fail(event, name, f"expected {kind.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -102,6 +145,20 @@ def _scalars(event: str, name: str, value: object) -> Mapping[str, Scalar]:
         elif kind not in (float, bool, type(None)):
             raise _fail(event, name, f"{key}: {kind.__name__} is not int/float/str/bool/None")
     return MappingProxyType(dict(value))
+
+
+def _timings(event: str, name: str, value: object) -> Mapping[str, float]:
+    """Named durations in milliseconds, copied (as floats) and made read-only."""
+    if not isinstance(value, Mapping):
+        raise _fail(event, name, f"expected a mapping, got {type(value).__name__}")
+    if len(value) > MAX_TIMINGS:
+        raise _fail(event, name, f"{len(value)} entries, at most {MAX_TIMINGS} allowed")
+    timings = {}
+    for key, item in value.items():
+        if type(key) is not str or not key or len(key) > MAX_NAME:
+            raise _fail(event, name, f"key {key!r} is not a non-empty str of at most {MAX_NAME} characters")
+        timings[key] = _float(event, f"{name}[{key!r}]", item)
+    return MappingProxyType(timings)
 
 
 def _runs(event: str, value: object) -> tuple[Run, ...]:
@@ -284,14 +341,22 @@ class Zero(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RoundEnd(Event):
-    """Every page of round ``round`` has been sent."""
+    """Every page of round ``round`` (``pages`` of them, Pages and Zero) has been sent.
+
+    ``final`` marks the round sent after Freeze: the destination does not acknowledge it (the
+    digests follow), while it answers every other RoundEnd with ``Ack(of=Acked.ROUND)`` once
+    the round is applied. The state tables allow a final RoundEnd only after Freeze, and no
+    other one there.
+    """
 
     round: int
-    stats: Mapping[str, Scalar] = field(default_factory=dict)
+    pages: int = 0
+    final: bool = False
 
     def __post_init__(self) -> None:
         _int("RoundEnd", "round", self.round, 0, U32)
-        _freeze(self, "stats", _scalars("RoundEnd", "stats", self.stats))
+        _int("RoundEnd", "pages", self.pages)
+        _bool("RoundEnd", "final", self.final)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -306,16 +371,20 @@ class Freeze(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Digest(Event):
-    """A digest of what was sent (``kind`` e.g. "pages", "region") for the other side to compare."""
+    """A digest of what was sent, for the other side to compare.
 
-    kind: str
+    ``last`` is False on every digest but the last of the switch-over: the destination gives
+    its verdict (``Ack(of=Acked.DIGEST)``) after the last one only.
+    """
+
+    kind: DigestKind
     value: bytes
-    stats: Mapping[str, Scalar] = field(default_factory=dict)
+    last: bool = True
 
     def __post_init__(self) -> None:
-        _str("Digest", "kind", self.kind)
+        _enum("Digest", "kind", self.kind, DigestKind)
         _bytes("Digest", "value", self.value)
-        _freeze(self, "stats", _scalars("Digest", "stats", self.stats))
+        _bool("Digest", "last", self.last)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -325,16 +394,35 @@ class Commit(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Ack(Event):
-    """The destination's answer to ``of`` ("digest", "commit", …)."""
+    """The destination's answer to ``of``.
 
-    of: str
+    ``reason`` says why, when ``ok`` is False (one line for humans; empty when ok). ``round``
+    is the round acknowledged (``Acked.ROUND`` only). ``ready_ms`` (``Acked.LAYOUT`` only) is
+    the time the destination spent between the Layout and this Ack: the source takes it off the
+    exchange to learn the link's round trip. ``timings_ms`` are the destination's measurements
+    (digests, self-check, resume), reported by the source and never acted on.
+    """
+
+    of: Acked
     ok: bool
-    detail: Mapping[str, Scalar] = field(default_factory=dict)
+    reason: str = ""
+    round: int = 0
+    ready_ms: float = 0.0
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _str("Ack", "of", self.of)
+        _enum("Ack", "of", self.of, Acked)
         _bool("Ack", "ok", self.ok)
-        _freeze(self, "detail", _scalars("Ack", "detail", self.detail))
+        _str("Ack", "reason", self.reason, MAX_TEXT, empty=True)
+        if self.ok and self.reason:
+            raise _fail("Ack", "reason", "given on an Ack that is ok (a reason explains a refusal)")
+        _int("Ack", "round", self.round, 0, U32)
+        if self.round and self.of is not Acked.ROUND:
+            raise _fail("Ack", "round", f"set on an Ack of {self.of.value} (only an Ack of round names one)")
+        _freeze(self, "ready_ms", _float("Ack", "ready_ms", self.ready_ms))
+        if self.ready_ms and self.of is not Acked.LAYOUT:
+            raise _fail("Ack", "ready_ms", f"set on an Ack of {self.of.value} (only an Ack of layout carries it)")
+        _freeze(self, "timings_ms", _timings("Ack", "timings_ms", self.timings_ms))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

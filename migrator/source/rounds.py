@@ -16,6 +16,7 @@ import trio
 
 from .. import protocol as p
 from ..core.deadlines import deadline
+from ..core.errors import MigrationFailed
 from ..core.model import Run
 from ..core.runs import complement, count_pages
 from .attach import AttachedGuest
@@ -63,10 +64,8 @@ class Precopy:
         if not self.sink.acknowledges:
             return
         with deadline(HANDSHAKE_TIMEOUT_S, "waiting for the destination's restore guest"):
-            ack = await self.sink.expect_ack("layout")
-        ready_ms = ack.detail.get("ready_ms")
-        ready_ms = ready_ms if isinstance(ready_ms, (int, float)) and ready_ms >= 0 else 0.0
-        self.rtt_ms = max(0.0, ms(time.perf_counter() - t) - ready_ms)
+            ack = await self.sink.expect_ack(p.Acked.LAYOUT)
+        self.rtt_ms = max(0.0, ms(time.perf_counter() - t) - ack.ready_ms)
         self.estimator.add_fixed(SWITCHOVER_ROUND_TRIPS * self.rtt_ms)
 
     def arm_and_scan(self) -> tuple[list[Run], list[Run]]:
@@ -110,10 +109,12 @@ class Precopy:
     async def _end_round(self, timer: RoundTimer, *, throttle: float) -> list[Run]:
         """Flush, scan what the guest wrote meanwhile, and record the round's statistics."""
         t = time.perf_counter()
-        await self.sink.send(p.RoundEnd(round=timer.number, stats={"pages": timer.dirty_pages}))
+        await self.sink.send(p.RoundEnd(round=timer.number, pages=timer.dirty_pages))
         await self.sink.flush()
         if self.sink.acknowledges:
-            await self.sink.expect_ack("round")
+            ack = await self.sink.expect_ack(p.Acked.ROUND)
+            if ack.round != timer.number:
+                raise MigrationFailed(f"destination acknowledged round {ack.round} at the end of round {timer.number}")
         timer.send_s += time.perf_counter() - t
         duration = time.perf_counter() - timer.started
         t = time.perf_counter()

@@ -98,23 +98,23 @@ class PeerSink(Sink):
                 raise MigrationFailed(f"destination aborted: {event.reason}")
             await self._acks_in.send(event)
 
-    async def expect_ack(self, of: str) -> p.Ack:
+    async def expect_ack(self, of: p.Acked) -> p.Ack:
         """The peer's next Ack, which must answer ``of``; a Digest it sends meanwhile is kept."""
         while True:
             event = await self._acks.receive()
-            if isinstance(event, p.Ack) and event.of == of:
+            if isinstance(event, p.Ack) and event.of is of:
                 return event
             if isinstance(event, p.Digest):
                 self.peer_digest = event
                 continue
-            raise MigrationFailed(f"destination sent {type(event).__name__} while {of} was awaited")
+            raise MigrationFailed(f"destination sent {type(event).__name__} while an Ack of {of.value} was awaited")
 
     async def commit(self) -> p.Ack:
         """Send Commit (the point of no return) and return the peer's answer."""
         self.committed = True
         await self.channel.send(p.Commit())
         await self.channel.flush()
-        return await self.expect_ack("commit")
+        return await self.expect_ack(p.Acked.COMMIT)
 
 
 class ImageSink(Sink):
@@ -137,8 +137,8 @@ class ImageSink(Sink):
             if not sink.sealed:
                 sink.channel.discard()      # nobody to tell: a failed image is never sealed, nor named
 
-    async def expect_ack(self, of: str) -> p.Ack:
-        raise MigratorError(f"an image file acknowledges nothing ({of} was awaited)")
+    async def expect_ack(self, of: p.Acked) -> p.Ack:
+        raise MigratorError(f"an image file acknowledges nothing (an Ack of {of.value} was awaited)")
 
     async def seal(self) -> None:
         await self.channel.aclose()

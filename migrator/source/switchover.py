@@ -57,38 +57,37 @@ async def final_copy(guest: AttachedGuest, sink: Sink, pages: PageStream, digest
     timer = RoundTimer(state.number, count_pages(final))
     t = time.perf_counter()
     await pages.send(timer, final)
-    await sink.send(p.RoundEnd(round=state.number, stats={"pages": timer.dirty_pages, "final": True}))
+    await sink.send(p.RoundEnd(round=state.number, pages=timer.dirty_pages, final=True))
     await sink.flush()
     state.parts["final_send"] = ms(time.perf_counter() - t)
     state.final_pages = timer.dirty_pages
     t = time.perf_counter()
-    await sink.send(p.Digest(kind="pages", value=digests.value(), stats={"last": verify != "full"}))
+    await sink.send(p.Digest(kind=p.DigestKind.PAGES, value=digests.value(), last=verify != "full"))
     if verify == "full":
         h = time.perf_counter()
         await sink.flush()  # the destination starts hashing its side meanwhile
         value = await region_digest_of(guest)
         state.parts["region_digest"] = ms(time.perf_counter() - h)
-        await sink.send(p.Digest(kind="region", value=value))
+        await sink.send(p.Digest(kind=p.DigestKind.REGION, value=value, last=True))
     await sink.flush()
     return t
 
 
 async def commit(sink: PeerSink, state: Switchover, digests_sent_at: float) -> None:
     """Wait for the destination's verdict, then cross the point of no return."""
-    ack = await sink.expect_ack("digest")
+    ack = await sink.expect_ack(p.Acked.DIGEST)
     state.parts["verify"] = ms(time.perf_counter() - digests_sent_at) - state.parts.get("region_digest", 0.0)
-    for key, value in ack.detail.items():
-        if key.endswith("_ms"):
-            state.parts["dest_" + key[:-3]] = float(value)
+    for key, value in ack.timings_ms.items():
+        state.parts["dest_" + key] = value
     if not ack.ok:
-        raise MigrationFailed(f"destination refused the copy: {ack.detail.get('reason', 'verification failed')}")
+        raise MigrationFailed(f"destination refused the copy: {ack.reason or 'verification failed'}")
     state.verified = True
     # ---- point of no return: from here the source guest never resumes ----
     t = time.perf_counter()
     ack = await sink.commit()
     state.parts["commit"] = ms(time.perf_counter() - t)
     if not ack.ok:
-        raise MigrationFailed(f"destination failed to resume: {ack.detail.get('reason', '?')}")
+        raise MigrationFailed(f"destination failed to resume: {ack.reason or '?'}")
     state.downtime_ms = ms(time.perf_counter() - state.freeze_at)
 
 

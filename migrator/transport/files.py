@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import trio
 
 from ..core.errors import ImageError, RemoteProtocolError, TransportError
-from ..protocol import Connection, ConnectionClosed, Event, Hello, Index, IndexEntry, Role
+from ..protocol import DATA_EVENTS, Connection, ConnectionClosed, Event, Hello, Index, IndexEntry, Role
 from ._link import ChannelStats, Counters, Link
 from ._receivers import DirectReceiver
 from ._sender import Sender
@@ -135,7 +135,7 @@ class FileWriter:
         self._entries.append(
             IndexEntry(
                 offset=self._offset, length=length, kind=type(event).__name__,
-                round=getattr(event, "round", 0), pages=getattr(event, "pages", 0),
+                round=getattr(event, "round", 0), pages=event.pages if type(event) in DATA_EVENTS else 0,
             )
         )
         self._offset += length

@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from ..core.errors import MigratorError, TransportError
+from ..core.errors import MigratorError, RemoteProtocolError, TransportError
 from ..core.failures import leaf_exceptions
-from ..protocol import ZERO_PAGES, Auth, Connection, Hello, Role
+from ..protocol import PROTOCOL_VERSION, ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._link import Counters, Link
 from ._tls_stream import TLSStream
@@ -114,7 +114,8 @@ async def _source_handshake(link: Link, hello: Hello) -> None:
         await _expect(link, Hello)
     except TransportError as exc:
         wants = "a token" if isinstance(link.stream, TLSStream) else "a token, or TLS"
-        raise TransportError(f"{exc}; the destination dropped our Hello (does it want {wants}?)") from exc
+        raise TransportError(f"{exc}; the destination dropped our Hello (does it want {wants}, "
+                             f"or speak a protocol version older than {PROTOCOL_VERSION}?)") from exc
     await link.write(link.conn.send(Auth()))
 
 
@@ -126,6 +127,17 @@ async def _expect(link: Link, kind: type) -> None:
 
 
 # --- destination -----------------------------------------------------------------------------
+
+
+async def _refuse_version(link: Link) -> None:
+    """A source of another protocol version gets our Hello before we close (best effort): it
+    reports the two versions itself, even an older migrator, rather than a dropped Hello."""
+    refusal = link.conn.version_refusal()
+    if refusal:
+        try:
+            await link.write(refusal)
+        except TransportError:
+            pass   # the peer is gone already; our own log line names the versions
 
 
 class _Gathering:
@@ -185,7 +197,11 @@ class Acceptor:
                     stream = TLSStream(stream, self._tls, server_side=True)
                     await tls_handshake(stream, peer)
                 link = Link(0, stream, conn, peer, counters)
-                await _expect(link, Hello)
+                try:
+                    await _expect(link, Hello)
+                except RemoteProtocolError:
+                    await _refuse_version(link)
+                    raise
                 reply = conn.send(Hello(features=FEATURES))
                 if conn.stream:
                     await link.write(reply)

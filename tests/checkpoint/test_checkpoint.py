@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -146,6 +147,11 @@ def _damage(base, how: str) -> tuple[str, str]:
     if how == "corrupted table":
         _flip_byte(c2.table_path, 8)
         return c2.table_path, "corrupted"
+    if how == "older format":    # as an image taken by a migrator of protocol version 1 says
+        manifest = os.path.join(c2.path, "image.json")
+        with open(manifest, "w") as f:
+            json.dump(dict(c2.manifest, format="migrator-image/1"), f)
+        return manifest, "image format 'migrator-image/1'; this migrator reads 'migrator-image/2' only"
     raise AssertionError(how)
 
 
@@ -163,7 +169,7 @@ def _live_guests(control_dir: str) -> list[str]:
     return alive
 
 
-@pytest.mark.parametrize("how", ["corrupted byte", "truncated", "missing parent", "corrupted table"])
+@pytest.mark.parametrize("how", ["corrupted byte", "truncated", "missing parent", "corrupted table", "older format"])
 async def test_bad_images_are_refused_and_nothing_resumes(chain_dir, how, sockdir):
     path, pattern = _damage(chain_dir, how)
     control_dir = os.path.join(sockdir, "restore")

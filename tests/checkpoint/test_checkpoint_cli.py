@@ -65,6 +65,18 @@ def test_checkpoint_incremental_inspect_restore_commands(sockdir, tmp_path):
         client.quit()
 
 
+def test_an_image_of_an_older_format_is_refused_in_one_line(tmp_path):
+    image = tmp_path / "old"
+    image.mkdir()
+    (image / "image.json").write_text(json.dumps({"format": "migrator-image/1", "id": "x", "kind": "full"}))
+    for command in (["inspect", str(image)], ["restore", "--dir", str(image)]):
+        result = migrator(*command)
+        assert result.returncode == 1
+        assert result.stderr.strip() == (f"migrator: ImageError: {image / 'image.json'}: image format 'migrator-image/1'; "
+                                         "this migrator reads 'migrator-image/2' only (the image was taken by another "
+                                         "migrator version: restore it with that one)")
+
+
 def test_inspect_names_a_missing_image(tmp_path):
     result = migrator("inspect", str(tmp_path / "nothing"))
     assert result.returncode == 1

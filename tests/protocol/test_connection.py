@@ -1,16 +1,17 @@
 """Connection: the migration flow, the state table, authentication, parallel streams, images."""
 
 import os
+import re
 
 import pytest
 import zstandard
 
 from migrator.core.errors import LocalProtocolError, RemoteProtocolError
 from migrator.protocol import (
-    NEED_DATA, Abort, Ack, Auth, Commit, Connection, ConnectionClosed, Digest, Fence, Freeze, Hello, Index,
-    IndexEntry, Pages, PendingPages, Role, RoundEnd, State, Zero,
+    NEED_DATA, Abort, Ack, Acked, Auth, Commit, Connection, ConnectionClosed, Digest, DigestKind, Fence, Freeze,
+    Hello, Index, IndexEntry, Pages, PendingPages, Role, RoundEnd, State, Zero,
 )
-
+from migrator.protocol._state import LIVE, ack, symbol
 from migrator.protocol._wire import encode_meta
 
 from .helpers import LAYOUT, PS, TOKEN, D, S, ConnectionPair, craft, drain
@@ -27,12 +28,14 @@ def test_full_migration_flow(token):
     p = ConnectionPair(token=token)
     p.open()
     assert p.conn[S].authenticated is (token is not None) and p.conn[D].authenticated is (token is not None)
-    p.send(S, [pages(), Zero(round=0, runs=((BASE + 8 * PS, 4),)), RoundEnd(round=0, stats={"pages": 6})])
-    p.send(D, Ack(of="round", ok=True))
-    p.send(S, [Freeze(round=1), pages(BASE + PS, 1, b"q"), RoundEnd(round=1), Digest(kind="pages", value=b"d" * 16)])
-    p.send(D, [Digest(kind="pages", value=b"d" * 16), Ack(of="digest", ok=True, detail={"check_ms": 1.5})])
+    p.send(D, Ack(of=Acked.LAYOUT, ok=True, ready_ms=0.25))
+    p.send(S, [pages(), Zero(round=0, runs=((BASE + 8 * PS, 4),)), RoundEnd(round=0, pages=6)])
+    p.send(D, Ack(of=Acked.ROUND, ok=True, round=0))
+    p.send(S, [Freeze(round=1), pages(BASE + PS, 1, b"q"), RoundEnd(round=1, pages=1, final=True),
+               Digest(kind=DigestKind.PAGES, value=b"d" * 16, last=False), Digest(kind=DigestKind.REGION, value=b"r")])
+    p.send(D, [Digest(kind=DigestKind.PAGES, value=b"d" * 16), Ack(of=Acked.DIGEST, ok=True, timings_ms={"check": 1.5})])
     p.send(S, Commit())
-    p.send(D, Ack(of="commit", ok=True))
+    p.send(D, Ack(of=Acked.COMMIT, ok=True, timings_ms={"resume": 0.5}))
     assert p.conn[S].state is p.conn[D].state is State.DONE
     p.conn[D].receive_data(b"")
     assert drain(p.conn[D]) == [ConnectionClosed(expected=True)]
@@ -74,13 +77,93 @@ def test_ack_commit_only_after_commit_and_nothing_after_abort():
     p = ConnectionPair()
     p.open()
     with pytest.raises(LocalProtocolError, match=r"Ack\(commit\) from dest is not allowed in state PRECOPY"):
-        p.conn[D].send(Ack(of="commit", ok=True))
+        p.conn[D].send(Ack(of=Acked.COMMIT, ok=True))
     p = ConnectionPair()
     p.open()
     p.send(D, Abort(reason="disk full"))
     assert p.conn[S].state is State.ABORTED_BY_DEST
     with pytest.raises(LocalProtocolError, match="after the session was aborted"):
         p.conn[S].send(pages())
+
+
+def in_state(state: State, **kwargs) -> ConnectionPair:
+    """A pair with both sides in PRECOPY, FROZEN or COMMITTING (the destination sent only its Hello)."""
+    p = ConnectionPair(**kwargs)
+    p.open()
+    if state in (State.FROZEN, State.COMMITTING):
+        p.send(S, Freeze(round=1))
+    if state is State.COMMITTING:
+        p.send(S, Commit())
+    assert p.conn[S].state is p.conn[D].state is state
+    return p
+
+
+@pytest.mark.parametrize("of", list(Acked))
+@pytest.mark.parametrize("state", [State.PRECOPY, State.FROZEN, State.COMMITTING])
+def test_the_table_acts_on_what_an_ack_answers(state, of):
+    """Answers to Layout, RoundEnd and Digest before Commit; an Ack of commit, and only that, after
+    it, where it completes the session."""
+    allowed = of is Acked.COMMIT if state is State.COMMITTING else of is not Acked.COMMIT
+    event = Ack(of=of, ok=True)
+    p = in_state(state)
+    if allowed:
+        p.send(D, event)
+        assert p.conn[S].state is p.conn[D].state is (State.DONE if of is Acked.COMMIT else state)
+        return
+    words = re.escape(f"Ack({of.value}) from dest is not allowed in state {state.value}")
+    with pytest.raises(LocalProtocolError, match=words):
+        p.conn[D].send(event)
+    p = in_state(state)
+    p.conn[S].receive_data(craft(Ack, encode_meta(event), seq=1))
+    with pytest.raises(RemoteProtocolError, match=words):
+        drain(p.conn[S])
+    assert p.conn[S].state is State.ERROR
+
+
+def test_an_ack_of_round_does_not_complete_committing():
+    p = in_state(State.COMMITTING)
+    p.conn[S].receive_data(craft(Ack, encode_meta(Ack(of=Acked.ROUND, ok=True, round=1)), seq=1))
+    with pytest.raises(RemoteProtocolError, match=r"Ack\(round\) from dest is not allowed in state COMMITTING"):
+        drain(p.conn[S])
+    assert p.conn[S].state is State.ERROR
+    p = in_state(State.COMMITTING)
+    p.send(D, Ack(of=Acked.COMMIT, ok=False, reason="resume failed"))   # a refusal ends the session too
+    assert p.conn[S].state is State.DONE
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+@pytest.mark.parametrize("state, final", [(State.PRECOPY, True), (State.FROZEN, False)])
+def test_the_final_round_end_comes_after_freeze_and_only_there(state, final, recorded):
+    event = RoundEnd(round=1, pages=1, final=final)
+    words = re.escape(f"{symbol(event, S)} from source is not allowed in state {state.value}")
+    if recorded:
+        writer = Connection(S, recorded=True)
+        frames = [writer.send(Hello()), writer.send(LAYOUT)]
+        if state is State.FROZEN:
+            frames.append(writer.send(Freeze(round=1)))
+        with pytest.raises(LocalProtocolError, match=words):
+            writer.send(event)
+        reader = Connection(D, recorded=True)
+        reader.receive_data(b"".join(frames) + craft(RoundEnd, encode_meta(event), seq=len(frames)))
+        with pytest.raises(RemoteProtocolError, match=words):
+            drain(reader)
+        return
+    p = in_state(state)
+    with pytest.raises(LocalProtocolError, match=words):
+        p.conn[S].send(event)
+    p = in_state(state)
+    p.conn[D].receive_data(craft(RoundEnd, encode_meta(event), seq=4 if state is State.FROZEN else 3))
+    with pytest.raises(RemoteProtocolError, match=words):
+        drain(p.conn[D])
+    assert p.conn[D].state is State.ERROR
+
+
+def test_symbols_derive_from_the_typed_fields():
+    assert symbol(Ack(of=Acked.COMMIT, ok=True), D) == ack(Acked.COMMIT) == "Ack(commit)"
+    assert symbol(RoundEnd(round=3, final=True), S) == "RoundEnd(final)" and symbol(RoundEnd(round=3), S) == "RoundEnd"
+    assert symbol(Digest(kind=DigestKind.REGION, value=b"", last=False), S) == "Digest"
+    done = [key for key, target in LIVE[State.COMMITTING].items() if target is State.DONE]
+    assert done == [(D, ack(Acked.COMMIT))]
 
 
 def test_frames_in_flight_when_we_abort_are_dropped():
@@ -135,7 +218,7 @@ def test_error_state_after_a_failure_refuses_everything():
     with pytest.raises(RemoteProtocolError, match="failed earlier"):
         p.conn[D].next_event()
     with pytest.raises(LocalProtocolError, match="failed earlier"):
-        p.conn[D].send(Ack(of="x", ok=True))
+        p.conn[D].send(Ack(of=Acked.ROUND, ok=True))
     p.conn[S].send_failed()
     with pytest.raises(LocalProtocolError, match="ERROR"):
         p.conn[S].send(pages())

@@ -4,7 +4,8 @@
 
 Blind mutations mostly stop at the checksum, so a third of the inputs are built behind it:
 frames with valid tags around random or mutated metadata and payloads, which reach the
-msgpack decoder, the field checks, the state table, the bounds check and zstd.
+msgpack decoder, the field checks (some with exactly an event's fields, so that enum values and
+field types are what is wrong), the state table, the bounds check and zstd.
 """
 
 import random
@@ -14,10 +15,11 @@ import zstandard
 
 from migrator.core.errors import RemoteProtocolError
 from migrator.protocol import (
-    NEED_DATA, ZERO_PAGES, Auth, Connection, ConnectionClosed, Digest, Fence, Freeze, Hello, Pages, PendingPages, RoundEnd,
-    Zero,
+    NEED_DATA, ZERO_PAGES, Ack, Auth, Connection, ConnectionClosed, Digest, DigestKind, Fence, Freeze, Hello, Pages,
+    PendingPages, RoundEnd, Zero,
 )
-from migrator.protocol._frames import F_ZEROS, F_ZSTD, TYPE_CODES
+from migrator.protocol._frames import F_ZEROS, F_ZSTD, TYPE_CODES, TYPES
+from migrator.protocol._wire import FIELDS
 
 from .helpers import LAYOUT, PS, D, S, craft
 
@@ -41,11 +43,13 @@ def _prefix_and_stream():
         s.send(Pages(round=0, runs=((BASE, 2), (BASE + 8 * PS, 1)), payload=(b"text-like " * PS)[: 3 * PS])),
         s.send(Zero(round=0, runs=((BASE + 4 * PS, 3),))),
         s.send(Fence(frames=(2, 0))),
-        s.send(RoundEnd(round=0, stats={"pages": 6, "rate": 1.5, "tracker": "x", "final": False, "none": None})),
+        s.send(RoundEnd(round=0, pages=6)),
         s.send(Freeze(round=1)),
         s.send(Pages(round=1, runs=((BASE, 1),), payload=random.Random(1).randbytes(PS))),
         s.send(Pages(round=1, runs=((BASE + 16 * PS, 4),), payload=bytes(PS) + b"t" * PS + bytes(2 * PS))),  # ZEROS
-        s.send(Digest(kind="pages", value=b"d" * 16)),
+        s.send(RoundEnd(round=1, pages=6, final=True)),
+        s.send(Digest(kind=DigestKind.PAGES, value=b"d" * 16, last=False)),
+        s.send(Digest(kind=DigestKind.REGION, value=b"r" * 32)),
     ]
     return prefix[0], b"".join(prefix[1:]), flow, len(prefix)
 
@@ -86,17 +90,22 @@ def _mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(data)
 
 
-def _random_meta(rng: random.Random) -> bytes:
-    choice = rng.randrange(4)
+VALUES = [0, -1, 1 << 63, (1 << 64) - 1, 2.5, -0.5, float("nan"), float("inf"), "x", "", b"", b"\0" * 16, True, False,
+          None, [], {}, [1, 2], {"a": 1}, {"check": 1.5}, {"check": 1}, "pages", "region", "layout", "round", "digest",
+          "commit", "COMMIT", b"commit", BASE.to_bytes(8, "little") + (1).to_bytes(8, "little"), msgpack.ExtType(3, b"e")]
+
+
+def _random_meta(rng: random.Random, code: int) -> bytes:
+    choice = rng.randrange(5)
     if choice == 0:
         return rng.randbytes(rng.randint(0, 40))
-    values = [0, -1, 1 << 63, (1 << 64) - 1, 2.5, "x", "", b"", b"\0" * 16, True, None, [], {}, [1, 2], {"a": 1},
-              BASE.to_bytes(8, "little") + (1).to_bytes(8, "little"), msgpack.ExtType(3, b"e")]
-    fields = ["round", "runs", "stats", "kind", "value", "of", "ok", "detail", "reason", "frames", "regions",
-              "page_size", "meta", "entries", "proof"]
-    meta = {rng.choice(fields): rng.choice(values) for _ in range(rng.randint(0, 4))}
+    names = sorted({name for spec in FIELDS.values() for name, _ in spec})
+    meta = {rng.choice(names): rng.choice(VALUES) for _ in range(rng.randint(0, 4))}
     if choice == 1:
-        meta = {"round": rng.choice([0, 1, -1, "0"]), "runs": rng.choice(values)}
+        meta = {"round": rng.choice([0, 1, -1, "0"]), "runs": rng.choice(VALUES)}
+    elif choice == 4:   # exactly the fields of the frame's type (or of a control event), any values
+        kind = TYPES.get(code) if code in TYPES and rng.random() < 0.5 else rng.choice([RoundEnd, Digest, Ack])
+        meta = {name: rng.choice(VALUES) for name, _ in FIELDS[kind]}
     packed = msgpack.packb(meta, use_bin_type=True)
     return _mutate(rng, packed) if choice == 3 else packed
 
@@ -123,7 +132,7 @@ def _crafted(rng: random.Random) -> bytes:
         else:
             body = raw if rng.random() < 0.7 else raw[: rng.randrange(len(raw))]
     else:
-        meta = _random_meta(rng)
+        meta = _random_meta(rng, code)
         if rng.random() < 0.1:
             body = rng.randbytes(rng.randint(1, 64))
     return craft(code, meta, seq=FIRST_SEQ + rng.choice([0, 0, 0, 1, -1]), body=body, flags=flags)
@@ -194,5 +203,5 @@ def test_fuzz_corpus_is_valid_before_mutation():
     events = []
     while (event := conn.next_event()) is not NEED_DATA:
         events.append(type(event).__name__)
-    assert events == ["Pages", "Zero", "Fence", "RoundEnd", "Freeze", "Pages", "Pages", "Digest"]
+    assert events == ["Pages", "Zero", "Fence", "RoundEnd", "Freeze", "Pages", "Pages", "RoundEnd", "Digest", "Digest"]
     assert FLOW[6][5] & F_ZEROS    # the header's flags byte: the zero pages were left out

@@ -7,9 +7,11 @@ import zstandard
 from migrator.core.errors import RemoteProtocolError
 from migrator.core.errors import LocalProtocolError
 from migrator.core.model import Region
-from migrator.protocol import Ack, Connection, Hello, Layout, Pages, Role, State, Zero
+from migrator.protocol import (
+    PROTOCOL_VERSION, Ack, Acked, Connection, Digest, DigestKind, Hello, Layout, Pages, Role, RoundEnd, State, Zero,
+)
 from migrator.protocol._frames import F_ZSTD, HEADER, Mac
-from migrator.protocol._wire import encode_meta
+from migrator.protocol._wire import decode_fields, encode_meta
 
 from .helpers import LAYOUT, PS, TOKEN, D, S, ConnectionPair, craft, drain
 
@@ -84,12 +86,56 @@ def test_wrong_frame_version_magic_type_flags_and_reserved_byte():
     refuses(p.conn[D], craft(99, b"\x80", seq=3), "unknown frame type 99")
 
 
-def test_wrong_protocol_version_in_hello():
-    d = Connection(D)
-    fields = {"version": 9, "page_size": 4096, "features": [], "streams": 1, "auth": False, "recorded": False,
-              "nonce": b"n" * 16, "session": b"", "stream": 0, "proof": b""}
-    refuses(d, craft(Hello, fields, seq=0),
-            "peer speaks protocol version 9; this side speaks 1")
+HELLO_FIELDS = {"version": 1, "page_size": 4096, "features": [], "streams": 1, "auth": False, "recorded": False,
+                "nonce": b"n" * 16, "session": b"", "stream": 0, "proof": b""}
+
+
+@pytest.mark.parametrize("fields", [
+    HELLO_FIELDS,                                       # a version-1 source: the same Hello fields
+    dict(HELLO_FIELDS, version=9, extra=[1, 2]),        # a newer one, whose Hello has other fields
+    {"version": 0},
+])
+def test_a_hello_of_another_protocol_version_is_refused_by_its_version(fields):
+    version = fields["version"]
+    error = refuses(Connection(D), craft(Hello, fields, seq=0),
+                    f"peer speaks protocol version {version}; this side speaks {PROTOCOL_VERSION}")
+    assert "\n" not in str(error)
+    s = Connection(S)
+    s.send(Hello())
+    s.receive_data(craft(Hello, dict(fields, nonce=b"n" * 16, session=b"s" * 16), seq=0))
+    with pytest.raises(RemoteProtocolError, match=f"peer speaks protocol version {version}; this side speaks 2"):
+        drain(s)
+
+
+def test_a_destination_answers_another_version_with_its_own_hello():
+    """What lets an older source say what is wrong: it checks a Hello's version first, so the
+    destination's refusal is a Hello of protocol version 2 and nothing more (no proof, even with
+    a token)."""
+    d = Connection(D, token=TOKEN)
+    refuses(d, craft(Hello, dict(HELLO_FIELDS, auth=True), seq=0), "peer speaks protocol version 1")
+    refusal = d.version_refusal()
+    header = HEADER.unpack_from(refusal)
+    assert header[2] == 1 and header[7] == 0           # a Hello, sequence number 0
+    meta = refusal[HEADER.size : HEADER.size + header[5]]
+    fields = decode_fields(Hello, meta)
+    assert fields["version"] == PROTOCOL_VERSION == 2 and fields["proof"] == b"" and len(fields["nonce"]) == 16
+    # a version-2 source in its place would read it as a valid Hello: the frame and its checksum hold
+    s = Connection(S)
+    s.send(Hello())
+    s.receive_data(refusal)
+    assert drain(s)[0].version == 2
+    assert Connection(D).version_refusal() == b""      # nothing refused, nothing to send
+    good = Connection(D)
+    good.receive_data(Connection(S).send(Hello()))
+    drain(good)
+    assert good.version_refusal() == b""
+
+
+def test_an_image_of_another_protocol_version_is_refused_by_its_version():
+    reader = Connection(D, recorded=True)
+    error = refuses(reader, craft(Hello, dict(HELLO_FIELDS, recorded=True), seq=0),
+                    "the image was recorded with protocol version 1; this migrator reads version 2 only")
+    assert "\n" not in str(error) and reader.version_refusal() == b""
 
 
 def test_layout_page_size_must_match_the_hello():
@@ -170,6 +216,69 @@ def test_malformed_metadata(meta, words):
     refuses(p.conn[D], craft(Zero, meta, seq=3), words)
 
 
+@pytest.mark.parametrize(
+    "kind, fields, words",
+    [
+        (RoundEnd, {"round": 0, "pages": 1, "final": 1}, "RoundEnd.final: int on the wire, expected bool"),
+        (RoundEnd, {"round": 0, "pages": "1", "final": False}, "RoundEnd.pages: str on the wire, expected int"),
+        (RoundEnd, {"round": 0, "pages": -1, "final": False}, "RoundEnd.pages: -1 is outside"),
+        (RoundEnd, {"round": 0, "stats": {"final": True}},     # a version-1 RoundEnd
+         r"RoundEnd: metadata fields missing \['final', 'pages'\], unexpected \['stats'\]"),
+        (Digest, {"kind": "bogus", "value": b"v", "last": True},
+         "Digest.kind: unknown value 'bogus', expected one of pages, region"),
+        (Digest, {"kind": "PAGES", "value": b"v", "last": True}, "Digest.kind: unknown value 'PAGES'"),
+        (Digest, {"kind": "x" * 5000, "value": b"v", "last": True}, "Digest.kind: unknown value 'x{64}', expected"),
+        (Digest, {"kind": 1, "value": b"v", "last": True}, "Digest.kind: int on the wire, expected str"),
+        (Digest, {"kind": b"pages", "value": b"v", "last": True}, "Digest.kind: bytes on the wire, expected str"),
+        (Digest, {"kind": "pages", "value": b"v", "last": None}, "Digest.last: NoneType on the wire, expected bool"),
+    ],
+)
+def test_malformed_control_fields_from_the_source(kind, fields, words):
+    p = opened()
+    refuses(p.conn[D], craft(kind, fields, seq=3), words)
+
+
+ACK = {"of": "round", "ok": True, "reason": "", "round": 0, "ready_ms": 0.0, "timings_ms": {}}
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        (dict(ACK, of="commited"), "Ack.of: unknown value 'commited', expected one of layout, round, digest, commit"),
+        (dict(ACK, of=None), "Ack.of: NoneType on the wire, expected str"),
+        (dict(ACK, ok="yes"), "Ack.ok: str on the wire, expected bool"),
+        (dict(ACK, reason=7), "Ack.reason: int on the wire, expected str"),
+        (dict(ACK, round=2.0), "Ack.round: float on the wire, expected int"),
+        (dict(ACK, of="layout", ready_ms=1), "Ack.ready_ms: int on the wire, expected float"),
+        (dict(ACK, of="layout", ready_ms=-1.0), "Ack.ready_ms: -1.0 is not a finite number"),
+        (dict(ACK, of="layout", ready_ms=float("inf")), "Ack.ready_ms: inf is not a finite number"),
+        (dict(ACK, timings_ms={"check": 1}), "Ack.timings_ms: 'check': int on the wire, expected float"),
+        (dict(ACK, timings_ms={"check": None}), "Ack.timings_ms: 'check': NoneType on the wire, expected float"),
+        (dict(ACK, timings_ms={b"check": 1.0}), "Ack.timings_ms: key b'check' is not a non-empty str"),
+        (dict(ACK, timings_ms={"check": float("nan")}), r"Ack.timings_ms\['check'\]: nan is not a finite number"),
+        (dict(ACK, timings_ms=[1.0]), "Ack.timings_ms: list on the wire, expected dict"),
+        (dict(ACK, reason="but"), "Ack.reason: given on an Ack that is ok"),
+        (dict(ACK, of="digest", round=2), "Ack.round: set on an Ack of digest"),
+        (dict(ACK, ready_ms=3.0), "Ack.ready_ms: set on an Ack of round"),
+        ({"of": "digest", "ok": False, "detail": {"reason": "x"}},      # a version-1 Ack
+         r"Ack: metadata fields missing \['ready_ms', 'reason', 'round', 'timings_ms'\], unexpected \['detail'\]"),
+    ],
+)
+def test_malformed_ack_fields_from_the_destination(fields, words):
+    p = opened()
+    error = refuses(p.conn[S], craft(Ack, fields, seq=1), words)
+    assert "\n" not in str(error)
+
+
+def test_a_wellformed_ack_is_taken_with_its_typed_fields():
+    p = opened()
+    p.conn[S].receive_data(craft(Ack, dict(ACK, of="digest", ok=False, reason="differs", timings_ms={"check": 2.5}), seq=1))
+    assert drain(p.conn[S]) == [Ack(of=Acked.DIGEST, ok=False, reason="differs", timings_ms={"check": 2.5})]
+    p = opened()
+    p.conn[D].receive_data(craft(Digest, {"kind": "region", "value": b"v", "last": False}, seq=3))
+    assert drain(p.conn[D]) == [Digest(kind=DigestKind.REGION, value=b"v", last=False)]
+
+
 def test_run_outside_layout_names_the_run():
     p = opened()
     end = LAYOUT.regions[1].end
@@ -208,7 +317,7 @@ def test_deferred_payload_errors_are_remote_too():
 
 def test_source_side_refuses_bad_destination_frames_too():
     p = opened(TOKEN)
-    frame = bytearray(p.conn[D].send(Ack(of="x", ok=True)))
+    frame = bytearray(p.conn[D].send(Ack(of=Acked.ROUND, ok=True)))
     frame[30] ^= 1
     refuses(p.conn[S], bytes(frame), "fails its MAC")
 

@@ -1,6 +1,7 @@
 """Every event survives the codec unchanged (hypothesis), in each session mode."""
 
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -9,7 +10,8 @@ from hypothesis import strategies as st
 from migrator.core.errors import LocalProtocolError
 from migrator.core.model import Region
 from migrator.protocol import (
-    Abort, Ack, Auth, Commit, Connection, Digest, Fence, Freeze, Hello, Index, IndexEntry, Layout, Pages, RoundEnd, Zero,
+    Abort, Ack, Acked, Auth, Commit, Connection, Digest, DigestKind, Fence, Freeze, Hello, Index, IndexEntry, Layout,
+    Pages, RoundEnd, Zero,
 )
 
 from .helpers import LAYOUT, PS, TOKEN, D, S, ConnectionPair, drain
@@ -21,7 +23,21 @@ scalars = st.one_of(
     st.integers(-(1 << 63), (1 << 64) - 1), st.floats(allow_nan=False), st.text(max_size=40), st.booleans(), st.none()
 )
 mappings = st.dictionaries(names, scalars, max_size=6)
+durations = st.one_of(st.floats(0, 1e12), st.integers(0, 1 << 40))
+timings = st.dictionaries(names, durations, max_size=6)
 rounds = st.integers(0, (1 << 32) - 1)
+counts = st.integers(0, (1 << 64) - 1)
+digests = st.builds(Digest, kind=st.sampled_from(DigestKind), value=st.binary(max_size=64), last=st.booleans())
+
+
+@st.composite
+def acks(draw, of=st.sampled_from([a for a in Acked if a is not Acked.COMMIT])):
+    """Acks with every field their ``of`` allows."""
+    of = draw(of)
+    ok = draw(st.booleans())
+    return Ack(of=of, ok=ok, reason="" if ok else draw(st.text(max_size=200)),
+               round=draw(rounds) if of is Acked.ROUND else 0,
+               ready_ms=draw(durations) if of is Acked.LAYOUT else 0.0, timings_ms=draw(timings))
 
 
 @st.composite
@@ -57,14 +73,11 @@ def pages_events(draw):
 source_events = st.one_of(
     pages_events(),
     st.builds(Zero, round=rounds, runs=runs(max_runs=40)),
-    st.builds(RoundEnd, round=rounds, stats=mappings),
-    st.builds(Digest, kind=names, value=st.binary(max_size=64), stats=mappings),
+    st.builds(RoundEnd, round=rounds, pages=counts),    # pre-copy rounds: made final after Freeze
+    digests,
 )
 fences = st.lists(st.integers(0, (1 << 64) - 1), max_size=3).map(lambda counts: [Fence(frames=(n,)) for n in sorted(counts)])
-dest_events = st.one_of(
-    st.builds(Ack, of=names.filter(lambda s: s != "commit"), ok=st.booleans(), detail=mappings),
-    st.builds(Digest, kind=names, value=st.binary(max_size=64), stats=mappings),
-)
+dest_events = st.one_of(acks(), digests)
 regions = st.lists(st.tuples(st.integers(1, 1 << 20), st.integers(1, 1 << 16)), min_size=0, max_size=8).map(
     lambda spans: tuple(_layout_regions(spans))
 )
@@ -80,15 +93,15 @@ def _layout_regions(spans):
 
 @settings(max_examples=150, deadline=None)
 @given(token=tokens, compress=compressions, events=st.lists(source_events, min_size=1, max_size=6),
-       replies=st.lists(dest_events, max_size=3), fences=fences)
-def test_round_trip_of_session_events(token, compress, events, replies, fences):
+       replies=st.lists(dest_events, max_size=3), fences=fences, commit=acks(st.just(Acked.COMMIT)))
+def test_round_trip_of_session_events(token, compress, events, replies, fences, commit):
     p = ConnectionPair(token=token, compress=compress)
     p.open()
     p.send(S, events + fences)
     p.send(D, replies)
-    p.send(S, [Freeze(round=7)] + events)
+    p.send(S, [Freeze(round=7)] + [replace(e, final=True) if type(e) is RoundEnd else e for e in events])
     p.send(S, Commit())
-    p.send(D, Ack(of="commit", ok=True))
+    p.send(D, commit)
 
 
 @settings(max_examples=60, deadline=None)

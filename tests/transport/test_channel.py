@@ -8,7 +8,7 @@ import trio.testing
 
 from migrator.core.errors import LocalProtocolError, RemoteProtocolError, TransportError
 from migrator.protocol import (
-    Abort, Ack, Commit, Digest, Freeze, Layout, Pages, RoundEnd, Zero,
+    Abort, Ack, Acked, Commit, Digest, DigestKind, Freeze, Layout, Pages, RoundEnd, Zero,
 )
 from migrator.transport import Acceptor, open_source
 
@@ -30,10 +30,10 @@ class Recorder:
                 event = await channel.receive()
                 self.events.append(event)
                 if isinstance(event, Digest):
-                    await channel.send(Ack(of="digest", ok=True))
+                    await channel.send(Ack(of=Acked.DIGEST, ok=True))
                     await channel.flush()
                 elif isinstance(event, Commit):
-                    await channel.send(Ack(of="commit", ok=True))
+                    await channel.send(Ack(of=Acked.COMMIT, ok=True))
                     await channel.flush()
                     return
         except (TransportError, RemoteProtocolError) as exc:
@@ -51,16 +51,16 @@ async def migrate(channel, batches: int, kinds=("text", "random", "zero", "half-
             event = page_batch(i, kind=kinds[(i - i // 4 - 1) % len(kinds)]) if i % 4 else zero_batch(i)  # kinds in turn
             sent.append(event)
             await channel.send(event)
-        sent.append(RoundEnd(round=round_, stats={"batches": batches}))
+        sent.append(RoundEnd(round=round_, pages=batches))
         await channel.send(sent[-1])
-    sent += [Freeze(round=2), Digest(kind="pages", value=b"d" * 16)]
+    sent += [Freeze(round=2), Digest(kind=DigestKind.PAGES, value=b"d" * 16)]
     for event in sent[-2:]:
         await channel.send(event)
     await channel.flush()
-    assert await channel.receive() == Ack(of="digest", ok=True)
+    assert await channel.receive() == Ack(of=Acked.DIGEST, ok=True)
     sent.append(Commit())
     await channel.send(Commit())
-    assert await channel.receive() == Ack(of="commit", ok=True)
+    assert await channel.receive() == Ack(of=Acked.COMMIT, ok=True)
     return sent
 
 

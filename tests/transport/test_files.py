@@ -3,23 +3,26 @@
 import os
 import stat
 
+import msgpack
 import pytest
 import trio
 
 from migrator.core.errors import ImageError
-from migrator.protocol import Digest, Freeze, Pages, RoundEnd
+from migrator.protocol import Digest, DigestKind, Freeze, Hello, Index, IndexEntry, Layout, Pages, RoundEnd
+from migrator.protocol._frames import CHECKSUM, TYPE_CODES, assemble
+from migrator.protocol._wire import encode_meta
 from migrator.transport import open_file_reader, open_file_writer
-from migrator.transport.files import TRAILER
+from migrator.transport.files import TRAILER, TRAILER_MAGIC
 
-from .helpers import LAYOUT, TOKEN, page_batch, zero_batch
+from .helpers import LAYOUT, PS, TOKEN, page_batch, zero_batch
 
 
 def events():
     out = [LAYOUT]
     for i in range(12):
         out.append(zero_batch(i) if i % 5 == 0 else page_batch(i, kind=("text", "random", "zero", "half-zero")[i % 4]))
-    out += [RoundEnd(round=0, stats={"pages": 99}), Freeze(round=1), page_batch(3), RoundEnd(round=1),
-            Digest(kind="pages", value=b"v" * 16)]
+    out += [RoundEnd(round=0, pages=99), Freeze(round=1), page_batch(3), RoundEnd(round=1, pages=1, final=True),
+            Digest(kind=DigestKind.PAGES, value=b"v" * 16)]
     return out
 
 
@@ -48,6 +51,7 @@ async def test_image_round_trip_and_index(tmp_path, token, compress):
     assert kinds[:2] == ["Hello", "Layout"] and kinds[-1] == "Digest"
     assert kinds.count("Pages") == sum(isinstance(e, Pages) for e in events())
     assert sum(e.pages for e in reader.entries if e.kind == "Pages") == sum(e.pages for e in got if isinstance(e, Pages))
+    assert {e.pages for e in reader.entries if e.kind == "RoundEnd"} == {0}, "an entry counts the pages its frame holds"
     end = reader.entries[-1].offset + reader.entries[-1].length
     assert os.path.getsize(path) > end and reader.statistics().bytes_raw_received > 0
 
@@ -136,3 +140,35 @@ async def test_reader_reads_large_images_in_chunks(tmp_path):
     with trio.fail_after(30):
         _, got = await read_all(path)
     assert len(got) == 65 and got[-1] == page_batch(63, pages=64, kind="random")
+
+
+def _version_1_stream() -> bytes:
+    """An image stream as a migrator of protocol version 1 wrote it: a Hello of version 1, then
+    control frames of the version-1 shape (RoundEnd and Digest with their ``stats`` maps)."""
+    v1 = [
+        (Hello, {"version": 1, "page_size": PS, "features": ["zstd"], "streams": 1, "auth": False, "recorded": True,
+                 "nonce": b"n" * 16, "session": b"", "stream": 0, "proof": b""}),
+        (Layout, encode_meta(LAYOUT)),
+        (RoundEnd, {"round": 0, "stats": {"pages": 0}}),
+        (Freeze, {"round": 1}),
+        (RoundEnd, {"round": 1, "stats": {"pages": 0, "final": True}}),
+        (Digest, {"kind": "pages", "value": b"v" * 16, "stats": {"last": True}}),
+    ]
+    frames = []
+    for seq, (kind, fields) in enumerate(v1):
+        meta = fields if isinstance(fields, bytes) else msgpack.packb(fields, use_bin_type=True)
+        frames.append(assemble(TYPE_CODES[kind], 0, seq, meta, b"", CHECKSUM))
+    entries, offset = [], 0
+    for (kind, _), frame in zip(v1, frames):
+        entries.append(IndexEntry(offset=offset, length=len(frame), kind=kind.__name__))
+        offset += len(frame)
+    index = assemble(TYPE_CODES[Index], 0, len(frames), encode_meta(Index(entries=tuple(entries))), b"", CHECKSUM)
+    return b"".join(frames) + index + TRAILER.pack(TRAILER_MAGIC, offset, len(frames))
+
+
+async def test_an_image_of_protocol_version_1_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "old.mgrt"
+    path.write_bytes(_version_1_stream())
+    with pytest.raises(ImageError) as refused:
+        await open_file_reader(str(path), token=None)
+    assert str(refused.value) == f"{path}: the image was recorded with protocol version 1; this migrator reads version 2 only"

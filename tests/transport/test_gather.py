@@ -9,7 +9,7 @@ import trio
 
 from migrator.core.buffers import SizedBufferPool
 from migrator.core.model import Region
-from migrator.protocol import Ack, Digest, Layout, Pages, Zero
+from migrator.protocol import Ack, Acked, Digest, DigestKind, Layout, Pages, Zero
 from migrator.transport import connect, serve
 from migrator.transport._link import (
     GATHER_MIN, KEEPALIVE_IDLE, NOTSENT_LOWAT, USER_TIMEOUT_MS, _is_loopback, _tune_tcp,
@@ -48,7 +48,7 @@ class Destination:
                         self.payloads[index] = event.payload
                 elif isinstance(event, Digest):
                     self.stats = channel.statistics()
-                    await channel.send(Ack(of="digest", ok=True))
+                    await channel.send(Ack(of=Acked.DIGEST, ok=True))
                     await channel.flush()
                     return
         finally:
@@ -62,8 +62,8 @@ async def send_round(address: str, events: list, *, streams: int = 1) -> None:
         for event in events:
             await channel.send(event)
             await channel.send(Zero(round=0, runs=((BASE, 1),)))   # small frames between
-        await channel.send(Digest(kind="pages", value=b"d" * 16))
-        assert await channel.receive() == Ack(of="digest", ok=True)
+        await channel.send(Digest(kind=DigestKind.PAGES, value=b"d" * 16))
+        assert await channel.receive() == Ack(of=Acked.DIGEST, ok=True)
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:0", "unix"])

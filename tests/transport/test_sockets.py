@@ -9,11 +9,22 @@ import pytest
 import trio
 
 from migrator.core.errors import RemoteProtocolError, TransportError
-from migrator.protocol import Ack, Digest, RoundEnd
+from migrator.protocol import (
+    NEED_DATA, PROTOCOL_VERSION, Ack, Acked, Connection, ConnectionClosed, Digest, DigestKind, Hello, Role, RoundEnd,
+)
 from migrator.transport import connect, parse_address, serve
 
 from .helpers import LAYOUT, TOKEN, page_batch, zero_batch
 from .test_channel import Recorder, assert_barrier_order, migrate
+
+
+def drain(conn: Connection) -> list:
+    events = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        events.append(event)
+        if type(event) is ConnectionClosed:
+            return events
+    return events
 
 
 async def start_server(nursery, handler, address="127.0.0.1:0", token=None):
@@ -82,6 +93,42 @@ async def test_server_survives_bad_clients_and_logs_one_line_each(caplog):
     assert recorder.error is None
 
 
+async def test_peers_of_another_protocol_version_are_told_in_one_line(caplog):
+    """A version-1 source gets this destination's Hello before the connection closes: it checks a
+    Hello's version first, so it reports the two versions rather than a dropped Hello (checked
+    against the version-1 code). A destination that drops our Hello, as a version-1 one does,
+    gets a line that names the version as a possible cause."""
+    caplog.set_level(logging.WARNING, logger="migrator.transport")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await start_server(nursery, Recorder())
+            host, port = address.rsplit(":", 1)
+            stream = await trio.open_tcp_stream(host, int(port))
+            old = Connection(Role.SOURCE)
+            await stream.send_all(old.send(Hello(version=1)))
+            while data := await stream.receive_some():
+                old.receive_data(data)
+            old.receive_data(b"")
+            reply, closed = drain(old)
+            assert type(reply) is Hello and reply.version == PROTOCOL_VERSION == 2 and not reply.proof
+            assert closed == ConnectionClosed(expected=False)
+
+            async def drops_the_hello(stream):
+                await stream.receive_some()
+                await stream.aclose()
+
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            nursery.start_soon(trio.serve_listeners, drops_the_hello, listeners)
+            dropping = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            with pytest.raises(TransportError, match="or speak a protocol version older than 2\\?\\)$"):
+                await connect(dropping, token=None)
+            nursery.cancel_scope.cancel()
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith("connection from 127.0.0.1:") and "\n" not in message
+    assert message.endswith("RemoteProtocolError: peer speaks protocol version 1; this side speaks 2 "
+                            "(run the same migrator version on both sides)")
+
+
 async def test_refuses_to_listen_publicly_without_a_token():
     with pytest.raises(TransportError, match="refusing to listen on 0.0.0.0:0 without a token"):
         await serve("0.0.0.0:0", None, token=None)
@@ -124,8 +171,8 @@ async def test_destination_sees_source_ack_flow_with_digest_from_both_sides():
         while True:
             event = await channel.receive()
             if isinstance(event, Digest):
-                await channel.send(Digest(kind="pages", value=b"mine"))
-                await channel.send(Ack(of="digest", ok=False, detail={"reason": "differs"}))
+                await channel.send(Digest(kind=DigestKind.PAGES, value=b"mine"))
+                await channel.send(Ack(of=Acked.DIGEST, ok=False, reason="differs"))
                 await channel.flush()
                 return
 
@@ -136,9 +183,9 @@ async def test_destination_sees_source_ack_flow_with_digest_from_both_sides():
                 await channel.send(LAYOUT)
                 await channel.send(page_batch(1))
                 await channel.send(RoundEnd(round=0))
-                await channel.send(Digest(kind="pages", value=b"yours"))
-                assert await channel.receive() == Digest(kind="pages", value=b"mine")
-                assert await channel.receive() == Ack(of="digest", ok=False, detail={"reason": "differs"})
+                await channel.send(Digest(kind=DigestKind.PAGES, value=b"yours"))
+                assert await channel.receive() == Digest(kind=DigestKind.PAGES, value=b"mine")
+                assert await channel.receive() == Ack(of=Acked.DIGEST, ok=False, reason="differs")
                 with pytest.raises(TransportError, match="closed the connection in state PRECOPY"):
                     await channel.receive()
             nursery.cancel_scope.cancel()

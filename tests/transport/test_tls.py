@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from migrator.core.errors import TransportError
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
-from migrator.protocol import Ack, Connection, Digest, Pages, Role, RoundEnd
+from migrator.protocol import Ack, Acked, Connection, Digest, DigestKind, Pages, Role, RoundEnd
 from harness.faultproxy import FaultProxy, Faults
 from migrator.transport import client_context, connect, serve, server_context
 from migrator.transport._link import NOTSENT_LOWAT, USER_TIMEOUT_MS, Counters, Link
@@ -39,10 +39,10 @@ async def small_migration(channel) -> list:
     for i in range(12):
         sent.append(zero_batch(i) if i % 4 == 0 else page_batch(i, pages=256 if i % 3 else 16,
                                                                 kind=("text", "random")[i % 2]))
-    sent += [RoundEnd(round=0), Digest(kind="pages", value=b"d" * 16)]
+    sent += [RoundEnd(round=0), Digest(kind=DigestKind.PAGES, value=b"d" * 16)]
     for event in sent:
         await channel.send(event)
-    assert await channel.receive() == Ack(of="digest", ok=True)
+    assert await channel.receive() == Ack(of=Acked.DIGEST, ok=True)
     return sent
 
 
@@ -89,9 +89,9 @@ async def test_pages_cross_the_wire_encrypted_only_with_tls(certs, tls):
             port = await nursery.start(proxy.serve)
             async with await connect(f"127.0.0.1:{port}", token=None, compress="none",
                                      tls=certs.client() if tls else None) as channel:
-                for event in (LAYOUT, pages, RoundEnd(round=0), Digest(kind="pages", value=b"x")):
+                for event in (LAYOUT, pages, RoundEnd(round=0), Digest(kind=DigestKind.PAGES, value=b"x")):
                     await channel.send(event)
-                assert await channel.receive() == Ack(of="digest", ok=True)
+                assert await channel.receive() == Ack(of=Acked.DIGEST, ok=True)
             nursery.cancel_scope.cancel()
     assert recorder.events[1] == pages
     wire = bytes(proxy.recordings[0])
@@ -243,7 +243,7 @@ async def test_a_flipped_bit_on_the_wire_fails_the_tls_record_in_one_line(certs)
                     await channel.send(LAYOUT)
                     for i in range(1, 40):
                         await channel.send(page_batch(i, pages=16, kind="random"))
-                    await channel.send(Digest(kind="pages", value=b"x"))
+                    await channel.send(Digest(kind=DigestKind.PAGES, value=b"x"))
                     await channel.receive()
             await recorder.done.wait()
             nursery.cancel_scope.cancel()
