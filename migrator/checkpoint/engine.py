@@ -36,6 +36,7 @@ import xxhash
 
 from ..core.deadlines import deadline
 from ..core.errors import ImageError
+from ..core.files import write_file
 from ..guest.client import GuestClient
 from ..core.model import Run
 from ..core.runs import count_pages, union
@@ -182,8 +183,7 @@ class CheckpointMigration(SourceMigration):
         """Write the digest table and the manifest, then rename the directory into place."""
         scratch = self.pending.scratch
         table = table_bytes(self.digests.table)
-        with open(os.path.join(scratch, TABLE), "wb") as f:
-            f.write(table)
+        write_file(os.path.join(scratch, TABLE), table)
         sent = union([], [run for runs in self._sent for run in runs], self.layout.page_size)
         stats = self.channel.statistics()
         stream_bytes = os.stat(os.path.join(scratch, STREAM)).st_size
@@ -217,8 +217,7 @@ class CheckpointMigration(SourceMigration):
             "rule": self.rule,
             "merged": [],
         }
-        with open(os.path.join(scratch, MANIFEST), "wb") as f:
-            f.write(manifest_bytes(doc))
+        write_file(os.path.join(scratch, MANIFEST), manifest_bytes(doc))
         self.pending.commit()
         self.image = read_image(self.image_dir)
 
