@@ -36,8 +36,7 @@ class Interrupted(Exception):
         self.signum = signum
         line = f"interrupted by {signal.Signals(signum).name}"
         if isinstance(error, MigrationFailed):
-            line += f" after the point of no return: {error}" if error.committed else \
-                " before the point of no return: nothing was committed"
+            line += f" after the point of no return: {error}" if error.committed else " before the point of no return"
         super().__init__(line)
 
     @property
