@@ -27,7 +27,7 @@ from ..core.model import Run
 from ..core.runs import count_pages, union
 from ..transport import open_file_reader, open_file_writer
 from .engine import CheckpointSettings, take_checkpoint
-from .image import MANIFEST, ImageInfo, chain_images, manifest_bytes, read_image, write_file_atomically
+from .image import ImageInfo, chain_images, read_image, write_manifest
 
 NAME_WIDTH = 6
 
@@ -127,7 +127,7 @@ async def merge_into_child(base: ImageInfo, child: ImageInfo, *, token: bytes | 
                ratio=round(raw / size, 3) if size else 0.0, pages=pages,
                merged=[*base.manifest.get("merged", []), {"id": base.id, "merged_at": time.time()},
                        *child.manifest.get("merged", [])])
-    await trio.to_thread.run_sync(write_file_atomically, os.path.join(child.path, MANIFEST), manifest_bytes(doc))
+    await trio.to_thread.run_sync(write_manifest, child.path, doc)
     if os.path.basename(child.stream) != name:
         os.unlink(child.stream)
     shutil.rmtree(base.path)

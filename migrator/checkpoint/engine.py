@@ -34,6 +34,7 @@ import xxhash
 
 from ..core.deadlines import deadline
 from ..core.errors import ImageError
+from ..core.files import write_file
 from ..guest.client import GuestClient
 from ..core.model import Run
 from ..core.digest import PageDigests
@@ -208,8 +209,7 @@ class CheckpointMigration:
         """Write the digest table and the manifest, then rename the directory into place."""
         scratch, layout, sent = self.pending.scratch, self._guest.layout, self._pages.sent
         table = table_bytes(digests.table)
-        with open(os.path.join(scratch, TABLE), "wb") as f:
-            f.write(table)
+        write_file(os.path.join(scratch, TABLE), table)
         unique = union([], [run for runs in sent for run in runs], layout.page_size)
         stats = self._sink.statistics()
         stream_bytes = os.stat(os.path.join(scratch, STREAM)).st_size
@@ -242,8 +242,7 @@ class CheckpointMigration:
             "rule": self._rule[0],
             "merged": [],
         }
-        with open(os.path.join(scratch, MANIFEST), "wb") as f:
-            f.write(manifest_bytes(doc))
+        write_file(os.path.join(scratch, MANIFEST), manifest_bytes(doc))
         self.pending.commit()
         self.image = read_image(self.image_dir)
 

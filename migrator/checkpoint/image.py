@@ -23,18 +23,18 @@ Nothing here trusts the disk: every size, hash and parent link is checked, and a
 from __future__ import annotations
 
 import array
-import contextlib
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
 
 from ..core.errors import ImageError
+from ..core.files import write_file
 from ..core.model import Region
 
 FORMAT_NAME = "migrator-image"
@@ -233,42 +233,53 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_file_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
-
-
 def manifest_bytes(doc: dict) -> bytes:
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
+def write_manifest(image_dir: str, doc: dict) -> None:
+    """Replace an image's manifest atomically and durably (never through a link)."""
+    write_file(os.path.join(image_dir, MANIFEST), manifest_bytes(doc), durable=True)
+
+
 class PendingImage:
     """A scratch directory that becomes the image ``path`` on ``commit`` (fsync every file, then
-    one atomic rename) or disappears on ``discard``. Refuses to replace an existing ``path``."""
+    one atomic rename) or disappears on ``discard``. Refuses to replace an existing ``path``.
+
+    The image's parent directory is held open from the start, and the scratch directory is made
+    and renamed relative to it, so the image lands where its scratch directory was made even if
+    the path to it is swapped meanwhile. A link (or file) that appears at ``path`` is never
+    followed: renaming a directory over anything but an empty directory fails, and the commit
+    with it."""
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         self.parent = os.path.dirname(self.path)
+        self.name = os.path.basename(self.path)
         if os.path.lexists(self.path):
             raise ImageError(f"{self.path}: already exists; checkpoints never overwrite an image")
         os.makedirs(self.parent, exist_ok=True)
-        self.scratch = tempfile.mkdtemp(prefix=f"{os.path.basename(self.path)}.partial-", dir=self.parent)
+        self._parent_fd: int | None = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._scratch_name = self._make_scratch()
+        except BaseException:
+            self._close()
+            raise
+        self.scratch = os.path.join(self.parent, self._scratch_name)
+
+    def _make_scratch(self) -> str:
+        for _ in range(100):
+            name = f"{self.name}.partial-{secrets.token_hex(4)}"
+            try:
+                os.mkdir(name, 0o700, dir_fd=self._parent_fd)
+                return name
+            except FileExistsError:
+                continue
+        raise ImageError(f"{self.path}: no free name for its scratch directory")
 
     def commit(self) -> None:
         for name in os.listdir(self.scratch):
-            fd = os.open(os.path.join(self.scratch, name), os.O_RDONLY)
+            fd = os.open(os.path.join(self.scratch, name), os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
@@ -276,11 +287,22 @@ class PendingImage:
         fsync_dir(self.scratch)
         if os.path.lexists(self.path):
             raise ImageError(f"{self.path}: appeared while the checkpoint was written; left it alone")
-        os.rename(self.scratch, self.path)
-        fsync_dir(self.parent)
+        try:
+            os.rename(self._scratch_name, self.name, src_dir_fd=self._parent_fd, dst_dir_fd=self._parent_fd)
+        except OSError as exc:
+            raise ImageError(f"{self.path}: appeared while the checkpoint was written ({exc.strerror}); "
+                             "left it alone") from None
+        os.fsync(self._parent_fd)
+        self._close()
 
     def discard(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
+        self._close()
+
+    def _close(self) -> None:
+        if self._parent_fd is not None:
+            fd, self._parent_fd = self._parent_fd, None
+            os.close(fd)
 
 
 def relative_parent(child_dir: str, parent_dir: str) -> str:

@@ -14,11 +14,9 @@ ptrace_scope 0, a parent, or CAP_SYS_PTRACE) and userfaultfd WP_ASYNC + PAGEMAP_
 from __future__ import annotations
 
 import argparse
-import json
 
-import trio
-
-from . import options
+from . import interrupts, options
+from .render import check_outputs, save_report
 from ..checkpoint.chain import run_continuous
 from ..checkpoint.engine import CheckpointSettings, take_checkpoint
 
@@ -29,13 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parent", metavar="P", help="image to build on: an incremental image of the pages written since P")
     parser.add_argument("--leave-running", action="store_true", help="keep the guest running after the image (default: kill it)")
     parser.add_argument("--full-if-needed", action="store_true", help="take a full image when --parent did not scan the guest last")
-    parser.add_argument("--every", type=float, metavar="S", help="checkpoint continuously every S seconds (implies --leave-running)")
-    parser.add_argument("--keep", type=int, default=3, metavar="N", help="with --every: images kept (older ones merged; default 3)")
-    parser.add_argument("--count", type=int, metavar="K", help="with --every: stop after K images (default: until interrupted)")
-    parser.add_argument("--downtime-ms", type=float, default=20.0, help="pre-copy into the file until the frozen part is expected below this")
+    parser.add_argument("--every", type=options.positive, metavar="S", help="checkpoint continuously every S seconds (implies --leave-running)")
+    parser.add_argument("--keep", type=options.count, default=3, metavar="N", help="with --every: images kept (older ones merged; default 3)")
+    parser.add_argument("--count", type=options.count, metavar="K", help="with --every: stop after K images (default: until interrupted)")
+    parser.add_argument("--downtime-ms", type=options.positive, default=20.0, help="pre-copy into the file until the frozen part is expected below this")
     parser.add_argument("--compress", type=options.compress, default="zstd:1", metavar="zstd:LEVEL|none")
     parser.add_argument("--token-file", metavar="F", help="MAC the image with this key (restore and inspect need it)")
-    parser.add_argument("--report", metavar="R.json", help="write the JSON report(s) here")
+    parser.add_argument("--report", metavar="R.json",
+                        help="write the JSON report here (with --every: the list so far, rewritten after each image)")
 
 
 def _line(report: dict) -> str:
@@ -47,8 +46,7 @@ def _line(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.keep < 1:
-        raise SystemExit("migrator checkpoint: --keep must be at least 1")
+    check_outputs(report=args.report)
     settings = CheckpointSettings(
         leave_running=args.leave_running or args.every is not None, full_if_needed=args.full_if_needed,
         downtime_ms=args.downtime_ms, compress=args.compress, token=options.read_token(args.token_file),
@@ -56,15 +54,20 @@ def run(args: argparse.Namespace) -> int:
     if args.every is not None:
         if args.parent:
             raise SystemExit("migrator checkpoint: --every continues the chain in --dir; do not give --parent")
-        show = lambda report: print(_line(report.to_dict()), flush=True)  # noqa: E731
-        reports = trio.run(lambda: run_continuous(args.guest, args.dir, settings, every=args.every, keep=args.keep,
-                                                  count=args.count, on_image=show))
-        result: object = [r.to_dict() for r in reports]
-    else:
-        report = trio.run(lambda: take_checkpoint(args.guest, args.dir, settings, parent=args.parent))
-        result = report.to_dict()
-        print(_line(result))
+        reports: list[dict] = []
+
+        def show(report) -> None:     # an interrupted chain still leaves its reports
+            line = report.to_dict()
+            print(_line(line), flush=True)
+            reports.append(line)
+            if args.report:
+                save_report(reports, args.report)
+
+        interrupts.run(lambda: run_continuous(args.guest, args.dir, settings, every=args.every, keep=args.keep,
+                                              count=args.count, on_image=show))
+        return 0
+    report = interrupts.run(lambda: take_checkpoint(args.guest, args.dir, settings, parent=args.parent)).to_dict()
+    print(_line(report))
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(result, f, indent=1)
+        save_report(report, args.report)
     return 0

@@ -24,13 +24,15 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import trio
-
 from ..core.errors import MigratorError
-from . import options
+from ..core.files import check_output
+from . import interrupts, options
 from ..experiment import compare, grid as g, results
 from ..experiment.run import run_experiment
-from ..experiment.summary import summary_markdown
+from ..experiment.summary import summary_markdown, write_summary
+
+
+RESULTS = ("results.csv", "results.json", "summary.md")
 
 
 def _list(item):
@@ -40,19 +42,6 @@ def _list(item):
             return g.parse_list(text, item)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = -1
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
-        return value
 
     return parse
 
@@ -72,13 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--auto-converge", action="store_true",
                        help="throttle the guest when not converging (default: switch over after --max-rounds)")
     settings = parser.add_argument_group("settings of every migration")
-    settings.add_argument("--downtime-ms", type=_positive(float), help="switch-over target (default 10)")
-    settings.add_argument("--max-rounds", type=_positive(int), help="rounds before the forced switch-over or "
+    settings.add_argument("--downtime-ms", type=options.positive, help="switch-over target (default 10)")
+    settings.add_argument("--max-rounds", type=options.count, help="rounds before the forced switch-over or "
                           "auto-converge (default 15)")
     settings.add_argument("--compress", type=options.compress, metavar="zstd:LEVEL|none",
                           help="default none (the model counts raw pages)")
     settings.add_argument("--fill", choices=("random", "text", "sparse"), help="guest page contents (default random)")
-    settings.add_argument("--repeats", type=_positive(int), help="runs of each cell (default 1)")
+    settings.add_argument("--repeats", type=options.count, help="runs of each cell (default 1)")
     parser.add_argument("--no-compare", action="store_true", help="skip the tracker comparison's slowdown windows")
     parser.add_argument("--no-plots", action="store_true", help="write CSV/JSON only")
     parser.add_argument("--replot", action="store_true", help="redraw plots and summary from DIR/results.json, run nothing")
@@ -103,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         return _replot(out, args)
     grid = build_grid(args)
     out.mkdir(parents=True, exist_ok=True)
+    _check_outputs(out, args, RESULTS + ("receiver.log",))
     started = time.perf_counter()
     document = {
         "kind": "experiment",
@@ -124,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     log(f"experiment {grid.name}: {len(grid.runs())} migrations -> {out}/")
-    _, windows = trio.run(functools.partial(run_experiment, grid, out, log=log, on_result=on_result))
+    _, windows = interrupts.run(functools.partial(run_experiment, grid, out, log=log, on_result=on_result))
     document["slowdown"] = {
         "settings": asdict(grid.compare),
         "windows": [asdict(w) | {"steps_per_s": w.steps_per_s} for w in windows],
@@ -154,6 +144,7 @@ def _replot(out: Path, args: argparse.Namespace) -> int:
         results.recompute(document, grid)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MigratorError(f"{path} is not a readable experiment result ({type(exc).__name__}: {exc})") from None
+    _check_outputs(out, args, RESULTS)
     rows = [c["row"] for c in document["cells"]]
     results.write_csv(rows, out / "results.csv")
     document["trackers"] = compare.migration_table(rows)
@@ -162,14 +153,27 @@ def _replot(out: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish(document: dict, out: Path, args: argparse.Namespace) -> None:
-    (out / "summary.md").write_text(summary_markdown(document))
+def _check_outputs(out: Path, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Refuse, before anything runs, outputs that could not be written after it: a link at one of
+    the files' paths in ``out``, or plots without matplotlib."""
     if not args.no_plots:
-        try:
-            from ..experiment import plots
-        except ImportError as exc:
-            raise MigratorError(f"plotting needs matplotlib (pip install migrator[plot]) or --no-plots: {exc}") from None
-        for path in plots.plot_all(document, out):
+        names += _plots().PLOT_NAMES
+    for name in names:
+        check_output(out / name)
+
+
+def _plots():
+    try:
+        from ..experiment import plots
+    except ImportError as exc:
+        raise MigratorError(f"plotting needs matplotlib (pip install migrator[plot]) or --no-plots: {exc}") from None
+    return plots
+
+
+def _finish(document: dict, out: Path, args: argparse.Namespace) -> None:
+    write_summary(document, out / "summary.md")
+    if not args.no_plots:
+        for path in _plots().plot_all(document, out):
             print(f"wrote {path}", file=sys.stderr)
     print(summary_markdown(document))
 

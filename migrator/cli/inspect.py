@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import trio
-
+from . import interrupts
 from .options import read_token
 from ..checkpoint.inspect import describe_chain, format_chain, verify_chain
 
@@ -24,6 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     info = describe_chain(args.dir)
     if args.verify:
-        info["verify"] = trio.run(lambda: verify_chain(args.dir, token=read_token(args.token_file)))
+        info["verify"] = interrupts.run(lambda: verify_chain(args.dir, token=read_token(args.token_file)))
     print(json.dumps(info, indent=1) if args.json else format_chain(info))
     return 0

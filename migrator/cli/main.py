@@ -2,7 +2,9 @@
 
 Each subcommand lives in the package that owns the feature and contributes two functions:
 ``add_arguments(parser)`` and ``run(args) -> int``. This module only wires them up, catches
-``MigratorError`` once, prints ``migrator: <Type>: <message>`` on one line and exits 1.
+``MigratorError`` once, prints ``migrator: <Type>: <message>`` on one line and exits 1. Ctrl-C
+exits 130; SIGTERM and SIGHUP end a command the same way (``interrupts``) and exit 128 + the
+signal's number.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 
 from ..core.errors import MigratorError
 from ..core.failures import expected_cause
+from .interrupts import Interrupted
 
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -60,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"migrator: OSError: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"migrator: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("migrator: interrupted", file=sys.stderr)
         return 130

@@ -12,22 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-import trio
-
 from ..tracker import TRACKERS
 from ..transport import check_tls_address, client_context, parse_address
 from ..source.migration import MigrateSettings, SourceMigration
-from . import options
+from . import interrupts, options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guest", required=True, metavar="SOCKET", help="the guest's control socket")
     parser.add_argument("--to", required=True, metavar="HOST:PORT", help="receiver address (or unix:PATH)")
-    parser.add_argument("--downtime-ms", type=float, default=50.0, help="downtime target: switch over once the expected downtime is within 90 %% of it (default 50)")
-    parser.add_argument("--max-rounds", type=int, default=30)
+    parser.add_argument("--downtime-ms", type=options.positive, default=50.0, help="downtime target: switch over once the expected downtime is within 90 %% of it (default 50)")
+    parser.add_argument("--max-rounds", type=options.count, default=30)
     parser.add_argument("--bandwidth", type=options.rate, default=None, metavar="RATE", help="cap the link, e.g. 100M (bytes/s) or 1gbit")
     parser.add_argument("--compress", type=options.compress, default="zstd:1", metavar="zstd:LEVEL|none")
-    parser.add_argument("--streams", type=int, default=1, help="parallel connections (compression on more cores)")
+    parser.add_argument("--streams", type=options.streams, default=1, help="parallel connections (compression on more cores)")
     parser.add_argument("--tracker", choices=TRACKERS, default="wp-async")
     parser.add_argument("--verify", choices=("pages", "full"), default="pages")
     parser.add_argument("--force-switchover", action="store_true", help="switch over instead of throttling when not converging")
@@ -41,13 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="encrypt with TLS, verifying the receiver's certificate against the system's CAs")
     parser.add_argument("--report", metavar="run.json", help="write the JSON report here")
     parser.add_argument("--plot", metavar="out.png", help="also draw the report (needs matplotlib)")
-    parser.add_argument("--round-timeout", type=float, default=300.0, metavar="S", help="fail (and resume the source) if a round or the switch-over takes longer (default 300)")
+    parser.add_argument("--round-timeout", type=options.positive, default=300.0, metavar="S", help="fail (and resume the source) if a round or the switch-over takes longer (default 300)")
     parser.add_argument("--quiet", action="store_true", help="no per-round lines")
 
 
 def run(args: argparse.Namespace) -> int:
     from . import render as rep
 
+    rep.check_outputs(report=args.report, plot=args.plot)
     settings = MigrateSettings(
         downtime_ms=args.downtime_ms, max_rounds=args.max_rounds, bandwidth=args.bandwidth,
         compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     show = (lambda stats: None) if args.quiet else (lambda stats: print(rep.format_round_line(stats), file=sys.stderr, flush=True))
     migration = SourceMigration(args.guest, args.to, settings, on_round=show)
     try:
-        report = trio.run(migration.run).to_dict()
+        report = interrupts.run(migration.run).to_dict()
     finally:
         if args.report and migration.report is not None:
             rep.save_report(migration.report.to_dict(), args.report)

@@ -1,12 +1,14 @@
-"""Option types and values several commands share: sizes, rates, compression, tokens.
+"""Option types and values several commands share: sizes, rates, counts, durations, tokens.
 
 Each type turns the library's ``ValueError`` into argparse's error, so a bad value is one line
-naming the option (``migrator migrate: error: argument --bandwidth: not a rate: 'x'``).
+naming the option (``migrator migrate: error: argument --bandwidth: not a rate: 'x'``) before
+anything runs, never a traceback from a settings constructor.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -34,12 +36,51 @@ guest_size = option_type(parse_guest_size)        # a guest region: at least 16 
 rate = option_type(units.parse_rate)              # bytes/s: 100M, 1G, 500mbit
 
 
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"expected a positive number, not {text!r}")
+    return value
+
+
+def _whole_number(text: str, least: int, most: int | None = None) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = least - 1
+    if value < least or (most is not None and value > most):
+        wanted = f"{least}..{most}" if most is not None else f"at least {least}"
+        raise ValueError(f"expected a whole number {wanted}, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _streams(text: str) -> int:
+    from ..transport.net import MAX_STREAMS     # here: ``migrator guest`` starts without trio
+
+    return _whole_number(text, 1, MAX_STREAMS)
+
+
+positive = option_type(_positive_number)          # milliseconds, seconds, rates: > 0 and finite
+count = option_type(_count)                       # rounds, images, repeats: 1 or more
+streams = option_type(_streams)                   # parallel connections: 1..MAX_STREAMS
+
+
 def _compress(text: str) -> str:
-    if text == "zstd":
-        return "zstd:1"
-    if text == "none" or (text.startswith("zstd:") and text[5:].lstrip("-").isdigit()):
-        return text
-    raise ValueError(f"takes zstd:LEVEL or none, not {text!r}")
+    from ..core.errors import ProtocolError
+    from ..protocol import Compression      # here: ``migrator guest`` need not load the codec
+
+    try:
+        level = Compression.parse(text).level
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
+    return "none" if level is None else f"zstd:{level}"
 
 
 compress = option_type(_compress)

@@ -14,15 +14,17 @@ it receives. The line "prepared a ... restore guest" says when it is ready.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import sys
 import tempfile
 
 import trio
 
 from ..core.errors import MigratorError, TransportError
-from .render import save_report
-from . import options
+from .render import check_outputs, save_report
+from . import interrupts, options
 from ..transport import serve, server_context
 from ..destination.engine import DestinationMigration, ReceiveSettings
 from ..destination.guests import RestoreGuests
@@ -38,10 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="dest.json", help="write each migration's destination report here")
     parser.add_argument("--once", action="store_true", help="exit after the first migration (status says how it went)")
     parser.add_argument("--memfd", action="store_true", help="restore guests on a shared memfd (one copy fewer)")
-    parser.add_argument("--control-dir", metavar="DIR", help="where restore guests' control sockets are made")
+    parser.add_argument("--control-dir", metavar="DIR",
+                        help="where restore guests' control sockets are made (default: a new temporary directory, "
+                             "removed at exit unless a resumed guest's socket is still in it)")
     parser.add_argument("--prepare", type=options.guest_size, metavar="SIZE",
                         help="keep a restore guest of SIZE (e.g. 1G) started and populated ahead of the migration")
-    parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="S", help="fail a migration whose source is silent this long (default 120)")
+    parser.add_argument("--idle-timeout", type=options.positive, default=120.0, metavar="S", help="fail a migration whose source is silent this long (default 120)")
 
 
 def _log(line: str) -> None:
@@ -49,14 +53,15 @@ def _log(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(report=args.report)
     settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout)
     token = options.read_token(args.token_file)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise TransportError("--tls-cert and --tls-key go together: give both, or neither for plain TCP")
     tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert is not None else None
     outcome: list[bool] = []
-    control_dir = args.control_dir or tempfile.mkdtemp(prefix="migrator-")
-    guests = RestoreGuests(control_dir, memfd=args.memfd, prepare=args.prepare, log=_log)
+    made_dir = None if args.control_dir else tempfile.mkdtemp(prefix="migrator-")
+    guests = RestoreGuests(args.control_dir or made_dir, memfd=args.memfd, prepare=args.prepare, log=_log)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -71,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
                     outcome.append(False)
                 finally:
                     if args.report and getattr(migration, "report", None) is not None:
-                        save_report(migration.report, args.report)
+                        try:
+                            save_report(migration.report, args.report)
+                        except MigratorError as exc:     # the next migration may still be written
+                            _log(f"report not written: {exc}")
                     if args.once:
                         nursery.cancel_scope.cancel()
 
@@ -79,5 +87,11 @@ def run(args: argparse.Namespace) -> int:
             _log(f"listening on {bound}")
             nursery.start_soon(functools.partial(guests.keep_prepared, again=not args.once))
 
-    trio.run(main)
+    try:
+        interrupts.run(main)
+    finally:
+        guests.close()      # restore guests nobody resumed or killed (the engine's cleanup was cut short)
+        if made_dir is not None:
+            with contextlib.suppress(OSError):   # not empty: a resumed guest's socket is in it
+                os.rmdir(made_dir)
     return 0 if all(outcome) else 1

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import MigratorError
+from ..core.errors import MigratorError, OutputError
+from ..core.files import check_output, open_output, write_json
 from ..source.report import RoundStats
 
 KINDS = ("migration", "checkpoint")
@@ -81,12 +82,38 @@ def load_report(path: str | Path) -> dict:
     return report
 
 
-def save_report(report: dict, path: str | Path) -> None:
-    """Write ``report`` as JSON atomically: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+def save_report(report: dict | list[dict], path: str | Path) -> None:
+    """Write ``report`` as JSON atomically (a reader never sees half a file), never through a link."""
+    write_json(path, report, indent=1)
+
+
+def check_outputs(*, report: str | None = None, plot: str | None = None) -> None:
+    """Refuse, before anything runs, the ``--report``/``--plot`` paths a command could not write
+    after it: a link, a missing or read-only directory, both options naming one file, a plot
+    without matplotlib or in a format it cannot write. MigratorError with one line."""
+    for path in (report, plot):
+        if path is not None:
+            check_output(path)
+    if plot is not None:
+        if report is not None and os.path.abspath(report) == os.path.abspath(plot):
+            raise OutputError(f"--report and --plot both name {plot}")
+        plot_format(plot)
+
+
+def plot_format(path: str | Path) -> str:
+    """The image format matplotlib writes ``path`` in: its suffix (PNG without one). MigratorError
+    when matplotlib is missing or cannot write that format."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as exc:
+        raise MigratorError("plotting needs matplotlib: pip install migrator[plot]") from exc
+    suffix = os.path.splitext(os.fspath(path))[1][1:].lower()
+    if not suffix:
+        return "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise OutputError(f"{path}: matplotlib cannot draw .{suffix} files (it draws {', '.join(sorted(formats))})")
+    return suffix
 
 
 def check_report(report: object) -> None:
@@ -202,11 +229,10 @@ def plot_report(report: dict, path: str | Path) -> None:
     rounds = report_rounds(report)
     if not rounds:
         raise MigratorError("the report has no rounds to plot")
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError as exc:
-        raise MigratorError("plotting needs matplotlib: pip install migrator[plot]") from exc
+    image_format = plot_format(path)
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     x = [r.round for r in rounds]
     fig = Figure(figsize=(7, 8), layout="constrained")
     dirty_ax, bw_ax, down_ax = fig.subplots(3, 1, sharex=True)
@@ -239,7 +265,8 @@ def plot_report(report: dict, path: str | Path) -> None:
     down_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     down_ax.legend(loc="best")
     _log_if_wide(down_ax, shown)
-    fig.savefig(path, dpi=100)
+    with open_output(path) as f:
+        fig.savefig(f, format=image_format, dpi=100)
 
 
 def _log_if_wide(ax, values: list[float]) -> None:

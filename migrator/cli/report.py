@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .render import format_round_table, format_summary, load_report, plot_report, summarize
+from .render import check_outputs, format_round_table, format_summary, load_report, plot_report, summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(plot=args.plot)
     report = load_report(args.report)
     if args.json:
         print(json.dumps(summarize(report)))

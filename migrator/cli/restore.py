@@ -7,28 +7,39 @@ and nothing is resumed.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import os
+import tempfile
 
-import trio
-
+from . import interrupts
 from .options import read_token
+from .render import check_outputs, save_report
 from ..checkpoint.restore import RestoreSettings, restore_chain
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", required=True, metavar="D", help="the image to restore (its parents are found from it)")
-    parser.add_argument("--control-dir", metavar="DIR", help="where the restored guest's control socket goes (default: a new temp dir)")
+    parser.add_argument("--control-dir", metavar="DIR",
+                        help="where the restored guest's control socket goes (default: a new temp dir, removed "
+                             "again if the restore fails)")
     parser.add_argument("--memfd", action="store_true", help="restore guest on a shared memfd (one copy fewer)")
     parser.add_argument("--token-file", metavar="F", help="the key the image was written with")
     parser.add_argument("--report", metavar="R.json")
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = RestoreSettings(token=read_token(args.token_file), control_dir=args.control_dir, memfd=args.memfd)
-    report = trio.run(lambda: restore_chain(args.dir, settings, log=lambda line: None))
+    check_outputs(report=args.report)
+    token = read_token(args.token_file)
+    made_dir = None if args.control_dir else tempfile.mkdtemp(prefix="migrator-")
+    settings = RestoreSettings(token=token, control_dir=args.control_dir or made_dir, memfd=args.memfd)
+    try:
+        report = interrupts.run(lambda: restore_chain(args.dir, settings, log=lambda line: None))
+    finally:
+        if made_dir is not None:
+            with contextlib.suppress(OSError):   # not empty: the restored guest's socket is in it
+                os.rmdir(made_dir)
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=1)
+        save_report(report, args.report)
     print(f"restored {report['image']} ({len(report['chain'])} image(s), {report['pages_applied']} pages): "
           f"digests and self-check OK; guest pid {report['guest_pid']} running, control {report['guest_control']}")
     return 0

@@ -11,22 +11,19 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..core.errors import TrackerError
 from ..tracker import TRACKERS, choose_tracker, open_tracker, required_uffd_mode
 from ..tracker.scratch import ScratchProcess
 from . import options
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=options.size, default=64 << 20, help="region size (default 64M)")
-    parser.add_argument("--rounds", type=int, default=5, help="collect rounds (default 5)")
+    parser.add_argument("--rounds", type=options.count, default=5, help="collect rounds (default 5)")
     parser.add_argument("--tracker", choices=TRACKERS, default=None, help="default: what probe recommends")
-    parser.add_argument("--rate", type=float, default=20000.0, help="page writes per second (default 20000)")
-    parser.add_argument("--interval", type=float, default=0.5, help="seconds between collects (default 0.5)")
+    parser.add_argument("--rate", type=options.positive, default=20000.0, help="page writes per second (default 20000)")
+    parser.add_argument("--interval", type=options.positive, default=0.5, help="seconds between collects (default 0.5)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.rounds < 1 or args.rate <= 0 or args.interval <= 0:
-        raise TrackerError("--rounds, --rate and --interval must be positive")
     kind = args.tracker or choose_tracker()
     mode = required_uffd_mode(kind) or "none"
     with ScratchProcess(args.size, mode, populate=True) as scratch:

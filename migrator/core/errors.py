@@ -11,6 +11,7 @@
     │   └── RemoteProtocolError  the peer sent bad data (raised only from next_event)
     ├── TransportError           a connection or file failed underneath the codec
     ├── ImageError               a checkpoint image is truncated, corrupted or incomplete
+    ├── OutputError              an output file cannot be written where asked (a link, no directory)
     ├── DeadlineExceeded         a phase made no progress within its timeout (says which)
     └── MigrationFailed          a migration stopped; ``committed`` says on which side of the
                                  point of no return
@@ -56,6 +57,11 @@ class TransportError(MigratorError):
 
 class ImageError(MigratorError):
     pass
+
+
+class OutputError(MigratorError):
+    """An output path is refused (a symbolic link, a missing or read-only directory) or its
+    write failed; the message names the path (``migrator.core.files``)."""
 
 
 class DeadlineExceeded(MigratorError):

@@ -32,6 +32,8 @@ def describe(error: BaseException) -> str:
     error = first_cause(error)
     if isinstance(error, trio.TooSlowError):
         return "timed out"   # a deadline without a name (the named ones raise DeadlineExceeded)
+    if isinstance(error, trio.Cancelled):
+        return "cancelled"   # the command is stopping (Ctrl-C, SIGTERM): it says which
     text = str(error).splitlines()[0] if str(error) else ""
     return text if isinstance(error, MigratorError) else f"{type(error).__name__}: {text}"
 

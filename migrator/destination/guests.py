@@ -12,12 +12,18 @@ in, and opens it as a ``RestoreTarget`` (control connection, layout, and its mem
 process writes it: for a memfd guest, the shared mapping with every page mapped here too). The
 next migration of that size takes it, and the task prepares the next one. A migration of
 another size gets a target started on demand.
+
+Every target ends one of two ways: ``release`` (resumed: the guest runs on its own, and is
+reaped when it exits, so a receiver that keeps running collects no zombies) or ``close``
+(killed, its control socket removed). ``RestoreGuests.close`` ends the targets that met neither,
+for a receiver whose migrations' own cleanup was cut short (it is stopping).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,17 +48,24 @@ class RestoreTarget:
     layout: Layout
     memory: ProcessMemory | MemfdMemory
     prepared: bool
+    settled: bool = False       # released or closed
 
     def release(self) -> None:
-        """Let go of a guest that now runs on its own: its control connection, its mapping."""
-        self.client.close()
-        if isinstance(self.memory, MemfdMemory):
-            self.memory.close()
+        """Let go of a guest that now runs on its own: its control connection, its mapping;
+        it is reaped when it exits."""
+        self._let_go()
+        self.guest.reap_when_it_exits()
 
     def close(self) -> None:
         """Kill the guest and let go of it (a target nobody resumed)."""
         self.guest.kill()
-        self.release()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        self.settled = True
+        self.client.close()
+        if isinstance(self.memory, MemfdMemory):
+            self.memory.close()
 
 
 class RestoreGuests:
@@ -72,6 +85,16 @@ class RestoreGuests:
         self._prepared: RestoreTarget | None = None
         self._starting: trio.Event | None = None    # set when the prepared guest's start ended
         self._taken = trio.Event()
+        self._targets: list[RestoreTarget] = []      # targets opened, perhaps not yet settled
+        self._targets_lock = threading.Lock()        # targets are opened in worker threads
+
+    def close(self) -> None:
+        """Kill every restore guest that was neither resumed (released) nor closed."""
+        with self._targets_lock:
+            targets, self._targets = self._targets, []
+        for target in targets:
+            if not target.settled:
+                target.close()
 
     async def take(self, size: int) -> RestoreTarget:
         """A restore target of ``size`` bytes (``prepared`` says whether it was made ahead)."""
@@ -143,4 +166,7 @@ class RestoreGuests:
         except BaseException:
             guest.kill()
             raise
-        return RestoreTarget(guest, client, layout, memory, prepared)
+        target = RestoreTarget(guest, client, layout, memory, prepared)
+        with self._targets_lock:
+            self._targets = [t for t in self._targets if not t.settled] + [target]
+        return target

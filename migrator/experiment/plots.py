@@ -19,8 +19,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ..core.errors import MigratorError
+from ..core.files import open_output
 
 MB = 1_000_000
+PLOT_NAMES = ("sweep.png", "rounds.png", "throttle.png", "trackers.png")    # what plot_all may write
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
@@ -30,6 +32,12 @@ class NothingToPlot(MigratorError):
 
 def _figure(**kwargs) -> Figure:
     return Figure(layout="constrained", **kwargs)
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    """Draw ``fig`` as PNG into a new file renamed over ``path`` (``migrator.core.files``)."""
+    with open_output(path) as f:
+        fig.savefig(f, format="png", dpi=90)
 
 
 def _cap_label(cap: float | None) -> str:
@@ -124,7 +132,7 @@ def plot_sweep(document: dict, path: str | Path, sweep: str = "rate") -> None:
              for d in ("size_mib", "tracker") if d not in lines["dims"]]
     title = f"downtime target {target:g} ms (red)"
     fig.suptitle(f"pre-copy, {' '.join(fixed)}, {title}" if fixed else f"pre-copy, {title}")
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
 
 
 def choose_cells(document: dict, sweep: str = "rate", per_pattern: int = 2) -> list[dict]:
@@ -185,7 +193,7 @@ def plot_rounds(document: dict, path: str | Path, cells: list[dict]) -> None:
         ax.set_title(f"{row['pattern']}, guest {guest}, link {_cap_label(row['bandwidth_cap'])}\n"
                      f"r = {row['ratio']:.2f}, {ending}; rule {row['rule']}", fontsize="small")
     axes.flat[0].legend(fontsize="x-small")
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
 
 
 TRACKER_COLORS = {"untracked": "tab:gray", "wp-async": "tab:blue", "sync-wp": "tab:orange", "full": "tab:green"}
@@ -222,7 +230,7 @@ def plot_trackers(document: dict, path: str | Path) -> None:
         cpu_ax.set_ylabel("migrator CPU ms per round")
         _log_y(cpu_ax)
         cpu_ax.set_title("migrations of the tracker sweep (source process, all threads)", fontsize="small")
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
 
 
 def sweep_cells(document: dict, sweep: str) -> list[dict]:
@@ -240,12 +248,12 @@ def plot_all(document: dict, out_dir: str | Path) -> list[Path]:
     """Every plot the document has data for; returns the files written."""
     out = Path(out_dir)
     sweep = main_sweep(document)
-    drawings = {
-        "sweep.png": lambda doc, path: plot_sweep(doc, path, sweep),
-        "rounds.png": lambda doc, path: plot_rounds(doc, path, choose_cells(doc, sweep)),
-        "throttle.png": lambda doc, path: plot_rounds(doc, path, sweep_cells(doc, "throttle")),
-        "trackers.png": plot_trackers,
-    }
+    drawings = dict(zip(PLOT_NAMES, (
+        lambda doc, path: plot_sweep(doc, path, sweep),
+        lambda doc, path: plot_rounds(doc, path, choose_cells(doc, sweep)),
+        lambda doc, path: plot_rounds(doc, path, sweep_cells(doc, "throttle")),
+        plot_trackers,
+    ), strict=True))
     written = []
     for name, draw in drawings.items():
         try:

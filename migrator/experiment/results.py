@@ -50,12 +50,13 @@ pattern_model_sent_over_size
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..core import files
+from ..core.files import open_output
 from ..guest.layout import TABLE_ENTRIES_PER_PAGE, Geometry
 from ..core.model import PAGE_SIZE
 from ..source.estimator import switchover_fixed_ms
@@ -232,7 +233,7 @@ def recompute(document: dict, grid: Grid) -> None:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    with open(path, "w", newline="") as f:
+    with open_output(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for r in rows:
@@ -248,5 +249,4 @@ def _csv_value(value):
 
 
 def write_json(document: dict, path: str | Path) -> None:
-    with open(path, "w") as f:
-        json.dump(document, f, indent=1, allow_nan=False)
+    files.write_json(path, document, indent=1, allow_nan=False)

@@ -24,6 +24,7 @@ from pathlib import Path
 import trio
 
 from ..core.errors import GuestError, MigratorError
+from ..core.files import open_log
 from ..guest.client import GuestClient
 from ..guest.spawn import spawn_guest
 from ..source.migration import MigrateSettings, SourceMigration
@@ -42,7 +43,7 @@ class Receiver:
     def __init__(self, control_dir: str, log_path: str | Path) -> None:
         self.control_dir = control_dir
         os.makedirs(control_dir, exist_ok=True)
-        self._log = open(log_path, "w+b")
+        self._log = open_log(log_path)
         argv = [sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0", "--control-dir", control_dir]
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
         self.address = self._wait_listening(log_path)

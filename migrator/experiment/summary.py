@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..core.files import write_file
+
 MB = 1_000_000
 
 
@@ -103,3 +107,8 @@ def summary_markdown(document: dict) -> str:
     if document.get("trackers"):
         parts += ["", "## Tracker comparison: migrations (medians)", "", trackers_markdown(document["trackers"])]
     return "\n".join(parts) + "\n"
+
+
+def write_summary(document: dict, path: str | Path) -> None:
+    """``summary_markdown(document)`` into ``path`` (replaced atomically, never through a link)."""
+    write_file(path, summary_markdown(document))

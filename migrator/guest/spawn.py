@@ -1,15 +1,23 @@
 """Start a guest as a child process (``python -m migrator guest ...``) and wait until it answers.
 
 The caller is the guest's parent, which gives it ptrace rights over the guest under Yama
-``ptrace_scope`` 1 (process_vm_readv/writev, PAGEMAP_SCAN, pidfd_getfd).
+``ptrace_scope`` 1 (process_vm_readv/writev, PAGEMAP_SCAN, pidfd_getfd). Being its parent also
+means reaping it: ``stop``/``kill`` wait for it, and ``reap_when_it_exits`` hands a guest that
+now runs on its own (a resumed restore guest) to a thread that waits for it, so it does not
+stay a zombie under a parent that keeps running (a long-lived receiver). A guest that did not
+exit on its own (killed) cannot remove its control socket; the reaping removes it instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 
@@ -60,8 +68,36 @@ class GuestProcess:
             except (GuestError, subprocess.TimeoutExpired):
                 self.popen.kill()
                 self.popen.wait()
-        self._stderr.close()
+        self._reaped()
         return self.popen.returncode
+
+    def reap_when_it_exits(self) -> None:
+        """Leave the guest running on its own; a daemon thread waits for it to exit and reaps it."""
+        threading.Thread(target=self._wait_and_reap, name=f"reap-guest-{self.pid}", daemon=True).start()
+
+    def _wait_and_reap(self) -> None:
+        self.popen.wait()
+        self._reaped()
+
+    def _reaped(self) -> None:
+        """After the guest is gone: its stderr file, and its control socket if it left one."""
+        self._stderr.close()
+        remove_stale_socket(self.control)
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove the unix socket at ``path`` if nothing listens there any more (its guest was
+    killed); anything else at that path, or a socket someone answers on, is left alone."""
+    with contextlib.suppress(OSError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        finally:
+            probe.close()
 
 
 def spawn_guest(

@@ -92,3 +92,23 @@ def test_receive_rejects_a_bad_prepare_size(size):
     result = subprocess.run([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0", "--prepare", size],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "--prepare" in result.stderr and "size" in result.stderr
+
+
+async def test_a_closed_target_leaves_no_socket_and_close_ends_every_unsettled_target(sockdir):
+    guests = RestoreGuests(sockdir)
+    with trio.fail_after(60):
+        closed = await guests.take(16 * MiB)
+        released = await guests.take(16 * MiB)
+        forgotten = await guests.take(16 * MiB)        # a migration whose cleanup was cut short
+    closed.close()                                     # SIGKILL: the guest cannot remove its socket itself
+    assert not closed.guest.alive() and not os.path.lexists(closed.guest.control)
+    released.release()                                 # resumed: runs on its own
+    guests.close()
+    assert not forgotten.guest.alive() and not os.path.lexists(forgotten.guest.control)
+    assert released.guest.alive(), "a resumed guest is not the receiver's to kill"
+    with GuestClient(released.guest.control) as client:
+        client.quit()
+    with trio.fail_after(15):
+        while os.path.exists(f"/proc/{released.guest.pid}"):
+            await trio.sleep(0.05)                      # reaped by its thread, not left a zombie
+    assert sorted(os.listdir(sockdir)) == []
