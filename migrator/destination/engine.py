@@ -75,8 +75,9 @@ class DestinationMigration:
         except BaseException as exc:  # noqa: BLE001 - reported, then re-raised as MigrationFailed
             error = exc
         finally:
-            if self.target is not None:   # a guest that was not resumed is killed
-                await trio.to_thread.run_sync(self.target.close if not self.resumed else self.target.release)
+            if self.target is not None:   # a guest that was not resumed is killed, even when cancelled
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.target.close if not self.resumed else self.target.release)
         report = self.report = {
             "kind": "receive",
             "source_layout": [[r.start, r.length] for r in self.src.regions] if hasattr(self, "src") else None,
