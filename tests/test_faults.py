@@ -171,6 +171,9 @@ async def _through_proxy(
                 await client.send_all(payload)
                 await client.send_eof()
                 await done.wait()
+                # the whole payload may sit in socket buffers before a cut lands: a read then
+                # sees the reset (or the proxy's clean close)
+                await client.receive_some(1)
             except trio.BrokenResourceError as exc:
                 error = exc
         await client.aclose()
