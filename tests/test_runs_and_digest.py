@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from migrator.core.digest import REGION_PIECE, PageDigests, hash_region, region_digest, region_digest_read, region_pieces
-from migrator.core.model import Layout, Region
+from migrator.core.model import MemoryLayout, Region
 from migrator.core.runs import complement, count_pages, split_runs, union
 
 P = 4096
@@ -43,8 +43,8 @@ def test_complement_and_union():
 
 
 def test_layout_page_indices_and_translate_across_regions():
-    src = Layout(1, P, (Region(0x10000, 4 * P), Region(0x100000, 2 * P)))
-    dst = Layout(2, P, (Region(0x90000, 4 * P), Region(0x200000, 2 * P)))
+    src = MemoryLayout(1, P, (Region(0x10000, 4 * P), Region(0x100000, 2 * P)))
+    dst = MemoryLayout(2, P, (Region(0x90000, 4 * P), Region(0x200000, 2 * P)))
     runs = [(0x10000 + P, 2), (0x100000 + P, 1)]
     assert src.page_indices(runs) == [(1, 2), (5, 1)]
     assert src.translate(runs, dst) == [(0x90000 + P, 2), (0x200000 + P, 1)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .. import protocol as p
 from ..core.digest import PageDigests
 from ..core.errors import ImageError
-from ..core.model import Layout
+from ..core.model import MemoryLayout
 from ..transport import open_file_reader
 from .image import ImageInfo, check_files, load_chain, read_table
 
@@ -44,7 +44,7 @@ async def verify_chain(image_dir: str, *, token: bytes | None = None) -> dict:
     """Check every byte of the chain; returns per-image results. Raises ImageError at the first
     defect, naming the file (and offset)."""
     chain = load_chain(image_dir)
-    layout = Layout(0, chain[0].page_size, chain[0].regions)
+    layout = MemoryLayout(0, chain[0].page_size, chain[0].regions)
     digests = PageDigests(layout.total_pages, layout.page_size)
     results = []
     for image in chain:

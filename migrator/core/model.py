@@ -31,8 +31,9 @@ class Region:
 
 
 @dataclass(frozen=True, slots=True)
-class Layout:
-    """What a guest's migratable memory looks like: who, where, and in which page size."""
+class MemoryLayout:
+    """What a guest's migratable memory looks like: who, where, and in which page size (the wire's
+    ``protocol.Layout`` event announces it without the pid)."""
 
     pid: int
     page_size: int
@@ -72,13 +73,13 @@ class Layout:
         where = self._locate(runs)
         return [(firsts[i] + address // ps, count) for i, (address, count) in zip(where, runs)]
 
-    def translate(self, runs: list[Run], onto: "Layout") -> list[Run]:
+    def translate(self, runs: list[Run], onto: "MemoryLayout") -> list[Run]:
         """Map runs of this layout onto the same offsets of ``onto`` (same shape, other addresses)."""
         shift = [o.start - r.start for r, o in zip(self.regions, onto.regions)]
         where = self._locate(runs)
         return [(address + shift[i], count) for i, (address, count) in zip(where, runs)]
 
-    def same_shape(self, other: "Layout") -> bool:
+    def same_shape(self, other: "MemoryLayout") -> bool:
         return self.page_size == other.page_size and [r.length for r in self.regions] == [
             r.length for r in other.regions
         ]

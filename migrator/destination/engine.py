@@ -21,7 +21,7 @@ from ..core.deadlines import deadline
 from ..core.digest import PageDigests
 from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolError
 from ..core.failures import describe
-from ..core.model import Layout, Run
+from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from .guests import RestoreGuests, RestoreTarget
 
@@ -138,7 +138,7 @@ class DestinationMigration:
             raise
 
     async def _start_guest(self, layout: p.Layout) -> None:
-        self.src = Layout(pid=0, page_size=layout.page_size, regions=tuple(layout.regions))
+        self.src = MemoryLayout(pid=0, page_size=layout.page_size, regions=tuple(layout.regions))
         total = self.src.total_bytes
         if total > self.settings.max_bytes:
             raise MigrationFailed(f"layout of {total} bytes exceeds this receiver's limit {self.settings.max_bytes}")

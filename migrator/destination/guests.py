@@ -33,7 +33,7 @@ import trio
 from ..core.errors import GuestError
 from ..guest.client import GuestClient
 from ..guest.spawn import GuestProcess, spawn_guest
-from ..core.model import Layout
+from ..core.model import MemoryLayout
 from ..tracker.memory import MemfdMemory, ProcessMemory
 
 POPULATED_POLL_S = 0.05
@@ -45,7 +45,7 @@ class RestoreTarget:
 
     guest: GuestProcess
     client: GuestClient
-    layout: Layout
+    layout: MemoryLayout
     memory: ProcessMemory | MemfdMemory
     prepared: bool
     settled: bool = False       # released or closed

@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 
 from ..core.errors import GuestError
-from ..core.model import Layout, Region
+from ..core.model import MemoryLayout, Region
 from ..tracker.handover import recv_fds
 from .control import LineBuffer, encode, parse_reply
 
@@ -24,7 +24,7 @@ MAX_FDS = 4
 class Attachment:
     """What ``attach`` hands over. The caller owns ``uffd`` and ``memfd`` (``close()`` them)."""
 
-    layout: Layout
+    layout: MemoryLayout
     uffd: int | None
     memfd: int | None
     restore: bool
@@ -157,4 +157,4 @@ def _attachment(reply: dict, fds: list[int]) -> Attachment:
         raise ValueError(f"expected {wanted} descriptors, received {len(fds)}")
     uffd = fds[0] if reply["uffd"] else None
     memfd = fds[-1] if reply["memfd"] else None
-    return Attachment(Layout(pid, page_size, tuple(regions)), uffd, memfd, bool(reply["restore"]), int(reply["steps"]))
+    return Attachment(MemoryLayout(pid, page_size, tuple(regions)), uffd, memfd, bool(reply["restore"]), int(reply["steps"]))

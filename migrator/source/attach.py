@@ -12,7 +12,7 @@ import signal
 
 import trio
 
-from ..core.model import Layout
+from ..core.model import MemoryLayout
 from ..guest.client import GuestClient
 from ..tracker import open_tracker, required_uffd_mode
 from ..tracker.memory import MemfdMemory, ProcessMemory
@@ -41,7 +41,7 @@ class AttachedGuest:
         except BaseException:
             self.client.close()
             raise
-        self.layout: Layout = attachment.layout
+        self.layout: MemoryLayout = attachment.layout
         self.memory = (
             MemfdMemory(attachment.memfd, self.layout.regions, self.layout.page_size)
             if attachment.memfd is not None

@@ -16,7 +16,7 @@ import trio
 from .. import protocol as p
 from ..core.buffers import BufferPool
 from ..core.digest import PageDigests
-from ..core.model import Layout, Run
+from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages, split_runs
 from .sink import Sink
 
@@ -45,7 +45,7 @@ class PageStream:
     """Sends runs of the guest's pages to a sink, recording what went (``digests``; ``sent`` when
     asked, for a checkpoint's manifest)."""
 
-    def __init__(self, memory, layout: Layout, digests: PageDigests, sink: Sink, *, keep_sent: bool = False) -> None:
+    def __init__(self, memory, layout: MemoryLayout, digests: PageDigests, sink: Sink, *, keep_sent: bool = False) -> None:
         self.memory = memory
         self.layout = layout
         self.digests = digests
