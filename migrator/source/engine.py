@@ -422,6 +422,7 @@ class SourceMigration:
         self.verified = True
         # ---- point of no return: from here the source guest never resumes ----
         t = time.perf_counter()
+        self.throttle.commit(self.id, control=self.guest_control, destination=self.address)
         self.committed = True
         await self.channel.send(p.Commit())
         await self.channel.flush()
