@@ -11,63 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 
 from harness.hosts import steps_advance
+from harness.loopback import Cli, Receiver, stopped_for, thread_states, wait_until
+from migrator.core.errors import GuestError
 from migrator.guest import committed
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
 
 MiB = 1 << 20
-MIGRATOR = (sys.executable, "-m", "migrator")
-
-
-class Cli:
-    """A migrator CLI child whose stderr lines are collected as they come."""
-
-    def __init__(self, *args: str) -> None:
-        self.popen = subprocess.Popen([*MIGRATOR, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.popen.stderr:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def wait_line(self, needle, timeout: float = 30.0) -> str:
-        """The first line containing ``needle`` (or for which ``needle(line)`` is true)."""
-        matches = needle if callable(needle) else (lambda line: needle in line)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if matches(line):
-                        return line
-                left = deadline - time.monotonic()
-                assert left > 0 and self.popen.poll() is None, f"no line with {needle!r}: {self.lines}"
-                self._changed.wait(min(left, 0.1))
-
-    def sigkill(self) -> None:
-        self.popen.send_signal(signal.SIGKILL)
-        assert self.popen.wait(10) == -signal.SIGKILL
-
-    def wait(self, timeout: float = 60.0) -> int:
-        return self.popen.wait(timeout)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
 
 
 def throttle_percent(round_line: str) -> int:
@@ -76,43 +31,9 @@ def throttle_percent(round_line: str) -> int:
     return int(value) if head.startswith("round") and value.strip().isdigit() else -1
 
 
-def thread_states(pid: int) -> set[str]:
-    states = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            continue
-        states.add(chr(data[data.rindex(b")") + 2]))
-    return states
-
-
-def stopped_for(pid: int, seconds: float) -> bool:
-    """Every thread stopped by its tracer, and still so ``seconds`` later (sampled throughout)."""
-    deadline = time.monotonic() + seconds
-    while thread_states(pid) == {"t"}:
-        if time.monotonic() > deadline:
-            return True
-        time.sleep(0.002)
-    return False
-
-
-def wait_until(condition, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.0005)
-
-
 @pytest.fixture
 def receiver(sockdir):
-    dest = os.path.join(sockdir, "dest")
-    os.mkdir(dest)
-    cli = Cli("receive", "--listen", "127.0.0.1:0", "--once", "--control-dir", dest,
-              "--report", os.path.join(sockdir, "dest.json"), "--idle-timeout", "5")
-    cli.address = cli.wait_line("listening on ").rsplit(" ", 1)[-1]
-    cli.control_dir, cli.report = dest, os.path.join(sockdir, "dest.json")
+    cli = Receiver(sockdir, "--idle-timeout", "5")
     yield cli
     cli.kill()
 
@@ -137,7 +58,7 @@ def assert_source_runs_and_receiver_discarded(guest, receiver) -> None:
         try:
             with GuestClient(os.path.join(receiver.control_dir, name), timeout=2) as client:
                 assert client.stats()["state"] != "running", "a destination guest resumed"
-        except Exception as exc:   # noqa: BLE001 - a socket its killed guest left behind
+        except GuestError as exc:   # a socket its killed guest left behind
             assert "cannot connect" in str(exc), exc
 
 
@@ -193,7 +114,7 @@ def test_a_committed_source_stays_stopped_and_says_so(sockdir, receiver):
         assert record is not None and record.applies_to(guest.pid) and record.destination == receiver.address
         assert record.migrator_pid == cli.popen.pid and len(record.migration) == 32
         with GuestClient(guest.control, timeout=2) as client:
-            with pytest.raises(Exception, match=f"refusing to thaw guest pid {guest.pid}: migration {record.migration}"):
+            with pytest.raises(GuestError, match=f"refusing to thaw guest pid {guest.pid}: migration {record.migration}"):
                 client.thaw()
         time.sleep(0.2)
         assert thread_states(guest.pid) == {"T"}

@@ -93,6 +93,9 @@ class Throttle:
         try:
             ready.result(START_TIMEOUT_S)
         except FutureTimeout:
+            with self._cond:     # if it gets there after all, the thread lets go at once
+                self._state = _CLOSED
+                self._commands.append(_Command("close", (), Future()))
             raise GuestError(f"cannot throttle pid {pid}: seizing its threads took more than {START_TIMEOUT_S:g} s") from None
         except GuestError:
             self._thread.join(START_TIMEOUT_S)
