@@ -38,7 +38,10 @@ import time
 from dataclasses import dataclass
 
 from ..core.errors import GuestError
-from ..tracker._sys import (
+from ..tracker.ptrace import (
+    PTRACE_EVENT_CLONE,
+    PTRACE_EVENT_STOP,
+    PTRACE_O_TRACECLONE,
     ptrace_cont,
     ptrace_detach,
     ptrace_geteventmsg,
@@ -47,7 +50,6 @@ from ..tracker._sys import (
     ptrace_seize,
     wait_tracee,
 )
-from ..tracker._uapi import PTRACE_EVENT_CLONE, PTRACE_EVENT_STOP, PTRACE_O_TRACECLONE
 
 RUNNING = "running"        # resumed by us (or never stopped): may report a stop at any time
 HELD = "held"              # in a ptrace-stop we keep (interrupt, clone event, a new thread's first stop)
