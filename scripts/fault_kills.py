@@ -79,6 +79,7 @@ class Outcome:
     state_file: bool            # a committed-state file names the source
     dest_running: bool
     dest_result: str | None
+    hung: str                   # a CLI still running SETTLE_TIMEOUT_S after the kill (then killed), and its last lines
 
     @property
     def stuck(self) -> bool:
@@ -149,23 +150,24 @@ def run_trial(workdir: str, scenario: Scenario, victim: str, delay_s: float, at_
             while thread_states(guest.pid) != {"t"} and migrate.popen.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.0002)
         child = migrate if victim == "migrate" else receiver
-        at_kill = ""
-        if child.popen.poll() is None:
-            at_kill = "".join(sorted(thread_states(guest.pid)))
-            child.sigkill()
-        try:
-            migrate.wait(SETTLE_TIMEOUT_S)
-            receiver.wait(SETTLE_TIMEOUT_S)
-            source = source_state(guest)
-        except subprocess.TimeoutExpired:
-            source = "a CLI hung"
+        states = "".join(sorted(thread_states(guest.pid)))
+        at_kill = states if child.sigkill() else ""
+        hung = []
+        for cli in (migrate, receiver):
+            try:
+                cli.wait(SETTLE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                hung.append(f"{cli.popen.args[3]} hung: {' | '.join(cli.lines[-3:])}")
+                cli.kill()
+        source = source_state(guest)
         try:
             record = committed.read_record(control)
         except GuestError:
             record = None     # unreadable: counted as no record, so as a finding
         return Outcome(victim, scenario.name, round(delay_s, 3), at_stop, at_kill, source,
                        state_file=record is not None and (source == "gone" or record.applies_to(guest.pid)),
-                       dest_running=destination_running(receiver), dest_result=dest_result(receiver))
+                       dest_running=destination_running(receiver), dest_result=dest_result(receiver),
+                       hung="; ".join(hung))
     finally:
         for cli in (migrate, receiver):
             if cli is not None:
@@ -217,7 +219,8 @@ def main() -> int:
             at_stop = victim == "migrate" and i % 4 >= 2
             outcome = run_trial(workdir, scenario, victim, rng.uniform(start, commit), at_stop)
             outcomes.append(outcome)
-            flags = " STUCK" * outcome.stuck + " BOTH-RUN" * outcome.both_run + " UNREADABLE" * (not outcome.readable)
+            flags = (" STUCK" * outcome.stuck + " BOTH-RUN" * outcome.both_run
+                     + " UNREADABLE" * (not outcome.readable) + (f" [{outcome.hung}]" if outcome.hung else ""))
             print(f"#{number:3d} kill {victim:8s} {scenario.name:13s} at {outcome.delay_s:6.2f} s"
                   f"{' (next stop)' if at_stop else ''} guest [{outcome.guest_at_kill or 'victim done'}]: "
                   f"source {outcome.source}, state file {'yes' if outcome.state_file else 'no'}, "
@@ -228,6 +231,7 @@ def main() -> int:
     both = sum(o.both_run for o in outcomes)
     readable = sum(o.readable for o in outcomes)
     killed_stopped = sum("t" in o.guest_at_kill for o in outcomes)
+    hung = sum(bool(o.hung) for o in outcomes)
     goals = [
         goal("source guests left stopped with no migration in progress (and no state file)", stuck,
              BASELINE_STUCK, 0, stuck == 0),
@@ -239,12 +243,13 @@ def main() -> int:
     result = {
         "seed": seed, "runs_per_victim": args.runs, "windows_s": windows,
         "kills_while_guest_stopped_by_tracer": killed_stopped,
+        "trials_with_a_hung_cli": hung,
         "by_outcome": _tally(outcomes),
         "trials": [vars(o) for o in outcomes],
         "goals": goals,
     }
-    print(f"\n{len(outcomes)} trials (seed {seed}), {killed_stopped} kills while the guest was stopped by its tracer",
-          file=sys.stderr)
+    print(f"\n{len(outcomes)} trials (seed {seed}), {killed_stopped} kills while the guest was stopped by its tracer, "
+          f"{hung} with a CLI still running {SETTLE_TIMEOUT_S:g} s after the kill", file=sys.stderr)
     for key, count in sorted(result["by_outcome"].items()):
         print(f"  {count:4d}  {key}", file=sys.stderr)
     return finish(result, goals, args.json, file=sys.stderr)

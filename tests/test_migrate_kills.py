@@ -69,7 +69,7 @@ def test_killed_in_round_0(sockdir, receiver):
             receiver.wait_line("receiving 16 MiB into restore guest")
             time.sleep(0.5)
             assert cli.popen.poll() is None and not cli.lines, cli.lines   # still in round 0
-            cli.sigkill()
+            assert cli.sigkill(), cli.lines
         finally:
             cli.kill()
         assert_source_runs_and_receiver_discarded(guest, receiver)
@@ -82,7 +82,7 @@ def test_killed_while_auto_converge_holds_the_guest_stopped(sockdir, receiver):
             cli.wait_line(lambda line: throttle_percent(line) > 0)
             # it is far from converging: the only stops now are the duty cycle's
             wait_until(lambda: thread_states(guest.pid) == {"t"}, "a duty-cycle stop", timeout=30)
-            cli.sigkill()
+            assert cli.sigkill(), cli.lines
         finally:
             cli.kill()
         assert_source_runs_and_receiver_discarded(guest, receiver)
@@ -96,7 +96,7 @@ def test_killed_during_the_final_freeze(sockdir, receiver):
         try:
             receiver.wait_line("receiving 16 MiB into restore guest")
             wait_until(lambda: stopped_for(guest.pid, 0.1), "the freeze", timeout=30)
-            cli.sigkill()
+            assert cli.sigkill(), cli.lines
         finally:
             cli.kill()
         assert_source_runs_and_receiver_discarded(guest, receiver)

@@ -188,17 +188,22 @@ class GuestStopper:
         tracer = tracer_of(self.pid)
         if tracer:
             raise GuestError(already_traced(self.pid, tracer))
+        ended: set[int] = set()
         while True:
-            new = [tid for tid in _thread_ids(self.pid) if tid not in self.threads]
+            new = [tid for tid in _thread_ids(self.pid) if tid not in self.threads and tid not in ended]
             if not new:
                 break
             for tid in new:
                 try:
                     ptrace_seize(tid, PTRACE_O_TRACECLONE)
                 except ProcessLookupError:
-                    continue    # ended meanwhile
+                    ended.add(tid)      # ended meanwhile
+                    continue
                 except PermissionError as exc:
                     tracer = tracer_of(tid)
+                    if tracer != self._tracer_tid and _thread_state(self.pid, tid) in ("Z", "X", None):
+                        ended.add(tid)  # a zombie (a leader that exited before its threads)
+                        continue
                     if tracer != self._tracer_tid:  # ours when a seized thread cloned it just now
                         raise GuestError(already_traced(self.pid, tracer) if tracer else
                                          f"cannot freeze guest pid {self.pid}: {exc.strerror}; it needs {RIGHTS}"

@@ -279,10 +279,10 @@ class Throttle:
                     self._add_stopped(time.monotonic() - stopped_at)
                 try:
                     result = self._execute(stopper, command)
-                except GuestError as exc:
-                    command.future.set_exception(exc)
                 except OSError as exc:
                     command.future.set_exception(GuestError(f"{command.name} of guest pid {self.pid} failed: {exc}"))
+                except Exception as exc:    # GuestError, or a misuse (RuntimeError): the caller's to raise
+                    command.future.set_exception(exc)
                 else:
                     command.future.set_result(result)
                 if command.name == "close":

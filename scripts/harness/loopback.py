@@ -58,9 +58,11 @@ class Cli:
                     return at
         return None
 
-    def sigkill(self) -> None:
-        self.popen.send_signal(signal.SIGKILL)
-        assert self.popen.wait(10) == -signal.SIGKILL
+    def sigkill(self) -> bool:
+        """SIGKILL it; True when that is what ended it (False: it had exited by itself)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+        return self.popen.wait(10) == -signal.SIGKILL
 
     def wait(self, timeout: float = 60.0) -> int:
         return self.popen.wait(timeout)
