@@ -88,3 +88,19 @@ def test_fields_are_checked(control, field, value):
 def test_an_unwritable_directory_fails_before_anything_is_visible(tmp_path):
     with pytest.raises(GuestError, match="cannot write the state file .*/missing/g.sock.state"):
         committed.StagedRecord(str(tmp_path / "missing" / "g.sock"), committed.new_record(os.getpid(), "m", ""))
+
+
+def test_a_new_guest_on_the_path_drops_a_dead_guests_record(sockdir):
+    from migrator.guest.spawn import spawn_guest
+
+    control = os.path.join(sockdir, "g.sock")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    write(control, committed.CommitRecord("old", "d:1", 1.0, gone.pid, 1, 1).to_json())
+    open(control, "w").close()     # and the socket file the killed guest left behind
+    with spawn_guest(control, size=4 << 20, dirty_rate=1000, extra_args=["--exit-with-parent"]) as guest:
+        assert not os.path.exists(committed.state_path(control))
+        with guest.client() as client:
+            assert client.commit_record() is None
+            client.pause()
+            client.resume()          # nothing refuses a guest no record names
