@@ -4,17 +4,23 @@ Every call has a socket timeout; a timeout, a closed socket or an error reply ra
 After a timeout the connection is closed (a late reply would be mistaken for the next one).
 A ``sync-wp`` attachment lives as long as the client that made it: closing the client (or the
 process dying) makes the guest drop the synchronous registration.
+
+A guest that a migration committed (its state file says so, see ``migrator.guest.committed``)
+runs at the destination now: ``resume`` and ``thaw`` refuse it here, before asking the guest.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import struct
 from dataclasses import dataclass
 
 from ..core.errors import GuestError
 from ..core.model import MemoryLayout, Region
 from ..tracker.handover import recv_fds
+from . import committed
 from .control import LineBuffer, encode, parse_reply
 
 MAX_FDS = 4
@@ -47,6 +53,8 @@ class GuestClient:
         self._sock.settimeout(timeout)
         try:
             self._sock.connect(path)
+            # who listens there, known from the socket even while the guest is stopped
+            self.pid = struct.unpack("3i", self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
         except OSError as exc:
             self._sock.close()
             raise GuestError(f"cannot connect to the guest control socket {path}: {exc.strerror or exc}") from exc
@@ -95,7 +103,30 @@ class GuestClient:
         return self.request("pause", at_step=at_step)["steps"]
 
     def resume(self, until_step: int | None = None) -> None:
+        self._refuse_if_committed("resume")
         self.request("resume", until_step=until_step)
+
+    def thaw(self) -> None:
+        """Continue a guest stopped by a signal (SIGCONT), unless a migration committed it."""
+        self._refuse_if_committed("thaw")
+        try:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+            finally:
+                os.close(pidfd)
+        except OSError as exc:
+            raise GuestError(f"cannot thaw guest pid {self.pid}: {exc.strerror}") from None
+
+    def commit_record(self) -> committed.CommitRecord | None:
+        """The state file's record when it names this guest (GuestError if it cannot be read)."""
+        record = committed.read_record(self.path)
+        return record if record is not None and record.applies_to(self.pid) else None
+
+    def _refuse_if_committed(self, action: str) -> None:
+        refusal = committed.refusal(self.path, self.pid, action)
+        if refusal:
+            raise GuestError(refusal)
 
     def set_tag(self, tag: str) -> None:
         self.request("set-tag", tag=tag)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..core.errors import GuestError, MigratorError
 from ..core.model import PAGE_SIZE
 from ..tracker.handover import send_fds
+from . import committed
 from .layout import Settings
 from .mapping import RegionMapping
 from .control import LineBuffer, Request, error_reply, ok_reply, parse_request
@@ -112,6 +113,9 @@ class GuestServer:
         return {"steps": self.runner.pause(at_step)}, []
 
     def _resume(self, owner: object, until_step: int | None = None):
+        refusal = committed.refusal(self.config.control, os.getpid(), "resume")
+        if refusal:
+            raise GuestError(refusal)
         self.runner.resume(until_step)
         return {}, []
 
@@ -212,12 +216,22 @@ def _claim_socket_path(path: str) -> None:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         os.unlink(path)
+        committed.discard_stale(path)   # a committed guest's record outlives it only if killed
         return
     except OSError as exc:
         raise GuestError(f"control socket path {path}: {exc.strerror}") from exc
     finally:
         probe.close()
     raise GuestError(f"control socket {path} is in use by another process")
+
+
+def _stop_again_if_committed(control: str) -> None:
+    """SIGCONT woke a guest whose state file says a migration committed it: the copy at the
+    destination is the live one, so stop again (the writer ran for the moment this took)."""
+    refusal = committed.refusal(control, os.getpid(), "run")
+    if refusal:
+        print(f"migrator guest: {refusal}; stopping again", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def run_guest(config: GuestConfig) -> int:
@@ -230,6 +244,7 @@ def run_guest(config: GuestConfig) -> int:
     except OSError as exc:
         raise GuestError(f"cannot listen on {config.control}: {exc.strerror}") from exc
     previous = signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    previous_cont = signal.signal(signal.SIGCONT, lambda *_: _stop_again_if_committed(config.control))
     try:
         os.chmod(config.control, 0o600)
         listener.listen(16)
@@ -245,6 +260,7 @@ def run_guest(config: GuestConfig) -> int:
         server.serve(listener)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGCONT, previous_cont)
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(config.control)

@@ -122,9 +122,9 @@ class SourceMigration:
             with deadline(s.round_timeout_s, "the switch-over: final copy, verification, commit (--round-timeout)"):
                 sent_at = await final_copy(guest, sink, pages, digests, dirty, state, verify=s.verify)
                 try:
-                    await commit(sink, state, sent_at)
+                    await commit(sink, guest, state, sent_at, migration=self.id, destination=self.address)
                 finally:
-                    guest.committed = sink.committed
+                    guest.committed = guest.committed or sink.committed
             if not s.keep_source:
                 guest.terminate()
 

@@ -11,6 +11,7 @@ resumes (the caller kills it, or keeps it frozen with ``--keep-source``).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -73,8 +74,11 @@ async def final_copy(guest: AttachedGuest, sink: Sink, pages: PageStream, digest
     return t
 
 
-async def commit(sink: PeerSink, state: Switchover, digests_sent_at: float) -> None:
-    """Wait for the destination's verdict, then cross the point of no return."""
+async def commit(sink: PeerSink, guest: AttachedGuest, state: Switchover, digests_sent_at: float, *,
+                 migration: str, destination: str) -> None:
+    """Wait for the destination's verdict, then cross the point of no return: the guest's stop
+    is made permanent and recorded in its state file (``Throttle.commit``) before Commit is sent,
+    so a migrator that dies from here on leaves a source that never runs again."""
     ack = await sink.expect_ack(p.Acked.DIGEST)
     state.parts["verify"] = ms(time.perf_counter() - digests_sent_at) - state.parts.get("region_digest", 0.0)
     for key, value in ack.timings_ms.items():
@@ -84,6 +88,10 @@ async def commit(sink: PeerSink, state: Switchover, digests_sent_at: float) -> N
     state.verified = True
     # ---- point of no return: from here the source guest never resumes ----
     t = time.perf_counter()
+    await trio.to_thread.run_sync(
+        functools.partial(guest.throttle.commit, migration, control=guest.guest_control, destination=destination)
+    )
+    guest.committed = True
     ack = await sink.commit()
     state.parts["commit"] = ms(time.perf_counter() - t)
     if not ack.ok:

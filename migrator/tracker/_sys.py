@@ -13,6 +13,12 @@ import os
 
 from ._uapi import (
     PAGEMAP_SCAN,
+    PTRACE_CONT,
+    PTRACE_DETACH,
+    PTRACE_GETEVENTMSG,
+    PTRACE_INTERRUPT,
+    PTRACE_LISTEN,
+    PTRACE_SEIZE,
     SYSCALLS,
     UFFD_API,
     UFFDIO_API,
@@ -22,6 +28,8 @@ from ._uapi import (
     UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
     UFFDIO_WRITEPROTECT_MODE_WP,
     USERFAULTFD_IOC_NEW,
+    WAIT_ALL,
+    WAIT_NOTHREAD,
     ffi,
     libc,
 )
@@ -54,7 +62,7 @@ def _ioctl(fd: int, request: int, arg, what: str) -> None:
             raise _os_error(exc.errno, what) from None
 
 
-def _syscall(name: str, *args: int) -> int:
+def _syscall(name: str, *args: int, what: str | None = None) -> int:
     number = SYSCALLS.get(name)
     if number is None:
         raise _os_error(_errno.ENOSYS, f"{name} (syscall number unknown on this architecture)")
@@ -63,7 +71,7 @@ def _syscall(name: str, *args: int) -> int:
         rc = libc.syscall(number, *c_args)
         if rc == -1 and ffi.errno == _errno.EINTR:
             continue
-        return check(rc, name)
+        return check(rc, what or name)
 
 
 def buffer_address(buffer) -> int:
@@ -209,3 +217,56 @@ def process_vm_readv(pid: int, local_iov, remote_iov, count: int, *, what: str =
 def process_vm_writev(pid: int, local_iov, remote_iov, count: int, *, what: str = "process_vm_writev") -> int:
     rc = libc.process_vm_writev(pid, local_iov, count, remote_iov, count, 0)
     return check(rc, what)
+
+
+# --- ptrace ---------------------------------------------------------------------------------------
+# The kernel takes requests for a tracee only from the thread that seized it (any other thread
+# gets ESRCH), so a caller keeps one thread for all of these. SEIZE and INTERRUPT work on a
+# running tracee; CONT, LISTEN, DETACH and GETEVENTMSG need it in a ptrace-stop (ESRCH otherwise,
+# and when it is gone).
+
+
+def ptrace_seize(tid: int, options: int) -> None:
+    """Trace thread ``tid`` without stopping it (PTRACE_SEIZE); ``options`` are PTRACE_O_* bits."""
+    _syscall("ptrace", PTRACE_SEIZE, tid, 0, options, what=f"PTRACE_SEIZE of thread {tid}")
+
+
+def ptrace_interrupt(tid: int) -> None:
+    """Ask a seized thread to enter a ptrace-stop (reported by ``wait_tracee`` as PTRACE_EVENT_STOP)."""
+    _syscall("ptrace", PTRACE_INTERRUPT, tid, 0, 0, what=f"PTRACE_INTERRUPT of thread {tid}")
+
+
+def ptrace_cont(tid: int, sig: int = 0) -> None:
+    """Resume a stopped tracee, delivering ``sig`` (0 = none): how a signal is re-injected."""
+    _syscall("ptrace", PTRACE_CONT, tid, 0, sig, what=f"PTRACE_CONT of thread {tid}")
+
+
+def ptrace_listen(tid: int) -> None:
+    """Release a tracee in a group-stop without running it: it stays stopped like an untraced
+    process would, and reports again when SIGCONT (or PTRACE_INTERRUPT) wakes it."""
+    _syscall("ptrace", PTRACE_LISTEN, tid, 0, 0, what=f"PTRACE_LISTEN of thread {tid}")
+
+
+def ptrace_detach(tid: int, sig: int = 0) -> None:
+    """Stop tracing a stopped tracee, delivering ``sig`` (0 = none) as it resumes."""
+    _syscall("ptrace", PTRACE_DETACH, tid, 0, sig, what=f"PTRACE_DETACH of thread {tid}")
+
+
+def ptrace_geteventmsg(tid: int) -> int:
+    """The message of the event ``tid`` is stopped at (for PTRACE_EVENT_CLONE: the new thread's id)."""
+    message = ffi.new("unsigned long *")
+    _syscall("ptrace", PTRACE_GETEVENTMSG, tid, 0, int(ffi.cast("uintptr_t", message)),
+             what=f"PTRACE_GETEVENTMSG of thread {tid}")
+    return int(message[0])
+
+
+def wait_tracee(*, block: bool) -> tuple[int, int] | None:
+    """The next stop or exit of a tracee of the *calling thread*: ``(tid, wait status)``, or None
+    when ``block`` is False and nothing is pending; ``ChildProcessError`` when it has none left.
+
+    ``__WNOTHREAD`` keeps it from reaping children of the process's other threads (a test's
+    subprocesses, say); ``__WALL`` reports threads as well as processes.
+    """
+    flags = WAIT_ALL | WAIT_NOTHREAD | (0 if block else os.WNOHANG)
+    tid, status = os.waitpid(-1, flags)
+    return None if tid == 0 else (tid, status)

@@ -1,4 +1,4 @@
-"""Kernel ABI for userfaultfd, PAGEMAP_SCAN and cross-process memory access: the only place.
+"""Kernel ABI for userfaultfd, PAGEMAP_SCAN, ptrace and cross-process memory access: the only place.
 
 The system headers on many machines predate these features, so everything is written out here
 from the released kernel's uapi headers (``include/uapi/linux/userfaultfd.h``,
@@ -73,8 +73,8 @@ def _IOWR(kind: int, nr: int, struct: str) -> int:
 
 # --- syscall numbers: x86-64 only (arch-specific; other arches would add a row) -----------------
 _SYSCALLS = {
-    "x86_64": {"userfaultfd": 323, "pidfd_open": 434, "pidfd_getfd": 438},
-    "aarch64": {"userfaultfd": 282, "pidfd_open": 434, "pidfd_getfd": 438},
+    "x86_64": {"userfaultfd": 323, "pidfd_open": 434, "pidfd_getfd": 438, "ptrace": 101},
+    "aarch64": {"userfaultfd": 282, "pidfd_open": 434, "pidfd_getfd": 438, "ptrace": 117},
 }
 SYSCALLS = _SYSCALLS.get(platform.machine(), {})
 
@@ -148,6 +148,25 @@ PM_ENTRY_SOFT_DIRTY = 1 << 55
 PM_ENTRY_UFFD_WP = 1 << 57
 PM_ENTRY_SWAPPED = 1 << 62
 PM_ENTRY_PRESENT = 1 << 63
+
+# --- ptrace (include/uapi/linux/ptrace.h) and wait flags (include/uapi/linux/wait.h) -----------
+# Only what a stop that ends with its tracer needs: SEIZE (attach without stopping), INTERRUPT
+# (stop), CONT / LISTEN (resume, or stay in a group-stop someone else started), DETACH, and the
+# clone event that attaches new threads by themselves. Never PTRACE_O_EXITKILL: the whole point
+# is that the tracees live on, running, when the tracer dies.
+PTRACE_CONT = 7
+PTRACE_DETACH = 17
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+
+PTRACE_EVENT_CLONE = 3
+PTRACE_EVENT_STOP = 128
+PTRACE_O_TRACECLONE = 1 << PTRACE_EVENT_CLONE
+
+WAIT_ALL = 0x40000000        # __WALL: threads (clone children) as well as processes
+WAIT_NOTHREAD = 0x20000000   # __WNOTHREAD: only the calling thread's children and tracees
 
 # --- process_vm_readv / writev ------------------------------------------------------------------
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024

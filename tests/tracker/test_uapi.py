@@ -33,3 +33,13 @@ def test_uffd_msg_field_offsets():
     assert u.ffi.offsetof("struct uffd_msg", "arg") == 8
     assert u.ffi.offsetof("struct pm_scan_arg", "walk_end") == 32
     assert u.ffi.offsetof("struct pm_scan_arg", "return_mask") == 88
+
+
+def test_ptrace_constants_match_kernel_headers():
+    # include/uapi/linux/ptrace.h and include/uapi/linux/wait.h
+    assert (u.PTRACE_CONT, u.PTRACE_DETACH) == (7, 17)
+    assert (u.PTRACE_GETEVENTMSG, u.PTRACE_SEIZE, u.PTRACE_INTERRUPT, u.PTRACE_LISTEN) == (0x4201, 0x4206, 0x4207, 0x4208)
+    assert (u.PTRACE_EVENT_CLONE, u.PTRACE_EVENT_STOP, u.PTRACE_O_TRACECLONE) == (3, 128, 0x8)
+    assert (u.WAIT_ALL, u.WAIT_NOTHREAD) == (0x40000000, 0x20000000)
+    assert u.ffi.sizeof("unsigned long") == 8     # what PTRACE_GETEVENTMSG writes
+    assert u.SYSCALLS["ptrace"] in (101, 117)       # x86-64, aarch64
