@@ -39,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="encrypt with TLS, verifying the receiver's certificate against the system's CAs")
     parser.add_argument("--report", metavar="run.json", help="write the JSON report here")
     parser.add_argument("--plot", metavar="out.png", help="also draw the report (needs matplotlib)")
-    parser.add_argument("--round-timeout", type=options.positive, default=300.0, metavar="S", help="fail (and resume the source) if a round or the switch-over takes longer (default 300)")
+    parser.add_argument("--round-timeout", type=options.positive, default=300.0, metavar="S", help="fail (and resume the source) if a round takes longer (default 300)")
+    parser.add_argument("--switchover-timeout", type=options.positive, default=None, metavar="S",
+                        help="fail (and resume the source) if the switch-over, from the freeze to the commit, takes longer "
+                             "(default: 40 times --downtime-ms, at least 2 s, plus 2 s per GiB with --verify full)")
     parser.add_argument("--quiet", action="store_true", help="no per-round lines")
 
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         downtime_ms=args.downtime_ms, max_rounds=args.max_rounds, bandwidth=args.bandwidth,
         compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
         force_switchover=args.force_switchover, keep_source=args.keep_source,
-        token=options.read_token(args.token_file), round_timeout_s=args.round_timeout,
+        token=options.read_token(args.token_file), round_timeout_s=args.round_timeout, switchover_timeout_s=args.switchover_timeout,
         tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
     )
     check_tls_address(parse_address(args.to), settings.tls)

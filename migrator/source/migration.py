@@ -26,7 +26,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..core.deadlines import deadline
 from ..core.digest import PageDigests
 from ..core.errors import MigrationFailed
 from ..core.failures import describe
@@ -37,7 +36,7 @@ from .policy import PolicySettings
 from .report import MigrationReport, report_of
 from .rounds import Precopy
 from .sink import PeerSink
-from .switchover import Switchover, commit, final_copy
+from .switchover import Switchover, bounded, commit, final_copy, switchover_deadline_s
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,7 @@ class MigrateSettings:
     keep_source: bool = False
     token: bytes | None = None
     round_timeout_s: float = 300.0
+    switchover_timeout_s: float | None = None  # None: derived from the target (switchover_deadline_s)
     tls: ssl.SSLContext | None = None   # a client context (transport.client_context): TLS links
 
     def __post_init__(self) -> None:
@@ -60,6 +60,8 @@ class MigrateSettings:
             raise ValueError(f"verify must be 'pages' or 'full', not {self.verify!r}")
         if self.downtime_ms <= 0 or self.max_rounds < 1 or self.streams < 1:
             raise ValueError("downtime_ms, max_rounds and streams must be positive")
+        if self.switchover_timeout_s is not None and not self.switchover_timeout_s > 0:
+            raise ValueError("switchover_timeout_s must be positive")
 
     def policy(self) -> PolicySettings:
         return PolicySettings(downtime_ms=self.downtime_ms, max_rounds=self.max_rounds,
@@ -119,7 +121,9 @@ class SourceMigration:
             dirty, decision = await precopy.run()
             self._rule = (str(decision.rule), decision.reason)
             state = self._switchover = Switchover(number=len(precopy.rounds))
-            with deadline(s.round_timeout_s, "the switch-over: final copy, verification, commit (--round-timeout)"):
+            limit = s.switchover_timeout_s or switchover_deadline_s(s.downtime_ms, verify=s.verify,
+                                                                     region_bytes=layout.total_bytes)
+            with bounded(state, limit):
                 sent_at = await final_copy(guest, sink, pages, digests, dirty, state, verify=s.verify)
                 try:
                     await commit(sink, guest, state, sent_at, migration=self.id, destination=self.address)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import functools
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
 
 from .. import protocol as p
 from ..core.digest import PageDigests, region_digest, region_digest_read
-from ..core.errors import MigrationFailed, MigratorError
+from ..core.errors import DeadlineExceeded, MigrationFailed, MigratorError
 from ..core.model import Run
 from ..core.runs import count_pages, union
 from ..tracker.memory import MemfdMemory
@@ -29,6 +30,34 @@ from .rounds import ms
 from .sink import PeerSink, Sink
 
 DIGEST_CHUNK = 1 << 20   # bytes per read while hashing the frozen region (--verify full)
+# The switch-over's own deadline, from the freeze to the commit: this many times the downtime
+# target, at least MIN_DEADLINE_S, plus FULL_VERIFY_S_PER_GIB per GiB with --verify full (both
+# ends hash the whole region inside it). Past it the migration aborts and the source resumes:
+# a stalled receiver must not hold the guest frozen for a round timeout.
+DEADLINE_TARGETS = 40
+MIN_DEADLINE_S = 2.0
+FULL_VERIFY_S_PER_GIB = 2.0
+
+
+def switchover_deadline_s(downtime_ms: float, *, verify: str, region_bytes: int) -> float:
+    """How long the switch-over may take before it counts as stalled (see DEADLINE_TARGETS)."""
+    limit = max(MIN_DEADLINE_S, DEADLINE_TARGETS * downtime_ms / 1000)
+    if verify == "full":
+        limit += FULL_VERIFY_S_PER_GIB * region_bytes / (1 << 30)
+    return limit
+
+
+@contextmanager
+def bounded(state: Switchover, seconds: float):
+    """Fail with one line naming the step that stalled once ``seconds`` have passed; after the
+    point of no return the failure says so (the caller keeps the source frozen)."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise DeadlineExceeded(
+            f"the switch-over stalled at '{state.step}' (over {seconds:g} s since the freeze; --switchover-timeout)"
+        ) from None
 
 
 @dataclass
@@ -41,6 +70,7 @@ class Switchover:
     final_pages: int | None = None
     downtime_ms: float | None = None
     verified: bool = False
+    step: str = "freeze"                         # what it is doing now, for a stall's message
 
 
 async def final_copy(guest: AttachedGuest, sink: Sink, pages: PageStream, digests: PageDigests,
@@ -51,17 +81,20 @@ async def final_copy(guest: AttachedGuest, sink: Sink, pages: PageStream, digest
     await trio.to_thread.run_sync(guest.throttle.freeze)
     state.parts["freeze"] = ms(time.perf_counter() - state.freeze_at)
     await sink.send(p.Freeze(round=state.number))
+    state.step = "final scan"
     t = time.perf_counter()
     late = await trio.to_thread.run_sync(guest.tracker.collect)
     final = union(dirty, late, layout.page_size)
     state.parts["final_scan"] = ms(time.perf_counter() - t)
     timer = RoundTimer(state.number, count_pages(final))
+    state.step = "final send"
     t = time.perf_counter()
     await pages.send(timer, final)
     await sink.send(p.RoundEnd(round=state.number, pages=timer.dirty_pages, final=True))
     await sink.flush()
     state.parts["final_send"] = ms(time.perf_counter() - t)
     state.final_pages = timer.dirty_pages
+    state.step = "digests"
     t = time.perf_counter()
     await sink.send(p.Digest(kind=p.DigestKind.PAGES, value=digests.value(), last=verify != "full"))
     if verify == "full":
@@ -79,6 +112,7 @@ async def commit(sink: PeerSink, guest: AttachedGuest, state: Switchover, digest
     """Wait for the destination's verdict, then cross the point of no return: the guest's stop
     is made permanent and recorded in its state file (``Throttle.commit``) before Commit is sent,
     so a migrator that dies from here on leaves a source that never runs again."""
+    state.step = "the destination's verification"
     ack = await sink.expect_ack(p.Acked.DIGEST)
     state.parts["verify"] = ms(time.perf_counter() - digests_sent_at) - state.parts.get("region_digest", 0.0)
     for key, value in ack.timings_ms.items():
@@ -87,6 +121,7 @@ async def commit(sink: PeerSink, guest: AttachedGuest, state: Switchover, digest
         raise MigrationFailed(f"destination refused the copy: {ack.reason or 'verification failed'}")
     state.verified = True
     # ---- point of no return: from here the source guest never resumes ----
+    state.step = "commit"
     t = time.perf_counter()
     await trio.to_thread.run_sync(
         functools.partial(guest.throttle.commit, migration, control=guest.guest_control, destination=destination)
