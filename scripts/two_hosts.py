@@ -33,6 +33,7 @@ import trio
 from migrator.guest.client import GuestClient
 from migrator.guest.layout import PAGE_SIZE, parse_size
 from harness import netns
+from migrator.core.failures import expected_cause
 from harness.bench import finish, goal
 from harness.faultproxy import FaultProxy, Faults
 from harness.hosts import (
@@ -226,12 +227,6 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _is_interrupt(exc: BaseException) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(KeyboardInterrupt) is not None
-    return isinstance(exc, KeyboardInterrupt)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     reason = netns.unavailable()
@@ -248,7 +243,7 @@ def main(argv=None) -> int:
         log(f"hosts: a = {bed.a.netns} {bed.a.dev} {bed.a.address}, b = {bed.b.netns} {bed.b.dev} {bed.b.address}")
         out = trio.run(run, args, bed, workdir)
     except BaseException as exc:
-        if not _is_interrupt(exc):
+        if not isinstance(expected_cause(exc), KeyboardInterrupt):
             raise
         out = None
     finally:
