@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -52,6 +53,7 @@ from migrator.guest.spawn import spawn_guest
 from migrator.core.model import Region
 from migrator.cli.render import format_round_table, format_summary
 from migrator.core.runs import split_runs
+from migrator.core.tokens import load_default_token
 from migrator.core.units import parse_rate
 from migrator.source.migration import MigrateSettings, SourceMigration
 from migrator.source.pages import BATCH_PAGES, MAX_RUNS_PER_EVENT
@@ -127,7 +129,8 @@ def run_sink() -> None:
 
 
 class Receiver:
-    """``migrator receive --once`` in its own process, started as an operator would."""
+    """``migrator receive --once`` in its own process, started as an operator would: sources
+    prove this user's default token, which it makes if there is none (``token``)."""
 
     def __init__(self, work: str, name: str, size: int, *, memfd: bool, prepare: bool) -> None:
         self.report_path = os.path.join(work, f"{name}-dest.json")
@@ -137,6 +140,7 @@ class Receiver:
         argv += ["--prepare", str(size)] if prepare else []
         self.popen = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
         self.address = self._line("listening on").rsplit(" ", 1)[-1]
+        self.token = load_default_token()
         self.prepared = self._line("prepared") if prepare else None
 
     def _line(self, marker: str) -> str:
@@ -164,7 +168,7 @@ def migrate(guest, settings: MigrateSettings, receiver: Receiver) -> tuple[dict,
     """The source's and the destination's reports, and the CPU seconds each process spent."""
     started = cpu_seconds()
     try:
-        report = trio.run(SourceMigration(guest.control, receiver.address, settings).run).to_dict()
+        report = trio.run(SourceMigration(guest.control, receiver.address, replace(settings, token=receiver.token)).run).to_dict()
     finally:
         source_cpu = cpu_seconds() - started
         dest = receiver.finish()

@@ -45,13 +45,15 @@ def main() -> int:
                   "--report", os.path.join(args.out, "dest.json")],
             stderr=subprocess.PIPE, text=True,
         )
-        line = receiver.stderr.readline()
-        match = re.search(r"listening on (\S+)", line)
-        prepared = receiver.stderr.readline()
+        # the receiver makes (or reuses) this user's token and says where; migrate finds it there
+        lines = [receiver.stderr.readline() for _ in range(3)]   # token, listening on, prepared
+        match = re.search(r"listening on (\S+)", lines[1])
+        prepared = lines[2]
         if not match or "prepared" not in prepared:
             receiver.kill()
-            print(f"demo: receiver did not start: {line.strip()} {prepared.strip()}", file=sys.stderr)
+            print(f"demo: receiver did not start: {' '.join(line.strip() for line in lines)}", file=sys.stderr)
             return 1
+        print(f"demo: {lines[0].strip()}")
         address = match.group(1)
         print(f"demo: {prepared.strip()}")
         report = os.path.join(args.out, "run.json")

@@ -37,7 +37,7 @@ from migrator.core.failures import expected_cause
 from harness.bench import finish, goal
 from harness.faultproxy import FaultProxy, Faults
 from harness.hosts import (
-    spawn_guest_in, start_migrate, start_receiver, steps_advance, write_certificate, write_token,
+    spawn_guest_in, start_migrate, start_receiver, steps_advance, write_certificate,
 )
 from migrator.tracker import TRACKERS
 
@@ -146,12 +146,13 @@ async def run(args: argparse.Namespace, bed: netns.Testbed, workdir: str) -> dic
         out["baseline"] = {"pushed_bytes": pushed, "push_s": push_s, "throughput": throughput, "push_all_s": push_all_s}
 
         # --- the migration --------------------------------------------------------------------
-        token = write_token(workdir)
+        # no token options: the receiver uses (and makes if needed) this user's default token file,
+        # which migrate finds there too, the namespaces sharing one file system
         tls_receive, tls_migrate = [], []
         if args.tls:
             cert, key = write_certificate(workdir, bed.b.address)
             tls_receive, tls_migrate = ["--tls-cert", cert, "--tls-key", key], ["--tls-ca", cert]
-        receiver = await start_receiver(nursery, bed, workdir, token_file=token, once=True,
+        receiver = await start_receiver(nursery, bed, workdir, token_file=None, once=True,
                                         extra=([] if args.cold else ["--prepare", str(size)]) + tls_receive,
                                         echo=lambda line: log(f"[b] {line}"))
         if not args.cold:
@@ -172,7 +173,7 @@ async def run(args: argparse.Namespace, bed: netns.Testbed, workdir: str) -> dic
         try:
             report_path = os.path.join(workdir, "run.json")
             migrate = await start_migrate(
-                nursery, bed, control, to, token_file=token, report=report_path, stdout=None,
+                nursery, bed, control, to, token_file=None, report=report_path, stdout=None,
                 extra=["--downtime-ms", str(args.downtime_ms), "--tracker", args.tracker, "--compress", args.compress,
                        "--streams", str(args.streams), "--verify", args.verify, *tls_migrate],
                 echo=lambda line: log(f"[a] {line}"),

@@ -15,7 +15,7 @@ def migrator(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_receive_refusing_to_listen_publicly_says_so_in_one_line():
-    result = migrator("receive", "--listen", "0.0.0.0:0")   # serve raises inside receive's nursery
+    result = migrator("receive", "--listen", "0.0.0.0:0", "--insecure")   # serve raises inside receive's nursery
     assert result.returncode == 1
     assert result.stderr.startswith("migrator: TransportError: refusing to listen on 0.0.0.0:0 without a token")
     assert result.stderr.count("\n") == 1, result.stderr

@@ -17,6 +17,7 @@ from migrator.core.errors import MigrationFailed
 from migrator.guest.spawn import spawn_guest
 from migrator.source.migration import MigrateSettings, SourceMigration
 from harness.faultproxy import FaultProxy, Faults
+from migrator.core.tokens import load_default_token
 from migrator.transport import serve
 
 MiB = 1 << 20
@@ -31,6 +32,14 @@ async def _receiver(nursery, outcomes, settings=ReceiveSettings()):
             outcomes.append(migration.report)
 
     return await nursery.start(functools.partial(serve, "127.0.0.1:0", handle, token=None))
+
+
+def _listening(receiver: subprocess.Popen) -> str:
+    """The address a ``migrator receive`` child listens on, from its "listening on" line."""
+    for line in receiver.stderr:
+        if "listening on " in line:
+            return line.strip().rsplit(" ", 1)[-1]
+    raise AssertionError(f"the receiver exited with status {receiver.wait()} before listening")
 
 
 def _port(address: str) -> int:
@@ -92,7 +101,7 @@ async def test_receiver_killed_mid_round_leaves_source_running(sockdir):
         stderr=subprocess.PIPE, text=True,
     )
     try:
-        address = receiver.stderr.readline().strip().rsplit(" ", 1)[-1]
+        address = _listening(receiver)
         with spawn_guest(os.path.join(sockdir, "src.sock"), size=128 * MiB, dirty_rate=5000, fill="random") as guest:
             client = guest.client()
             digest_before = client.digest()
@@ -101,7 +110,7 @@ async def test_receiver_killed_mid_round_leaves_source_running(sockdir):
                 await trio.sleep(1.0)
                 receiver.send_signal(signal.SIGKILL)
 
-            settings = MigrateSettings(bandwidth=20 * MiB, downtime_ms=1)
+            settings = MigrateSettings(bandwidth=20 * MiB, downtime_ms=1, token=load_default_token())
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(kill_receiver_soon)

@@ -4,7 +4,9 @@ Needs: the guest's control socket (the guest hands over its userfaultfd there), 
 rights over the guest (same user and ptrace_scope 0, or CAP_SYS_PTRACE) for PAGEMAP_SCAN and
 process_vm_readv, and a kernel with userfaultfd WP_ASYNC + PAGEMAP_SCAN (Linux 6.7+) for the
 default tracker (see ``migrator probe``). ``--tls-ca``/``--tls`` encrypt the links (the receiver
-then needs ``--tls-cert``/``--tls-key``).
+then needs ``--tls-cert``/``--tls-key``). Without ``--token-file`` the token is this user's token
+file, which a ``migrator receive`` of the same user on this host made; ``--insecure`` goes
+without, to a receiver started with ``--insecure``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", choices=("pages", "full"), default="pages")
     parser.add_argument("--force-switchover", action="store_true", help="switch over instead of throttling when not converging")
     parser.add_argument("--keep-source", action="store_true", help="keep the source guest frozen after commit instead of killing it")
-    parser.add_argument("--token-file", metavar="F")
+    options.add_token_options(parser, receiver=False)
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--tls-ca", metavar="FILE",
                      help="encrypt with TLS; the receiver's certificate must chain to FILE (a CA bundle, or the receiver's "
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         downtime_ms=args.downtime_ms, max_rounds=args.max_rounds, bandwidth=args.bandwidth,
         compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
         force_switchover=args.force_switchover, keep_source=args.keep_source,
-        token=options.read_token(args.token_file), round_timeout_s=args.round_timeout, switchover_timeout_s=args.switchover_timeout,
+        token=options.source_token(args), round_timeout_s=args.round_timeout, switchover_timeout_s=args.switchover_timeout,
         tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
     )
     check_tls_address(parse_address(args.to), settings.tls)

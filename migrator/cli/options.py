@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ..core import units
+from ..core.errors import TransportError
 from ..guest.layout import parse_size as parse_guest_size
+from ..core.tokens import load_default_token, read_token_file
 
 T = TypeVar("T")
 
@@ -91,10 +93,37 @@ def read_token(path: str | None) -> bytes | None:
     if path is None:
         return None
     try:
-        with open(path, "rb") as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise SystemExit(f"migrator: cannot read token file {path}: {exc.strerror}") from None
-    if len(token) < 16:
-        raise SystemExit(f"migrator: token file {path} holds {len(token)} bytes; use at least 16")
-    return token
+        return read_token_file(path)
+    except TransportError as exc:
+        raise SystemExit(f"migrator: {exc}") from None
+
+
+def add_token_options(parser: argparse.ArgumentParser, *, receiver: bool) -> None:
+    """``--token-file F`` or ``--insecure`` (never both) for the two ends of a live migration."""
+    group = parser.add_mutually_exclusive_group()
+    if receiver:
+        group.add_argument("--token-file", metavar="F",
+                           help="the token sources must prove (at least 16 bytes); default: this user's token file, "
+                                "made on first use (its path is printed)")
+        group.add_argument("--insecure", action="store_true",
+                           help="no authentication: any local user who can connect may send pages (loopback and unix "
+                                "sockets only; sources need --insecure too)")
+    else:
+        group.add_argument("--token-file", metavar="F",
+                           help="the receiver's token; default: this user's token file, which a receiver on this "
+                                "host made (for another host, copy its file)")
+        group.add_argument("--insecure", action="store_true",
+                           help="no authentication, for a receiver started with --insecure")
+
+
+def source_token(args: argparse.Namespace) -> bytes | None:
+    """The token ``migrate`` proves: ``--token-file``, else this user's default one; None with
+    ``--insecure``."""
+    if args.insecure:
+        return None
+    if args.token_file is not None:
+        return read_token(args.token_file)
+    try:
+        return load_default_token()
+    except TransportError as exc:
+        raise SystemExit(f"migrator: {exc}") from None

@@ -1,8 +1,13 @@
 """Receive live migrations: for each one start a restore-mode guest, apply, verify, resume.
 
-Listening on a non-loopback address requires ``--token-file`` (a pre-shared secret both sides
-hold). Needs ptrace rights over the restore guests it starts (it is their parent, so the
-default Yama ptrace_scope 1 allows it). ``--tls-cert``/``--tls-key`` make every connection TLS
+Sources must prove a token, loopback included. Without ``--token-file`` it is this user's token
+file (``$XDG_RUNTIME_DIR/migrator/token``, else ``~/.local/state/migrator/token``), made on first
+use: a ``migrate`` of the same user on this host finds it, a source on another host needs a copy
+(the path is printed). ``--insecure`` turns authentication off, on loopback and unix sockets only.
+Connections still in their handshake are capped (``--max-handshakes``, in all and per peer): past
+a cap the oldest waiting one is closed. A Layout larger than ``--max-size`` or than the memory
+available now is refused before a restore guest starts. Needs ptrace rights over the restore
+guests it starts (it is their parent, so the default Yama ptrace_scope 1 allows it). ``--tls-cert``/``--tls-key`` make every connection TLS
 (sources then need ``--tls-ca`` or ``--tls``); TLS encrypts, the token still says who may send.
 
 ``--prepare SIZE`` starts a restore guest of SIZE bytes before any migration arrives and faults
@@ -23,16 +28,31 @@ import tempfile
 import trio
 
 from ..core.errors import MigratorError, TransportError
+from ..core.tokens import ensure_default_token
 from .render import check_outputs, save_report
 from . import interrupts, options
-from ..transport import serve, server_context
+from ..transport import HandshakeLimits, serve, server_context
+from ..transport.net import HANDSHAKE_TIMEOUT_S
 from ..destination.engine import DestinationMigration, ReceiveSettings
 from ..destination.guests import RestoreGuests
 
 
+_LIMITS = HandshakeLimits()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (or unix:PATH)")
-    parser.add_argument("--token-file", metavar="F")
+    options.add_token_options(parser, receiver=True)
+    parser.add_argument("--max-size", type=options.size, default=ReceiveSettings.max_bytes, metavar="SIZE",
+                        help="refuse migrations of guests larger than this (default 64G); larger than the memory "
+                             "available when the migration arrives is refused too")
+    parser.add_argument("--max-handshakes", type=_count, default=_LIMITS.total, metavar="N",
+                        help=f"connections that may wait to authenticate at once (default {_LIMITS.total}); "
+                             "past it the oldest waiting one is closed")
+    parser.add_argument("--max-handshakes-per-peer", type=_count, default=_LIMITS.per_peer, metavar="N",
+                        help=f"the same from one address (an IPv6 /64; on a unix socket, one user) (default {_LIMITS.per_peer})")
+    parser.add_argument("--handshake-timeout", type=_seconds, default=HANDSHAKE_TIMEOUT_S, metavar="S",
+                        help=f"close a connection that has not finished its handshake this long (default {HANDSHAKE_TIMEOUT_S:g})")
     parser.add_argument("--tls-cert", metavar="FILE",
                         help="encrypt with TLS: this server's certificate chain (PEM); it must name the host or IP address "
                              "sources connect to (an IP needs an IP subjectAltName). Needs --tls-key")
@@ -48,17 +68,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=options.positive, default=120.0, metavar="S", help="fail a migration whose source is silent this long (default 120)")
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"expected a whole number >= 1, not {text!r}")
+    return int(text)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"expected a positive number of seconds, not {text!r}")
+    return value
+
+
+_count = options.option_type(_positive_int)
+_seconds = options.option_type(_positive_seconds)
+
+
 def _log(line: str) -> None:
     print(f"migrator receive: {line}", file=sys.stderr, flush=True)
 
 
+def _token(args: argparse.Namespace) -> tuple[bytes | None, str | None]:
+    """The token sources must prove (None with ``--insecure``), and the line to say about it
+    (none for a ``--token-file``: the operator knows where that is)."""
+    if args.insecure:
+        return None, "authentication off (--insecure): any local user who can connect may send pages"
+    if args.token_file is not None:
+        return options.read_token(args.token_file), None
+    path, token, created = ensure_default_token()
+    return token, (f"token {path} ({'new' if created else 'existing'}): sources of this user on this host use it; "
+                   "a source on another host needs a copy (--token-file)")
+
+
 def run(args: argparse.Namespace) -> int:
     check_outputs(report=args.report)
-    settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout)
-    token = options.read_token(args.token_file)
+    settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout,
+                               max_bytes=args.max_size)
+    limits = HandshakeLimits(total=args.max_handshakes, per_peer=args.max_handshakes_per_peer)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise TransportError("--tls-cert and --tls-key go together: give both, or neither for plain TCP")
     tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert is not None else None
+    token, token_line = _token(args)
     outcome: list[bool] = []
     made_dir = None if args.control_dir else tempfile.mkdtemp(prefix="migrator-")
     guests = RestoreGuests(args.control_dir or made_dir, memfd=args.memfd, prepare=args.prepare, log=_log)
@@ -83,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
                     if args.once:
                         nursery.cancel_scope.cancel()
 
-            bound = await nursery.start(functools.partial(serve, args.listen, handle, token=token, tls=tls))
+            bound = await nursery.start(functools.partial(serve, args.listen, handle, token=token, tls=tls, limits=limits,
+                                                       handshake_timeout=args.handshake_timeout))
+            if token_line is not None:
+                _log(token_line)
             _log(f"listening on {bound}")
             nursery.start_soon(functools.partial(guests.keep_prepared, again=not args.once))
 

@@ -21,6 +21,7 @@ from ..core.deadlines import deadline
 from ..core.digest import PageDigests
 from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolError
 from ..core.failures import describe
+from ..core.meminfo import mem_available
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from .guests import RestoreGuests, RestoreTarget
@@ -138,12 +139,30 @@ class DestinationMigration:
             raise
 
     async def _start_guest(self, layout: p.Layout) -> None:
+        """Start (or take the prepared) restore guest for ``layout``, once the Layout is known to
+        fit: within ``max_bytes`` and, unless a guest of its size is prepared (its memory is held
+        already), within the memory available now. A refusal is sent to the source as an Abort,
+        before any memory is touched."""
         self.src = MemoryLayout(pid=0, page_size=layout.page_size, regions=tuple(layout.regions))
         total = self.src.total_bytes
+        refusal = None
         if total > self.settings.max_bytes:
-            raise MigrationFailed(f"layout of {total} bytes exceeds this receiver's limit {self.settings.max_bytes}")
-        if len(self.src.regions) != 1:
-            raise MigrationFailed(f"layout has {len(self.src.regions)} regions; restore guests hold one")
+            refusal = f"layout of {total >> 20} MiB exceeds this receiver's limit of {self.settings.max_bytes >> 20} MiB (--max-size)"
+        elif len(self.src.regions) != 1:
+            refusal = f"layout has {len(self.src.regions)} regions; restore guests hold one"
+        elif self.guests is None or total != self.guests.prepare:
+            available = mem_available()
+            if available is not None and total > available:
+                refusal = (f"layout of {total >> 20} MiB exceeds the memory available on this receiver now "
+                           f"({available >> 20} MiB, MemAvailable)")
+        if refusal is not None:
+            with trio.move_on_after(ABORT_LOOKUP_S, shield=True):
+                try:
+                    await self.channel.send(p.Abort(reason=f"destination refused: {refusal}"))
+                    await self.channel.flush()
+                except Exception:  # noqa: BLE001 - the source may be gone; the refusal stands
+                    pass
+            raise MigrationFailed(refusal)
         if self.guests is None:
             control_dir = self.settings.control_dir or tempfile.mkdtemp(prefix="migrator-")
             self.guests = RestoreGuests(control_dir, memfd=self.settings.memfd)

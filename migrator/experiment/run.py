@@ -25,6 +25,7 @@ import trio
 
 from ..core.errors import GuestError, MigratorError
 from ..core.files import open_log
+from ..core.tokens import load_default_token
 from ..guest.client import GuestClient
 from ..guest.spawn import spawn_guest
 from ..source.migration import MigrateSettings, SourceMigration
@@ -38,7 +39,9 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class Receiver:
-    """A ``migrator receive`` child on a loopback port; restore guests' sockets in ``control_dir``."""
+    """A ``migrator receive`` child on a loopback port; restore guests' sockets in ``control_dir``.
+    It authenticates sources with this user's default token (``migrator.core.tokens``), made
+    by the child if there was none: ``token`` is read once it listens."""
 
     def __init__(self, control_dir: str, log_path: str | Path) -> None:
         self.control_dir = control_dir
@@ -47,6 +50,11 @@ class Receiver:
         argv = [sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0", "--control-dir", control_dir]
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
         self.address = self._wait_listening(log_path)
+        try:
+            self.token = load_default_token()
+        except MigratorError:
+            self.close()
+            raise
 
     def _wait_listening(self, log_path: str | Path) -> str:
         deadline = time.monotonic() + RECEIVER_START_TIMEOUT_S
@@ -106,10 +114,11 @@ def _unlink(path: str) -> None:
         pass
 
 
-def migrate_settings(cell: Cell, grid: Grid) -> MigrateSettings:
+def migrate_settings(cell: Cell, grid: Grid, token: bytes | None) -> MigrateSettings:
     return MigrateSettings(
         downtime_ms=grid.downtime_ms, max_rounds=grid.max_rounds, bandwidth=cell.bandwidth,
         compress=grid.compress, tracker=cell.tracker, verify="pages", force_switchover=not cell.auto_converge,
+        token=token,
     )
 
 
@@ -127,7 +136,7 @@ async def run_cell(cell: Cell, repeat: int, grid: Grid, receiver: Receiver, sock
     try:
         await trio.sleep(grid.settle_s)
         before = await trio.to_thread.run_sync(_stats, control)
-        migration = SourceMigration(control, receiver.address, migrate_settings(cell, grid))
+        migration = SourceMigration(control, receiver.address, migrate_settings(cell, grid, receiver.token))
         cpu, dest_cpu = process_cpu_s(), receiver.cpu_s()
         try:
             with trio.fail_after(CELL_TIMEOUT_S):

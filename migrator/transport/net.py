@@ -7,6 +7,9 @@ its session (authenticated with the session's secret, not the token) and carry p
 With ``tls`` (an ``ssl.SSLContext``, see ``tls.py``) every TCP connection is wrapped in a
 ``TLSStream`` and its TLS handshake runs first, inside the handshake timeout; the token
 handshake and frame MACs run on top unchanged.
+
+``serve`` accepts through ``_gate``: connections still in their handshake are capped in all and
+per peer (``HandshakeLimits``), and a full file table pauses accepting instead of failing it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..core.errors import MigratorError, RemoteProtocolError, TransportError
 from ..core.failures import leaf_exceptions
 from ..protocol import PROTOCOL_VERSION, ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
+from ._gate import Burst, HandshakeGate, HandshakeLimits, Pending, accept_connections
 from ._link import Counters, Link
 from ._tls_stream import TLSStream
 from .channel import Channel
@@ -115,7 +119,8 @@ async def _source_handshake(link: Link, hello: Hello) -> None:
     except TransportError as exc:
         wants = "a token" if isinstance(link.stream, TLSStream) else "a token, or TLS"
         raise TransportError(f"{exc}; the destination dropped our Hello (does it want {wants}, "
-                             f"or speak a protocol version older than {PROTOCOL_VERSION}?)") from exc
+                             "is --insecure given to one end only, "
+                             f"or does it speak a protocol version older than {PROTOCOL_VERSION}?)") from exc
     await link.write(link.conn.send(Auth()))
 
 
@@ -163,8 +168,10 @@ class Acceptor:
     connection waits for its parallel streams, then runs ``handler(channel)`` with the channel's
     readers alive, and closes the channel when the handler returns. A joining stream is handed
     to its session. A connection that fails (bad frames, wrong token, TLS, timeout) is logged in
-    one line and closed; the exception does not propagate, so a server keeps serving. With
-    ``tls`` (a server context) each stream is wrapped in TLS first.
+    one line and closed; the exception does not propagate, so a server keeps serving. Silent
+    connections (nothing received before they closed or timed out: scans, floods) are logged
+    once per burst. With ``tls`` (a server context) each stream is wrapped in TLS first.
+    ``admitted`` (the gate's place for the connection) is released once the peer authenticated.
     """
 
     def __init__(
@@ -175,21 +182,34 @@ class Acceptor:
         self._timeout = handshake_timeout
         self._tls = tls
         self._sessions: dict[bytes, _Gathering] = {}
+        self._silent = Burst()
 
     def _lookup(self, session_id: bytes) -> Connection | None:
         gathering = self._sessions.get(session_id)
         return gathering.primary if gathering is not None and gathering.open else None
 
-    async def handle(self, stream: trio.abc.Stream, handler: Handler) -> None:
+    async def handle(self, stream: trio.abc.Stream, handler: Handler, admitted: Pending | None = None) -> None:
         peer = _peer_name(stream)
+        counters = Counters(1)
         try:
-            await self._handle(stream, handler, peer)
+            await self._handle(stream, handler, peer, counters, admitted)
         except* (MigratorError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as group:
-            log.warning("connection from %s failed: %s", peer, _one_line(group))
+            if not self._is_silent(counters, group):
+                log.warning("connection from %s failed: %s", peer, _one_line(group))
+            elif self._silent.starts():
+                log.warning("connection from %s failed: %s; further connections that send nothing are not logged "
+                            "in this burst", peer, _one_line(group))
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, stream: trio.abc.Stream, handler: Handler, peer: str) -> None:
-        counters = Counters(1)
+    def _is_silent(self, counters: Counters, group: BaseExceptionGroup) -> bool:
+        """Nothing came from the peer: it closed or timed out before its first frame byte (over
+        TLS, only a timeout counts: a TLS failure has something to say)."""
+        if counters.bytes_wire_received:
+            return False
+        return self._tls is None or all(isinstance(exc, _HandshakeTimeout) for exc in leaf_exceptions(group))
+
+    async def _handle(self, stream: trio.abc.Stream, handler: Handler, peer: str, counters: Counters,
+                      admitted: Pending | None) -> None:
         conn = Connection(Role.DEST, token=self._token, compress="none", sessions=self._lookup, defer_payloads=True)
         try:
             with trio.fail_after(self._timeout):
@@ -205,12 +225,12 @@ class Acceptor:
                 reply = conn.send(Hello(features=FEATURES))
                 if conn.stream:
                     await link.write(reply)
-                    gathering = await self._join(link)
+                    gathering = await self._join(link, admitted)
                 else:
                     gathering = _Gathering(conn)
-                    links = await self._gather(link, gathering, reply)
+                    links = await self._gather(link, gathering, reply, admitted)
         except trio.TooSlowError:
-            raise TransportError(f"{peer}: handshake not finished within {self._timeout:g} s") from None
+            raise _HandshakeTimeout(f"{peer}: handshake not finished within {self._timeout:g} s") from None
         if conn.stream:
             await gathering.finished.wait()   # the stream is the session's; keep its task alive
             return
@@ -229,13 +249,14 @@ class Acceptor:
         finally:
             gathering.finished.set()
 
-    async def _gather(self, link: Link, gathering: _Gathering, reply: bytes) -> list[Link]:
+    async def _gather(self, link: Link, gathering: _Gathering, reply: bytes, admitted: Pending | None) -> list[Link]:
         conn = link.conn
         if conn.streams > 1:
             self._sessions[conn.session_id] = gathering   # before the reply: with it the source may join
         try:
             await link.write(reply)
             await _expect(link, Auth)
+            _authenticated(admitted)
             if conn.streams > 1:
                 await gathering.complete.wait()
             return [link] + [gathering.links[k] for k in range(1, conn.streams)]
@@ -246,14 +267,25 @@ class Acceptor:
             gathering.open = False
             self._sessions.pop(conn.session_id, None)
 
-    async def _join(self, link: Link) -> _Gathering:
+    async def _join(self, link: Link, admitted: Pending | None) -> _Gathering:
         await _expect(link, Auth)
+        _authenticated(admitted)
         gathering = self._sessions.get(link.conn.session_id)
         if gathering is None or not gathering.open:
             raise TransportError(f"{link.name}: stream {link.conn.stream} joined after its session gave up waiting")
         link.name = f"{link.name} stream {link.conn.stream}"
         gathering.add(link)   # the session's channel reads and closes the stream from now on
         return gathering
+
+
+class _HandshakeTimeout(TransportError):
+    """A connection did not finish its handshake in time."""
+
+
+def _authenticated(admitted: Pending | None) -> None:
+    """The source's Auth is checked (the Connection raised otherwise): the gate stops counting it."""
+    if admitted is not None:
+        admitted.release()
 
 
 async def serve(
@@ -263,6 +295,7 @@ async def serve(
     token: bytes | None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
     tls: ssl.SSLContext | None = None,
+    limits: HandshakeLimits = HandshakeLimits(),
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept sessions on ``address`` and run ``handler(channel)`` for each (role DEST).
@@ -271,19 +304,27 @@ async def serve(
     ``task_status``. Refuses a non-loopback address without a token: anyone who can reach it
     could inject pages (TLS does not change that: it does not say who the source is). ``tls``
     (a server context) makes every connection TLS; plain-text peers then fail their handshake.
+    ``limits`` caps the connections still in their handshake (see ``_gate``).
     """
     target = parse_address(address)
     check_tls_address(target, tls)
     if token is None and not target.is_loopback:
         raise TransportError(
             f"refusing to listen on {target} without a token: anyone who can reach it could send pages; "
-            "give a token file, or listen on 127.0.0.1, ::1 or a unix socket"
+            "use a token (receive without --insecure), or listen on 127.0.0.1, ::1 or a unix socket"
         )
     acceptor = Acceptor(token=token, handshake_timeout=handshake_timeout, tls=tls)
+    gate = HandshakeGate(limits)
     listeners, bound = await _listen(target)
+
+    async def serve_one(stream: trio.SocketStream, admitted: Pending) -> None:
+        await acceptor.handle(stream, handler, admitted)
+
     try:
         task_status.started(str(bound))
-        await trio.serve_listeners(lambda stream: acceptor.handle(stream, handler), listeners)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(accept_connections, listener, gate, serve_one, nursery)
     finally:
         if target.kind == "unix":
             _unlink_socket(target.path)

@@ -103,7 +103,7 @@ class Child:
 
 
 async def start_child(
-    nursery: trio.Nursery, bed: Testbed, host: str | Host, name: str, argv: Sequence[str], *,
+    nursery: trio.Nursery, bed: Testbed | Loopback, host: str | Host, name: str, argv: Sequence[str], *,
     stdout=subprocess.DEVNULL, echo: Callable[[str], None] | None = None,
 ) -> Child:
     # a session of its own: a terminal's Ctrl-C reaches only the harness, which owns the teardown
@@ -113,6 +113,41 @@ async def start_child(
     log = LineLog(name, echo=echo)
     nursery.start_soon(log.pump, process.stderr)
     return Child(name, process, log)
+
+
+class Loopback:
+    """This machine standing in for both hosts, on 127.0.0.1: the part of a ``Testbed`` that
+    ``start_receiver``/``start_migrate`` use, for tests that need no link of their own (nor root).
+    Use it as a context manager: on exit every process it started and that still runs is
+    terminated (killed after ``STOP_TIMEOUT_S``), as a Testbed's teardown does."""
+
+    STOP_TIMEOUT_S = 5.0
+
+    def __init__(self, address: str = "127.0.0.1") -> None:
+        self._host = Host(netns="", dev="lo", address=address)
+        self._processes: list[trio.Process] = []
+
+    def __enter__(self) -> Loopback:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        running = [process for process in self._processes if process.poll() is None]
+        for process in running:
+            process.terminate()
+        deadline = time.monotonic() + self.STOP_TIMEOUT_S
+        while any(process.poll() is None for process in running) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for process in running:
+            if process.poll() is None:
+                process.kill()
+
+    def host(self, name: str | Host) -> Host:
+        return name if isinstance(name, Host) else self._host
+
+    async def open_process(self, host: str | Host, argv: Sequence[str], **kwargs) -> trio.Process:
+        process = await trio.lowlevel.open_process(list(argv), **kwargs)
+        self._processes.append(process)
+        return process
 
 
 def write_token(directory: str, name: str = "token") -> str:
@@ -169,11 +204,13 @@ class Receiver(Child):
 
 
 async def start_receiver(
-    nursery: trio.Nursery, bed: Testbed, workdir: str, *, token_file: str | None, host: str = "b",
+    nursery: trio.Nursery, bed: Testbed | Loopback, workdir: str, *, token_file: str | None, host: str = "b",
     once: bool = True, idle_timeout: float = 30.0, extra: Sequence[str] = (),
     echo: Callable[[str], None] | None = None, ready_timeout: float = 20.0,
 ) -> Receiver:
-    """``migrator receive`` on ``host``'s address (any port); returns once it listens."""
+    """``migrator receive`` on ``host``'s address (any port); returns once it listens. Without
+    ``token_file`` it uses this user's default token file, making it if needed (the hosts share
+    the file system, as two hosts sharing a copied token would)."""
     h = bed.host(host)
     control_dir = os.path.join(workdir, "dest")
     os.makedirs(control_dir, exist_ok=True)
@@ -192,11 +229,12 @@ async def start_receiver(
 
 
 async def start_migrate(
-    nursery: trio.Nursery, bed: Testbed, guest_control: str, to: str, *, token_file: str | None,
+    nursery: trio.Nursery, bed: Testbed | Loopback, guest_control: str, to: str, *, token_file: str | None,
     report: str | None = None, host: str = "a", extra: Sequence[str] = (), stdout=subprocess.DEVNULL,
     echo: Callable[[str], None] | None = None,
 ) -> Child:
-    """``migrator migrate`` on ``host`` (add ``--quiet`` to ``extra`` to keep stderr to errors)."""
+    """``migrator migrate`` on ``host`` (add ``--quiet`` to ``extra`` to keep stderr to errors);
+    without ``token_file``, with this user's default token, as the receiver's default."""
     argv = [*MIGRATOR, "migrate", "--guest", guest_control, "--to", to, *extra]
     if token_file is not None:
         argv += ["--token-file", token_file]

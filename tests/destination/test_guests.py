@@ -11,6 +11,7 @@ import sys
 import pytest
 import trio
 
+from migrator.core.tokens import load_default_token
 from migrator.destination.guests import RestoreGuests
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
@@ -69,10 +70,12 @@ def test_receive_prepare_migrates_into_the_prepared_guest(sockdir):
         stderr=subprocess.PIPE, text=True,
     )
     try:
+        assert "token " in receiver.stderr.readline()
         address = receiver.stderr.readline().strip().rsplit(" ", 1)[-1]
         assert "prepared a 64 MiB restore guest" in receiver.stderr.readline()
+        settings = MigrateSettings(token=load_default_token())   # the one the receiver made
         with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=2000, fill="text") as guest:
-            result = trio.run(SourceMigration(guest.control, address, MigrateSettings()).run).to_dict()
+            result = trio.run(SourceMigration(guest.control, address, settings).run).to_dict()
         assert result["verified"] and result["result"] == "committed"
         assert receiver.wait(timeout=30) == 0
     finally:
