@@ -173,7 +173,7 @@ async def test_sigterm_of_migrate_in_round_0_resumes_the_source_and_the_destinat
 async def test_sigterm_of_receive_mid_migration_discards_its_copy_and_the_source_resumes(sockdir):
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            receiver = await start(nursery, "receive", "receive", "--listen", "127.0.0.1:0", "--control-dir", sockdir)
+            receiver = await start(nursery, "receive", "receive", "--listen", "127.0.0.1:0", "--control-dir", sockdir, "--insecure")
             try:
                 address = await listening(receiver)
                 with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=2000) as guest:
@@ -202,7 +202,7 @@ async def test_sigterm_of_receive_mid_migration_discards_its_copy_and_the_source
 async def test_a_resumed_guest_that_exits_is_reaped_by_a_receiver_that_keeps_running(sockdir):
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            receiver = await start(nursery, "receive", "receive", "--listen", "127.0.0.1:0", "--control-dir", sockdir)
+            receiver = await start(nursery, "receive", "receive", "--listen", "127.0.0.1:0", "--control-dir", sockdir, "--insecure")
             try:
                 address = await listening(receiver)
                 with spawn_guest(os.path.join(sockdir, "src.sock"), size=16 * MiB, dirty_rate=1000) as guest:
@@ -226,7 +226,7 @@ async def test_receive_once_removes_its_own_control_dir_after_a_failed_migration
     os.mkdir(tmpdir)
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            receiver = await start(nursery, "receive", "receive", "--listen", "127.0.0.1:0", "--once",
+            receiver = await start(nursery, "receive", "receive", "--listen", "127.0.0.1:0", "--once", "--insecure",
                                    env=dict(os.environ, TMPDIR=tmpdir))
             try:
                 address = await listening(receiver)

@@ -17,6 +17,7 @@ import trio
 from harness.hosts import steps_advance
 from harness.loopback import Receiver, thread_states, wait_until
 from migrator.core.errors import MigrationFailed
+from migrator.core.tokens import load_default_token
 from migrator.guest.spawn import spawn_guest
 from migrator.source.migration import MigrateSettings, SourceMigration
 from migrator.source.switchover import MIN_DEADLINE_S, switchover_deadline_s
@@ -40,7 +41,8 @@ async def test_a_receiver_stalled_in_the_switch_over_aborts_it_and_the_source_ru
                 receiver.popen.send_signal(signal.SIGSTOP)
 
             # a target that round 0 already meets, so the switch-over follows it at once
-            settings = MigrateSettings(downtime_ms=5000, switchover_timeout_s=1.0, round_timeout_s=30)
+            settings = MigrateSettings(downtime_ms=5000, switchover_timeout_s=1.0, round_timeout_s=30,
+                                       token=load_default_token())   # the one the receiver made
             migration = SourceMigration(guest.control, receiver.address, settings, on_round=stall_the_receiver)
             started = time.monotonic()
             with pytest.raises(MigrationFailed) as failed:

@@ -242,7 +242,7 @@ def test_an_already_traced_guest_is_refused_with_one_line(guest):
         assert "\n" not in message and f"already traced by pid {seizer.pid}" in message, message
 
         cli = subprocess.run([sys.executable, "-m", "migrator", "migrate", "--guest", guest.control,
-                              "--to", "127.0.0.1:9", "--quiet"], capture_output=True, text=True, timeout=60)
+                              "--to", "127.0.0.1:9", "--insecure", "--quiet"], capture_output=True, text=True, timeout=60)
         lines = [line for line in cli.stderr.splitlines() if line.strip()]
         assert cli.returncode != 0 and len(lines) == 1, cli.stderr
         assert lines[0].startswith("migrator: ") and f"already traced by pid {seizer.pid}" in lines[0], lines
