@@ -120,7 +120,7 @@ async def test_peers_of_another_protocol_version_are_told_in_one_line(caplog):
             listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
             nursery.start_soon(trio.serve_listeners, drops_the_hello, listeners)
             dropping = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-            with pytest.raises(TransportError, match="or speak a protocol version older than 2\\?\\)$"):
+            with pytest.raises(TransportError, match="or does it speak a protocol version older than 2\\?\\)$"):
                 await connect(dropping, token=None)
             nursery.cancel_scope.cancel()
     [message] = [r.getMessage() for r in caplog.records]
