@@ -19,6 +19,8 @@ from attach_helpers import Target, build, migrator_cli, pages_in, wait_for
 from tracker_helpers import need
 
 from migrator.core.errors import TrackerError, TrackerUnavailable
+from migrator.trace.file import read_trace
+from migrator.trace.summary import summarize
 from migrator.tracker import features
 from migrator.tracker.target import attach, why_untracked
 from migrator.tracker.maps import Mapping
@@ -103,8 +105,9 @@ def test_untracked_mappings_are_listed_with_a_reason():
 
 
 def test_the_cli_lists_the_targets_data_mapping_as_untracked(target, tmp_path):
-    out = tmp_path / "t.json"
-    cli = migrator_cli("track", "--pid", str(target.pid), "--interval", "0.1", "--duration", "0.5", "--json", str(out))
+    out, trace_path = tmp_path / "t.json", tmp_path / "t.trace"
+    cli = migrator_cli("track", "--pid", str(target.pid), "--interval", "0.1", "--duration", "0.5", "--json", str(out),
+                       "--record", str(trace_path))
     stdout, stderr = cli.communicate(timeout=60)
     assert cli.returncode == 0, stderr
     summary = json.loads(out.read_text())
@@ -113,6 +116,8 @@ def test_the_cli_lists_the_targets_data_mapping_as_untracked(target, tmp_path):
                for u in summary["untracked"])
     assert 3 <= len(summary["intervals"]) <= 6
     assert "attached to process" in stdout and "untracked" in stdout
+    trace = read_trace(trace_path)
+    assert summarize(trace) == summary and trace.pid == target.pid
 
 
 def test_sigkill_of_the_tracker_mid_run_leaves_the_target_writing(target):
