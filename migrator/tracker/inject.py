@@ -20,8 +20,8 @@ it. Left over is a window of a few microseconds, while the injected registers ar
 which a tracker killed would let the thread run on with them, as with any ptrace injector.
 
 As when ``gdb`` or ``strace -p`` attach, a blocking call the kernel does not restart by itself
-(``epoll_wait``, ``nanosleep`` when a handler runs...) returns EINTR to the stopped thread once;
-programs retry those. The calls that restart (``read``, ``poll``, ``futex``...) do so unseen.
+(``epoll_wait``) returns EINTR to the stopped thread once; programs retry it. The calls that
+restart (``read``, ``poll``, ``futex``, ``nanosleep``...) do so unseen.
 
 Only x86-64 is implemented (the register layout and the instruction are per architecture).
 """

@@ -9,7 +9,9 @@
  *   unmap ADDR N          munmap                              -> "ok"
  *   spin                  start a thread that writes one page of its own mapping forever
  *                         and counts its writes               -> "ok ADDR"
- *   count                 the spinner's count                 -> "ok COUNT"
+ *   churn ADDR N          start a thread that writes random pages among the N of ADDR forever,
+ *                         counting its writes (a workload whose speed tracking must not cut)
+ *   count                 the spinner's or churner's count    -> "ok COUNT"
  *   exit                  exit(0)
  * Between commands the main thread blocks in read(2), so an attach interrupts a system call.
  */
@@ -45,6 +47,17 @@ static void *spinner(void *arg) {
     for (;;) {
         spin_page[0]++;
         atomic_fetch_add(&spins, 1);
+    }
+    return NULL;
+}
+
+static void *churner(void *arg) {
+    struct job *job = arg;
+    unsigned long x = 88172645463325252UL;
+    for (;;) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;   /* xorshift: cheap, no libc lock */
+        ((volatile char *)job->base)[(x % (unsigned long)job->count) * page] += 1;
+        atomic_fetch_add_explicit(&spins, 1, memory_order_relaxed);
     }
     return NULL;
 }
@@ -89,6 +102,12 @@ int main(void) {
             spin_page = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             if (spin_page == MAP_FAILED || pthread_create(&t, NULL, spinner, NULL)) return 1;
             reply("ok %lx\n", (unsigned long)spin_page, 1);
+        } else if (!strcmp(cmd, "churn")) {
+            static struct job job;
+            pthread_t t;
+            job.base = (char *)a; job.first = 0; job.count = b;
+            if (b < 1 || pthread_create(&t, NULL, churner, &job)) return 1;
+            reply("ok\n", 0, 0);
         } else if (!strcmp(cmd, "count")) {
             reply("ok %lu\n", atomic_load(&spins), 1);
         } else if (!strcmp(cmd, "exit")) {
