@@ -25,7 +25,7 @@ import mmap
 import os
 import select
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..core.errors import TrackerError, TrackerUnavailable
 from ..core.model import Run
@@ -55,10 +55,6 @@ class TrackedMapping:
     end: int
     path: str   # "" for anonymous memory
 
-    @property
-    def label(self) -> str:
-        return self.path or f"anon@{self.start:#x}"
-
 
 @dataclass(frozen=True, slots=True)
 class Untracked:
@@ -71,9 +67,6 @@ class Untracked:
     def size(self) -> int:
         return self.end - self.start
 
-    def as_dict(self) -> dict:
-        return {"start": self.start, "end": self.end, "path": self.path, "size": self.size, "reason": self.reason}
-
 
 @dataclass(frozen=True, slots=True)
 class Interval:
@@ -81,7 +74,7 @@ class Interval:
 
     t: float
     seconds: float
-    written: dict[TrackedMapping, list[Run]] = field(hash=False)
+    written: dict[TrackedMapping, list[Run]]
     layout_changed: bool
 
     @property

@@ -7,7 +7,6 @@ running and keeps nothing of migrator (no fd, no tracer, no registration) howeve
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
