@@ -20,7 +20,9 @@ from .interrupts import Interrupted
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("migrator.cli.probe", "report which kernel features and trackers work here"),
-    "track": ("migrator.cli.track", "watch a scratch process's writes with a tracker (demo)"),
+    "track": ("migrator.cli.track", "track a running process's writes (--pid), or a scratch process's (--demo)"),
+    "trace": ("migrator.cli.trace", "summarise a trace recorded by track --record"),
+    "predict": ("migrator.cli.predict", "predict a pre-copy migration from a trace, next to the classic model"),
     "guest": ("migrator.cli.guest", "run a guest workload whose whole state lives in its tracked memory"),
     "report": ("migrator.cli.report", "print a migration report's round table and summary; --plot draws it"),
     "migrate": ("migrator.cli.migrate", "live-migrate a running guest to a receiver"),

@@ -11,6 +11,7 @@
     │   └── RemoteProtocolError  the peer sent bad data (raised only from next_event)
     ├── TransportError           a connection or file failed underneath the codec
     ├── ImageError               a checkpoint image is truncated, corrupted or incomplete
+    ├── TraceError               a write trace file is not one, or is truncated or inconsistent
     ├── OutputError              an output file cannot be written where asked (a link, no directory)
     ├── DeadlineExceeded         a phase made no progress within its timeout (says which)
     └── MigrationFailed          a migration stopped; ``committed`` says on which side of the
@@ -57,6 +58,10 @@ class TransportError(MigratorError):
 
 class ImageError(MigratorError):
     pass
+
+
+class TraceError(MigratorError):
+    """A trace file (``migrator track --record``) is refused; the message says what is wrong."""
 
 
 class OutputError(MigratorError):

@@ -16,9 +16,12 @@ from ._uapi import (
     PTRACE_CONT,
     PTRACE_DETACH,
     PTRACE_GETEVENTMSG,
+    PTRACE_GETREGS,
     PTRACE_INTERRUPT,
     PTRACE_LISTEN,
     PTRACE_SEIZE,
+    PTRACE_SETREGS,
+    PTRACE_SINGLESTEP,
     SYSCALLS,
     UFFD_API,
     UFFDIO_API,
@@ -258,6 +261,25 @@ def ptrace_geteventmsg(tid: int) -> int:
     _syscall("ptrace", PTRACE_GETEVENTMSG, tid, 0, int(ffi.cast("uintptr_t", message)),
              what=f"PTRACE_GETEVENTMSG of thread {tid}")
     return int(message[0])
+
+
+def ptrace_getregs(tid: int):
+    """The general registers of a stopped tracee (x86-64 ``struct user_regs_struct``)."""
+    regs = ffi.new("struct user_regs_struct *")
+    _syscall("ptrace", PTRACE_GETREGS, tid, 0, int(ffi.cast("uintptr_t", regs)),
+             what=f"PTRACE_GETREGS of thread {tid}")
+    return regs
+
+
+def ptrace_setregs(tid: int, regs) -> None:
+    """Load ``regs`` (a ``struct user_regs_struct *``) into a stopped tracee."""
+    _syscall("ptrace", PTRACE_SETREGS, tid, 0, int(ffi.cast("uintptr_t", regs)),
+             what=f"PTRACE_SETREGS of thread {tid}")
+
+
+def ptrace_singlestep(tid: int) -> None:
+    """Run one instruction of a stopped tracee; it stops again with SIGTRAP."""
+    _syscall("ptrace", PTRACE_SINGLESTEP, tid, 0, 0, what=f"PTRACE_SINGLESTEP of thread {tid}")
 
 
 def wait_tracee(*, block: bool) -> tuple[int, int] | None:

@@ -38,6 +38,11 @@ ffi.cdef(
     };
     struct page_region { uint64_t start; uint64_t end; uint64_t categories; };
     struct iovec { void *iov_base; size_t iov_len; };
+    /* x86-64 arch/x86/include/uapi/asm/ptrace.h, as PTRACE_GETREGS/SETREGS move it */
+    struct user_regs_struct {
+        uint64_t r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8, rax, rcx, rdx, rsi, rdi, orig_rax;
+        uint64_t rip, cs, eflags, rsp, ss, fs_base, gs_base, ds, es, fs, gs;
+    };
 
     long syscall(long number, ...);
     int ioctl(int fd, unsigned long request, ...);
@@ -155,6 +160,9 @@ PM_ENTRY_PRESENT = 1 << 63
 # clone event that attaches new threads by themselves. Never PTRACE_O_EXITKILL: the whole point
 # is that the tracees live on, running, when the tracer dies.
 PTRACE_CONT = 7
+PTRACE_SINGLESTEP = 9
+PTRACE_GETREGS = 12      # x86-64: struct user_regs_struct
+PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
 PTRACE_GETEVENTMSG = 0x4201
 PTRACE_SEIZE = 0x4206
@@ -167,6 +175,10 @@ PTRACE_O_TRACECLONE = 1 << PTRACE_EVENT_CLONE
 
 WAIT_ALL = 0x40000000        # __WALL: threads (clone children) as well as processes
 WAIT_NOTHREAD = 0x20000000   # __WNOTHREAD: only the calling thread's children and tracees
+
+# What ``inject`` runs inside a stopped thread (x86-64 numbers; the instruction is ``syscall``).
+INJECT_SYSCALLS = {"userfaultfd": 323, "close": 3}
+SYSCALL_INSTRUCTION = b"\x0f\x05"
 
 # --- process_vm_readv / writev ------------------------------------------------------------------
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024

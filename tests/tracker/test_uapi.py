@@ -12,6 +12,7 @@ def test_struct_sizes_match_kernel_headers():
     assert u.ffi.sizeof("struct pm_scan_arg") == 96
     assert u.ffi.sizeof("struct page_region") == 24
     assert u.ffi.sizeof("struct iovec") == 16
+    assert u.ffi.sizeof("struct user_regs_struct") == 27 * 8   # x86-64 PTRACE_GETREGS / SETREGS
 
 
 def test_ioctl_numbers_match_kernel_headers():

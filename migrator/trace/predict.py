@@ -1,0 +1,112 @@
+"""Pre-copy predicted from a trace: the rounds a migration of the traced process would run.
+
+Round 0 sends the whole tracked memory, ``V_0`` pages (the layout of the trace's first
+interval). Round ``i`` lasts ``V_i / B`` seconds at ``B`` pages/s, and the next round sends the
+pages the trace shows written during that window: the union of the pages of the intervals it
+covers. Pre-copy stops once that set fits the downtime target (``classic_model.stop_pages``, the
+same switch-over rule as the engine's) or after ``max_rounds`` rounds; what is left is sent with
+the process frozen. When the rounds run out first, auto-converge (throttling) would be needed.
+
+The trace loops: a window past its end wraps to its start, as ``guest --replay`` would replay it.
+An interval only partly inside a window contributes that fraction of its pages not already in the
+union of the intervals wholly inside (the trace cannot say which of its pages came first).
+
+``classic`` runs ``classic_model.predict`` fed the trace's mean dirty rate, for comparison: the
+classic rule counts every written page of a window as new, so repeated writes to a hot set make
+it pessimistic, and the trace-driven rounds show by how much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.errors import MigratorError
+from ..experiment.classic_model import Prediction, predict, stop_pages
+from .model import Trace, interval_pages
+
+_FULL = 1 - 1e-9
+
+
+class Timeline:
+    """A trace's intervals as page sets on a time axis starting at 0, looping at ``length``."""
+
+    def __init__(self, trace: Trace) -> None:
+        if not trace.intervals:
+            raise MigratorError("the trace holds no intervals")
+        origin = trace.intervals[0].start
+        self.spans = [(i.start - origin, i.t - origin, interval_pages(i, trace.page_size))
+                      for i in trace.intervals if i.seconds > 0]
+        self.length = trace.intervals[-1].t - origin
+        if not self.spans or self.length <= 0:
+            raise MigratorError("the trace's intervals last no time")
+        self.everything = set().union(*(pages for _, _, pages in self.spans))
+
+    def written(self, start: float, end: float) -> float:
+        """Distinct pages written in ``[start, end)`` seconds (looping), partial intervals pro rata."""
+        if end - start >= self.length:
+            return float(len(self.everything))
+        a = start % self.length
+        pieces = [(a, a + end - start)] if a + end - start <= self.length else \
+            [(a, self.length), (0.0, a + end - start - self.length)]
+        union: set[int] = set()
+        partial: list[tuple[float, set[int]]] = []
+        for lo, hi in pieces:
+            for s, e, pages in self.spans:
+                overlap = min(hi, e) - max(lo, s)
+                if overlap <= 0:
+                    continue
+                fraction = overlap / (e - s)
+                if fraction >= _FULL:
+                    union |= pages
+                else:
+                    partial.append((fraction, pages))
+        return len(union) + sum(fraction * len(pages - union) for fraction, pages in partial)
+
+
+def volume_pages(trace: Trace) -> int:
+    return trace.tracked_pages(trace.intervals[0]) if trace.intervals else 0
+
+
+def mean_rate(trace: Trace) -> float:
+    seconds = sum(i.seconds for i in trace.intervals)
+    return sum(i.dirty_pages for i in trace.intervals) / seconds if seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    volume: int
+    bandwidth: float    # pages/s
+    stop_at: float      # pages
+    trace: Prediction
+    classic: Prediction
+    dirty_rate: float   # the trace's mean, pages/s, which the classic model is fed
+
+
+def simulate(trace: Trace, bandwidth: float, *, stop_at: float, max_rounds: int, volume: int | None = None) -> Prediction:
+    """Pre-copy rounds over ``trace`` at ``bandwidth`` pages/s (see the module docstring)."""
+    if not bandwidth > 0 or max_rounds < 1:
+        raise MigratorError(f"predict needs bandwidth > 0 and max_rounds >= 1, got {bandwidth}, {max_rounds}")
+    timeline = Timeline(trace)
+    pages = [float(volume_pages(trace) if volume is None else volume)]
+    now = 0.0
+    while True:
+        seconds = pages[-1] / bandwidth
+        following = timeline.written(now, now + seconds)
+        now += seconds
+        if following <= stop_at:
+            return Prediction(tuple(pages), following, True)
+        if len(pages) >= max_rounds:
+            return Prediction(tuple(pages), following, False)
+        pages.append(following)
+
+
+def compare(trace: Trace, bandwidth_bytes: float, *, downtime_s: float, max_rounds: int) -> Comparison:
+    bandwidth = bandwidth_bytes / trace.page_size
+    stop = stop_pages(downtime_s, bandwidth)
+    volume = volume_pages(trace)
+    rate = mean_rate(trace)
+    return Comparison(
+        volume=volume, bandwidth=bandwidth, stop_at=stop, dirty_rate=rate,
+        trace=simulate(trace, bandwidth, stop_at=stop, max_rounds=max_rounds, volume=volume),
+        classic=predict(volume, rate, bandwidth, stop_at=stop, max_rounds=max_rounds),
+    )
