@@ -25,6 +25,7 @@ import trio
 
 from ..core.errors import MigratorError, RemoteProtocolError, TransportError
 from ..core.failures import leaf_exceptions
+from ..core.heap import release_free_memory
 from ..protocol import PROTOCOL_VERSION, ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._gate import Burst, HandshakeGate, HandshakeLimits, Pending, accept_connections
@@ -200,6 +201,8 @@ class Acceptor:
                 log.warning("connection from %s failed: %s; further connections that send nothing are not logged "
                             "in this burst", peer, _one_line(group))
             await trio.aclose_forcefully(stream)
+        if counters.receive_buffers:
+            release_free_memory()   # the session's page buffers are free now: back to the kernel
 
     def _is_silent(self, counters: Counters, group: BaseExceptionGroup) -> bool:
         """Nothing came from the peer: it closed or timed out before its first frame byte (over
