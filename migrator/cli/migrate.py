@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..core.errors import MigratorError
 from ..tracker import TRACKERS
 from ..transport import check_tls_address, client_context, parse_address
 from ..source.migration import MigrateSettings, SourceMigration
-from . import interrupts, options
+from . import exits, interrupts, options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,24 +47,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from . import render as rep
 
-    rep.check_outputs(report=args.report, plot=args.plot)
-    settings = MigrateSettings(
-        downtime_ms=args.downtime_ms, max_rounds=args.max_rounds, bandwidth=args.bandwidth,
-        compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
-        force_switchover=args.force_switchover, keep_source=args.keep_source,
-        token=options.read_token(args.token_file), round_timeout_s=args.round_timeout,
-        tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
-    )
-    check_tls_address(parse_address(args.to), settings.tls)
+    with exits.preflight():
+        rep.check_outputs(report=args.report, plot=args.plot)
+        settings = MigrateSettings(
+            downtime_ms=args.downtime_ms, max_rounds=args.max_rounds, bandwidth=args.bandwidth,
+            compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
+            force_switchover=args.force_switchover, keep_source=args.keep_source,
+            token=options.read_token(args.token_file), round_timeout_s=args.round_timeout,
+            tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
+        )
+        check_tls_address(parse_address(args.to), settings.tls)
     show = (lambda stats: None) if args.quiet else (lambda stats: print(rep.format_round_line(stats), file=sys.stderr, flush=True))
     migration = SourceMigration(args.guest, args.to, settings, on_round=show)
     try:
         report = interrupts.run(migration.run).to_dict()
-    finally:
+    except BaseException:
         if args.report and migration.report is not None:
-            rep.save_report(migration.report.to_dict(), args.report)
+            _write(rep.save_report, migration.report.to_dict(), args.report)
+        raise
     print(rep.format_round_table(report))
     print(rep.format_summary(report))
+    # committed: the migration happened whatever becomes of its outputs (a warning, exit 0)
+    if args.report:
+        _write(rep.save_report, report, args.report)
     if args.plot:
-        rep.plot_report(report, args.plot)
-    return 0 if report["verified"] else 1
+        _write(rep.plot_report, report, args.plot)
+    return exits.OK
+
+
+def _write(write, report: dict, path: str) -> None:
+    try:
+        write(report, path)
+    except MigratorError as exc:
+        exits.warn(f"{path} not written: {exc}")

@@ -24,7 +24,7 @@ import trio
 
 from ..core.errors import MigratorError, TransportError
 from .render import check_outputs, save_report
-from . import interrupts, options
+from . import exits, interrupts, options
 from ..transport import serve, server_context
 from ..destination.engine import DestinationMigration, ReceiveSettings
 from ..destination.guests import RestoreGuests
@@ -53,7 +53,8 @@ def _log(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_outputs(report=args.report)
+    with exits.preflight():
+        check_outputs(report=args.report)
     settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout)
     token = options.read_token(args.token_file)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 finally:
                     if args.report and getattr(migration, "report", None) is not None:
                         try:
-                            save_report(migration.report, args.report)
+                            save_report(migration.report.to_dict(), args.report)
                         except MigratorError as exc:     # the next migration may still be written
                             _log(f"report not written: {exc}")
                     if args.once:

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..core.deadlines import deadline
+from ..core.documents import utc_now
 from ..core.digest import PageDigests
 from ..core.errors import MigrationFailed
 from ..core.failures import describe
@@ -85,6 +86,7 @@ class SourceMigration:
     async def run(self) -> MigrationReport:
         """Migrate; returns the report. Raises MigrationFailed with one line saying why."""
         started = time.perf_counter()
+        self.started_at = utc_now()
         error: BaseException | None = None
         try:
             async with AttachedGuest(self.guest_control, self.settings.tracker) as guest:
@@ -135,5 +137,5 @@ class SourceMigration:
             wire_bytes=self._sink.statistics().bytes_wire if self._sink else 0, rule=self._rule,
             error=None if error is None else describe(error), total_s=total_s,
             result="committed" if error is None else "failed", committed=self.committed,
-            tls=self.settings.tls is not None,
+            tls=self.settings.tls is not None, id=self.id, peer=self.address, started_at=self.started_at,
         )

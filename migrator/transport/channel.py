@@ -50,6 +50,12 @@ class Channel:
         return self._links[0].conn.peer_hello
 
     @property
+    def name(self) -> str:
+        """Who the other end is, as this side reached it: the address connected to (a source),
+        the address a connection came from (a destination)."""
+        return self._links[0].name
+
+    @property
     def streams(self) -> int:
         return len(self._links)
 
