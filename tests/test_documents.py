@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from migrator.cli.render import read_report, report_types
+from migrator.cli.render import read_report
 from migrator.core.documents import json_schema
 from migrator.guest.spawn import spawn_guest
 from migrator.tracker.features import wp_async_missing
+from write_schemas import documents
 
 MiB = 1 << 20
 SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
@@ -81,9 +82,9 @@ def check_document(path: Path, name: str) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("name", sorted(report_types()))
+@pytest.mark.parametrize("name", sorted(documents()))
 def test_the_schema_files_in_docs_are_generated_from_the_dataclasses(name):
-    generated = json.loads(json.dumps(json_schema(report_types()[name])))
+    generated = json.loads(json.dumps(json_schema(documents()[name])))
     assert schema_of(name) == generated, "stale: run scripts/write_schemas.py"
 
 
@@ -93,13 +94,17 @@ def test_every_report_kind_from_real_commands(tmp_path, sockdir):
         receiver = Receiver("--report", str(tmp_path / "dest.json"), "--control-dir", sockdir)
         try:
             run = migrator("migrate", "--guest", guest.control, "--to", receiver.address,
-                           "--report", str(tmp_path / "run.json"), "--quiet")
+                           "--report", str(tmp_path / "run.json"), "--progress-json")
             assert run.returncode == 0, run.stderr
             resumed = receiver.wait_for(r"resumed guest pid \d+, control (\S+)").group(1)
             assert receiver.wait() == 0
         finally:
             receiver.kill()
     source = check_document(tmp_path / "run.json", "migrator.migration")
+    *progress, last = [json.loads(line) for line in run.stdout.splitlines()]
+    assert last == source, "--progress-json ends with the report document"
+    assert {p["schema"]["name"] for p in progress} == {"migrator.progress"} and progress[-1]["phase"] == "committed"
+    assert [p["settled"] for p in progress if p["settled"]] == source["rounds"]
     dest = check_document(tmp_path / "dest.json", "migrator.receive")
     assert source["result"] == "committed" and dest["result"] == "resumed"
     assert dest["id"] == source["id"], "both ends name the migration alike"
@@ -142,6 +147,8 @@ def test_a_committed_migration_whose_report_cannot_be_written_exits_0_with_its_s
             receiver.kill()
     assert migrate.returncode == 0, stderr
     assert "result    committed" in stdout
+    assert re.search(r"^round 0 +\d+ pages", stderr, re.M), "a settled line per round, not a live one, on a pipe"
+    assert "\r" not in stderr
     warnings = [line for line in stderr.splitlines() if line.startswith("migrator: warning:")]
     assert warnings == [f"migrator: warning: {out / 'run.json'} not written: {out / 'run.json'}: directory {out} does not exist"]
     from migrator.guest.client import GuestClient

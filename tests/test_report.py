@@ -14,7 +14,6 @@ from migrator.cli.main import COMMANDS
 from migrator.core.errors import MigratorError
 from migrator.source.report import RoundStats
 from migrator.cli.render import (
-    format_round_line,
     format_round_table,
     format_summary,
     load_report,
@@ -64,14 +63,6 @@ def test_round_table_has_a_row_per_round_with_its_numbers():
     assert rows[1].split() == ["1", "24000", "93.8", "29.3", "3.20", "1.2", "31.0", "200.0", "11.0",
                                "20000", "393", "72.5", "0"]
     assert rows[2].split()[-4:] == ["19800", "410", "4.2", "20"]
-
-
-def test_round_line_labels_the_same_numbers():
-    line = format_round_line(RoundStats(**REPORT["rounds"][1]))
-    assert "\n" not in line
-    for text in ("round   1", "dirty    24000", "MiB raw    93.8", "ratio  3.20", "send ms   11.0",
-                 "dirty/s    20000", "MB/s    393", "exp ms    72.5", "thr %   0"):
-        assert text in line, text
 
 
 def test_summary():

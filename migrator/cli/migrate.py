@@ -10,6 +10,7 @@ then needs ``--tls-cert``/``--tls-key``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ..core.errors import MigratorError
@@ -17,6 +18,7 @@ from ..tracker import TRACKERS
 from ..transport import check_tls_address, client_context, parse_address
 from ..source.migration import MigrateSettings, SourceMigration
 from . import exits, interrupts, options
+from .progress import ProgressView
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="run.json", help="write the JSON report here")
     parser.add_argument("--plot", metavar="out.png", help="also draw the report (needs matplotlib)")
     parser.add_argument("--round-timeout", type=options.positive, default=300.0, metavar="S", help="fail (and resume the source) if a round or the switch-over takes longer (default 300)")
-    parser.add_argument("--quiet", action="store_true", help="no per-round lines")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr (the table and summary are still printed)")
+    parser.add_argument("--progress-json", action="store_true",
+                        help="for programs: every progress snapshot (several a second, one per finished round) as a JSON "
+                             "line on stdout, then the report document as the last line, instead of the text output")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,16 +62,25 @@ def run(args: argparse.Namespace) -> int:
             tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
         )
         check_tls_address(parse_address(args.to), settings.tls)
-    show = (lambda stats: None) if args.quiet else (lambda stats: print(rep.format_round_line(stats), file=sys.stderr, flush=True))
-    migration = SourceMigration(args.guest, args.to, settings, on_round=show)
+    if args.progress_json:
+        view = ProgressView(sys.stdout, json_lines=True)
+    else:
+        view = None if args.quiet else ProgressView(sys.stderr, live=sys.stderr.isatty())
+    migration = SourceMigration(args.guest, args.to, settings, on_progress=view)
     try:
         report = interrupts.run(migration.run).to_dict()
     except BaseException:
         if args.report and migration.report is not None:
             _write(rep.save_report, migration.report.to_dict(), args.report)
         raise
-    print(rep.format_round_table(report))
-    print(rep.format_summary(report))
+    finally:
+        if view is not None:
+            view.close()
+    if args.progress_json:
+        print(json.dumps(report), flush=True)
+    else:
+        print(rep.format_round_table(report))
+        print(rep.format_summary(report))
     # committed: the migration happened whatever becomes of its outputs (a warning, exit 0)
     if args.report:
         _write(rep.save_report, report, args.report)

@@ -6,8 +6,8 @@ A report is the JSON of one of the engines' report dataclasses, named by its ``s
 ``migrator.restore`` (``checkpoint.restore.RestoreReport``); ``docs/schemas/`` has each one's
 JSON Schema. A file is read back through its dataclass's ``from_dict``, so every field is
 type-checked and a bad one is one line naming it. A failed run may leave the optional totals
-null. One column list (``COLUMNS``) drives both the round table and the live progress line, so
-they always agree. matplotlib is imported only to plot (``migrator[plot]``).
+null. One column list (``COLUMNS``) drives the round table (``cli.progress`` renders a running
+migration). matplotlib is imported only to plot (``migrator[plot]``).
 """
 
 from __future__ import annotations
@@ -140,11 +140,6 @@ def report_rounds(report: dict) -> list[RoundStats]:
 
 def _cells(stats: RoundStats) -> list[str]:
     return [c.cell(stats) for c in COLUMNS]
-
-
-def format_round_line(stats: RoundStats) -> str:
-    """One self-describing line per round for live progress: ``round   3  dirty    1204 ...``."""
-    return "  ".join(f"{c.header} {cell:>{c.width}}" for c, cell in zip(COLUMNS, _cells(stats)))
 
 
 def format_round_table(report: dict) -> str:

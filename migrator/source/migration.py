@@ -24,7 +24,10 @@ from __future__ import annotations
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import trio
 
 from ..core.deadlines import deadline
 from ..core.documents import utc_now
@@ -35,7 +38,8 @@ from .attach import AttachedGuest
 from .estimator import DowntimeEstimator, switchover_fixed_ms
 from .pages import PageStream
 from .policy import PolicySettings
-from .report import MigrationReport, report_of
+from .progress import Progress, Sampler
+from .report import MigrationReport, RoundStats, report_of
 from .rounds import Precopy
 from .sink import PeerSink
 from .switchover import Switchover, commit, final_copy
@@ -70,11 +74,16 @@ class MigrateSettings:
 class SourceMigration:
     """Migrate the guest behind control socket ``guest_control`` to ``address``."""
 
-    def __init__(self, guest_control: str, address: str, settings: MigrateSettings, *, on_round=None) -> None:
+    def __init__(self, guest_control: str, address: str, settings: MigrateSettings, *, on_round=None,
+                 on_progress: Callable[[Progress], None] | None = None) -> None:
+        """``on_round(RoundStats)`` is called as each round ends; ``on_progress(Progress)`` with a
+        snapshot several times a second, one per ended round (``settled``) and a last one."""
         self.guest_control = guest_control
         self.address = address
         self.settings = settings
         self.on_round = on_round
+        self.on_progress = on_progress
+        self.sampler: Sampler | None = None
         self.id = uuid.uuid4().hex
         self.report: MigrationReport | None = None
         self._guest: AttachedGuest | None = None
@@ -87,14 +96,18 @@ class SourceMigration:
         """Migrate; returns the report. Raises MigrationFailed with one line saying why."""
         started = time.perf_counter()
         self.started_at = utc_now()
+        if self.on_progress is not None:
+            self.sampler = Sampler(self, self.on_progress)
         error: BaseException | None = None
         try:
             async with AttachedGuest(self.guest_control, self.settings.tracker) as guest:
                 self._guest = guest
-                await self._migrate(guest)
+                await self._migrate_watched(guest)
         except BaseException as exc:  # noqa: BLE001 - turned into one typed line below
             error = exc
         self.report = self._report(time.perf_counter() - started, error)
+        if self.sampler is not None:
+            self.sampler.ended("committed" if error is None else "failed")
         if error is not None:
             raise MigrationFailed(self.report.error, committed=self.committed) from error
         return self.report
@@ -102,6 +115,23 @@ class SourceMigration:
     @property
     def committed(self) -> bool:
         return self._sink is not None and self._sink.committed
+
+    async def _migrate_watched(self, guest: AttachedGuest) -> None:
+        """``_migrate``, with the sampler publishing progress beside it when one is asked for."""
+        if self.sampler is None:
+            return await self._migrate(guest)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.sampler.run)
+            try:
+                await self._migrate(guest)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    def _round_ended(self, stats: RoundStats) -> None:
+        if self.on_round is not None:
+            self.on_round(stats)
+        if self.sampler is not None:
+            self.sampler.round_ended(stats)
 
     async def _migrate(self, guest: AttachedGuest) -> None:
         s, layout = self.settings, guest.layout
@@ -113,7 +143,7 @@ class SourceMigration:
                                           page_size=layout.page_size, bandwidth=s.bandwidth)
             pages = PageStream(guest.memory, layout, digests, sink)
             precopy = self._precopy = Precopy(guest, sink, pages, estimator, s.policy(),
-                                              round_timeout_s=s.round_timeout_s, on_round=self.on_round)
+                                              round_timeout_s=s.round_timeout_s, on_round=self._round_ended)
             await precopy.send_layout({"id": self.id, "tracker": s.tracker, "size": layout.total_bytes})
             # every scan resets what "written" means: a checkpoint taken later must know who
             # scanned last (see migrator.checkpoint)
