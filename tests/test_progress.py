@@ -104,7 +104,8 @@ async def test_the_progress_of_a_real_migration_agrees_with_its_report(sockdir):
     assert tuple(settled) == report.rounds, "one settled snapshot per round, the report's own values"
     assert seen[-1].phase == "committed" and seen[-1].settled is None
     live = [p for p in seen if p.settled is None]
-    assert len(live) >= 4 * report.total_s * 0.8, "at least four snapshots a second"
+    gaps = [b.elapsed_s - a.elapsed_s for a, b in zip(live, live[1:])]
+    assert sorted(gaps)[len(gaps) // 2] <= 0.25, "at least four snapshots a second (the median gap)"
     assert all(b.elapsed_s >= a.elapsed_s for a, b in zip(seen, seen[1:]))
     during = [p for p in live if p.phase == "precopy" and p.round == 0 and p.round_sent_bytes > 0]
     assert during, "round 0 is seen while it runs"

@@ -16,6 +16,7 @@ import sys
 from ..core.errors import MigratorError
 from ..tracker import TRACKERS
 from ..transport import check_tls_address, client_context, parse_address
+from ..transport.control import control_dir
 from ..source.migration import MigrateSettings, SourceMigration
 from . import exits, interrupts, options
 from .progress import ProgressView
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="run.json", help="write the JSON report here")
     parser.add_argument("--plot", metavar="out.png", help="also draw the report (needs matplotlib)")
     parser.add_argument("--round-timeout", type=options.positive, default=300.0, metavar="S", help="fail (and resume the source) if a round or the switch-over takes longer (default 300)")
+    parser.add_argument("--control", metavar="SOCKET",
+                        help="open the control socket (migrator status|cancel|set) here (default: in $XDG_RUNTIME_DIR/migrator "
+                             "or /tmp/migrator-UID, named after the migration)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr (the table and summary are still printed)")
     parser.add_argument("--progress-json", action="store_true",
                         help="for programs: every progress snapshot (several a second, one per finished round) as a JSON "
@@ -62,11 +66,13 @@ def run(args: argparse.Namespace) -> int:
             tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
         )
         check_tls_address(parse_address(args.to), settings.tls)
+        if args.control is None:
+            control_dir()           # refused here, not mid-migration, if it is not safe
     if args.progress_json:
         view = ProgressView(sys.stdout, json_lines=True)
     else:
         view = None if args.quiet else ProgressView(sys.stderr, live=sys.stderr.isatty())
-    migration = SourceMigration(args.guest, args.to, settings, on_progress=view)
+    migration = SourceMigration(args.guest, args.to, settings, on_progress=view, control=args.control or True)
     try:
         report = interrupts.run(migration.run).to_dict()
     except BaseException:

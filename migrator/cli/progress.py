@@ -102,7 +102,7 @@ class ProgressView:
         else:
             if p.control is not None and not self._control_shown:
                 self._control_shown = True
-                self._line(f"control socket {p.control} (migrator status | cancel | set)")
+                self._line(f"migrator: control socket {p.control} (migrator status | cancel | set)")
             if p.settled is not None:
                 self._line(format_settled(p.settled, p.downtime_target_ms))
             elif self.live:

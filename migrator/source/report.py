@@ -89,6 +89,7 @@ class MigrationReport:
     bytes_wire: int = 0
     pages_sent: int = 0        # pages whose bytes were sent: every round's non-zero pages and the final copy's
     bytes_raw: int = 0         # page bytes before compression, over every round
+    control: str | None = None  # the control socket it answered status/cancel/set on
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "downtime_parts_ms", MappingProxyType(dict(self.downtime_parts_ms)))
@@ -105,7 +106,8 @@ class MigrationReport:
 
 def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: tuple[str, str],
               error: str | None, total_s: float, result: str, committed: bool, kind: str = "migration",
-              tls: bool = False, id: str, peer: str | None, started_at: str) -> MigrationReport:
+              tls: bool = False, id: str, peer: str | None, started_at: str,
+              control: str | None = None) -> MigrationReport:
     """The report from what a run's phases measured (``precopy``, ``switchover``, ``layout``: None
     for a phase the run never reached); ``settings`` is the run's ``MigrateSettings``."""
     s = settings
@@ -135,4 +137,5 @@ def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: t
         bytes_wire=wire_bytes,
         pages_sent=sum(r.dirty_pages - r.zero_pages for r in rounds) + (final_pages or 0),
         bytes_raw=sum(r.bytes_raw for r in rounds),
+        control=control,
     )

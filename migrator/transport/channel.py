@@ -70,6 +70,10 @@ class Channel:
     def statistics(self) -> ChannelStats:
         return self._counters.freeze()
 
+    def set_bandwidth(self, rate: float | None) -> None:
+        """Cap what this side sends at ``rate`` bytes/s (None: uncapped), from the next frame on."""
+        self._sender.set_bandwidth(rate)
+
     # --- moving events ---------------------------------------------------------------------
 
     async def send(self, event: Event) -> None:
