@@ -93,7 +93,7 @@ async def test_status_set_and_cancel_a_real_migration(sockdir):
 
 
 async def test_hostile_requests_get_one_line_and_the_endpoint_keeps_answering(sockdir):
-    path = os.path.join(sockdir, "ctl.sock")
+    path = os.path.join(sockdir, "migrate-1.sock")
     asked: list[Request] = []
 
     def handler(req: Request) -> dict:
@@ -125,5 +125,45 @@ async def test_hostile_requests_get_one_line_and_the_endpoint_keeps_answering(so
             assert await trio.to_thread.run_sync(find_one, sockdir) == path
             nursery.cancel_scope.cancel()
     assert not os.path.exists(path)
-    with pytest.raises(MigratorError, match="no running migration"):
+    with pytest.raises(MigratorError, match="no running migrate or receive"):
         find_one(sockdir)
+
+
+@pytest.mark.skipif(wp_async_missing() is not None, reason=f"needs userfaultfd WP_ASYNC: {wp_async_missing()}")
+def test_the_commands_status_and_set_from_another_terminal(sockdir):
+    import subprocess
+    import sys
+
+    from test_documents import Receiver, migrator
+
+    control = os.path.join(sockdir, "m.sock")
+    with spawn_guest(os.path.join(sockdir, "src.sock"), size=32 * MiB, dirty_rate=1000) as guest:
+        receiver = Receiver("--control-dir", sockdir, once=False)
+        try:
+            receiver_control = receiver.wait_for(r"control socket (\S+)").group(1)
+            migrate = subprocess.Popen(
+                [sys.executable, "-m", "migrator", "migrate", "--guest", guest.control, "--to", receiver.address,
+                 "--bandwidth", "4M", "--control", control], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            receiver.wait_for("into restore guest pid")
+            shown = migrator("status", "--control", control, "--json", timeout=10)
+            assert shown.returncode == 0, shown.stderr
+            assert json.loads(shown.stdout)["status"]["phase"] == "precopy"
+            text = migrator("status", "--control", control, timeout=10).stdout
+            assert "round 0" in text and "bandwidth 4000000 B/s" in text
+            shown = migrator("status", "--control", receiver_control, "--json", timeout=10)
+            assert [m["peer"].startswith("127.0.0.1") for m in json.loads(shown.stdout)["migrations"]] == [True]
+            refused = migrator("cancel", "--control", receiver_control, timeout=10)
+            assert refused.returncode == 1 and "a receiver answers status only" in refused.stderr
+            changed = migrator("set", "--control", control, "bandwidth=unlimited", "max-rounds=3", timeout=10)
+            assert changed.returncode == 0 and "takes effect at the next round" in changed.stdout, changed.stderr
+            stdout, stderr = migrate.communicate(timeout=60)
+            assert migrate.returncode == 0, stderr
+            assert f"migrator: control socket {control}" in stderr
+            resumed = receiver.wait_for(r"resumed guest pid \d+, control (\S+)").group(1)
+            reply = json.loads(migrator("status", "--control", receiver_control, "--json", timeout=10).stdout)
+            assert reply["migrations"] == [] and [r["guest_control"] for r in reply["resumed"]] == [resumed]
+        finally:
+            receiver.kill()
+    from migrator.guest.client import GuestClient
+    with GuestClient(resumed) as client:
+        client.quit()

@@ -33,11 +33,11 @@ def migrator(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
 
 
 class Receiver:
-    """``migrator receive --once`` in the background; ``address`` once it listens."""
+    """``migrator receive [--once]`` in the background; ``address`` once it listens."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, once: bool = True) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0",
-                                         "--once", *args], stderr=subprocess.PIPE, text=True)
+                                         *(["--once"] if once else []), *args], stderr=subprocess.PIPE, text=True)
         self.address = self.wait_for(r"listening on (\S+)").group(1)
 
     def wait_for(self, pattern: str, timeout: float = 30) -> re.Match:

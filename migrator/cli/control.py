@@ -21,7 +21,7 @@ def add_control_argument(parser: argparse.ArgumentParser) -> None:
 
 def ask(args: argparse.Namespace, req: dict) -> dict:
     with exits.preflight():
-        path = args.control or find_one()
+        path = args.control or find_one(kinds=("migrate", "receive") if req["op"] == "status" else ("migrate",))
     return request(path, req)
 
 

@@ -28,6 +28,8 @@ from . import exits, interrupts, options
 from ..transport import serve, server_context
 from ..destination.engine import DestinationMigration, ReceiveSettings
 from ..destination.guests import RestoreGuests
+from ..destination.status import Receiving
+from ..transport.control import control_path, serve_control
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,12 +65,14 @@ def run(args: argparse.Namespace) -> int:
     outcome: list[bool] = []
     made_dir = None if args.control_dir else tempfile.mkdtemp(prefix="migrator-")
     guests = RestoreGuests(args.control_dir or made_dir, memfd=args.memfd, prepare=args.prepare, log=_log)
+    receiving = Receiving()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
 
             async def handle(channel) -> None:
                 migration = DestinationMigration(channel, settings, log=_log, guests=guests)
+                receiving.started(migration)
                 try:
                     await migration.run()
                     outcome.append(True)
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
                     _log(f"migration failed: {exc}")
                     outcome.append(False)
                 finally:
+                    receiving.ended(migration)
                     if args.report and getattr(migration, "report", None) is not None:
                         try:
                             save_report(migration.report.to_dict(), args.report)
@@ -86,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
             bound = await nursery.start(functools.partial(serve, args.listen, handle, token=token, tls=tls))
             _log(f"listening on {bound}")
+            _log(f"control socket {await nursery.start(serve_control, control_path(f'receive-{os.getpid()}'), receiving.answer)}")
             nursery.start_soon(functools.partial(guests.keep_prepared, again=not args.once))
 
     try:

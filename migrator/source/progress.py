@@ -10,7 +10,6 @@ report will hold, so a live view and the report agree to the round).
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -21,7 +20,6 @@ from ..core.documents import Schema
 from .report import RoundStats
 
 PERIOD_S = 0.2           # five samples a second: a terminal line that looks live
-THROUGHPUT_WINDOW_S = 1.0  # the throughput shown is over about this much recent time
 
 Phase = Literal["starting", "precopy", "switchover", "committed", "failed"]
 
@@ -43,7 +41,7 @@ class Progress:
     transferred_wire_bytes: int  # on the wire since the start, every round
     total_bytes: int | None      # the guest's memory
     dirty_rate: float            # pages/s the guest wrote during the last finished round
-    throughput: float            # raw bytes/s over the last second or so
+    throughput: float            # raw bytes/s, over the round in progress
     expected_downtime_ms: float | None   # the last finished round's estimate, if we froze then
     downtime_target_ms: float
     throttle: float              # auto-converge duty cycle in force
@@ -60,7 +58,6 @@ class Sampler:
         self.source = source
         self.publish = publish
         self.started = time.perf_counter()
-        self._raw: deque[tuple[float, int]] = deque()
         self.phase: Phase = "starting"
 
     def snapshot(self, settled: RoundStats | None = None) -> Progress:
@@ -73,12 +70,13 @@ class Sampler:
         if current is not None and (last is None or current.number > last.round):
             number, pages, sent = current.number, current.dirty_pages, current.bytes_raw
             to_send = (current.dirty_pages - current.zero_pages) * page_size
+            # over the round so far: pages go in 4 MiB events, so a shorter window is lumpy on a slow link
+            throughput = sent / (now - current.started) if sent and now > current.started else 0.0
         elif last is not None:
             number, pages, sent, to_send = last.round, last.dirty_pages, last.bytes_raw, last.bytes_raw
+            throughput = last.bandwidth
         else:
-            number, pages, sent, to_send = 0, 0, 0, 0
-        raw_total = sum(r.bytes_raw for r in rounds) + (sent if last is None or number > last.round else 0)
-        throughput = self._throughput(now, raw_total)
+            number, pages, sent, to_send, throughput = 0, 0, 0, 0, 0.0
         remaining = max(0, to_send - sent)
         layout = src._guest.layout if src._guest else None
         phase = self.phase
@@ -96,14 +94,6 @@ class Sampler:
             eta_s=remaining / throughput if throughput > 0 and phase == "precopy" else None,
             settled=settled, control=getattr(src, "control_path", None),
         )
-
-    def _throughput(self, now: float, raw_total: int) -> float:
-        samples = self._raw
-        samples.append((now, raw_total))
-        while len(samples) > 2 and now - samples[1][0] >= THROUGHPUT_WINDOW_S:
-            samples.popleft()
-        (t0, b0), (t1, b1) = samples[0], samples[-1]
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
     def round_ended(self, stats: RoundStats) -> None:
         self.publish(self.snapshot(settled=stats))

@@ -161,11 +161,15 @@ def running(directory: str | None = None) -> list[str]:
     return live
 
 
-def find_one(directory: str | None = None) -> str:
-    """The one running command's control socket; MigratorError when there is none or several."""
+def find_one(directory: str | None = None, kinds: tuple[str, ...] = ("migrate", "receive")) -> str:
+    """The one running command's control socket, a ``migrate`` before a ``receive`` (both run on
+    one host when migrating by hand); MigratorError when there is none, or several of a kind."""
     live = running(directory)
-    if not live:
-        raise MigratorError(f"no running migration of this user (no control socket answers in {directory or control_dir()})")
-    if len(live) > 1:
-        raise MigratorError(f"{len(live)} running: name one with --control ({', '.join(live)})")
-    return live[0]
+    for kind in kinds:
+        found = [path for path in live if os.path.basename(path).startswith(kind + "-")]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise MigratorError(f"{len(found)} running {kind}s: name one with --control ({', '.join(found)})")
+    where = directory or control_dir()
+    raise MigratorError(f"no running {' or '.join(kinds)} of this user (no control socket answers in {where})")
