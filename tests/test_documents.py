@@ -38,7 +38,8 @@ class Receiver:
     def __init__(self, *args: str, once: bool = True) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0",
                                          *(["--once"] if once else []), *args], stderr=subprocess.PIPE, text=True)
-        self.address = self.wait_for(r"listening on (\S+)").group(1)
+        line = self.wait_for(r"control socket ([^,\s]+), listening on (\S+)")
+        self.control, self.address = line.group(1), line.group(2)
 
     def wait_for(self, pattern: str, timeout: float = 30) -> re.Match:
         deadline = time.monotonic() + timeout

@@ -110,6 +110,6 @@ async def test_the_progress_of_a_real_migration_agrees_with_its_report(sockdir):
     during = [p for p in live if p.phase == "precopy" and p.round == 0 and p.round_sent_bytes > 0]
     assert during, "round 0 is seen while it runs"
     assert any(p.remaining_bytes > 0 and p.eta_s is not None for p in during)
-    assert max(p.throughput for p in during) == pytest.approx(16 * MiB, rel=0.5)
+    assert during[-1].throughput == pytest.approx(16 * MiB, rel=0.2), "on the wire, under the cap"
     assert seen[-1].transferred_wire_bytes == report.bytes_wire
     assert PERIOD_S <= 0.25

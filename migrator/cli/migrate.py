@@ -26,15 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guest", required=True, metavar="SOCKET", help="the guest's control socket")
     parser.add_argument("--to", required=True, metavar="HOST:PORT", help="receiver address (or unix:PATH)")
     parser.add_argument("--downtime-ms", type=options.positive, default=50.0, help="downtime target: switch over once the expected downtime is within 90 %% of it (default 50)")
-    parser.add_argument("--max-rounds", type=options.count, default=30)
+    parser.add_argument("--max-rounds", type=options.count, default=30, help="switch over (or fail) after this many pre-copy rounds (default 30)")
     parser.add_argument("--bandwidth", type=options.rate, default=None, metavar="RATE", help="cap the link, e.g. 100M (bytes/s) or 1gbit")
-    parser.add_argument("--compress", type=options.compress, default="zstd:1", metavar="zstd:LEVEL|none")
-    parser.add_argument("--streams", type=options.streams, default=1, help="parallel connections (compression on more cores)")
-    parser.add_argument("--tracker", choices=TRACKERS, default="wp-async")
-    parser.add_argument("--verify", choices=("pages", "full"), default="pages")
+    parser.add_argument("--compress", type=options.compress, default="zstd:1", metavar="zstd:LEVEL|none",
+                        help="compress page batches that sample as compressible (default zstd:1)")
+    parser.add_argument("--streams", type=options.streams, default=1, help="parallel connections to the one port (compression on more cores; default 1)")
+    parser.add_argument("--tracker", choices=TRACKERS, default="wp-async",
+                        help="how written pages are found (default wp-async; `migrator probe` says which work here)")
+    parser.add_argument("--verify", choices=("pages", "full"), default="pages",
+                        help="pages: compare per-page digests; full: also a digest of the whole frozen region (default pages)")
     parser.add_argument("--force-switchover", action="store_true", help="switch over instead of throttling when not converging")
     parser.add_argument("--keep-source", action="store_true", help="keep the source guest frozen after commit instead of killing it")
-    parser.add_argument("--token-file", metavar="F")
+    parser.add_argument("--token-file", metavar="F",
+                        help="the secret shared with the receiver (needed off loopback; make one with "
+                             "`head -c 32 /dev/urandom | base64 > F`)")
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--tls-ca", metavar="FILE",
                      help="encrypt with TLS; the receiver's certificate must chain to FILE (a CA bundle, or the receiver's "

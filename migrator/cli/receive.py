@@ -34,7 +34,9 @@ from ..transport.control import control_path, serve_control
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (or unix:PATH)")
-    parser.add_argument("--token-file", metavar="F")
+    parser.add_argument("--token-file", metavar="F",
+                        help="the secret sources must hold (required off loopback; make one with "
+                             "`head -c 32 /dev/urandom | base64 > F`)")
     parser.add_argument("--tls-cert", metavar="FILE",
                         help="encrypt with TLS: this server's certificate chain (PEM); it must name the host or IP address "
                              "sources connect to (an IP needs an IP subjectAltName). Needs --tls-key")
@@ -90,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
                         nursery.cancel_scope.cancel()
 
             bound = await nursery.start(functools.partial(serve, args.listen, handle, token=token, tls=tls))
-            _log(f"listening on {bound}")
-            _log(f"control socket {await nursery.start(serve_control, control_path(f'receive-{os.getpid()}'), receiving.answer)}")
+            control = await nursery.start(serve_control, control_path(f"receive-{os.getpid()}"), receiving.answer)
+            _log(f"control socket {control}, listening on {bound}")   # the address last: scripts read it there
             nursery.start_soon(functools.partial(guests.keep_prepared, again=not args.once))
 
     try:

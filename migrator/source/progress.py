@@ -41,7 +41,7 @@ class Progress:
     transferred_wire_bytes: int  # on the wire since the start, every round
     total_bytes: int | None      # the guest's memory
     dirty_rate: float            # pages/s the guest wrote during the last finished round
-    throughput: float            # raw bytes/s, over the round in progress
+    throughput: float            # wire bytes/s, over the round in progress
     expected_downtime_ms: float | None   # the last finished round's estimate, if we froze then
     downtime_target_ms: float
     throttle: float              # auto-converge duty cycle in force
@@ -59,6 +59,7 @@ class Sampler:
         self.publish = publish
         self.started = time.perf_counter()
         self.phase: Phase = "starting"
+        self._round_start: tuple[int, float, int] | None = None   # (round, when first seen, wire bytes then)
 
     def snapshot(self, settled: RoundStats | None = None) -> Progress:
         src, now = self.source, time.perf_counter()
@@ -67,11 +68,11 @@ class Sampler:
         current = precopy.current if precopy else None
         last = rounds[-1] if rounds else None
         page_size = src._guest.layout.page_size if src._guest else 4096
+        wire = src._sink.statistics().bytes_wire if src._sink else 0
         if current is not None and (last is None or current.number > last.round):
             number, pages, sent = current.number, current.dirty_pages, current.bytes_raw
             to_send = (current.dirty_pages - current.zero_pages) * page_size
-            # over the round so far: pages go in 4 MiB events, so a shorter window is lumpy on a slow link
-            throughput = sent / (now - current.started) if sent and now > current.started else 0.0
+            throughput = self._round_throughput(number, now, wire)
         elif last is not None:
             number, pages, sent, to_send = last.round, last.dirty_pages, last.bytes_raw, last.bytes_raw
             throughput = last.bandwidth
@@ -85,7 +86,7 @@ class Sampler:
         return Progress(
             schema=Schema(Progress.SCHEMA), id=src.id, phase=phase, elapsed_s=round(now - self.started, 3),
             round=number, round_pages=pages, round_sent_bytes=sent, remaining_bytes=remaining,
-            transferred_wire_bytes=src._sink.statistics().bytes_wire if src._sink else 0,
+            transferred_wire_bytes=wire,
             total_bytes=layout.total_bytes if layout else None,
             dirty_rate=last.dirty_rate if last else 0.0, throughput=throughput,
             expected_downtime_ms=last.expected_downtime_ms if last else None,
@@ -94,6 +95,15 @@ class Sampler:
             eta_s=remaining / throughput if throughput > 0 and phase == "precopy" else None,
             settled=settled, control=getattr(src, "control_path", None),
         )
+
+    def _round_throughput(self, number: int, now: float, wire: int) -> float:
+        """Bytes/s on the wire since this round was first seen: over the round so far, because
+        pages go in 4 MiB frames (a shorter window is lumpy on a slow link), and on the wire, not
+        handed to the sender (which queues a few frames ahead of the link)."""
+        if self._round_start is None or self._round_start[0] != number:
+            self._round_start = (number, now, wire)
+        _, t0, wire0 = self._round_start
+        return (wire - wire0) / (now - t0) if now > t0 else 0.0
 
     def round_ended(self, stats: RoundStats) -> None:
         self.publish(self.snapshot(settled=stats))

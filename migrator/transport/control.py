@@ -20,7 +20,6 @@ import os
 import socket
 import stat
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -52,7 +51,8 @@ def control_dir() -> str:
     safe (a link, another user's, open to others)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = runtime if runtime and os.path.isabs(runtime) and os.path.isdir(runtime) else None
-    path = os.path.join(base, "migrator") if base else os.path.join(tempfile.gettempdir(), f"migrator-{os.getuid()}")
+    # not $TMPDIR: a client in another shell must find the same directory
+    path = os.path.join(base, "migrator") if base else f"/tmp/migrator-{os.getuid()}"
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     st = os.lstat(path)
