@@ -220,31 +220,44 @@ def format_receive_summary(report: dict) -> str:
 
 
 def plot_report(report: dict, path: str | Path) -> None:
-    """Draw dirty pages, bandwidth and expected vs target downtime per round to an image file."""
+    """Draw, against time, each round's dirty pages, the bandwidth and the throttle in force, and
+    the expected downtime against the target (the final downtime starred) to an image file."""
     image_format = plot_format(path)
     rounds = report_rounds(report)
     if not rounds:
         raise MigratorError("the report has no rounds to plot")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
-    x = [r.round for r in rounds]
+    starts = [0.0]
+    for r in rounds:
+        starts.append(starts[-1] + r.duration_s)
+    widths = [r.duration_s for r in rounds]
+    x = starts[:-1]                              # each round spans [start, start + duration)
+    ends = starts[1:]
     fig = Figure(figsize=(7, 8), layout="constrained")
     dirty_ax, bw_ax, down_ax = fig.subplots(3, 1, sharex=True)
     fig.suptitle(f"{report['kind']} {report['result']}, rule {report.get('rule') or '-'}")
 
     dirty = [r.dirty_pages for r in rounds]
-    dirty_ax.bar(x, dirty, color="tab:blue")
-    dirty_ax.set_ylabel("dirty pages")
+    dirty_ax.bar(x, dirty, width=widths, align="edge", color="tab:blue", edgecolor="white")
+    for start, width, r in zip(x, widths, rounds):
+        dirty_ax.annotate(f"r{r.round}", (start + width / 2, r.dirty_pages), ha="center", va="bottom", fontsize=8)
+    dirty_ax.set_ylabel("dirty pages per round")
     _log_if_wide(dirty_ax, dirty)
 
     bandwidth = [r.bandwidth / 1e6 for r in rounds]
-    bw_ax.plot(x, bandwidth, marker="o", color="tab:green")
+    bw_ax.step(starts, bandwidth + bandwidth[-1:], where="post", color="tab:green", label="bandwidth")
     bw_ax.set_ylabel("bandwidth MB/s")
     bw_ax.set_ylim(0, max(bandwidth) * 1.15 or 1)
+    throttle_ax = bw_ax.twinx()
+    throttle = [r.throttle * 100 for r in rounds]
+    throttle_ax.step(starts, throttle + throttle[-1:], where="post", color="tab:purple", linestyle="--", label="throttle")
+    throttle_ax.set_ylabel("throttle %", color="tab:purple")
+    throttle_ax.set_ylim(0, 100)
+    bw_ax.legend(handles=[*bw_ax.get_lines(), *throttle_ax.get_lines()], loc="best")
 
     expected = [r.expected_downtime_ms for r in rounds]
-    down_ax.plot(x, expected, marker="o", label="expected downtime")
+    down_ax.plot(ends, expected, marker="o", label="expected downtime (at each round's end)")
     shown = list(expected)
     target = (report.get("settings") or {}).get("downtime_ms")
     if target is not None:
@@ -252,12 +265,11 @@ def plot_report(report: dict, path: str | Path) -> None:
         shown.append(target)
     final = report.get("downtime_ms")
     if final is not None:
-        down_ax.plot([x[-1] + 1], [final], marker="*", markersize=14, linestyle="", color="tab:orange",
+        down_ax.plot([ends[-1]], [final], marker="*", markersize=14, linestyle="", color="tab:orange",
                      label=f"final downtime {final:.1f} ms")
         shown.append(final)
     down_ax.set_ylabel("downtime ms")
-    down_ax.set_xlabel("round (final downtime at the stop-and-copy)")
-    down_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    down_ax.set_xlabel("seconds since the first round began")
     down_ax.legend(loc="best")
     _log_if_wide(down_ax, shown)
     with open_output(path) as f:
