@@ -149,7 +149,7 @@ def test_the_commands_status_and_set_from_another_terminal(sockdir):
             assert shown.returncode == 0, shown.stderr
             assert json.loads(shown.stdout)["status"]["phase"] == "precopy"
             text = migrator("status", "--control", control, timeout=10).stdout
-            assert "round 0" in text and "bandwidth 4000000 B/s" in text
+            assert " round " in text and "bandwidth 4000000 B/s" in text     # round 0 may be over under load
             shown = migrator("status", "--control", receiver_control, "--json", timeout=10)
             assert [m["peer"].startswith("127.0.0.1") for m in json.loads(shown.stdout)["migrations"]] == [True]
             refused = migrator("cancel", "--control", receiver_control, timeout=10)
