@@ -51,7 +51,7 @@ def test_a_link_at_an_output_path_is_refused_in_one_line(option, tmp_path, victi
     link = tmp_path / "out.png"
     link.symlink_to(victim)
     result = migrator(*_argv(OUTPUT_OPTIONS[option], tmp_path, link))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr == f"migrator: OutputError: {link}: is a symbolic link; refusing to write through it\n"
     assert victim.read_bytes() == b"keep me" and link.is_symlink()
 
@@ -60,7 +60,7 @@ def test_a_link_at_an_output_path_is_refused_in_one_line(option, tmp_path, victi
 def test_an_output_in_a_missing_directory_is_refused_before_anything_runs(option, tmp_path):
     path = tmp_path / "missing" / "out.png"
     result = migrator(*_argv(OUTPUT_OPTIONS[option], tmp_path, path))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr == f"migrator: OutputError: {path}: directory {path.parent} does not exist\n"
 
 
@@ -69,7 +69,7 @@ def test_a_link_in_the_experiment_directory_is_refused_before_any_migration(tmp_
     out.mkdir()
     (out / "results.json").symlink_to(victim)
     result = migrator("experiment", "--quick", "--no-plots", "--out", str(out), timeout=30)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr
     assert result.stderr.endswith("results.json: is a symbolic link; refusing to write through it\n")
     assert result.stderr.count("\n") == 1 and victim.read_bytes() == b"keep me"
     assert sorted(p.name for p in out.iterdir()) == ["results.json"]
@@ -80,7 +80,7 @@ def test_report_plot_to_a_format_matplotlib_cannot_draw_is_one_line(tmp_path):
     report = tmp_path / "run.json"
     report.write_text(json.dumps(REPORT))
     result = migrator("report", str(report), "--plot", str(tmp_path / "x.json"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.startswith(f"migrator: OutputError: {tmp_path / 'x.json'}: matplotlib cannot draw .json files")
     assert result.stderr.count("\n") == 1 and result.stdout == ""       # refused before the report is printed
     assert not (tmp_path / "x.json").exists()
@@ -101,7 +101,7 @@ def test_report_and_plot_may_not_name_one_file(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is missing (pip install migrator[plot])")
     same = str(tmp_path / "x.png")
     result = migrator("migrate", "--guest", "none", "--to", "127.0.0.1:9", "--report", same, "--plot", same)
-    assert result.returncode == 1 and result.stderr == f"migrator: OutputError: --report and --plot both name {same}\n"
+    assert result.returncode == 2 and result.stderr == f"migrator: OutputError: --report and --plot both name {same}\n"
 
 
 BAD_VALUES = [

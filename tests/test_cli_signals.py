@@ -149,7 +149,8 @@ async def test_sigterm_of_migrate_in_round_0_resumes_the_source_and_the_destinat
                     await trio.sleep(0.5)
                     source.process.send_signal(signal.SIGTERM)
                     assert await source.wait(30) == 143, source.log.lines
-                    assert source.log.lines == ["migrator: interrupted by SIGTERM before the point of no return"]
+                    rest = [line for line in source.log.lines if not line.startswith("migrator: control socket ")]
+                    assert rest == ["migrator: interrupted by SIGTERM before the point of no return"]
                     for _ in range(5):
                         assert proc_state(guest.pid) not in ("T", "t"), "the source guest was left stopped"
                         await trio.sleep(0.1)

@@ -27,9 +27,9 @@ async def _receiver(nursery, outcomes, settings=ReceiveSettings()):
     async def handle(channel):
         migration = DestinationMigration(channel, settings, log=lambda line: None)
         try:
-            outcomes.append(await migration.run())
+            outcomes.append((await migration.run()).to_dict())
         except MigrationFailed:
-            outcomes.append(migration.report)
+            outcomes.append(migration.report.to_dict())
 
     return await nursery.start(functools.partial(serve, "127.0.0.1:0", handle, token=None))
 

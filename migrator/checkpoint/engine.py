@@ -27,7 +27,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar, Literal
 
 import trio
 import xxhash
@@ -38,6 +39,7 @@ from ..core.files import write_file
 from ..guest.client import GuestClient
 from ..core.model import Run
 from ..core.digest import PageDigests
+from ..core.documents import Schema, utc_now
 from ..core.errors import MigrationFailed
 from ..core.failures import describe
 from ..core.runs import count_pages, union
@@ -113,6 +115,7 @@ class CheckpointMigration:
         await trio.to_thread.run_sync(self._choose_parent)
         self.pending = PendingImage(self.image_dir)
         started = time.perf_counter()
+        self.started_at = utc_now()
         error: BaseException | None = None
         try:
             async with AttachedGuest(self.guest_control, self.settings.tracker) as guest:
@@ -125,7 +128,7 @@ class CheckpointMigration:
                 self.pending.discard()
         self.report = self._report(time.perf_counter() - started, error)
         if error is not None:
-            raise MigrationFailed(self.report.source.error, committed=self.committed) from error
+            raise MigrationFailed(self.report.error, committed=self.committed) from error
         return self.report
 
     @property
@@ -252,11 +255,12 @@ class CheckpointMigration:
             switchover=self._switchover, wire_bytes=self._sink.statistics().bytes_wire if self._sink else 0,
             rule=self._rule, error=None if error is None else describe(error), total_s=total_s,
             result="written" if self.image else "failed", committed=self.committed, kind="checkpoint",
+            id=self.id, peer=self.image_dir, started_at=self.started_at,
         )
+        measured = {f.name: getattr(source, f.name) for f in fields(MigrationReport)}
         return CheckpointReport(
-            source=source,
+            **(measured | {"schema": Schema(CheckpointReport.SCHEMA)}),
             image=self.image_dir if self.image else None,
-            image_id=self.id,
             image_kind=self._kind,
             parent=self.parent.path if self.parent else None,
             parent_refused=self.parent_refused,
@@ -265,25 +269,20 @@ class CheckpointMigration:
         )
 
 
-@dataclass(frozen=True)
-class CheckpointReport:
-    """A checkpoint's outcome: the source side's report plus what the image became."""
+@dataclass(frozen=True, slots=True)
+class CheckpointReport(MigrationReport):
+    """A checkpoint's outcome: the source side's report (its ``id`` is the image's) plus what the
+    image became. Serialised flat, like the migration report with these fields added."""
 
-    source: MigrationReport
-    image: str | None            # the image directory, None when nothing was written
-    image_id: str
-    image_kind: str              # "full" or "incremental"
-    parent: str | None
-    parent_refused: str | None   # why a requested parent was not used (--full-if-needed)
-    frozen_ms: float | None
-    leave_running: bool
-    pruned: tuple[str, ...] = ()   # images merged away after this one (continuous checkpoints)
+    SCHEMA: ClassVar[str] = "migrator.checkpoint"
 
-    def to_dict(self) -> dict:
-        return {**self.source.to_dict(), "image": self.image, "image_id": self.image_id,
-                "image_kind": self.image_kind, "parent": self.parent, "parent_refused": self.parent_refused,
-                "frozen_ms": self.frozen_ms, "leave_running": self.leave_running,
-                "pruned": list(self.pruned)}
+    image: str | None = None             # the image directory, None when nothing was written
+    image_kind: Literal["full", "incremental"] = "full"
+    parent: str | None = None
+    parent_refused: str | None = None    # why a requested parent was not used (--full-if-needed)
+    frozen_ms: float | None = None
+    leave_running: bool = False
+    pruned: tuple[str, ...] = ()         # images merged away after this one (continuous checkpoints)
 
 
 async def take_checkpoint(guest_control: str, image_dir: str, settings: CheckpointSettings = CheckpointSettings(),

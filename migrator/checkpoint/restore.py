@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar
 
 import trio
 
 from .. import protocol as p
+from ..core.documents import Schema
 from ..destination.engine import DestinationMigration, ReceiveSettings
+from ..destination.report import ReceiveReport
 from ..core.errors import ImageError, MigrationFailed
 from ..core.failures import first_cause
 from ..transport import ChannelStats, FileReader, open_file_reader
@@ -134,7 +137,7 @@ class RestoreSettings:
     memfd: bool = False
 
 
-async def restore_chain(image_dir: str, settings: RestoreSettings = RestoreSettings(), *, log=print) -> dict:
+async def restore_chain(image_dir: str, settings: RestoreSettings = RestoreSettings(), *, log=print) -> RestoreReport:
     """Start a restore guest, apply base..``image_dir``, check digests and the deep self-check,
     resume it. Returns the destination's report plus the chain; raises ImageError for a bad
     chain (before any guest starts) and MigrationFailed (guest discarded) for a bad stream."""
@@ -157,6 +160,22 @@ async def restore_chain(image_dir: str, settings: RestoreSettings = RestoreSetti
         raise
     finally:
         await channel.aclose()
-    report.update(kind="restore", chain=[image.path for image in chain], image=chain[-1].path,
-                  verified=report["result"] == "resumed", restore_s=time.perf_counter() - started)
-    return report
+    received = {f.name: getattr(report, f.name) for f in fields(ReceiveReport)}
+    return RestoreReport(
+        **(received | {"schema": Schema(RestoreReport.SCHEMA), "kind": "restore", "peer": chain[-1].path}),
+        chain=tuple(image.path for image in chain), image=chain[-1].path,
+        verified=report.result == "resumed", restore_s=time.perf_counter() - started,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreReport(ReceiveReport):
+    """A checkpoint chain restored (``migrator restore``): the receiving side's report of the
+    replayed stream (``peer``: the image restored), plus the chain it came from."""
+
+    SCHEMA: ClassVar[str] = "migrator.restore"
+
+    chain: tuple[str, ...] = ()      # the image directories applied, base first
+    image: str = ""                  # the image restored (the chain's last)
+    verified: bool = False
+    restore_s: float = 0.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import interrupts, options
+from . import exits, interrupts, options
 from .render import check_outputs, save_report
 from ..checkpoint.chain import run_continuous
 from ..checkpoint.engine import CheckpointSettings, take_checkpoint
@@ -46,7 +46,8 @@ def _line(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_outputs(report=args.report)
+    with exits.preflight():
+        check_outputs(report=args.report)
     settings = CheckpointSettings(
         leave_running=args.leave_running or args.every is not None, full_if_needed=args.full_if_needed,
         downtime_ms=args.downtime_ms, compress=args.compress, token=options.read_token(args.token_file),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..core.errors import MigratorError
 from ..core.files import check_output
-from . import interrupts, options
+from . import exits, interrupts, options
 from ..experiment import compare, grid as g, results
 from ..experiment.run import run_experiment
 from ..experiment.summary import summary_markdown, write_summary
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         return _replot(out, args)
     grid = build_grid(args)
     out.mkdir(parents=True, exist_ok=True)
-    _check_outputs(out, args, RESULTS + ("receiver.log",))
+    with exits.preflight():
+        _check_outputs(out, args, RESULTS + ("receiver.log",))
     started = time.perf_counter()
     document = {
         "kind": "experiment",

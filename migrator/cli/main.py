@@ -2,9 +2,10 @@
 
 Each subcommand lives in the package that owns the feature and contributes two functions:
 ``add_arguments(parser)`` and ``run(args) -> int``. This module only wires them up, catches
-``MigratorError`` once, prints ``migrator: <Type>: <message>`` on one line and exits 1. Ctrl-C
-exits 130; SIGTERM and SIGHUP end a command the same way (``interrupts``) and exit 128 + the
-signal's number.
+``MigratorError`` once, prints ``migrator: <Type>: <message>`` on one line and exits with the
+status ``exits`` documents (1 failed with the source running, 2 bad input, 3 outcome unknown).
+Ctrl-C exits 130; SIGTERM and SIGHUP end a command the same way (``interrupts``) and exit 128 +
+the signal's number.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import argparse
 import importlib
 import sys
 
+from ..core.documents import migrator_version
 from ..core.errors import MigratorError
 from ..core.failures import expected_cause
+from . import exits
 from .interrupts import Interrupted
 
 # name -> (module implementing add_arguments/run, one-line help)
@@ -27,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("migrator.cli.report", "print a migration report's round table and summary; --plot draws it"),
     "migrate": ("migrator.cli.migrate", "live-migrate a running guest to a receiver"),
     "receive": ("migrator.cli.receive", "receive migrations and resume their guests"),
+    "status": ("migrator.cli.status", "show how far a running migration is (from another terminal)"),
+    "cancel": ("migrator.cli.cancel", "cancel a running migration before its point of no return"),
+    "set": ("migrator.cli.set", "change a running migration's bandwidth, downtime target or round limit"),
     "checkpoint": ("migrator.cli.checkpoint", "write a checkpoint image of a running guest (full, incremental, continuous)"),
     "restore": ("migrator.cli.restore", "restore a guest from a checkpoint image chain and resume it"),
     "inspect": ("migrator.cli.inspect", "show (and --verify) a checkpoint image chain"),
@@ -37,7 +43,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that subcommand's module is imported (fast start-up, and
     one broken optional piece cannot take every command down)."""
-    parser = argparse.ArgumentParser(prog="migrator", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="migrator", description="Live-migrate and checkpoint Linux processes (userfaultfd dirty tracking).",
+        epilog="Exit status: 0 done, 1 failed before the point of no return (the source runs on), 2 bad input, "
+               "3 outcome unknown (committed, unacknowledged), 128+N ended by signal N. See docs/reports.md.")
+    parser.add_argument("--version", action="version", version=f"migrator {migrator_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         if only is not None and name != only:
@@ -59,9 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             return int(args._run(args) or 0)
         except BaseExceptionGroup as group:   # from a trio nursery: report what is inside
             raise expected_cause(group) from None
+    except exits.BadInput as exc:
+        print(f"migrator: {type(exc.error).__name__}: {exc.error}", file=sys.stderr)
+        return exits.BAD_INPUT
     except MigratorError as exc:
         print(f"migrator: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return exits.of_failure(exc)
     except OSError as exc:
         print(f"migrator: OSError: {exc}", file=sys.stderr)
         return 1

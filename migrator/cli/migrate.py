@@ -12,24 +12,31 @@ without, to a receiver started with ``--insecure``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from ..core.errors import MigratorError
 from ..tracker import TRACKERS
 from ..transport import check_tls_address, client_context, parse_address
+from ..transport.control import control_dir
 from ..source.migration import MigrateSettings, SourceMigration
-from . import interrupts, options
+from . import exits, interrupts, options
+from .progress import ProgressView
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guest", required=True, metavar="SOCKET", help="the guest's control socket")
     parser.add_argument("--to", required=True, metavar="HOST:PORT", help="receiver address (or unix:PATH)")
     parser.add_argument("--downtime-ms", type=options.positive, default=50.0, help="downtime target: switch over once the expected downtime is within 90 %% of it (default 50)")
-    parser.add_argument("--max-rounds", type=options.count, default=30)
+    parser.add_argument("--max-rounds", type=options.count, default=30, help="switch over (or fail) after this many pre-copy rounds (default 30)")
     parser.add_argument("--bandwidth", type=options.rate, default=None, metavar="RATE", help="cap the link, e.g. 100M (bytes/s) or 1gbit")
-    parser.add_argument("--compress", type=options.compress, default="zstd:1", metavar="zstd:LEVEL|none")
-    parser.add_argument("--streams", type=options.streams, default=1, help="parallel connections (compression on more cores)")
-    parser.add_argument("--tracker", choices=TRACKERS, default="wp-async")
-    parser.add_argument("--verify", choices=("pages", "full"), default="pages")
+    parser.add_argument("--compress", type=options.compress, default="zstd:1", metavar="zstd:LEVEL|none",
+                        help="compress page batches that sample as compressible (default zstd:1)")
+    parser.add_argument("--streams", type=options.streams, default=1, help="parallel connections to the one port (compression on more cores; default 1)")
+    parser.add_argument("--tracker", choices=TRACKERS, default="wp-async",
+                        help="how written pages are found (default wp-async; `migrator probe` says which work here)")
+    parser.add_argument("--verify", choices=("pages", "full"), default="pages",
+                        help="pages: compare per-page digests; full: also a digest of the whole frozen region (default pages)")
     parser.add_argument("--force-switchover", action="store_true", help="switch over instead of throttling when not converging")
     parser.add_argument("--keep-source", action="store_true", help="keep the source guest frozen after commit instead of killing it")
     options.add_token_options(parser, receiver=False)
@@ -45,30 +52,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--switchover-timeout", type=options.positive, default=None, metavar="S",
                         help="fail (and resume the source) if the switch-over, from the freeze to the commit, takes longer "
                              "(default: 40 times --downtime-ms, at least 2 s, plus 2 s per GiB with --verify full)")
-    parser.add_argument("--quiet", action="store_true", help="no per-round lines")
+    parser.add_argument("--control", metavar="SOCKET",
+                        help="open the control socket (migrator status|cancel|set) here (default: in $XDG_RUNTIME_DIR/migrator "
+                             "or /tmp/migrator-UID, named after the migration)")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr (the table and summary are still printed)")
+    parser.add_argument("--progress-json", action="store_true",
+                        help="for programs: every progress snapshot (several a second, one per finished round) as a JSON "
+                             "line on stdout, then the report document as the last line, instead of the text output")
 
 
 def run(args: argparse.Namespace) -> int:
     from . import render as rep
 
-    rep.check_outputs(report=args.report, plot=args.plot)
-    settings = MigrateSettings(
-        downtime_ms=args.downtime_ms, max_rounds=args.max_rounds, bandwidth=args.bandwidth,
-        compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
-        force_switchover=args.force_switchover, keep_source=args.keep_source,
-        token=options.source_token(args), round_timeout_s=args.round_timeout, switchover_timeout_s=args.switchover_timeout,
-        tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
-    )
-    check_tls_address(parse_address(args.to), settings.tls)
-    show = (lambda stats: None) if args.quiet else (lambda stats: print(rep.format_round_line(stats), file=sys.stderr, flush=True))
-    migration = SourceMigration(args.guest, args.to, settings, on_round=show)
+    with exits.preflight():
+        rep.check_outputs(report=args.report, plot=args.plot)
+        settings = MigrateSettings(
+            downtime_ms=args.downtime_ms, max_rounds=args.max_rounds, bandwidth=args.bandwidth,
+            compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
+            force_switchover=args.force_switchover, keep_source=args.keep_source,
+            token=options.source_token(args), round_timeout_s=args.round_timeout,
+            switchover_timeout_s=args.switchover_timeout,
+            tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
+        )
+        check_tls_address(parse_address(args.to), settings.tls)
+        if args.control is None:
+            control_dir()           # refused here, not mid-migration, if it is not safe
+    if args.progress_json:
+        view = ProgressView(sys.stdout, json_lines=True)
+    else:
+        view = None if args.quiet else ProgressView(sys.stderr, live=sys.stderr.isatty())
+    migration = SourceMigration(args.guest, args.to, settings, on_progress=view, control=args.control or True)
     try:
         report = interrupts.run(migration.run).to_dict()
-    finally:
+    except BaseException:
         if args.report and migration.report is not None:
-            rep.save_report(migration.report.to_dict(), args.report)
-    print(rep.format_round_table(report))
-    print(rep.format_summary(report))
+            _write(rep.save_report, migration.report.to_dict(), args.report)
+        raise
+    finally:
+        if view is not None:
+            view.close()
+    if args.progress_json:
+        print(json.dumps(report), flush=True)
+    else:
+        print(rep.format_round_table(report))
+        print(rep.format_summary(report))
+    # committed: the migration happened whatever becomes of its outputs (a warning, exit 0)
+    if args.report:
+        _write(rep.save_report, report, args.report)
     if args.plot:
-        rep.plot_report(report, args.plot)
-    return 0 if report["verified"] else 1
+        _write(rep.plot_report, report, args.plot)
+    return exits.OK
+
+
+def _write(write, report: dict, path: str) -> None:
+    try:
+        write(report, path)
+    except MigratorError as exc:
+        exits.warn(f"{path} not written: {exc}")

@@ -30,11 +30,13 @@ import trio
 from ..core.errors import MigratorError, TransportError
 from ..core.tokens import ensure_default_token
 from .render import check_outputs, save_report
-from . import interrupts, options
+from . import exits, interrupts, options
 from ..transport import HandshakeLimits, serve, server_context
 from ..transport.net import HANDSHAKE_TIMEOUT_S
 from ..destination.engine import DestinationMigration, ReceiveSettings
 from ..destination.guests import RestoreGuests
+from ..destination.status import Receiving
+from ..transport.control import control_path, serve_control
 
 
 _LIMITS = HandshakeLimits()
@@ -105,7 +107,8 @@ def _token(args: argparse.Namespace) -> tuple[bytes | None, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_outputs(report=args.report)
+    with exits.preflight():
+        check_outputs(report=args.report)
     settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout,
                                max_bytes=args.max_size)
     limits = HandshakeLimits(total=args.max_handshakes, per_peer=args.max_handshakes_per_peer)
@@ -116,12 +119,14 @@ def run(args: argparse.Namespace) -> int:
     outcome: list[bool] = []
     made_dir = None if args.control_dir else tempfile.mkdtemp(prefix="migrator-")
     guests = RestoreGuests(args.control_dir or made_dir, memfd=args.memfd, prepare=args.prepare, log=_log)
+    receiving = Receiving()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
 
             async def handle(channel) -> None:
                 migration = DestinationMigration(channel, settings, log=_log, guests=guests)
+                receiving.started(migration)
                 try:
                     await migration.run()
                     outcome.append(True)
@@ -129,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
                     _log(f"migration failed: {exc}")
                     outcome.append(False)
                 finally:
+                    receiving.ended(migration)
                     if args.report and getattr(migration, "report", None) is not None:
                         try:
-                            save_report(migration.report, args.report)
+                            save_report(migration.report.to_dict(), args.report)
                         except MigratorError as exc:     # the next migration may still be written
                             _log(f"report not written: {exc}")
                     if args.once:
@@ -141,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
                                                        handshake_timeout=args.handshake_timeout))
             if token_line is not None:
                 _log(token_line)
-            _log(f"listening on {bound}")
+            control = await nursery.start(serve_control, control_path(f"receive-{os.getpid()}"), receiving.answer)
+            _log(f"control socket {control}, listening on {bound}")   # the address last: scripts read it there
             nursery.start_soon(functools.partial(guests.keep_prepared, again=not args.once))
 
     try:

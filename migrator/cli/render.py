@@ -1,38 +1,30 @@
-"""Read and render the report an engine writes: round table, summary, live line, plot.
+"""Read and render the reports engines write: round table, summary, live line, plot.
 
-A report is a JSON object: ``kind`` ("migration" | "checkpoint"), ``settings`` {downtime_ms,
-max_rounds, tracker, compress, streams, bandwidth, verify, size_bytes, pages}, ``rounds`` (every
-``RoundStats`` field per round), ``rule``, ``rule_reason``, ``throttle_max``, ``downtime_ms``,
-``downtime_parts_ms`` {part: ms}, ``total_s``, ``pages_sent``, ``bytes_raw``, ``bytes_wire``,
-``verified``, ``verify``, ``result`` ("committed" | "failed"), ``error``. A failed run may leave
-the optional totals null. One column list (``COLUMNS``) drives both the round table and the live
-progress line, so they always agree. matplotlib is imported only to plot (``migrator[plot]``).
+A report is the JSON of one of the engines' report dataclasses, named by its ``schema``:
+``migrator.migration`` (``source.report.MigrationReport``), ``migrator.checkpoint``
+(``checkpoint.engine.CheckpointReport``), ``migrator.receive`` (``destination.report.ReceiveReport``),
+``migrator.restore`` (``checkpoint.restore.RestoreReport``); ``docs/schemas/`` has each one's
+JSON Schema. A file is read back through its dataclass's ``from_dict``, so every field is
+type-checked and a bad one is one line naming it. A failed run may leave the optional totals
+null. One column list (``COLUMNS``) drives the round table (``cli.progress`` renders a running
+migration). matplotlib is imported only to plot (``migrator[plot]``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.documents import convert
 from ..core.errors import MigratorError, OutputError
 from ..core.files import check_output, open_output, write_json
-from ..source.report import RoundStats
+from ..source.report import MigrationReport, RoundStats
 
-KINDS = ("migration", "checkpoint")
-RESULTS = ("committed", "failed")
 MiB = 1 << 20
-_NUMBER = (int, float)
-# Optional top-level keys (absent or null is fine) and their types; kind, result, rounds are required.
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "settings": dict, "rule": str, "rule_reason": str, "throttle_max": _NUMBER, "downtime_ms": _NUMBER,
-    "downtime_parts_ms": dict, "total_s": _NUMBER, "pages_sent": int, "bytes_raw": int,
-    "bytes_wire": int, "verified": bool, "verify": str, "error": str,
-}
-_ROUND_FIELDS = {f.name: f for f in dataclasses.fields(RoundStats)}
+ROUND_KINDS = ("migration", "checkpoint")    # reports with pre-copy rounds: a table, a plot
 
 
 @dataclass(frozen=True)
@@ -68,18 +60,38 @@ COLUMNS: tuple[Column, ...] = (
 )
 
 
-def load_report(path: str | Path) -> dict:
-    """Read and check a report file; MigratorError naming the file and the problem otherwise."""
+def report_types() -> dict[str, type]:
+    """Schema name -> the dataclass of that kind of report."""
+    from ..checkpoint.engine import CheckpointReport
+    from ..checkpoint.restore import RestoreReport
+    from ..destination.report import ReceiveReport
+
+    return {cls.SCHEMA: cls for cls in (MigrationReport, CheckpointReport, ReceiveReport, RestoreReport)}
+
+
+def read_report(data: object):
+    """Parsed JSON as the report dataclass its ``schema`` names; MigratorError with one line."""
+    types = report_types()
+    schema = data.get("schema") if isinstance(data, dict) else None
+    name = schema.get("name") if isinstance(schema, dict) else None
+    if name not in types:
+        found = f"its schema is {name!r}" if name is not None else "it has no 'schema' {name, version}"
+        raise MigratorError(f"not a migrator report: {found} (reports are {', '.join(types)})")
+    return types[name].from_dict(data)
+
+
+def load_report(path: str | Path):
+    """Read and check a report file: the report dataclass; MigratorError naming the file and the
+    problem otherwise."""
     try:
-        report = json.loads(Path(path).read_text())
-        check_report(report)
+        return read_report(json.loads(Path(path).read_text()))
     except OSError as exc:
         raise MigratorError(f"{path}: cannot read the report: {exc.strerror}") from exc
-    except json.JSONDecodeError as exc:
-        raise MigratorError(f"{path}: not JSON: {exc.msg} at line {exc.lineno}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f": {exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise MigratorError(f"{path}: not JSON{where}") from exc
     except MigratorError as exc:
         raise MigratorError(f"{path}: {exc}") from exc
-    return report
 
 
 def save_report(report: dict | list[dict], path: str | Path) -> None:
@@ -117,53 +129,17 @@ def plot_format(path: str | Path) -> str:
 
 
 def check_report(report: object) -> None:
-    """Raise MigratorError with one line saying what is wrong with ``report``."""
-    if not isinstance(report, dict):
-        raise MigratorError("a report is a JSON object")
-    if report.get("kind") not in KINDS:
-        raise MigratorError(f"'kind' must be one of {', '.join(KINDS)}, got {report.get('kind')!r}")
-    if report.get("result") not in RESULTS:
-        raise MigratorError(f"'result' must be one of {', '.join(RESULTS)}, got {report.get('result')!r}")
-    if not isinstance(report.get("rounds"), list):
-        raise MigratorError("'rounds' must be a list")
-    for key, kind in _TYPES.items():
-        value = report.get(key)
-        if value is not None and not _is(value, kind):
-            raise MigratorError(f"{key!r} has the wrong type ({type(value).__name__})")
-    if not all(_is(v, _NUMBER) for v in (report.get("downtime_parts_ms") or {}).values()):
-        raise MigratorError("'downtime_parts_ms' values must be numbers")
-    report_rounds(report)
-
-
-def _is(value: object, kind: type | tuple[type, ...]) -> bool:
-    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    """Raise MigratorError with one line saying what is wrong with ``report`` (parsed JSON)."""
+    read_report(report)
 
 
 def report_rounds(report: dict) -> list[RoundStats]:
-    """The report's rounds as RoundStats (extra keys ignored, missing or non-numeric ones refused)."""
-    out = []
-    for i, row in enumerate(report["rounds"]):
-        if not isinstance(row, dict):
-            raise MigratorError(f"round {i} is not an object")
-        values = {}
-        for name, field in _ROUND_FIELDS.items():
-            if name not in row and field.default is dataclasses.MISSING:
-                raise MigratorError(f"round {i} lacks {name!r}")
-            value = row.get(name, field.default)
-            if not _is(value, _NUMBER):
-                raise MigratorError(f"round {i}: {name!r} must be a number, got {value!r}")
-            values[name] = value
-        out.append(RoundStats(**values))
-    return out
+    """The rounds of a migration or checkpoint document, type-checked, as RoundStats."""
+    return list(convert(tuple[RoundStats, ...], report.get("rounds")))
 
 
 def _cells(stats: RoundStats) -> list[str]:
     return [c.cell(stats) for c in COLUMNS]
-
-
-def format_round_line(stats: RoundStats) -> str:
-    """One self-describing line per round for live progress: ``round   3  dirty    1204 ...``."""
-    return "  ".join(f"{c.header} {cell:>{c.width}}" for c, cell in zip(COLUMNS, _cells(stats)))
 
 
 def format_round_table(report: dict) -> str:
@@ -175,7 +151,7 @@ def format_round_table(report: dict) -> str:
 
 
 def summarize(report: dict) -> dict:
-    """The report's totals as one flat object (``migrator report --json`` prints it)."""
+    """A migration or checkpoint report's totals as one flat object: what the summary shows."""
     settings = report.get("settings") or {}
     return {
         "kind": report["kind"],
@@ -190,7 +166,7 @@ def summarize(report: dict) -> dict:
         "downtime_parts_ms": report.get("downtime_parts_ms") or {},
         "throttle_max": report.get("throttle_max"),
         "verified": bool(report.get("verified")),
-        "verify": report.get("verify") or settings.get("verify"),
+        "verify": settings.get("verify"),
         "pages_sent": report.get("pages_sent"),
         "bytes_raw": report.get("bytes_raw"),
         "bytes_wire": report.get("bytes_wire"),
@@ -224,32 +200,64 @@ def format_summary(report: dict) -> str:
     return "\n".join(f"{label:<9} {text}" for label, text in lines)
 
 
+def format_receive_summary(report: dict) -> str:
+    """A receive or restore report as ``label  value`` lines: result, guest, rounds, parts."""
+    parts = ", ".join(f"{name} {ms:.1f}" for name, ms in report["parts_ms"].items())
+    final = sum(1 for r in report["rounds"] if r["final"])
+    lines = [
+        ("result", f"{report['result']} ({report['restore_guest']} restore guest)"),
+        ("id", f"{report['id'] or '-'} from {_fmt(report['peer'])}"),
+        ("guest", f"pid {_fmt(report['guest_pid'])}, control {_fmt(report['guest_control'])}"),
+        ("rounds", f"{len(report['rounds']) - final} pre-copy + {final} final in {report['total_s']:.2f} s"),
+        ("applied", f"{report['pages_applied']} pages in {report['apply_s']:.2f} s of worker time"),
+        ("parts ms", parts or "-"),
+    ]
+    if report.get("chain"):
+        lines.append(("chain", " <- ".join(report["chain"])))
+    if report["error"]:
+        lines.append(("error", report["error"]))
+    return "\n".join(f"{label:<9} {text}" for label, text in lines)
+
+
 def plot_report(report: dict, path: str | Path) -> None:
-    """Draw dirty pages, bandwidth and expected vs target downtime per round to an image file."""
+    """Draw, against time, each round's dirty pages, the bandwidth and the throttle in force, and
+    the expected downtime against the target (the final downtime starred) to an image file."""
+    image_format = plot_format(path)
     rounds = report_rounds(report)
     if not rounds:
         raise MigratorError("the report has no rounds to plot")
-    image_format = plot_format(path)
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
-    x = [r.round for r in rounds]
+    starts = [0.0]
+    for r in rounds:
+        starts.append(starts[-1] + r.duration_s)
+    widths = [r.duration_s for r in rounds]
+    x = starts[:-1]                              # each round spans [start, start + duration)
+    ends = starts[1:]
     fig = Figure(figsize=(7, 8), layout="constrained")
     dirty_ax, bw_ax, down_ax = fig.subplots(3, 1, sharex=True)
     fig.suptitle(f"{report['kind']} {report['result']}, rule {report.get('rule') or '-'}")
 
     dirty = [r.dirty_pages for r in rounds]
-    dirty_ax.bar(x, dirty, color="tab:blue")
-    dirty_ax.set_ylabel("dirty pages")
+    dirty_ax.bar(x, dirty, width=widths, align="edge", color="tab:blue", edgecolor="white")
+    for start, width, r in zip(x, widths, rounds):
+        dirty_ax.annotate(f"r{r.round}", (start + width / 2, r.dirty_pages), ha="center", va="bottom", fontsize=8)
+    dirty_ax.set_ylabel("dirty pages per round")
     _log_if_wide(dirty_ax, dirty)
 
     bandwidth = [r.bandwidth / 1e6 for r in rounds]
-    bw_ax.plot(x, bandwidth, marker="o", color="tab:green")
+    bw_ax.step(starts, bandwidth + bandwidth[-1:], where="post", color="tab:green", label="bandwidth")
     bw_ax.set_ylabel("bandwidth MB/s")
     bw_ax.set_ylim(0, max(bandwidth) * 1.15 or 1)
+    throttle_ax = bw_ax.twinx()
+    throttle = [r.throttle * 100 for r in rounds]
+    throttle_ax.step(starts, throttle + throttle[-1:], where="post", color="tab:purple", linestyle="--", label="throttle")
+    throttle_ax.set_ylabel("throttle %", color="tab:purple")
+    throttle_ax.set_ylim(0, 100)
+    bw_ax.legend(handles=[*bw_ax.get_lines(), *throttle_ax.get_lines()], loc="best")
 
     expected = [r.expected_downtime_ms for r in rounds]
-    down_ax.plot(x, expected, marker="o", label="expected downtime")
+    down_ax.plot(ends, expected, marker="o", label="expected downtime (at each round's end)")
     shown = list(expected)
     target = (report.get("settings") or {}).get("downtime_ms")
     if target is not None:
@@ -257,12 +265,11 @@ def plot_report(report: dict, path: str | Path) -> None:
         shown.append(target)
     final = report.get("downtime_ms")
     if final is not None:
-        down_ax.plot([x[-1] + 1], [final], marker="*", markersize=14, linestyle="", color="tab:orange",
+        down_ax.plot([ends[-1]], [final], marker="*", markersize=14, linestyle="", color="tab:orange",
                      label=f"final downtime {final:.1f} ms")
         shown.append(final)
     down_ax.set_ylabel("downtime ms")
-    down_ax.set_xlabel("round (final downtime at the stop-and-copy)")
-    down_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    down_ax.set_xlabel("seconds since the first round began")
     down_ax.legend(loc="best")
     _log_if_wide(down_ax, shown)
     with open_output(path) as f:

@@ -1,7 +1,9 @@
-"""Print a migration report's round table and summary, and optionally plot it.
+"""Print a report's round table and summary (a migration or checkpoint), or its summary (a
+receive or restore report), and optionally plot a migration's rounds.
 
-The exit code says whether the report could be read, not how the migration ended: scripts read
-``result`` from ``--json``.
+``--json`` prints the report document itself, exactly as ``--report`` wrote it (its schema in
+``docs/schemas/``), after checking it. The exit code says whether the report could be read
+(0, or 2 for a bad file), not how the migration ended: scripts read ``result``.
 """
 
 from __future__ import annotations
@@ -10,23 +12,33 @@ import argparse
 import json
 import sys
 
-from .render import check_outputs, format_round_table, format_summary, load_report, plot_report, summarize
+from ..core.errors import MigratorError
+from . import exits
+from .render import (
+    ROUND_KINDS, check_outputs, format_receive_summary, format_round_table, format_summary, load_report,
+    plot_report,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("report", help="report JSON written by `migrate --report` or `receive --report`")
+    parser.add_argument("report", help="a report JSON written by `migrate`, `checkpoint`, `receive` or `restore` --report")
     parser.add_argument("--plot", metavar="PNG", help="draw dirty pages, bandwidth and downtime per round to this image")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of text")
+    parser.add_argument("--json", action="store_true", help="print the report document (checked) instead of text")
 
 
 def run(args: argparse.Namespace) -> int:
-    check_outputs(plot=args.plot)
-    report = load_report(args.report)
+    with exits.preflight():
+        check_outputs(plot=args.plot)
+        document = load_report(args.report).to_dict()
+        if args.plot and document["kind"] not in ROUND_KINDS:
+            raise MigratorError(f"{args.report}: a {document['kind']} report has no rounds to plot")
     if args.json:
-        print(json.dumps(summarize(report)))
+        print(json.dumps(document))
+    elif document["kind"] in ROUND_KINDS:
+        print(format_round_table(document), format_summary(document), sep="\n\n")
     else:
-        print(format_round_table(report), format_summary(report), sep="\n\n")
+        print(format_receive_summary(document))
     if args.plot:
-        plot_report(report, args.plot)
+        plot_report(document, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0

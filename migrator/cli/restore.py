@@ -11,7 +11,7 @@ import contextlib
 import os
 import tempfile
 
-from . import interrupts
+from . import exits, interrupts
 from .options import read_token
 from .render import check_outputs, save_report
 from ..checkpoint.restore import RestoreSettings, restore_chain
@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_outputs(report=args.report)
+    with exits.preflight():
+        check_outputs(report=args.report)
     token = read_token(args.token_file)
     made_dir = None if args.control_dir else tempfile.mkdtemp(prefix="migrator-")
     settings = RestoreSettings(token=token, control_dir=args.control_dir or made_dir, memfd=args.memfd)
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):   # not empty: the restored guest's socket is in it
                 os.rmdir(made_dir)
     if args.report:
-        save_report(report, args.report)
-    print(f"restored {report['image']} ({len(report['chain'])} image(s), {report['pages_applied']} pages): "
-          f"digests and self-check OK; guest pid {report['guest_pid']} running, control {report['guest_control']}")
+        save_report(report.to_dict(), args.report)
+    print(f"restored {report.image} ({len(report.chain)} image(s), {report.pages_applied} pages): "
+          f"digests and self-check OK; guest pid {report.guest_pid} running, control {report.guest_control}")
     return 0

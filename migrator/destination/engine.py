@@ -19,12 +19,14 @@ import trio
 from .. import protocol as p
 from ..core.deadlines import deadline
 from ..core.digest import PageDigests
+from ..core.documents import header, utc_now
 from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolError
 from ..core.failures import describe
 from ..core.meminfo import mem_available
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from .guests import RestoreGuests, RestoreTarget
+from .report import ReceivedRound, ReceiveReport
 
 APPLY_QUEUE = 4          # Pages events (up to 4 MiB each) buffered between receiving and applying
 APPLY_BATCH = 2          # events applied per worker-thread call
@@ -62,14 +64,16 @@ class DestinationMigration:
         self.prepared = False
         self.resumed = False
         self.parts: dict[str, float] = {}
-        self.rounds: list[dict] = []
+        self.rounds: list[ReceivedRound] = []
+        self.id = ""                    # the source's migration id, from its Layout
         self.pages_applied = 0
         self.apply_s = 0.0              # worker-thread time writing pages and hashing them
         self.failure: str | None = None
         self._inspection: _Job | None = None
 
-    async def run(self) -> dict:
+    async def run(self) -> ReceiveReport:
         started = time.perf_counter()
+        started_at = utc_now()
         error: BaseException | None = None
         try:
             await self._run()
@@ -79,22 +83,23 @@ class DestinationMigration:
             if self.target is not None:   # a guest that was not resumed is killed, even when cancelled
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.target.close if not self.resumed else self.target.release)
-        report = self.report = {
-            "kind": "receive",
-            "source_layout": [[r.start, r.length] for r in self.src.regions] if hasattr(self, "src") else None,
-            "guest_pid": self.guest.pid if self.guest else None,
-            "guest_control": self.guest.control if self.guest else None,
-            "restore_guest": "prepared" if self.prepared else "started",
-            "rounds": self.rounds,
-            "pages_applied": self.pages_applied,
-            "apply_s": round(self.apply_s, 4),
-            "parts_ms": self.parts,
-            "total_s": time.perf_counter() - started,
-            "result": "resumed" if self.resumed else "discarded",
-            "error": None if error is None else describe(error),
-        }
+        report = self.report = ReceiveReport(
+            **header(ReceiveReport.SCHEMA, id=self.id, peer=getattr(self.channel, "name", None), started_at=started_at),
+            kind="receive",
+            source_layout=tuple((r.start, r.length) for r in self.src.regions) if hasattr(self, "src") else None,
+            guest_pid=self.guest.pid if self.guest else None,
+            guest_control=self.guest.control if self.guest else None,
+            restore_guest="prepared" if self.prepared else "started",
+            rounds=tuple(self.rounds),
+            pages_applied=self.pages_applied,
+            apply_s=round(self.apply_s, 4),
+            parts_ms=self.parts,
+            total_s=time.perf_counter() - started,
+            result="resumed" if self.resumed else "discarded",
+            error=None if error is None else describe(error),
+        )
         if error is not None:
-            raise MigrationFailed(report["error"], committed=self.resumed) from error
+            raise MigrationFailed(report.error, committed=self.resumed) from error
         return report
 
     async def _run(self) -> None:
@@ -102,6 +107,8 @@ class DestinationMigration:
             event = await self.channel.receive()
         if not isinstance(event, p.Layout):
             raise RemoteProtocolError(f"expected Layout first, got {type(event).__name__}")
+        id = event.meta.get("id")
+        self.id = id if isinstance(id, str) else ""
         t = time.perf_counter()
         await self._start_guest(event)
         # the source starts round 0 on this Ack, and takes the link's round trip from it: the
@@ -227,7 +234,7 @@ class DestinationMigration:
             elif isinstance(event, p.Zero):
                 await queue.send((event.round, list(event.runs), None))
             elif isinstance(event, p.RoundEnd):
-                self.rounds.append({"round": event.round, "pages": event.pages, "final": event.final})
+                self.rounds.append(ReceivedRound(round=event.round, pages=event.pages, final=event.final))
                 if not event.final:  # the source waits until the round is applied
                     await self._drain(queue)
                     await self._reply(p.Ack(of=p.Acked.ROUND, ok=True, round=event.round))

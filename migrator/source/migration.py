@@ -21,22 +21,32 @@ outcome is unknown.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 
+import trio
+
+from ..core.documents import utc_now
 from ..core.digest import PageDigests
-from ..core.errors import MigrationFailed
+from ..core.documents import to_data
+from ..core.errors import MigrationFailed, MigratorError
+from ..transport.control import Request, control_path, serve_control
 from ..core.failures import describe
 from .attach import AttachedGuest
 from .estimator import DowntimeEstimator, switchover_fixed_ms
 from .pages import PageStream
 from .policy import PolicySettings
-from .report import MigrationReport, report_of
+from .progress import Progress, Sampler
+from .report import MigrationReport, RoundStats, report_of
 from .rounds import Precopy
 from .sink import PeerSink
 from .switchover import Switchover, bounded, commit, final_copy, switchover_deadline_s
+
+WATCH_BUFFER = 64        # snapshots buffered for each ``watch`` reader (13 s of them)
 
 
 @dataclass(frozen=True)
@@ -71,11 +81,24 @@ class MigrateSettings:
 class SourceMigration:
     """Migrate the guest behind control socket ``guest_control`` to ``address``."""
 
-    def __init__(self, guest_control: str, address: str, settings: MigrateSettings, *, on_round=None) -> None:
+    def __init__(self, guest_control: str, address: str, settings: MigrateSettings, *, on_round=None,
+                 on_progress: Callable[[Progress], None] | None = None, control: bool | str = False) -> None:
+        """``on_round(RoundStats)`` is called as each round ends; ``on_progress(Progress)`` with a
+        snapshot several times a second, one per ended round (``settled``) and a last one.
+        ``control`` opens a control socket (``migrator status|cancel|set``) while it runs: at
+        that path, or with True in the user's control directory (``transport.control``)."""
         self.guest_control = guest_control
         self.address = address
         self.settings = settings
         self.on_round = on_round
+        self.on_progress = on_progress
+        self.id = uuid.uuid4().hex
+        self.control_path = (control_path(f"migrate-{self.id[:12]}") if control is True else control) or None
+        self.sampler: Sampler | None = None
+        self.latest: Progress | None = None
+        self._pending: dict = {}
+        self._cancel = trio.CancelScope()
+        self._watchers: list[trio.MemorySendChannel] = []
         self.id = uuid.uuid4().hex
         self.report: MigrationReport | None = None
         self._guest: AttachedGuest | None = None
@@ -87,14 +110,19 @@ class SourceMigration:
     async def run(self) -> MigrationReport:
         """Migrate; returns the report. Raises MigrationFailed with one line saying why."""
         started = time.perf_counter()
+        self.started_at = utc_now()
+        self.sampler = Sampler(self, self._publish)
         error: BaseException | None = None
         try:
             async with AttachedGuest(self.guest_control, self.settings.tracker) as guest:
                 self._guest = guest
-                await self._migrate(guest)
+                await self._migrate_watched(guest)
         except BaseException as exc:  # noqa: BLE001 - turned into one typed line below
             error = exc
         self.report = self._report(time.perf_counter() - started, error)
+        self.sampler.ended("committed" if error is None else "failed")
+        for watcher in self._watchers:
+            watcher.close()
         if error is not None:
             raise MigrationFailed(self.report.error, committed=self.committed) from error
         return self.report
@@ -102,6 +130,107 @@ class SourceMigration:
     @property
     def committed(self) -> bool:
         return self._sink is not None and self._sink.committed
+
+    # --- watching and steering it while it runs ------------------------------------------------
+
+    def _publish(self, progress: Progress) -> None:
+        self.latest = progress
+        if self.on_progress is not None:
+            self.on_progress(progress)
+        for watcher in self._watchers:
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                watcher.send_nowait(progress)
+
+    async def watch(self) -> AsyncIterator[Progress]:
+        """The progress snapshots from now until the migration ends, the last one included. A
+        reader more than ``WATCH_BUFFER`` snapshots behind misses the ones that did not fit."""
+        send, receive = trio.open_memory_channel(WATCH_BUFFER)
+        self._watchers.append(send)
+        try:
+            async with receive:
+                async for progress in receive:
+                    yield progress
+                    if progress.phase in ("committed", "failed"):
+                        return
+        finally:
+            self._watchers.remove(send)
+
+    def cancel(self) -> None:
+        """End the migration before the point of no return: the source resumes, the destination
+        discards its copy. MigratorError once the switch-over has begun (too late to be safe)."""
+        if self._switchover is not None or self.committed:
+            raise MigratorError("the switch-over has begun: too late to cancel")
+        self._cancelled = True
+        self._cancel.cancel()
+
+    def set_parameters(self, *, bandwidth: float | None | str = "unchanged", downtime_ms: float | None = None,
+                       max_rounds: int | None = None) -> dict:
+        """Change the link's cap (bytes/s, None: uncapped), the downtime target or the round limit;
+        they take effect when the round in progress ends. Returns what will change."""
+        change: dict = {}
+        if bandwidth != "unchanged":
+            if bandwidth is not None and not (isinstance(bandwidth, (int, float)) and bandwidth > 0):
+                raise MigratorError(f"bandwidth must be a positive number of bytes/s or unlimited, not {bandwidth!r}")
+            change["bandwidth"] = None if bandwidth is None else float(bandwidth)
+        if downtime_ms is not None:
+            if not downtime_ms > 0:
+                raise MigratorError(f"downtime-ms must be positive, not {downtime_ms!r}")
+            change["downtime_ms"] = float(downtime_ms)
+        if max_rounds is not None:
+            if max_rounds < 1:
+                raise MigratorError(f"max-rounds must be at least 1, not {max_rounds!r}")
+            change["max_rounds"] = int(max_rounds)
+        if self._switchover is not None or self.committed:
+            raise MigratorError("the switch-over has begun: nothing left to change")
+        self._pending.update(change)
+        return change
+
+    def _apply_pending(self) -> None:
+        """At a round's end: the parameters set meanwhile take effect for the next round."""
+        change, self._pending = self._pending, {}
+        if not change:
+            return
+        self.settings = replace(self.settings, **change)
+        if self._precopy is not None:
+            self._precopy.policy = self.settings.policy()
+        if "bandwidth" in change and self._sink is not None:
+            self._sink.channel.set_bandwidth(change["bandwidth"])
+
+    def _control(self, request: Request) -> dict:
+        """Answer one control socket request (``transport.control``)."""
+        if request.op == "status":
+            progress = self.latest or self.sampler.snapshot()
+            s = self.settings
+            return {"status": to_data(progress), "parameters": {
+                "bandwidth": s.bandwidth, "downtime_ms": s.downtime_ms, "max_rounds": s.max_rounds},
+                "pending": dict(self._pending)}
+        if request.op == "cancel":
+            self.cancel()
+            return {"cancelled": True}
+        bandwidth = "unchanged" if request.bandwidth is None else None if request.bandwidth == "unlimited" else request.bandwidth
+        return {"pending": self.set_parameters(bandwidth=bandwidth, downtime_ms=request.downtime_ms,
+                                               max_rounds=request.max_rounds), "takes_effect": "at the next round"}
+
+    async def _migrate_watched(self, guest: AttachedGuest) -> None:
+        """``_migrate``, with the sampler publishing progress and the control socket beside it."""
+        self._cancelled = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.sampler.run)
+            if self.control_path is not None:
+                await nursery.start(serve_control, self.control_path, self._control)
+            try:
+                with self._cancel:
+                    await self._migrate(guest)
+                if self._cancelled:
+                    raise MigrationFailed("cancelled (migrator cancel)")
+            finally:
+                nursery.cancel_scope.cancel()
+
+    def _round_ended(self, stats: RoundStats) -> None:
+        if self.on_round is not None:
+            self.on_round(stats)
+        self.sampler.round_ended(stats)
+        self._apply_pending()
 
     async def _migrate(self, guest: AttachedGuest) -> None:
         s, layout = self.settings, guest.layout
@@ -113,7 +242,7 @@ class SourceMigration:
                                           page_size=layout.page_size, bandwidth=s.bandwidth)
             pages = PageStream(guest.memory, layout, digests, sink)
             precopy = self._precopy = Precopy(guest, sink, pages, estimator, s.policy(),
-                                              round_timeout_s=s.round_timeout_s, on_round=self.on_round)
+                                              round_timeout_s=s.round_timeout_s, on_round=self._round_ended)
             await precopy.send_layout({"id": self.id, "tracker": s.tracker, "size": layout.total_bytes})
             # every scan resets what "written" means: a checkpoint taken later must know who
             # scanned last (see migrator.checkpoint)
@@ -139,5 +268,6 @@ class SourceMigration:
             wire_bytes=self._sink.statistics().bytes_wire if self._sink else 0, rule=self._rule,
             error=None if error is None else describe(error), total_s=total_s,
             result="committed" if error is None else "failed", committed=self.committed,
-            tls=self.settings.tls is not None,
+            tls=self.settings.tls is not None, id=self.id, peer=self.address, started_at=self.started_at,
+            control=self.control_path,
         )

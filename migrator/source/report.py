@@ -2,14 +2,19 @@
 
 The report is built once, at the end of a run (failed or not), from what the phases measured, and
 serialised in one place (``MigrationReport.to_dict``): the JSON that ``--report`` writes and the
-command line renders. A failed run leaves the totals it never reached as None.
+command line renders, its fields exactly the dataclasses' (``docs/schemas/migrator.migration.v1.json``
+is generated from them). ``from_dict`` reads one back, checking every field's type: a report
+file is hostile input. A failed run leaves the totals it never reached as None.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import ClassVar, Literal
+
+from ..core.documents import Schema, header, read, to_data
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +61,20 @@ class ReportSettings:
 @dataclass(frozen=True, slots=True)
 class MigrationReport:
     """One migration's outcome. ``committed`` says on which side of the point of no return it
-    ended; ``result`` is "committed" or "failed"; ``error`` is one line when it failed."""
+    ended; ``result`` is "committed" ("written" for a checkpoint) or "failed"; ``error`` is one
+    line when it failed. The header (``schema`` … ``peer``) is ``migrator.core.documents``'."""
 
+    SCHEMA: ClassVar[str] = "migrator.migration"
+
+    schema: Schema
+    migrator_version: str
+    started_at: str            # ISO 8601, UTC
+    id: str                    # the migration's id, the destination's report has the same
+    peer: str | None           # the receiver's address (a checkpoint: the image directory)
+    kind: Literal["migration", "checkpoint"]
     settings: ReportSettings
     rounds: tuple[RoundStats, ...]
-    result: str
+    result: Literal["committed", "written", "failed"]
     committed: bool
     verified: bool
     error: str | None
@@ -73,59 +87,41 @@ class MigrationReport:
     downtime_ms: float | None = None
     downtime_parts_ms: Mapping[str, float] = field(default_factory=dict)
     bytes_wire: int = 0
-    kind: str = "migration"
+    pages_sent: int = 0        # pages whose bytes were sent: every round's non-zero pages and the final copy's
+    bytes_raw: int = 0         # page bytes before compression, over every round
+    control: str | None = None  # the control socket it answered status/cancel/set on
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "downtime_parts_ms", MappingProxyType(dict(self.downtime_parts_ms)))
 
-    @property
-    def pages_sent(self) -> int:
-        """Pages whose bytes were sent: every round's non-zero pages and the final copy's."""
-        return sum(r.dirty_pages - r.zero_pages for r in self.rounds) + (self.final_pages or 0)
-
-    @property
-    def bytes_raw(self) -> int:
-        return sum(r.bytes_raw for r in self.rounds)
-
     def to_dict(self) -> dict:
         """The report as JSON-ready data: the one serialisation of it."""
-        return {
-            "kind": self.kind,
-            "settings": asdict(self.settings),
-            "rounds": [asdict(r) for r in self.rounds],
-            "rule": self.rule,
-            "rule_reason": self.rule_reason,
-            "throttle_max": self.throttle_max,
-            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
-            "final_pages": self.final_pages,
-            "downtime_ms": self.downtime_ms,
-            "downtime_parts_ms": dict(self.downtime_parts_ms),
-            "total_s": self.total_s,
-            "pages_sent": self.pages_sent,
-            "bytes_raw": self.bytes_raw,
-            "bytes_wire": self.bytes_wire,
-            "verified": self.verified,
-            "verify": self.settings.verify,
-            "result": self.result,
-            "committed": self.committed,
-            "error": self.error,
-        }
+        return to_data(self)
+
+    @classmethod
+    def from_dict(cls, data: object) -> MigrationReport:
+        """A report read back (parsed JSON); MigratorError with one line naming a bad field."""
+        return read(cls, data)
 
 
 def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: tuple[str, str],
               error: str | None, total_s: float, result: str, committed: bool, kind: str = "migration",
-              tls: bool = False) -> MigrationReport:
+              tls: bool = False, id: str, peer: str | None, started_at: str,
+              control: str | None = None) -> MigrationReport:
     """The report from what a run's phases measured (``precopy``, ``switchover``, ``layout``: None
     for a phase the run never reached); ``settings`` is the run's ``MigrateSettings``."""
     s = settings
+    rounds = tuple(precopy.rounds) if precopy else ()
+    final_pages = switchover.final_pages if switchover else None
     return MigrationReport(
+        **header(MigrationReport.SCHEMA, id=id, peer=peer, started_at=started_at),
         kind=kind,
         settings=ReportSettings(
             downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, tracker=s.tracker, compress=s.compress,
             streams=s.streams, bandwidth=s.bandwidth, verify=s.verify, tls=tls,
             size_bytes=layout.total_bytes if layout else None, pages=layout.total_pages if layout else None,
         ),
-        rounds=tuple(precopy.rounds) if precopy else (),
+        rounds=rounds,
         result=result,
         committed=committed,
         verified=bool(switchover and switchover.verified),
@@ -134,9 +130,12 @@ def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: t
         rule=rule[0],
         rule_reason=rule[1],
         throttle_max=precopy.throttle_max if precopy else 0.0,
-        rtt_ms=precopy.rtt_ms if precopy else None,
-        final_pages=switchover.final_pages if switchover else None,
+        rtt_ms=None if precopy is None or precopy.rtt_ms is None else round(precopy.rtt_ms, 3),
+        final_pages=final_pages,
         downtime_ms=switchover.downtime_ms if switchover else None,
         downtime_parts_ms=switchover.parts if switchover else {},
         bytes_wire=wire_bytes,
+        pages_sent=sum(r.dirty_pages - r.zero_pages for r in rounds) + (final_pages or 0),
+        bytes_raw=sum(r.bytes_raw for r in rounds),
+        control=control,
     )

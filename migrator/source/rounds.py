@@ -49,6 +49,8 @@ class Precopy:
         self.round_timeout_s = round_timeout_s
         self.on_round = on_round or (lambda stats: None)
         self.rounds: list[RoundStats] = []
+        self.current: RoundTimer | None = None   # the round in progress, read by progress snapshots
+        self.throttle = 0.0                      # the duty cycle in force (progress snapshots)
         self.throttle_max = 0.0
         self.rtt_ms: float | None = None
         self._wire_total = 0
@@ -88,14 +90,15 @@ class Precopy:
                 return dirty, decision
             if decision.action is Action.THROTTLE:
                 self.guest.throttle.set(decision.throttle)
+            self.throttle = decision.throttle
             number = len(self.rounds)
-            timer = RoundTimer(number, count_pages(dirty))
+            timer = self.current = RoundTimer(number, count_pages(dirty))
             with deadline(self.round_timeout_s, f"round {number} (--round-timeout)"):
                 await self.pages.send(timer, dirty)
                 dirty = await self._end_round(timer, throttle=decision.throttle)
 
     async def _round_zero(self, first_scan: FirstScan) -> list[Run]:
-        timer = RoundTimer(0, 0)
+        timer = self.current = RoundTimer(0, 0)
         t = time.perf_counter()
         populated, zero = await trio.to_thread.run_sync(first_scan)
         timer.scan_s = time.perf_counter() - t

@@ -25,6 +25,15 @@ class TokenBucket:
         self._free_at: float | None = None   # when everything reserved so far has been paid for
         self.waited = 0.0
 
+    def set_rate(self, rate: float) -> None:
+        """A new cap from the next frame on. What was reserved stays reserved, and no credit is
+        granted, so the first frames after the change already go at the new rate."""
+        if not rate > 0:
+            raise TransportError(f"bandwidth must be a positive number of bytes/s, not {rate!r}")
+        self.rate = float(rate)
+        self.burst = max(64 * 1024, int(rate * 0.005))
+        self._free_at = max(self._free_at or 0.0, trio.current_time())
+
     async def consume(self, size: int) -> None:
         """Sleep until ``size`` more bytes fit under the cap, then let them go."""
         now = trio.current_time()

@@ -81,6 +81,16 @@ class Sender:
         self._on_written = on_written
         self._sampler: zstandard.ZstdCompressor | None = None   # the trio thread's own
 
+    def set_bandwidth(self, rate: float | None) -> None:
+        """Cap the link at ``rate`` bytes/s (None: uncapped) from the next frame on."""
+        if rate is None:
+            self._bucket = None
+            return
+        if self._bucket is None:
+            self._bucket = TokenBucket(rate)
+            self._bucket.waited = self._counters.throttle_seconds   # it keeps counting from there
+        self._bucket.set_rate(rate)
+
     @property
     def failure(self) -> TransportError | None:
         if self._failure is None:

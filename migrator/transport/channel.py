@@ -50,6 +50,12 @@ class Channel:
         return self._links[0].conn.peer_hello
 
     @property
+    def name(self) -> str:
+        """Who the other end is, as this side reached it: the address connected to (a source),
+        the address a connection came from (a destination)."""
+        return self._links[0].name
+
+    @property
     def streams(self) -> int:
         return len(self._links)
 
@@ -63,6 +69,10 @@ class Channel:
 
     def statistics(self) -> ChannelStats:
         return self._counters.freeze()
+
+    def set_bandwidth(self, rate: float | None) -> None:
+        """Cap what this side sends at ``rate`` bytes/s (None: uncapped), from the next frame on."""
+        self._sender.set_bandwidth(rate)
 
     # --- moving events ---------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ def _assert_running(control: str) -> None:
 
 async def _restore_and_check(image_dir: str, control_dir: str) -> dict:
     with trio.fail_after(60):
-        report = await restore_chain(image_dir, RestoreSettings(control_dir=control_dir), log=lambda line: None)
+        report = (await restore_chain(image_dir, RestoreSettings(control_dir=control_dir), log=lambda line: None)).to_dict()
     assert report["result"] == "resumed" and report["verified"]
     assert "check" in report["parts_ms"], "the guest's self-check ran"
     await trio.to_thread.run_sync(_assert_running, report["guest_control"])
@@ -55,7 +55,7 @@ async def test_full_and_incremental_round_trip(sockdir, tmp_path):
                 client.pause()      # hold the memory still so the image can be compared with it
                 incremental = (await take_checkpoint(guest.control, str(tmp_path / "c2"), RUNNING, parent=str(tmp_path / "c1"))).to_dict()
                 source_digest = client.digest()
-                assert client.stats()["tag"] == image_tag(incremental["image_id"])
+                assert client.stats()["tag"] == image_tag(incremental["id"])
                 client.resume()
         assert full["image_kind"] == "full" and incremental["image_kind"] == "incremental"
         assert full["frozen_ms"] > 0 and incremental["frozen_ms"] > 0
