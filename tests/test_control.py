@@ -83,8 +83,11 @@ async def test_status_set_and_cancel_a_real_migration(sockdir):
     assert report.error == "cancelled (migrator cancel)" and report.settings.bandwidth == 8 * MiB
     assert not os.path.exists(path), "the control socket is removed"
     r1 = report.rounds[1]
-    assert r1.bytes_wire / r1.duration_s == pytest.approx(8 * MiB, rel=0.05), "the new cap holds from round 1"
-    assert report.rounds[0].bytes_wire / report.rounds[0].duration_s <= 32 * MiB * 1.05, "round 0 had the old cap"
+    assert r1.bytes_wire / r1.duration_s == pytest.approx(8 * MiB, rel=0.1), "the new cap holds from round 1"
+    # The token bucket starts full, so a round may run a burst's worth above its cap: the point is
+    # that round 0 ran near the old cap, far above the new one.
+    r0_rate = report.rounds[0].bytes_wire / report.rounds[0].duration_s
+    assert 16 * MiB < r0_rate <= 32 * MiB * 1.15, "round 0 had the old cap"
     status = result[0]["status"]
     assert status["round"] == 1
     assert status["dirty_rate"] == report.rounds[0].dirty_rate
