@@ -83,6 +83,7 @@ async def test_status_set_and_cancel_a_real_migration(sockdir):
     assert report.error == "cancelled (migrator cancel)" and report.settings.bandwidth == 8 * MiB
     assert not os.path.exists(path), "the control socket is removed"
     r1 = report.rounds[1]
+    assert all(r.scan_s > 0 for r in report.rounds), "every round bills the scan that found its pages"
     assert r1.bytes_wire / r1.duration_s == pytest.approx(8 * MiB, rel=0.1), "the new cap holds from round 1"
     # The token bucket starts full, so a round may run a burst's worth above its cap: the point is
     # that round 0 ran near the old cap, far above the new one.

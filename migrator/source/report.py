@@ -31,7 +31,7 @@ class RoundStats:
     zero_pages: int            # of those, pages sent as zero ranges (no bytes)
     bytes_raw: int             # page bytes before compression
     bytes_wire: int            # bytes on the wire (frames, after compression)
-    scan_s: float              # collect() time
+    scan_s: float              # the scan that found this round's pages (round 0: the first scan)
     read_s: float              # reading the guest's pages
     compress_s: float          # compression (summed over worker threads)
     send_s: float              # waiting on the transport

@@ -55,6 +55,7 @@ class Precopy:
         self.rtt_ms: float | None = None
         self._wire_total = 0
         self._compress_total = 0.0
+        self._scan_before_s = 0.0                # the scan that found the next round's pages
 
     async def send_layout(self, meta: dict) -> None:
         """Announce the guest's memory; on a live sink, wait until the destination has its restore
@@ -134,7 +135,7 @@ class Precopy:
             zero_pages=timer.zero_pages,
             bytes_raw=timer.bytes_raw,
             bytes_wire=stats.bytes_wire - prev_wire,
-            scan_s=timer.scan_s,
+            scan_s=timer.scan_s if timer.number == 0 else self._scan_before_s,
             read_s=timer.read_s,
             compress_s=stats.compress_seconds - prev_compress,
             send_s=timer.send_s,
@@ -144,6 +145,7 @@ class Precopy:
             expected_downtime_ms=self.estimator.expected_ms(count_pages(dirty)),
             throttle=throttle,
         )
+        self._scan_before_s = scan_next
         self.rounds.append(round_stats)
         self.on_round(round_stats)
         return dirty
