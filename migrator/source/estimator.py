@@ -71,6 +71,14 @@ class DowntimeEstimator:
         self._costs: deque[float] = deque(maxlen=WINDOW)      # ms per page, oldest first
         self._round0: deque[float] = deque(maxlen=WINDOW)
 
+    def set_bandwidth(self, bandwidth: float | None, page_size: int = PAGE_SIZE) -> None:
+        """The link's cap changed (``migrator set bandwidth=``): move the floor. Costs observed
+        under the old cap stay; after a raise they overestimate until newer rounds replace them,
+        which errs towards another round rather than a missed target."""
+        if bandwidth is not None and bandwidth <= 0:
+            raise MigratorError(f"bandwidth must be > 0 bytes/s, got {bandwidth}")
+        self._floor_ms = page_size / bandwidth * 1e3 if bandwidth else 0.0
+
     def add_fixed(self, ms: float) -> None:
         """Add a measured cost to the fixed part (the link's round trips)."""
         if ms < 0:

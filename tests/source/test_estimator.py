@@ -62,6 +62,18 @@ def test_bandwidth_cap_is_a_floor_on_the_cost_per_page():
     assert DowntimeEstimator(bandwidth=1e9).expected_ms(1000) == pytest.approx(1.0 + 4.096)
 
 
+def test_a_new_cap_moves_the_floor():
+    est = DowntimeEstimator(bandwidth=4096e3)              # 1 ms per page
+    est.observe(1000, 0.002)                               # 2 us per page measured
+    est.set_bandwidth(4096e2)                              # `migrator set bandwidth=`: 10 ms per page
+    assert est.statistics().floor_per_page_ms == pytest.approx(10.0)
+    assert est.expected_ms(10) == pytest.approx(1.0 + 100.0)
+    est.set_bandwidth(None)                                # unlimited: the measured cost alone
+    assert est.statistics().floor_per_page_ms == 0.0 and est.expected_ms(1000) == pytest.approx(3.0)
+    with pytest.raises(MigratorError):
+        est.set_bandwidth(0)
+
+
 def test_never_negative_and_frozen_statistics():
     est = DowntimeEstimator()
     est.observe(1000, 0.0)
