@@ -1,4 +1,4 @@
-"""Pure helpers: page runs, layouts, per-page digests."""
+"""Helpers: page runs, layouts, per-page digests."""
 
 import os
 
@@ -40,6 +40,30 @@ def test_complement_and_union():
     assert complement(regions, present) == [(0, 1), (3 * P, 5), (9 * P, 7)]
     assert union([(0, 2), (5 * P, 1)], [(1 * P, 3)]) == [(0, 4), (5 * P, 1)]
     assert union([], []) == []
+
+
+def page_set(runs):
+    return {a + i * P for a, n in runs for i in range(n)}
+
+
+run_lists = st.lists(st.tuples(st.integers(0, 64), st.integers(0, 6)), max_size=40).map(
+    lambda raw: [(a * P, n) for a, n in raw])
+
+
+@given(run_lists, run_lists, st.booleans())
+def test_union_holds_each_page_once_in_coalesced_order(a, b, presorted):
+    """Sorted inputs take the native merge, unsorted ones the sort; both give the same answer."""
+    if presorted:
+        a, b = sorted(a), sorted(b)
+    out = union(a, b)
+    assert page_set(out) == page_set(a) | page_set(b)
+    assert all(n > 0 for _, n in out)
+    assert all(x + n * P < y for (x, n), (y, _) in zip(out, out[1:])), "sorted, disjoint, not adjacent"
+
+
+def test_union_of_runs_past_64_bits_falls_back_to_python_integers():
+    assert union([(2**70, 1)], [(2**70 + P, 2)]) == [(2**70, 3)]
+    assert union([(2**64 - P, 1)], [(0, 1)]) == [(0, 1), (2**64 - P, 1)]
 
 
 def test_layout_page_indices_and_translate_across_regions():

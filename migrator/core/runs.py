@@ -1,11 +1,13 @@
-"""Pure helpers over page runs ``(address, page_count)``: batching, complements, unions."""
+"""Helpers over page runs ``(address, page_count)``: batching, complements, unions (the union's
+merge is native: ``migrator.native.pages``)."""
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Sequence
-from itertools import accumulate
+from itertools import accumulate, chain
 
+from ..native.pages import ffi, lib
 from .model import Region, Run
 
 
@@ -65,7 +67,22 @@ def complement(regions: Sequence[Region], runs: Sequence[Run], page_size: int = 
 
 
 def union(a: Sequence[Run], b: Sequence[Run], page_size: int = 4096) -> list[Run]:
-    """Sorted, coalesced union of two run lists (pages in both appear once)."""
+    """Sorted, coalesced union of two run lists (pages in both appear once). The final copy's
+    merge sits inside the downtime: run lists sorted by address (what trackers return) are
+    merged in one linear native pass; anything else is sorted here."""
+    try:
+        flat_a, flat_b = ffi.new("uint64_t[]", [*chain.from_iterable(a)]), ffi.new("uint64_t[]", [*chain.from_iterable(b)])
+    except (OverflowError, TypeError):
+        return _sorted_union(a, b, page_size)
+    out = ffi.new("uint64_t[]", 2 * (len(a) + len(b)) or 1)
+    n = lib.runs_union(flat_a, len(a), flat_b, len(b), page_size, out) if page_size > 0 else lib.RUNS_UNSORTED
+    if n == lib.RUNS_UNSORTED:
+        return _sorted_union(a, b, page_size)
+    pairs = iter(ffi.unpack(out, 2 * n))
+    return list(zip(pairs, pairs))
+
+
+def _sorted_union(a: Sequence[Run], b: Sequence[Run], page_size: int) -> list[Run]:
     spans = sorted((addr, addr + n * page_size) for addr, n in [*a, *b] if n)
     out: list[list[int]] = []
     for start, end in spans:

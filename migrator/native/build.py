@@ -37,8 +37,8 @@ def _builder(name: str) -> FFI:
 
 
 def pages() -> FFI:
-    """Per-page hashes and zero-page find/gather/scatter (``migrator.core.digest``,
-    ``migrator.protocol._payload``)."""
+    """Per-page hashes, zero-page find/gather/scatter and run-list unions (``migrator.core.digest``,
+    ``migrator.protocol._payload``, ``migrator.core.runs``)."""
     return _builder("pages")
 
 

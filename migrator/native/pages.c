@@ -1,10 +1,12 @@
-/* Per-page hashes and zero-page find/gather/scatter (migrator.native.pages).
+/* Per-page hashes, zero-page find/gather/scatter and the union of run lists (migrator.native.pages).
 
    Why C: --verify pages hashes every page each time it moves; in Python that loop holds the GIL
    and competes with the transport's threads, here it is a memory-bound loop that releases it.
    Likewise the zero-page bitmap of compressed Pages payloads (migrator/protocol/_payload.py):
    found, gathered and scattered a page at a time in Python it held the GIL long enough that two
-   streams' worker threads queued behind each other. */
+   streams' worker threads queued behind each other. And the union of the last round's dirty runs
+   with the final scan's, which sits inside the downtime: a linear merge here, where Python's
+   sort of tuples cost milliseconds per ten thousand runs. */
 
 #include <stdint.h>
 #include <string.h>
@@ -87,4 +89,49 @@ void scatter_pages(const uint8_t *kept, uint64_t npages, uint64_t page_size, con
             memcpy(out, kept, page_size);
             kept += page_size;
         }
+}
+
+/* 1 when the pairs are sorted by address and every run's end fits in 64 bits. */
+static int runs_valid(const uint64_t *r, uint64_t n, uint64_t page_size)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        if (r[2 * i + 1] > (UINT64_MAX - r[2 * i]) / page_size)
+            return 0;
+        if (i && r[2 * i] < r[2 * i - 2])
+            return 0;
+    }
+    return 1;
+}
+
+uint64_t runs_union(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t nb, uint64_t page_size,
+                    uint64_t *out)
+{
+    if (!page_size || !runs_valid(a, na, page_size) || !runs_valid(b, nb, page_size))
+        return RUNS_UNSORTED;
+    uint64_t i = 0, j = 0, n = 0, start = 0, end = 0;
+    while (i < na || j < nb) {
+        const uint64_t *r;
+        if (j >= nb || (i < na && a[2 * i] <= b[2 * j]))
+            r = a + 2 * i++;
+        else
+            r = b + 2 * j++;
+        if (!r[1])
+            continue;
+        uint64_t s = r[0], e = r[0] + r[1] * page_size;
+        if (n && s <= end) {
+            if (e > end)
+                end = e;
+            continue;
+        }
+        if (n) {
+            out[2 * n - 2] = start;
+            out[2 * n - 1] = (end - start) / page_size;
+        }
+        start = s, end = e, n++;
+    }
+    if (n) {
+        out[2 * n - 2] = start;
+        out[2 * n - 1] = (end - start) / page_size;
+    }
+    return n;
 }

@@ -19,3 +19,11 @@ void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint6
 uint64_t find_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint8_t *bitmap);
 void gather_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, const uint8_t *bitmap, uint8_t *out);
 void scatter_pages(const uint8_t *kept, uint64_t npages, uint64_t page_size, const uint8_t *bitmap, uint8_t *out);
+
+/* Run lists: n (address, page count) pairs, 2 * n words. runs_union writes the sorted, coalesced
+   union of a and b to out (room for na + nb pairs) and returns its length in pairs; it returns
+   RUNS_UNSORTED when a or b is not sorted by address, or a run would end past the address space,
+   and the caller falls back to sorting. */
+#define RUNS_UNSORTED 0xFFFFFFFFFFFFFFFF
+uint64_t runs_union(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t nb, uint64_t page_size,
+                    uint64_t *out);
