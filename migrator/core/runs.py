@@ -70,12 +70,12 @@ def union(a: Sequence[Run], b: Sequence[Run], page_size: int = 4096) -> list[Run
     """Sorted, coalesced union of two run lists (pages in both appear once). The final copy's
     merge sits inside the downtime: run lists sorted by address (what trackers return) are
     merged in one linear native pass; anything else is sorted here."""
+    out = ffi.new("uint64_t[]", 2 * (len(a) + len(b)))
     try:
-        flat_a, flat_b = ffi.new("uint64_t[]", [*chain.from_iterable(a)]), ffi.new("uint64_t[]", [*chain.from_iterable(b)])
-    except (OverflowError, TypeError):
-        return _sorted_union(a, b, page_size)
-    out = ffi.new("uint64_t[]", 2 * (len(a) + len(b)) or 1)
-    n = lib.runs_union(flat_a, len(a), flat_b, len(b), page_size, out) if page_size > 0 else lib.RUNS_UNSORTED
+        n = lib.runs_union(ffi.new("uint64_t[]", [*chain.from_iterable(a)]), len(a),
+                           ffi.new("uint64_t[]", [*chain.from_iterable(b)]), len(b), page_size, out)
+    except (OverflowError, TypeError):     # a value past 64 bits, or negative: Python's integers
+        n = lib.RUNS_UNSORTED
     if n == lib.RUNS_UNSORTED:
         return _sorted_union(a, b, page_size)
     pairs = iter(ffi.unpack(out, 2 * n))

@@ -63,18 +63,16 @@ class DowntimeEstimator:
     ) -> None:
         if fixed_ms < 0 or default_per_page_ms < 0:
             raise MigratorError(f"costs must be >= 0, got fixed_ms={fixed_ms}, per_page_ms={default_per_page_ms}")
-        if bandwidth is not None and bandwidth <= 0:
-            raise MigratorError(f"bandwidth must be > 0 bytes/s, got {bandwidth}")
         self._fixed_ms = fixed_ms
         self._default_ms = default_per_page_ms
-        self._floor_ms = page_size / bandwidth * 1e3 if bandwidth else 0.0
+        self.set_bandwidth(bandwidth, page_size)
         self._costs: deque[float] = deque(maxlen=WINDOW)      # ms per page, oldest first
         self._round0: deque[float] = deque(maxlen=WINDOW)
 
     def set_bandwidth(self, bandwidth: float | None, page_size: int = PAGE_SIZE) -> None:
-        """The link's cap changed (``migrator set bandwidth=``): move the floor. Costs observed
-        under the old cap stay; after a raise they overestimate until newer rounds replace them,
-        which errs towards another round rather than a missed target."""
+        """The link's cap (None: uncapped) sets the floor; ``migrator set bandwidth=`` moves it.
+        Costs observed under the old cap stay; after a raise they overestimate until newer rounds
+        replace them, which errs towards another round rather than a missed target."""
         if bandwidth is not None and bandwidth <= 0:
             raise MigratorError(f"bandwidth must be > 0 bytes/s, got {bandwidth}")
         self._floor_ms = page_size / bandwidth * 1e3 if bandwidth else 0.0

@@ -193,10 +193,11 @@ class SourceMigration:
         self.settings = replace(self.settings, **change)
         if self._precopy is not None:
             self._precopy.policy = self.settings.policy()
-            if "bandwidth" in change:
+        if "bandwidth" in change:
+            if self._precopy is not None:
                 self._precopy.estimator.set_bandwidth(change["bandwidth"], self._precopy.guest.layout.page_size)
-        if "bandwidth" in change and self._sink is not None:
-            self._sink.channel.set_bandwidth(change["bandwidth"])
+            if self._sink is not None:
+                self._sink.channel.set_bandwidth(change["bandwidth"])
 
     def _control(self, request: Request) -> dict:
         """Answer one control socket request (``transport.control``)."""
