@@ -226,10 +226,7 @@ async def test_a_flood_of_idle_connections_neither_blocks_a_migration_nor_grows_
         finally:
             close_all(flood)
         rss = await settled_rss(receiver.pid)
-        # A migration alone may leave a few MiB of malloc arena behind (seen up to 8 MiB without
-        # any flood), so the bound is the slack the other load tests allow, not a ratio: the
-        # finding was a receiver that doubled.
-        assert rss - idle < RSS_SLACK, f"idle {idle / MiB:.1f} MiB, after the flood {rss / MiB:.1f} MiB"
+        assert rss <= 1.2 * idle, f"idle {idle / MiB:.1f} MiB, after the flood {rss / MiB:.1f} MiB"
         logged = receiver.stderr.lines[start:]
         assert not [line for line in logged if "Traceback" in line or "EMFILE" in line], logged
         flood_lines = [line for line in logged if "receiving" not in line and "resumed" not in line]

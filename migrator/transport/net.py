@@ -25,7 +25,7 @@ import trio
 
 from ..core.errors import MigratorError, RemoteProtocolError, TransportError
 from ..core.failures import leaf_exceptions
-from ..core.heap import release_free_memory
+from ..core.heap import release_free_memory, use_main_arena_only
 from ..protocol import PROTOCOL_VERSION, ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._gate import Burst, HandshakeGate, HandshakeLimits, Pending, accept_connections
@@ -307,8 +307,11 @@ async def serve(
     ``task_status``. Refuses a non-loopback address without a token: anyone who can reach it
     could inject pages (TLS does not change that: it does not say who the source is). ``tls``
     (a server context) makes every connection TLS; plain-text peers then fail their handshake.
-    ``limits`` caps the connections still in their handshake (see ``_gate``).
+    ``limits`` caps the connections still in their handshake (see ``_gate``). A server runs for
+    long: its threads allocate from the one malloc arena that can be trimmed after each session
+    (``core.heap``).
     """
+    use_main_arena_only()
     target = parse_address(address)
     check_tls_address(target, tls)
     if token is None and not target.is_loopback:
