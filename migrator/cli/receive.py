@@ -14,6 +14,9 @@ guests it starts (it is their parent, so the default Yama ptrace_scope 1 allows 
 its memory in, as QEMU's destination is started with ``-incoming`` and ``-mem-prealloc``: a
 migration of that size then neither waits for a guest to start nor pays for fresh memory while
 it receives. The line "prepared a ... restore guest" says when it is ready.
+
+The receiving itself is ``migrator.api.receive``; this module parses options, says where the
+token is, saves reports and turns failures into the exit status.
 """
 
 from __future__ import annotations
