@@ -21,8 +21,11 @@ Every call is async (trio)::
 - ``Migration(guest_control, address, settings, *, on_progress=None, control=False)``: one live
   migration; ``run()``, ``watch()``, ``cancel()``, ``set_parameters(bandwidth=, downtime_ms=,
   max_rounds=)``, ``latest`` (the last Progress), ``report`` (a ``MigrationReport``).
-- ``receive(listen, settings, *, token, tls, once, on_report)``: serve migrations, resuming each
-  guest; ``task_status.started`` gives the bound address (``await nursery.start(receive, ...)``).
+- ``receive(listen, settings, *, token, tls, once, on_report, on_failure, log, prepare, control,
+  limits, handshake_timeout)``: serve migrations, resuming each guest (what ``migrator receive``
+  runs); ``prepare`` keeps a restore guest of that many bytes ready, ``control`` is a path for a
+  control socket answering ``status``; ``task_status.started`` gives the bound address
+  (``await nursery.start(receive, ...)``).
 - ``take_checkpoint(guest_control, image_dir, settings, *, parent=None)`` and
   ``restore_chain(image_dir, settings)``: images (``CheckpointReport``, ``RestoreReport``).
 - ``control_request(path, {"op": "status"|"cancel"|"set", ...})`` talks to a running command's
@@ -34,7 +37,10 @@ Reports are frozen dataclasses with ``to_dict``/``from_dict`` (their JSON Schema
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import tempfile
 from collections.abc import Callable
 
 import trio
@@ -43,41 +49,78 @@ from .checkpoint.engine import CheckpointReport, CheckpointSettings, take_checkp
 from .checkpoint.restore import RestoreReport, RestoreSettings, restore_chain
 from .core.errors import MigrationFailed, MigratorError
 from .destination.engine import DestinationMigration, ReceiveSettings
+from .destination.guests import RestoreGuests
 from .destination.report import ReceiveReport
+from .destination.status import Receiving
 from .source.migration import MigrateSettings
 from .source.migration import SourceMigration as Migration
 from .source.progress import Progress
 from .source.report import MigrationReport, RoundStats
-from .transport import client_context, serve, server_context
+from .transport import HandshakeLimits, client_context, serve, server_context
+from .transport.control import control_path, serve_control
 from .transport.control import request as control_request
 from .transport.control import running as running_controls
+from .transport.net import HANDSHAKE_TIMEOUT_S
 
 __all__ = [
-    "CheckpointReport", "CheckpointSettings", "MigrateSettings", "Migration", "MigrationFailed", "MigrationReport",
-    "MigratorError", "Progress", "ReceiveReport", "ReceiveSettings", "RestoreReport", "RestoreSettings", "RoundStats",
-    "client_context", "control_request", "receive", "restore_chain", "running_controls", "server_context",
-    "take_checkpoint",
+    "CheckpointReport", "CheckpointSettings", "HandshakeLimits", "MigrateSettings", "Migration", "MigrationFailed",
+    "MigrationReport", "MigratorError", "Progress", "ReceiveReport", "ReceiveSettings", "RestoreReport",
+    "RestoreSettings", "RoundStats", "client_context", "control_path", "control_request", "receive", "restore_chain",
+    "running_controls", "server_context", "take_checkpoint",
 ]
 
 
 async def receive(listen: str, settings: ReceiveSettings = ReceiveSettings(), *, token: bytes | None = None,
                   tls=None, once: bool = False, on_report: Callable[[ReceiveReport], None] = lambda report: None,
-                  log: Callable[[str], None] = lambda line: None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                  log: Callable[[str], None] = lambda line: None,
+                  on_failure: Callable[[MigratorError], None] = lambda error: None,
+                  prepare: int | None = None, control: str | None = None,
+                  limits: HandshakeLimits = HandshakeLimits(), handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Receive migrations on ``listen`` until cancelled (or, ``once``, after the first), each into
-    a new restore guest resumed on the source's commit; ``on_report`` gets each one's report."""
-    async with trio.open_nursery() as nursery:
+    a new restore guest resumed on the source's commit.
 
-        async def handle(channel) -> None:
-            migration = DestinationMigration(channel, settings, log=log)
-            try:
-                await migration.run()
-            except MigrationFailed as exc:
-                log(f"migration failed: {exc}")
-            finally:
-                if getattr(migration, "report", None) is not None:
-                    on_report(migration.report)
-                if once:
-                    nursery.cancel_scope.cancel()
+    ``on_report`` gets each migration's report (resumed or not), ``on_failure`` the error of each
+    one that failed (after ``log`` said so); ``log`` gets the engines' lines. ``prepare`` (bytes)
+    keeps a restore guest of that size started and faulted in ahead, as QEMU's ``-incoming`` with
+    ``-mem-prealloc``, so a migration of that size waits for neither. ``control`` opens a control
+    socket at that path answering ``status`` (migrations in progress, guests resumed);
+    ``control_path("receive-NAME")`` puts it where ``migrator status`` finds it. ``limits`` and
+    ``handshake_timeout`` bound the connections still authenticating. ``task_status.started``
+    gives the bound address once it listens, the control socket (if any) answers and the
+    prepared guest (if any) is starting: a migration of its size arriving then takes it. Restore
+    guests are started in ``settings.control_dir`` (default: a temporary directory, removed at
+    the end unless a resumed guest's socket is in it); those nobody resumed are killed at the end.
+    """
+    made_dir = None if settings.control_dir else tempfile.mkdtemp(prefix="migrator-")
+    guests = RestoreGuests(settings.control_dir or made_dir, memfd=settings.memfd, prepare=prepare, log=log)
+    receiving = Receiving()
+    try:
+        async with trio.open_nursery() as nursery:
 
-        address = await nursery.start(functools.partial(serve, listen, handle, token=token, tls=tls))
-        task_status.started(address)
+            async def handle(channel) -> None:
+                migration = DestinationMigration(channel, settings, log=log, guests=guests)
+                receiving.started(migration)
+                try:
+                    await migration.run()
+                except MigratorError as exc:
+                    log(f"migration failed: {exc}")
+                    on_failure(exc)
+                finally:
+                    receiving.ended(migration)
+                    if getattr(migration, "report", None) is not None:
+                        on_report(migration.report)
+                    if once:
+                        nursery.cancel_scope.cancel()
+
+            address = await nursery.start(functools.partial(serve, listen, handle, token=token, tls=tls, limits=limits,
+                                                            handshake_timeout=handshake_timeout))
+            if control is not None:
+                await nursery.start(serve_control, control, receiving.answer)
+            await nursery.start(functools.partial(guests.keep_prepared, again=not once))
+            task_status.started(address)
+    finally:
+        guests.close()      # restore guests nobody resumed or killed (a migration's cleanup was cut short)
+        if made_dir is not None:
+            with contextlib.suppress(OSError):   # not empty: a resumed guest's socket is in it
+                os.rmdir(made_dir)

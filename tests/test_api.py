@@ -3,6 +3,7 @@ real migration driven through it alone: receive, Migration, watch."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -53,4 +54,50 @@ async def test_a_migration_through_the_api_alone(sockdir):
     assert [p.settled for p in seen if p.settled] == list(report.rounds)
     from migrator.guest.client import GuestClient
     with GuestClient(reports[0].guest_control) as client:
+        client.quit()
+
+
+@pytest.mark.skipif(wp_async_missing() is not None, reason=f"needs userfaultfd WP_ASYNC: {wp_async_missing()}")
+async def test_a_receiver_with_a_control_socket_and_a_prepared_guest_through_the_api_alone(sockdir):
+    """What ``migrator receive --prepare --token-file`` does, written against ``migrator`` only:
+    the migration lands in the prepared guest and the receiver's control socket answers status
+    during it (the migration, applying pages) and after (the guest it resumed)."""
+    token = os.urandom(32)
+    control = os.path.join(sockdir, "receiver.sock")
+    reports, failures, lines, during = [], [], [], []
+    with spawn_guest(os.path.join(sockdir, "src.sock"), size=16 * MiB, dirty_rate=1000) as guest:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                address = await nursery.start(functools.partial(
+                    migrator.receive, "127.0.0.1:0", migrator.ReceiveSettings(control_dir=sockdir), token=token,
+                    prepare=16 * MiB, control=control, on_report=reports.append, on_failure=failures.append,
+                    log=lines.append))
+                idle = await trio.to_thread.run_sync(migrator.control_request, control, {"op": "status"})
+                migration = migrator.Migration(guest.control, address,
+                                               migrator.MigrateSettings(token=token, bandwidth=8 * MiB))
+
+                async def ask_while_applying():
+                    while not during:
+                        reply = await trio.to_thread.run_sync(migrator.control_request, control, {"op": "status"})
+                        if reply["migrations"] and reply["migrations"][0]["pages_applied"] > 0:
+                            during.append(reply)
+                        await trio.sleep(0.05)
+
+                nursery.start_soon(ask_while_applying)
+                report = await migration.run()
+                after = await trio.to_thread.run_sync(migrator.control_request, control, {"op": "status"})
+                nursery.cancel_scope.cancel()
+    assert idle["migrations"] == [] and idle["resumed"] == []
+    assert report.result == "committed" and report.verified and not failures
+    [dest] = reports
+    assert dest.result == "resumed" and dest.id == report.id and dest.restore_guest == "prepared"
+    [applying] = during[0]["migrations"]
+    assert applying["id"] == report.id and applying["peer"].startswith("127.0.0.1")
+    assert after["migrations"] == [] and after["resumed"] == [
+        {"id": report.id, "guest_pid": dest.guest_pid, "guest_control": dest.guest_control}]
+    assert any(f"resumed guest pid {dest.guest_pid}" in line for line in lines)
+    assert not os.path.exists(control), "the control socket ends with the receiver"
+    from migrator.guest.client import GuestClient
+    with GuestClient(dest.guest_control) as client:
+        assert client.check()["clean"]
         client.quit()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
+import select
 import subprocess
 import sys
 import time
@@ -38,20 +38,28 @@ class Receiver:
     def __init__(self, *args: str, once: bool = True) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0",
                                          *(["--once"] if once else []), *args], stderr=subprocess.PIPE, text=True)
+        self._pending = ""
         line = self.wait_for(r"control socket ([^,\s]+), listening on (\S+)")
         self.control, self.address = line.group(1), line.group(2)
 
     def wait_for(self, pattern: str, timeout: float = 30) -> re.Match:
+        """The first line from now on matching ``pattern``. Reads the pipe's bytes itself: a
+        buffered ``readline`` could take two lines written together and leave the second where
+        ``select`` never sees it."""
         deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.process.stderr, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if sel.select(deadline - time.monotonic()):
-                    line = self.process.stderr.readline()
-                    if not line:
-                        break
-                    if match := re.search(pattern, line):
-                        return match
+        fd = self.process.stderr.fileno()
+        while True:
+            while "\n" in self._pending:
+                line, self._pending = self._pending.split("\n", 1)
+                if match := re.search(pattern, line):
+                    return match
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self._pending += chunk.decode(errors="replace")
         raise AssertionError(f"the receiver never printed {pattern!r}")
 
     def wait(self, timeout: float = 30) -> int:

@@ -25,12 +25,19 @@ def _experiment(*args: str, timeout: float) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.skipif(wp_async_missing() is not None, reason=f"userfaultfd WP_ASYNC: {wp_async_missing()}")
-def test_quick_grid_runs_real_migrations_and_writes_one_row_per_cell(tmp_path):
-    out = tmp_path / "quick"
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quick grid's output directory, run once for the tests that read it."""
+    if wp_async_missing() is not None:
+        pytest.skip(f"userfaultfd WP_ASYNC: {wp_async_missing()}")
+    out = tmp_path_factory.mktemp("experiment") / "quick"
     done = _experiment("--quick", "--out", str(out), timeout=90)
     assert done.returncode == 0, done.stderr[-3000:]
+    return out
 
+
+def test_quick_grid_runs_real_migrations_and_writes_one_row_per_cell(quick):
+    out = quick
     with open(out / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -58,6 +65,44 @@ def test_quick_grid_runs_real_migrations_and_writes_one_row_per_cell(tmp_path):
     done = _experiment("--replot", "--out", str(out), timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "sweep.png").stat().st_size > 0
+
+
+def _tick_labels(axis) -> list[str]:
+    """The non-empty labels of ``axis``'s major ticks inside its view (a drawn figure)."""
+    low, high = sorted(axis.get_view_interval())
+    return [tick.label1.get_text() for tick in axis.get_major_ticks()
+            if low <= tick.get_loc() <= high and tick.label1.get_visible() and tick.label1.get_text().strip()]
+
+
+def test_every_experiment_plot_axis_has_two_tick_labels_and_a_label(quick):
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (pip install migrator[plot])")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from migrator.experiment import plots
+
+    document = json.loads((quick / "results.json").read_text())
+    sweep = plots.main_sweep(document)
+    figures = {
+        "sweep": plots.sweep_figure(document, sweep),
+        "rounds": plots.rounds_figure(document, plots.choose_cells(document, sweep)),
+        "trackers": plots.trackers_figure(document),
+    }
+    if plots.sweep_cells(document, "throttle"):
+        figures["throttle"] = plots.rounds_figure(document, plots.sweep_cells(document, "throttle"))
+    checked = 0
+    for name, fig in figures.items():
+        FigureCanvasAgg(fig).draw()
+        for i, ax in enumerate(a for a in fig.axes if a.get_visible()):
+            for which, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+                where = f"{name} plot, axes {i} ({ax.get_title()!r}), {which} axis ({axis.get_scale()})"
+                labels = _tick_labels(axis)
+                assert len(set(labels)) >= 2, f"{where}: tick labels {labels}"
+                assert len(set(labels)) == len(labels), f"{where}: repeated tick labels {labels}"
+                assert axis.get_label_text().strip(), f"{where}: no axis label"
+                checked += 1
+    assert checked >= 2 * (len(plots.SWEEP_METRICS) + 2), "a sweep column and the two tracker panels at least"
+    trackers = figures["trackers"].axes[1]
+    assert all(m["tracker"] in label for m, label in zip(document["trackers"], _tick_labels(trackers.xaxis)))
 
 
 def test_cells_convert_percent_to_page_writes():

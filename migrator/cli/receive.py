@@ -14,29 +14,27 @@ guests it starts (it is their parent, so the default Yama ptrace_scope 1 allows 
 its memory in, as QEMU's destination is started with ``-incoming`` and ``-mem-prealloc``: a
 migration of that size then neither waits for a guest to start nor pays for fresh memory while
 it receives. The line "prepared a ... restore guest" says when it is ready.
+
+The receiving itself is ``migrator.api.receive``; this module parses options, says where the
+token is, saves reports and turns failures into the exit status.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import sys
-import tempfile
 
 import trio
 
-from ..core.errors import MigratorError, TransportError
+from .. import api
+from ..api import HandshakeLimits, MigratorError, ReceiveSettings, control_path, server_context
+from ..core.errors import TransportError
 from ..core.tokens import ensure_default_token
+from ..transport.net import HANDSHAKE_TIMEOUT_S
 from .render import check_outputs, save_report
 from . import exits, interrupts, options
-from ..transport import HandshakeLimits, serve, server_context
-from ..transport.net import HANDSHAKE_TIMEOUT_S
-from ..destination.engine import DestinationMigration, ReceiveSettings
-from ..destination.guests import RestoreGuests
-from ..destination.status import Receiving
-from ..transport.control import control_path, serve_control
 
 
 _LIMITS = HandshakeLimits()
@@ -116,46 +114,25 @@ def run(args: argparse.Namespace) -> int:
         raise TransportError("--tls-cert and --tls-key go together: give both, or neither for plain TCP")
     tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert is not None else None
     token, token_line = _token(args)
-    outcome: list[bool] = []
-    made_dir = None if args.control_dir else tempfile.mkdtemp(prefix="migrator-")
-    guests = RestoreGuests(args.control_dir or made_dir, memfd=args.memfd, prepare=args.prepare, log=_log)
-    receiving = Receiving()
+    control = control_path(f"receive-{os.getpid()}")
+    failures: list[MigratorError] = []
+
+    def on_report(report) -> None:
+        if args.report:
+            try:
+                save_report(report.to_dict(), args.report)
+            except MigratorError as exc:     # the next migration may still be written
+                _log(f"report not written: {exc}")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-
-            async def handle(channel) -> None:
-                migration = DestinationMigration(channel, settings, log=_log, guests=guests)
-                receiving.started(migration)
-                try:
-                    await migration.run()
-                    outcome.append(True)
-                except MigratorError as exc:
-                    _log(f"migration failed: {exc}")
-                    outcome.append(False)
-                finally:
-                    receiving.ended(migration)
-                    if args.report and getattr(migration, "report", None) is not None:
-                        try:
-                            save_report(migration.report.to_dict(), args.report)
-                        except MigratorError as exc:     # the next migration may still be written
-                            _log(f"report not written: {exc}")
-                    if args.once:
-                        nursery.cancel_scope.cancel()
-
-            bound = await nursery.start(functools.partial(serve, args.listen, handle, token=token, tls=tls, limits=limits,
-                                                       handshake_timeout=args.handshake_timeout))
+            bound = await nursery.start(functools.partial(
+                api.receive, args.listen, settings, token=token, tls=tls, once=args.once, on_report=on_report,
+                log=_log, on_failure=failures.append, prepare=args.prepare, control=control, limits=limits,
+                handshake_timeout=args.handshake_timeout))
             if token_line is not None:
                 _log(token_line)
-            control = await nursery.start(serve_control, control_path(f"receive-{os.getpid()}"), receiving.answer)
             _log(f"control socket {control}, listening on {bound}")   # the address last: scripts read it there
-            nursery.start_soon(functools.partial(guests.keep_prepared, again=not args.once))
 
-    try:
-        interrupts.run(main)
-    finally:
-        guests.close()      # restore guests nobody resumed or killed (the engine's cleanup was cut short)
-        if made_dir is not None:
-            with contextlib.suppress(OSError):   # not empty: a resumed guest's socket is in it
-                os.rmdir(made_dir)
-    return 0 if all(outcome) else 1
+    interrupts.run(main)
+    return 1 if failures else 0

@@ -7,7 +7,10 @@
 
 Input is the experiment's JSON document (``results.json``): every function works from records
 alone, so plots can be redrawn without rerunning (``migrator experiment --replot --out DIR``).
-Importing this module needs matplotlib; the CLI imports it only to plot.
+Each ``plot_*`` saves the figure its ``*_figure`` builds (tests inspect those). Log axes carry
+plain-number labels at 1, 2 and 5 times powers of ten (denser over a narrow range): matplotlib's
+default labels only the powers of ten, so an axis spanning less than a decade showed one label
+or none. Importing this module needs matplotlib; the CLI imports it only to plot.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
 from ..core.errors import MigratorError
 from ..core.files import open_output
@@ -44,12 +47,33 @@ def _cap_label(cap: float | None) -> str:
     return "unlimited" if cap is None else f"{cap / MB:g} MB/s"
 
 
-def _log_y(ax) -> None:
-    """Log y axis labelled with plain numbers (3, 10, 30) rather than powers of ten."""
-    ax.set_yscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
+LOG_SPAN = 20          # bars spanning more than this factor get a log axis; linear bars read better below
+LOG_SUBS = ((1.0,), (1.0, 2.0, 5.0), tuple(float(m) for m in range(1, 10)))   # sparse to dense
+
+
+def _plain(value: float, _position=None) -> str:
+    """A tick value as people write it: 0.05, 3, 20,000 (never 2e+04 or 10^4)."""
+    if value >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:g}"
+
+
+def _log_axis(ax, which: str) -> None:
+    """Log scale on ``ax``'s ``which`` ("x" or "y") axis whose labelled (major) ticks are the
+    sparsest of 10^k, {1, 2, 5}·10^k, {1..9}·10^k that puts at least two within the view. The
+    densest always does: over a range narrower than from one of its ticks to the next,
+    matplotlib's ``LogLocator`` places linear ticks instead. Call it once the axes holds all its
+    data: it reads the view limits."""
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    low, high = axis.get_view_interval()
+    for subs in LOG_SUBS:
+        if sum(low <= t <= high for t in LogLocator(subs=subs).tick_values(low, high)) >= 2:
+            break
+    axis.set_major_locator(LogLocator(subs=subs))
+    axis.set_major_formatter(FuncFormatter(_plain))
+    axis.set_minor_locator(LogLocator(subs=LOG_SUBS[-1]) if subs != LOG_SUBS[-1] else NullLocator())
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _rate(pct: float | None) -> str:
@@ -81,13 +105,18 @@ def _lines(rows: list[dict]) -> dict[tuple, tuple[str, str]]:
 
 
 SWEEP_METRICS = (
-    ("rounds", "model_rounds", "pre-copy rounds", False),
-    ("downtime_ms", "model_downtime_ms", "downtime ms", True),
-    ("sent_over_size", "model_sent_over_size", "data sent / region size", True),
+    ("rounds", "model_rounds", "pre-copy rounds (count)", False),
+    ("downtime_ms", "model_downtime_ms", "downtime (ms)", True),
+    ("sent_over_size", "model_sent_over_size", "data sent / region size (ratio)", True),
 )
+RATIO_LABEL = "r = dirty rate / bandwidth (ratio of pages/s)"
 
 
 def plot_sweep(document: dict, path: str | Path, sweep: str = "rate") -> None:
+    _save(sweep_figure(document, sweep), path)
+
+
+def sweep_figure(document: dict, sweep: str = "rate") -> Figure:
     """Measured (solid, filled markers) and classic-model (dashed) metrics against r."""
     rows = [c["row"] for c in document["cells"] if c["row"]["sweep"] == sweep and c["row"]["ratio"] is not None
             and c["row"]["result"] == "committed"]
@@ -96,7 +125,7 @@ def plot_sweep(document: dict, path: str | Path, sweep: str = "rate") -> None:
     caps = sorted({r["bandwidth_cap"] for r in rows}, key=lambda c: math.inf if c is None else c)
     lines = _lines(rows)
     fig = _figure(figsize=(4.2 * len(caps) + 1, 9))
-    axes = fig.subplots(len(SWEEP_METRICS), len(caps), squeeze=False, sharex="col")
+    axes = fig.subplots(len(SWEEP_METRICS), len(caps), squeeze=False)
     target = rows[0]["downtime_target_ms"]
     for col, cap in enumerate(caps):
         for row_i, (measured, modelled, label, log_y) in enumerate(SWEEP_METRICS):
@@ -115,24 +144,23 @@ def plot_sweep(document: dict, path: str | Path, sweep: str = "rate") -> None:
             ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
             if measured == "downtime_ms":
                 ax.axhline(target, color="tab:red", linewidth=0.8, linestyle="--")
-            ax.set_xscale("log")
             if log_y:
-                _log_y(ax)
+                _log_axis(ax, "y")
             else:
+                ax.set_ylim(bottom=0)
                 ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            if col == 0:
-                ax.set_ylabel(label)
+            _log_axis(ax, "x")
+            ax.set_ylabel(label)
+            ax.set_xlabel(RATIO_LABEL, fontsize="small")
             if row_i == 0:
                 ax.set_title(f"bandwidth {_cap_label(cap)}")
-            if row_i == len(SWEEP_METRICS) - 1:
-                ax.set_xlabel("r = dirty rate / bandwidth (pages/s over pages/s)")
     axes[0][0].legend(loc="upper left", fontsize="small", title="solid: measured, dashed: model\n"
                       "ringed: did not converge", title_fontsize="x-small")
     fixed = [f"{rows[0][d]:g} MiB" if d == "size_mib" else str(rows[0][d])
              for d in ("size_mib", "tracker") if d not in lines["dims"]]
     title = f"downtime target {target:g} ms (red)"
     fig.suptitle(f"pre-copy, {' '.join(fixed)}, {title}" if fixed else f"pre-copy, {title}")
-    _save(fig, path)
+    return fig
 
 
 def choose_cells(document: dict, sweep: str = "rate", per_pattern: int = 2) -> list[dict]:
@@ -157,6 +185,10 @@ MODEL_CURVES = (("classic", "--", "black", "model: classic"), ("pattern", "-.", 
 
 
 def plot_rounds(document: dict, path: str | Path, cells: list[dict]) -> None:
+    _save(rounds_figure(document, cells), path)
+
+
+def rounds_figure(document: dict, cells: list[dict]) -> Figure:
     """Dirty pages per round (bars; throttled rounds hatched; the stop-and-copy in orange) next to
     the classic model (V r^i, at most the region or the hot set) and the guest-aware one."""
     if not cells:
@@ -183,23 +215,27 @@ def plot_rounds(document: dict, path: str | Path, cells: list[dict]) -> None:
         if row["final_pages"] is not None:
             ax.bar([len(rounds)], [row["final_pages"]], color="tab:orange", label="stop-and-copy")
             shown.append(row["final_pages"])
-        if min(shown) > 0 and max(shown) / min(shown) > 20:
-            _log_y(ax)
+        if min(shown) > 0 and max(shown) / min(shown) > LOG_SPAN:
+            _log_axis(ax, "y")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round")
-        ax.set_ylabel("dirty pages")
+        ax.set_xlabel("round (number; last: stop-and-copy)")
+        ax.set_ylabel("dirty pages (count)")
         guest = "as fast as it can" if row["dirty_pct"] is None else f"{row['dirty_pct']:g} %/s"
         ending = "auto-converge" if row["auto_converge"] else f"switch-over after {document['grid']['max_rounds']}"
         ax.set_title(f"{row['pattern']}, guest {guest}, link {_cap_label(row['bandwidth_cap'])}\n"
                      f"r = {row['ratio']:.2f}, {ending}; rule {row['rule']}", fontsize="small")
     axes.flat[0].legend(fontsize="x-small")
-    _save(fig, path)
+    return fig
 
 
 TRACKER_COLORS = {"untracked": "tab:gray", "wp-async": "tab:blue", "sync-wp": "tab:orange", "full": "tab:green"}
 
 
 def plot_trackers(document: dict, path: str | Path) -> None:
+    _save(trackers_figure(document), path)
+
+
+def trackers_figure(document: dict) -> Figure:
     """Guest writes/s under each tracker (slowdown windows) and migrator CPU per round (migrations)."""
     slowdown = (document.get("slowdown") or {}).get("table") or []
     migrations = document.get("trackers") or []
@@ -214,23 +250,38 @@ def plot_trackers(document: dict, path: str | Path) -> None:
         speed_ax.errorbar(names, rates, fmt="none", color="black", capsize=4,
                           yerr=[[r - t["steps_per_s_min"] / 1e6 for r, t in zip(rates, slowdown)],
                                 [t["steps_per_s_max"] / 1e6 - r for r, t in zip(rates, slowdown)]])
-        speed_ax.set_ylabel("guest writes/s, millions")
+        speed_ax.set_xlabel("tracker")
+        speed_ax.set_ylabel("guest writes/s (millions)")
         s = document["slowdown"]["settings"]
         speed_ax.set_title(f"guest slowdown: {s['size'] >> 20} MiB guest writing without limit, collect every "
                            f"{s['interval_s'] * 1e3:g} ms\n(median and range of {s['repeats']} windows)",
                            fontsize="small")
     if migrations:
-        labels = [f"{m['pattern'].split(':')[0]} {_rate(m['dirty_pct'])} %/s" for m in migrations]
+        labels = _migration_labels(migrations)
         for tracker in dict.fromkeys(m["tracker"] for m in migrations):
             mine = [i for i, m in enumerate(migrations) if m["tracker"] == tracker]
             cpu_ax.bar(mine, [migrations[i]["cpu_s_per_round"] * 1e3 for i in mine],
                        color=TRACKER_COLORS.get(tracker, "black"), label=tracker)
         cpu_ax.set_xticks(range(len(labels)), labels, fontsize="x-small", rotation=60, ha="right")
         cpu_ax.legend(fontsize="small")
-        cpu_ax.set_ylabel("migrator CPU ms per round")
-        _log_y(cpu_ax)
+        cpu_ax.set_xlabel("tracker: guest pattern, dirty rate (% of pages/s)")
+        cpu_ax.set_ylabel("migrator CPU per round (ms)")
+        cpu = [m["cpu_s_per_round"] for m in migrations]
+        if min(cpu) > 0 and max(cpu) / min(cpu) > LOG_SPAN:
+            _log_axis(cpu_ax, "y")
         cpu_ax.set_title("migrations of the tracker sweep (source process, all threads)", fontsize="small")
-    _save(fig, path)
+    return fig
+
+
+def _migration_labels(migrations: list[dict]) -> list[str]:
+    """One distinct label per migration of the tracker sweep: its tracker, pattern and dirty rate,
+    and its bandwidth cap too when that tells otherwise equal ones apart."""
+    labels = [f"{m['tracker']}: {m['pattern'].split(':')[0]} {_rate(m['dirty_pct'])} %/s" for m in migrations]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label}, {_cap_label(m.get('bandwidth_cap'))}" for label, m in zip(labels, migrations)]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    return labels
 
 
 def sweep_cells(document: dict, sweep: str) -> list[dict]:
