@@ -54,31 +54,34 @@ def _assert_advances(guest_client, seconds=0.5):
 
 
 @pytest.mark.parametrize(
-    "tracker, memfd, extra",
+    "tracker, memfd, verify, extra",
     [
-        ("wp-async", False, {}),
-        ("wp-async", True, {}),
-        ("sync-wp", False, {}),
-        ("full", False, {"max_rounds": 2, "force_switchover": True}),
+        ("wp-async", False, "pages", {}),
+        ("wp-async", False, "full", {}),
+        ("wp-async", True, "full", {}),
+        ("sync-wp", False, "full", {}),
+        ("full", False, "full", {"max_rounds": 2, "force_switchover": True}),
     ],
 )
-async def test_migration_converges_verifies_and_resumes(sockdir, tracker, memfd, extra):
+async def test_migration_converges_verifies_and_resumes(sockdir, tracker, memfd, verify, extra):
     with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=2000, fill="text", memfd=memfd) as guest:
         await trio.sleep(0.3)
         outcomes: list[dict] = []
         with trio.fail_after(90):
             async with trio.open_nursery() as nursery:
                 address = await _receiver(nursery, outcomes, ReceiveSettings(control_dir=sockdir, memfd=memfd))
-                settings = MigrateSettings(verify="full", downtime_ms=50, tracker=tracker, **extra)
+                settings = MigrateSettings(verify=verify, downtime_ms=50, tracker=tracker, **extra)
                 report = (await SourceMigration(guest.control, address, settings).run()).to_dict()
                 nursery.cancel_scope.cancel()
         assert report["verified"] and report["result"] == "committed"
         assert report["settings"]["tracker"] == tracker
         assert report["rule"] == ("max-rounds" if tracker == "full" else "downtime-target")
-        assert "region_digest" in report["downtime_parts_ms"]
+        assert ("region_digest" in report["downtime_parts_ms"]) == (verify == "full")
         assert len(report["rounds"]) >= 1 and report["rounds"][0]["dirty_pages"] > 0
         dest = outcomes[0]
         assert dest["result"] == "resumed"
+        # inside the downtime the guest checks what the final copy wrote, unless --verify full
+        assert dest["self_check"] == ("region" if verify == "full" else "final copy")
         # the source guest is gone, the destination guest runs and passes its self-check
         for _ in range(50):
             if not guest.alive():

@@ -25,7 +25,7 @@ from ..core.failures import describe
 from ..core.meminfo import mem_available
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
-from .guests import RestoreGuests, RestoreTarget
+from .guests import MAX_CHECK_RUNS, RestoreGuests, RestoreTarget
 from .report import ReceivedRound, ReceiveReport
 
 APPLY_QUEUE = 4          # Pages events (up to 4 MiB each) buffered between receiving and applying
@@ -70,6 +70,8 @@ class DestinationMigration:
         self.apply_s = 0.0              # worker-thread time writing pages and hashing them
         self.failure: str | None = None
         self._inspection: _Job | None = None
+        self._final_runs: list[Run] = []     # what arrived after Freeze: the final copy
+        self.self_check = "none"             # then what the restore guest's check covered
 
     async def run(self) -> ReceiveReport:
         started = time.perf_counter()
@@ -94,6 +96,7 @@ class DestinationMigration:
             pages_applied=self.pages_applied,
             apply_s=round(self.apply_s, 4),
             parts_ms=self.parts,
+            self_check=self.self_check,
             total_s=time.perf_counter() - started,
             result="resumed" if self.resumed else "discarded",
             error=None if error is None else describe(error),
@@ -231,8 +234,12 @@ class DestinationMigration:
                 event = await self.channel.receive()
             if isinstance(event, p.Pages):
                 await queue.send((event.round, list(event.runs), event.payload))
+                if freeze_at is not None:
+                    self._final_runs.extend(event.runs)
             elif isinstance(event, p.Zero):
                 await queue.send((event.round, list(event.runs), None))
+                if freeze_at is not None:
+                    self._final_runs.extend(event.runs)
             elif isinstance(event, p.RoundEnd):
                 self.rounds.append(ReceivedRound(round=event.round, pages=event.pages, final=event.final))
                 if not event.final:  # the source waits until the round is applied
@@ -264,9 +271,10 @@ class DestinationMigration:
         The source marks every digest but the last with ``last=False``. The guest's
         own work (its region digest for ``--verify full``, then its self-check) starts as soon
         as the page digest has arrived, so it overlaps the source hashing its frozen region.
-        The self-check is shallow (control block, version table, headers: ~15 ms per GiB): when
-        the digests match, the bytes are the source's, so page bodies need no second look;
-        restoring an image (``deep_check``) checks them too.
+        The self-check is shallow (control block, version table entries, headers) and covers the
+        pages of the final copy only (``_final_pages``): when the digests match, the bytes are the
+        source's, so page bodies need no second look and nothing in the downtime grows with the
+        region; restoring an image (``deep_check``) checks every page's body too.
         """
         if digest.kind is p.DigestKind.PAGES:
             t = time.perf_counter()
@@ -298,10 +306,22 @@ class DestinationMigration:
             t = time.perf_counter()
             value = bytes.fromhex(await trio.to_thread.run_sync(self.client.digest))
             self.parts["region_digest"] = (time.perf_counter() - t) * 1000
+        pages = self._final_pages(whole=region)
+        self.self_check = "region" if pages is None else "final copy"
         t = time.perf_counter()
-        check = await trio.to_thread.run_sync(lambda: self.client.check(deep=self.settings.deep_check))
+        check = await trio.to_thread.run_sync(lambda: self.client.check(deep=self.settings.deep_check, pages=pages))
         self.parts["check"] = (time.perf_counter() - t) * 1000
         return value, check
+
+    def _final_pages(self, whole: bool) -> list[tuple[int, int]] | None:
+        """What the self-check inside the downtime covers: the pages the final copy wrote (runs
+        of region pages), or None for every page. Pages of earlier rounds are the source's by the
+        page digest already; the check covers the whole region when asked to (``--verify full``,
+        restoring an image), when the final copy was too scattered to list, and when the layout
+        is not the guest's single region."""
+        if whole or self.settings.deep_check or len(self.dst.regions) != 1 or len(self._final_runs) > MAX_CHECK_RUNS:
+            return None
+        return self.src.page_indices(self._final_runs)
 
 
 class _Job:

@@ -46,6 +46,7 @@ class ReceiveReport:
     pages_applied: int
     apply_s: float                   # worker-thread time writing pages and hashing them
     parts_ms: Mapping[str, float]    # spawn_guest, page_digest, check, resume, since_freeze …
+    self_check: Literal["final copy", "region", "none"]   # what the guest's check inside the downtime covered
     total_s: float
     result: Literal["resumed", "discarded"]
     error: str | None

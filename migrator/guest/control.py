@@ -7,19 +7,25 @@ on the reply line. Only JSON is ever decoded: no pickle, no eval. See docs/guest
 
 from __future__ import annotations
 
+import array
+import base64
+import binascii
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..core.errors import GuestError
 
-MAX_LINE = 64 * 1024
+# A check of a migration's final pages carries their runs (16 bytes each, base64) on one line.
+MAX_LINE = 4 << 20
+MAX_CHECK_RUNS = (MAX_LINE - 4096) // 4 * 3 // 16
 
 # command -> {argument: type}; every argument is optional unless listed in REQUIRED
 ARGUMENTS: dict[str, dict[str, type]] = {
     "attach": {"tracker": str},
     "stats": {},
     "digest": {},
-    "check": {"deep": bool},
+    "check": {"deep": bool, "pages": str},
     "pause": {"at_step": int},
     "resume": {"until_step": int},
     "set-tag": {"tag": str},
@@ -62,6 +68,24 @@ def parse_request(line: bytes) -> Request:
     return Request(cmd, message)
 
 
+def encode_runs(runs: Iterable[tuple[int, int]]) -> str:
+    """Page runs ``(first region page, count)`` as ``check``'s ``pages`` argument: base64 of
+    native 64-bit pairs (the control socket never leaves the host)."""
+    return base64.b64encode(array.array("Q", [n for run in runs for n in run]).tobytes()).decode("ascii")
+
+
+def decode_runs(text: str) -> bytes:
+    """``check``'s ``pages`` argument back to native 64-bit (first, count) pairs; GuestError if it
+    is not whole pairs of base64. Where the pages lie is the checker's to bound."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise GuestError("check: pages must be base64") from None
+    if len(raw) % 16:
+        raise GuestError(f"check: pages must be whole (first, count) pairs of 8 bytes, not {len(raw)} bytes")
+    return raw
+
+
 def encode(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
@@ -94,6 +118,10 @@ class LineBuffer:
 
     def feed(self, data: bytes) -> list[bytes]:
         self._pending += data
+        if b"\n" not in data:      # a long line arrives in many pieces: split it once, at its end
+            if len(self._pending) > self.max_line:
+                raise GuestError(f"line longer than {self.max_line} bytes")
+            return []
         *lines, rest = self._pending.split(b"\n")
         self._pending = bytearray(rest)
         if len(self._pending) > self.max_line or any(len(line) > self.max_line for line in lines):

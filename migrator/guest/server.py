@@ -23,7 +23,7 @@ from ..tracker.handover import send_fds
 from . import committed
 from .layout import Settings
 from .mapping import RegionMapping
-from .control import LineBuffer, Request, error_reply, ok_reply, parse_request
+from .control import LineBuffer, Request, decode_runs, error_reply, ok_reply, parse_request
 from .runner import RESTORING, WorkloadRunner
 from .tracking import GuestTracking
 from .workload import Workload
@@ -102,9 +102,13 @@ class GuestServer:
         with self.runner.exclusive() as workload:
             return {"digest": workload.digest(), "steps": workload.steps}, []
 
-    def _check(self, owner: object, deep: bool | None = None):
+    def _check(self, owner: object, deep: bool | None = None, pages: str | None = None):
+        runs = None if pages is None else decode_runs(pages)
         with self.runner.exclusive() as workload:
-            result = workload.check(deep=deep is not False)
+            if runs is None:
+                result = workload.check(deep=deep is not False)
+            else:
+                result = workload.check_pages(runs, deep=deep is not False)
             steps = workload.steps
         return {"clean": result.clean, "first_bad_page": result.first_bad_page,
                 "problem": result.problem, "steps": steps}, []

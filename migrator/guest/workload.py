@@ -35,6 +35,7 @@ PROBLEMS = {
     lib.PROBLEM_HEADER_INDEX: "page header names page {0} (misplaced page)",
     lib.PROBLEM_STALE: "stale page: header says step {0}, version table says step {1}",
     lib.PROBLEM_BODY: "page body differs from version {0} of the page (0 = initial fill)",
+    lib.PROBLEM_OUTSIDE: "pages to check start at page {0}, outside the region's {1} pages",
 }
 
 
@@ -139,6 +140,17 @@ class Workload:
         problem = ffi.new("int *")
         detail = ffi.new("uint64_t[2]")
         page = lib.guest_check(self._base, self.mapping.size, int(deep), problem, detail)
+        if page < 0:
+            return CheckResult(clean=True)
+        return CheckResult(False, page, PROBLEMS[problem[0]].format(detail[0], detail[1]))
+
+    def check_pages(self, runs: bytes, deep: bool = False) -> CheckResult:
+        """``check`` of the pages in ``runs`` (native 64-bit (first region page, count) pairs)
+        and of the data pages whose versions a listed table page holds."""
+        problem = ffi.new("int *")
+        detail = ffi.new("uint64_t[2]")
+        page = lib.guest_check_pages(self._base, self.mapping.size, int(deep), ffi.from_buffer("uint64_t[]", runs),
+                                     len(runs) // 16, problem, detail)
         if page < 0:
             return CheckResult(clean=True)
         return CheckResult(False, page, PROBLEMS[problem[0]].format(detail[0], detail[1]))

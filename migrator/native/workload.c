@@ -294,65 +294,117 @@ static inline int plausible_version(const struct guest_control *ctl, uint64_t j,
     return t == 0 || (t <= steps && pick(ctl, t - 1) == j);
 }
 
-int64_t guest_check(const uint8_t *region, uint64_t region_bytes, int deep, int *problem, uint64_t detail[2])
+/* What guest_check verifies of data page j: its table entry, header and (deep) body. */
+struct check_state {
+    const struct guest_control *ctl;
+    const uint8_t *region;
+    const uint64_t *table;
+    uint64_t first, key, steps, in_flight_page;
+    unsigned fill, chunk;
+    int deep;
+};
+
+static struct check_state check_state(const uint8_t *region, int deep)
 {
     const struct guest_control *ctl = (const struct guest_control *)region;
+    struct check_state c = {
+        .ctl = ctl, .region = region, .table = (const uint64_t *)(region + GUEST_PAGE_SIZE),
+        .first = first_data_page(ctl), .key = ctl->prng_key, .steps = ctl->steps,
+        .fill = ctl->fill, .chunk = CHUNK_BYTES[ctl->fill], .deep = deep,
+    };
+    c.in_flight_page = ctl->in_flight == c.steps + 1 ? pick(ctl, c.steps) : ctl->data_pages;
+    return c;
+}
+
+/* PROBLEM_NONE, or the problem of data page j (detail as guest_check says). */
+static int check_page(const struct check_state *c, uint64_t j, uint64_t detail[2])
+{
+    uint64_t r = c->first + j, t = c->table[j], steps = c->steps;
+    const uint8_t *page = c->region + r * GUEST_PAGE_SIZE;
+    size_t tail_off = GUEST_HEADER_BYTES + c->chunk, tail_len = GUEST_PAGE_SIZE - tail_off;
+    uint8_t expect[GUEST_PAGE_SIZE];
+    struct page_header h;
+    memcpy(&h, page, sizeof h);
+    detail[0] = t;
+    detail[1] = steps;
+    if (j == c->in_flight_page) {
+        /* Stopped inside this page's step: header and chunk are rewritten when the step is
+           redone; the table may already hold the new version; the tail must be intact. */
+        if (t != steps + 1 && !plausible_version(c->ctl, j, t, steps))
+            return PROBLEM_TABLE_WRONG_STEP;
+        gen_tail(expect, c->fill, c->key, r);
+        if (c->deep && memcmp(page + tail_off, expect, tail_len) != 0)
+            return PROBLEM_BODY;
+        return PROBLEM_NONE;
+    }
+    if (t > steps)
+        return PROBLEM_TABLE_AHEAD;
+    if (!plausible_version(c->ctl, j, t, steps))
+        return PROBLEM_TABLE_WRONG_STEP;
+    if (t == 0 && c->fill == FILL_SPARSE && !sparse_filled(c->key, r))
+        return is_zero(page, c->deep ? GUEST_PAGE_SIZE : GUEST_HEADER_BYTES) ? PROBLEM_NONE : PROBLEM_BODY;
+    if (is_zero(page, GUEST_HEADER_BYTES))
+        return PROBLEM_HEADER_MISSING;
+    if (h.magic != PAGE_MAGIC || h.checksum != header_checksum(c->key, h.magic, h.index, h.step))
+        return PROBLEM_HEADER_CORRUPT;
+    if (h.index != r) {
+        detail[0] = h.index;
+        return PROBLEM_HEADER_INDEX;
+    }
+    if (h.step != t) {
+        detail[0] = h.step;
+        detail[1] = t;
+        return PROBLEM_STALE;
+    }
+    if (!c->deep)
+        return PROBLEM_NONE;
+    gen_chunk(expect, c->fill, c->key, r, t);
+    gen_tail(expect + c->chunk, c->fill, c->key, r);
+    if (memcmp(page + GUEST_HEADER_BYTES, expect, GUEST_PAGE_SIZE - GUEST_HEADER_BYTES) != 0)
+        return PROBLEM_BODY;
+    return PROBLEM_NONE;
+}
+
+int64_t guest_check(const uint8_t *region, uint64_t region_bytes, int deep, int *problem, uint64_t detail[2])
+{
     *problem = guest_check_control(region, region_bytes, detail);
     if (*problem)
         return 0;
-    const uint64_t *table = (const uint64_t *)(region + GUEST_PAGE_SIZE);
-    uint64_t first = first_data_page(ctl), key = ctl->prng_key, steps = ctl->steps;
-    unsigned fill = ctl->fill, chunk = CHUNK_BYTES[fill];
-    size_t tail_off = GUEST_HEADER_BYTES + chunk, tail_len = GUEST_PAGE_SIZE - tail_off;
-    uint64_t in_flight_page = ctl->in_flight == steps + 1 ? pick(ctl, steps) : ctl->data_pages;
-    uint8_t expect[GUEST_PAGE_SIZE];
+    struct check_state c = check_state(region, deep);
+    for (uint64_t j = 0; j < c.ctl->data_pages; j++)
+        if ((*problem = check_page(&c, j, detail)))
+            return (int64_t)(c.first + j);
+    return -1;
+}
 
-    for (uint64_t j = 0; j < ctl->data_pages; j++) {
-        uint64_t r = first + j, t = table[j];
-        const uint8_t *page = region + r * GUEST_PAGE_SIZE;
-        struct page_header h;
-        memcpy(&h, page, sizeof h);
-        detail[0] = t;
-        detail[1] = steps;
-        int untouched_sparse = fill == FILL_SPARSE && !sparse_filled(key, r);
-        if (j == in_flight_page) {
-            /* Stopped inside this page's step: header and chunk are rewritten when the step is
-               redone; the table may already hold the new version; the tail must be intact. */
-            if (t != steps + 1 && !plausible_version(ctl, j, t, steps))
-                return *problem = PROBLEM_TABLE_WRONG_STEP, (int64_t)r;
-            gen_tail(expect, fill, key, r);
-            if (deep && memcmp(page + tail_off, expect, tail_len) != 0)
-                return *problem = PROBLEM_BODY, (int64_t)r;
-            continue;
+int64_t guest_check_pages(const uint8_t *region, uint64_t region_bytes, int deep, const uint64_t *runs,
+                          uint64_t n_runs, int *problem, uint64_t detail[2])
+{
+    *problem = guest_check_control(region, region_bytes, detail);
+    if (*problem)
+        return 0;
+    struct check_state c = check_state(region, deep);
+    uint64_t data_pages = c.ctl->data_pages, entries_per_page = GUEST_PAGE_SIZE / sizeof(uint64_t);
+    for (uint64_t i = 0; i < n_runs; i++) {
+        uint64_t start = runs[2 * i], end = start + runs[2 * i + 1];
+        if (end < start || end > region_bytes / GUEST_PAGE_SIZE) {
+            detail[0] = start;
+            detail[1] = region_bytes / GUEST_PAGE_SIZE;
+            return *problem = PROBLEM_OUTSIDE, (int64_t)start;
         }
-        if (t > steps)
-            return *problem = PROBLEM_TABLE_AHEAD, (int64_t)r;
-        if (!plausible_version(ctl, j, t, steps))
-            return *problem = PROBLEM_TABLE_WRONG_STEP, (int64_t)r;
-        if (t == 0 && untouched_sparse) {
-            if (!is_zero(page, deep ? GUEST_PAGE_SIZE : GUEST_HEADER_BYTES))
-                return *problem = PROBLEM_BODY, (int64_t)r;
-            continue;
+        for (uint64_t r = start; r < end; r++) {
+            /* A table page vouches for the data pages whose versions it holds. */
+            uint64_t lo = r - c.first, hi = lo + 1;
+            if (r == 0)
+                continue;
+            if (r < c.first) {
+                lo = (r - 1) * entries_per_page;
+                hi = lo + entries_per_page < data_pages ? lo + entries_per_page : data_pages;
+            }
+            for (uint64_t j = lo; j < hi; j++)
+                if ((*problem = check_page(&c, j, detail)))
+                    return (int64_t)(c.first + j);
         }
-        if (is_zero(page, GUEST_HEADER_BYTES))
-            return *problem = PROBLEM_HEADER_MISSING, (int64_t)r;
-        if (h.magic != PAGE_MAGIC || h.checksum != header_checksum(key, h.magic, h.index, h.step))
-            return *problem = PROBLEM_HEADER_CORRUPT, (int64_t)r;
-        if (h.index != r) {
-            detail[0] = h.index;
-            return *problem = PROBLEM_HEADER_INDEX, (int64_t)r;
-        }
-        if (h.step != t) {
-            detail[0] = h.step;
-            detail[1] = t;
-            return *problem = PROBLEM_STALE, (int64_t)r;
-        }
-        if (!deep)
-            continue;
-        gen_chunk(expect, fill, key, r, t);
-        gen_tail(expect + chunk, fill, key, r);
-        if (memcmp(page + GUEST_HEADER_BYTES, expect, GUEST_PAGE_SIZE - GUEST_HEADER_BYTES) != 0)
-            return *problem = PROBLEM_BODY, (int64_t)r;
     }
     return -1;
 }

@@ -45,6 +45,7 @@
 #define PROBLEM_HEADER_INDEX 14
 #define PROBLEM_STALE 15
 #define PROBLEM_BODY 16
+#define PROBLEM_OUTSIDE 17
 
 struct guest_control {
     uint64_t magic;
@@ -82,3 +83,8 @@ int guest_check_control(const uint8_t *region, uint64_t region_bytes, uint64_t d
    deep also regenerates every page body; shallow checks the control block, version table and
    page headers only (what fits in a migration's downtime). */
 int64_t guest_check(const uint8_t *region, uint64_t region_bytes, int deep, int *problem, uint64_t detail[2]);
+/* The same for the pages of n_runs runs (pairs of first region page, count): what a migration's
+   final copy wrote, checked inside its downtime. A run over the version table checks the data
+   pages whose versions that table page holds. */
+int64_t guest_check_pages(const uint8_t *region, uint64_t region_bytes, int deep, const uint64_t *runs,
+                          uint64_t n_runs, int *problem, uint64_t detail[2]);

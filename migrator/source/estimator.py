@@ -30,7 +30,7 @@ QUANTILE = 0.9                  # of the weighted costs: the estimate ignores at
 
 # The switch-over's fixed part, measured on the 2-vCPU test machine with a 1 GiB guest: freezing,
 # the final scan, the Digest exchange with the tail of the destination's apply queue and the
-# commit exchange. Plus the destination guest's shallow self-check, which visits every page header.
+# commit exchange.
 SWITCHOVER_FIXED_MS = 10.0
 DEST_CHECK_MS_PER_GIB = 20.0
 

@@ -13,6 +13,7 @@ import pytest
 from migrator.core.errors import GuestError
 from migrator.native.workload import ffi as workload_ffi
 from migrator.guest.client import GuestClient
+from migrator.guest.control import MAX_LINE
 from migrator.guest.layout import Pattern
 from migrator.guest.spawn import spawn_guest
 from migrator.core.model import PAGE_SIZE
@@ -88,7 +89,7 @@ def test_control_errors_get_an_error_reply_and_the_guest_keeps_running(guests):
         (b"this is not json\n", "bad JSON"),
         (b'{"cmd": "pause", "at_step": "soon"}\n', "at_step must be an integer"),
         (b"[]\n", "must be a JSON object"),
-        (b"x" * (70 << 10) + b"\n", "longer than"),
+        (b"x" * (MAX_LINE + 1) + b"\n", "longer than"),
     ]:
         reply = json.loads(raw_exchange(guest.control, payload))
         assert reply["ok"] is False and message in reply["error"]

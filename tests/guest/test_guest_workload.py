@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import collections
 
 import pytest
@@ -235,3 +236,24 @@ def test_region_digest_is_the_hash_list_of_the_bytes():
     data = bytes(workload.mapping.buffer)
     one_piece = xxhash.xxh3_128_hexdigest(xxhash.xxh3_128_digest(data))
     assert workload.digest() == region_digest(data) == one_piece
+
+
+def test_a_check_of_listed_pages_sees_them_and_the_pages_a_listed_table_page_versions():
+    """What a downtime checks: the final copy's pages, whatever the region's size."""
+    workload = make()
+    workload.run(10_000)
+    victim = a_written_page(workload)
+    first = Geometry.for_size(SIZE).first_data_page
+    table_page = 1 + 8 * (victim - first) // PAGE_SIZE
+    page(workload, victim)[3] ^= 0x10
+    as_runs = lambda *runs: array.array("Q", [n for run in runs for n in run]).tobytes()   # noqa: E731
+    listed = workload.check_pages(as_runs((victim - 2, 5)))
+    assert (listed.clean, listed.first_bad_page) == (False, victim) and "header corrupted" in listed.problem
+    assert workload.check_pages(as_runs((table_page, 1))).first_bad_page == victim
+    assert workload.check_pages(as_runs((0, 1), (victim + 1, 3))).clean      # not listed: not looked at
+    assert workload.check_pages(b"").clean
+    outside = workload.check_pages(as_runs((SIZE // PAGE_SIZE - 1, 2)))
+    assert not outside.clean and "outside the region" in outside.problem
+    assert not workload.check_pages(as_runs((5, 2**64 - 2))).clean          # a count that wraps around
+    page(workload, victim)[3] ^= 0x10
+    assert workload.check_pages(as_runs((0, SIZE // PAGE_SIZE))).clean
