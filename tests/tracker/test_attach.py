@@ -1,6 +1,6 @@
 """``migrator track --pid``: a process that knows nothing of migrator, tracked by injection.
 
-The target is ``attach_target.c``; the tests choose exactly which pages it writes, from which
+The target is ``scripts/harness/attach_target.c``; the tests choose exactly which pages it writes, from which
 thread, in which mapping, and check that exactly those are reported; that the target keeps
 running and keeps nothing of migrator (no fd, no tracer, no registration) however tracking ends.
 """
@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from attach_helpers import Target, build, migrator_cli, pages_in, wait_for
+from harness.attach import Target, build, migrator_cli, pages_in, wait_for
 from tracker_helpers import need
 
 from migrator.core.errors import TrackerError, TrackerUnavailable
