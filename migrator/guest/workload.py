@@ -161,10 +161,12 @@ class Workload:
     def replay_position(self) -> dict:
         """Which trace, loop and interval the replay is at (for stats)."""
         timeline = self.timeline()
-        loop, interval = timeline.position(self.steps)
+        steps = self.steps
+        loop, interval = timeline.position(steps)
         return {"trace": self.replay_name, "loop": loop, "interval": interval,
                 "intervals": len(timeline.intervals), "loop_steps": timeline.steps,
-                "loop_seconds": timeline.seconds}
+                "loop_seconds": timeline.seconds,
+                "at_s": round(timeline.seconds_at(steps % timeline.steps), 6)}   # into the loop
 
     def describe(self) -> dict:
         """Settings for stats (call only when ``control_problem()`` is None)."""

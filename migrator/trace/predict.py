@@ -82,13 +82,15 @@ class Comparison:
     dirty_rate: float   # the trace's mean, pages/s, which the classic model is fed
 
 
-def simulate(trace: Trace, bandwidth: float, *, stop_at: float, max_rounds: int, volume: int | None = None) -> Prediction:
-    """Pre-copy rounds over ``trace`` at ``bandwidth`` pages/s (see the module docstring)."""
+def simulate(trace: Trace, bandwidth: float, *, stop_at: float, max_rounds: int, volume: int | None = None,
+             start: float = 0.0) -> Prediction:
+    """Pre-copy rounds over ``trace`` at ``bandwidth`` pages/s (see the module docstring), the
+    migration starting ``start`` seconds into the trace (a replaying guest says where it is)."""
     if not bandwidth > 0 or max_rounds < 1:
         raise MigratorError(f"predict needs bandwidth > 0 and max_rounds >= 1, got {bandwidth}, {max_rounds}")
     timeline = Timeline(trace)
     pages = [float(volume_pages(trace) if volume is None else volume)]
-    now = 0.0
+    now = start
     while True:
         seconds = pages[-1] / bandwidth
         following = timeline.written(now, now + seconds)
