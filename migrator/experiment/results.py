@@ -72,6 +72,7 @@ from ..guest.layout import TABLE_ENTRIES_PER_PAGE, Geometry
 from ..core.model import PAGE_SIZE
 from ..source.estimator import switchover_fixed_ms
 from ..source.estimator import MIN_FIT_PAGES
+from ..source.policy import PolicySettings
 from ..trace.file import read_trace
 from ..trace.model import Trace
 from ..trace.predict import simulate
@@ -171,8 +172,9 @@ def _trace(path: str) -> Trace | None:
 def trace_prediction(result: CellResult, grid: Grid, inputs: ModelInputs | None) -> tuple[float, model.Prediction] | None:
     """(bandwidth in pages/s, the trace-driven prediction) for a replay cell: ``migrator predict``'s
     simulation of the same trace at the cell's cap (or the measured link without one), the
-    grid's downtime target and round limit, the guest's region as round 0, starting where the
-    replay was. None for other cells, or without a bandwidth or the trace."""
+    guest's region as round 0, starting where the replay was, ended by the engine's own rules
+    for the grid's downtime target and round limit. None for other cells, or without a
+    bandwidth or the trace."""
     cell = result.cell
     trace = _trace(cell.trace) if cell.trace is not None else None
     if trace is None:
@@ -183,9 +185,11 @@ def trace_prediction(result: CellResult, grid: Grid, inputs: ModelInputs | None)
         bandwidth = inputs.bandwidth
     else:
         return None
-    stop_at = model.stop_pages(grid.downtime_ms / 1e3, bandwidth, fixed_downtime_ms(cell.size) / 1e3)
+    fixed_ms = fixed_downtime_ms(cell.size)
+    stop_at = model.stop_pages(grid.downtime_ms / 1e3, bandwidth, fixed_ms / 1e3)
+    policy = PolicySettings(downtime_ms=grid.downtime_ms, force_switchover=not cell.auto_converge)
     return bandwidth, simulate(trace, bandwidth, stop_at=stop_at, max_rounds=grid.max_rounds, volume=cell.pages,
-                               start=result.replay_at_s or 0.0)
+                               start=result.replay_at_s or 0.0, policy=policy, fixed_ms=fixed_ms)
 
 
 def guest_dirtied(cell: Cell):

@@ -18,10 +18,12 @@ it pessimistic, and the trace-driven rounds show by how much.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..core.errors import MigratorError
 from ..experiment.classic_model import Prediction, predict, stop_pages
+from ..source.policy import Action, PolicySettings, Rule, decide
+from ..source.report import RoundStats
 from .model import Trace, interval_pages
 
 _FULL = 1 - 1e-9
@@ -83,23 +85,43 @@ class Comparison:
 
 
 def simulate(trace: Trace, bandwidth: float, *, stop_at: float, max_rounds: int, volume: int | None = None,
-             start: float = 0.0) -> Prediction:
+             start: float = 0.0, policy: PolicySettings | None = None, fixed_ms: float = 0.0) -> Prediction:
     """Pre-copy rounds over ``trace`` at ``bandwidth`` pages/s (see the module docstring), the
-    migration starting ``start`` seconds into the trace (a replaying guest says where it is)."""
+    migration starting ``start`` seconds into the trace (a replaying guest says where it is).
+
+    With ``policy``, the engine's own switch-over rules (``migrator.source.policy.decide``, fed
+    each round's pages and the downtime the pages left would take plus ``fixed_ms``) decide
+    instead of ``stop_at``: min-pages and, with ``force_switchover``, no-progress end pre-copy as
+    they would in a migration; a round where the engine would start auto-converge ends the
+    prediction unconverged (the throttle is not simulated)."""
     if not bandwidth > 0 or max_rounds < 1:
         raise MigratorError(f"predict needs bandwidth > 0 and max_rounds >= 1, got {bandwidth}, {max_rounds}")
     timeline = Timeline(trace)
     pages = [float(volume_pages(trace) if volume is None else volume)]
+    history: list[RoundStats] = []
     now = start
     while True:
         seconds = pages[-1] / bandwidth
         following = timeline.written(now, now + seconds)
         now += seconds
-        if following <= stop_at:
+        if policy is not None:
+            history.append(_round(len(history), pages[-1], seconds, fixed_ms + following / bandwidth * 1e3))
+            decision = decide(history, replace(policy, max_rounds=max_rounds))
+            if decision.action is not Action.CONTINUE:
+                converged = decision.rule in (Rule.DOWNTIME_TARGET, Rule.MIN_PAGES)
+                return Prediction(tuple(pages), following, converged)
+        elif following <= stop_at:
             return Prediction(tuple(pages), following, True)
-        if len(pages) >= max_rounds:
+        elif len(pages) >= max_rounds:
             return Prediction(tuple(pages), following, False)
         pages.append(following)
+
+
+def _round(number: int, pages: float, seconds: float, expected_ms: float) -> RoundStats:
+    """What the policy reads of a simulated round (the rest of a real round's statistics is 0)."""
+    return RoundStats(round=number, dirty_pages=round(pages), zero_pages=0, bytes_raw=0, bytes_wire=0, scan_s=0.0,
+                      read_s=0.0, compress_s=0.0, send_s=0.0, duration_s=seconds, dirty_rate=0.0, bandwidth=0.0,
+                      expected_downtime_ms=expected_ms)
 
 
 def compare(trace: Trace, bandwidth_bytes: float, *, downtime_s: float, max_rounds: int) -> Comparison:

@@ -103,3 +103,25 @@ def test_the_cli_prints_both_models(tmp_path):
     classic_row = next(line for line in lines if line.startswith("classic"))
     assert trace_row.split()[1] == "5" and trace_row.endswith("needed") and "not" not in trace_row
     assert classic_row.split()[1] == "5"
+
+
+def test_with_the_engines_policy_its_rules_end_the_rounds():
+    from migrator.source.policy import PolicySettings
+
+    forced = PolicySettings(downtime_ms=1.0, force_switchover=True)
+    # the hot set: 300 pages a round and flat; the engine's no-progress rule (less than 10 %
+    # smaller over 3 rounds, checked from round 4 on) forces the switch-over after 5 rounds
+    hot = simulate(HOT, 100.0, stop_at=0, max_rounds=30, policy=forced)
+    assert hot.pages == pytest.approx((1000, 300, 300, 300, 300)) and not hot.converged
+    # disjoint halves: 1000, 500, 250, 125, 62.5; the round of 62 pages is at most min-pages
+    # (64), so the engine switches over with what that round's 0.3125 s wrote: 31.25 pages
+    halves = simulate(DISJOINT, 200.0, stop_at=0, max_rounds=30, policy=forced)
+    assert halves.pages == pytest.approx((1000, 500, 250, 125, 62.5))
+    assert halves.final_pages == pytest.approx(31.25) and halves.converged
+    # a downtime the pages left after round 1 fit (250 pages at 200 pages/s + 10 ms = 1260 ms)
+    roomy = simulate(DISJOINT, 200.0, stop_at=0, max_rounds=30, fixed_ms=10.0,
+                     policy=PolicySettings(downtime_ms=1500.0, force_switchover=True))
+    assert roomy.pages == pytest.approx((1000, 500)) and roomy.final_pages == pytest.approx(250)
+    # without force_switchover the engine would throttle: the prediction ends unconverged there
+    throttled = simulate(HOT, 100.0, stop_at=0, max_rounds=30, policy=PolicySettings(downtime_ms=1.0))
+    assert throttled.pages == pytest.approx((1000, 300, 300, 300, 300)) and not throttled.converged
