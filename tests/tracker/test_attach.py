@@ -76,6 +76,20 @@ def test_exact_sets_across_intervals_threads_and_new_mappings(target):
         assert not any(m.start <= fresh < m.end for m in tracker.mappings)
 
 
+def test_a_new_mapping_written_before_and_after_it_is_registered_is_one_sorted_set(target):
+    """Pages a new mapping got before its registration and the ones written after it, before the
+    next scan, are one set of sorted, non-overlapping runs (what a trace file must hold)."""
+    with attach(target.pid) as tracker:
+        fresh = target.map(8)
+        target.write(fresh, 4, 3)
+        tracker.refresh()                  # registered now: pages 4-6 are pending
+        target.write(fresh, 0, 5)          # 0-4 since, overlapping page 4
+        interval = tracker.collect()
+        runs = next(r for m, r in interval.written.items() if m.start <= fresh < m.end)
+        assert runs == [(fresh, 7)]
+        assert not any(m.start <= fresh < m.end for m in tracker.collect().written)
+
+
 def test_registration_is_write_protect_only_and_ends_with_the_tracker(target):
     region = target.map(16)
     tracker = attach(target.pid)
