@@ -8,8 +8,13 @@ same switch-over rule as the engine's) or after ``max_rounds`` rounds; what is l
 the process frozen. When the rounds run out first, auto-converge (throttling) would be needed.
 
 The trace loops: a window past its end wraps to its start, as ``guest --replay`` would replay it.
-An interval only partly inside a window contributes that fraction of its pages not already in the
-union of the intervals wholly inside (the trace cannot say which of its pages came first).
+The trace cannot say when within an interval a page was written, so each page of an interval
+only partly inside a window counts as written in it with that fraction as its probability, the
+intervals independently: a page of two half-covered intervals (and of none wholly inside) counts
+3/4, not 1. (Counting each partial interval's share in full over-counted such pages, which a
+hot set rewritten every interval has in every window: measured against ``guest --replay``
+migrations, it predicted dirty sets up to a quarter too large in rounds shorter than two
+intervals, and so the engine's growth rule firing rounds too early.)
 
 ``classic`` runs ``classic_model.predict`` fed the trace's mean dirty rate, for comparison: the
 classic rule counts every written page of a window as new, so repeated writes to a hot set make
@@ -18,6 +23,8 @@ it pessimistic, and the trace-driven rounds show by how much.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, replace
 
 from ..core.errors import MigratorError
@@ -62,7 +69,20 @@ class Timeline:
                     union |= pages
                 else:
                     partial.append((fraction, pages))
-        return len(union) + sum(fraction * len(pages - union) for fraction, pages in partial)
+        return len(union) + _expected_union([(f, pages - union) for f, pages in partial])
+
+
+def _expected_union(partial: list[tuple[float, set[int]]]) -> float:
+    """Expected size of the union when each page of set i is in it with probability f_i,
+    independently: inclusion-exclusion over the sets (a window cuts at most two intervals per
+    piece of it, so there are a handful), set intersections rather than a loop over pages."""
+    total = 0.0
+    for k in range(1, len(partial) + 1):
+        for chosen in itertools.combinations(partial, k):
+            common = set.intersection(*(pages for _, pages in chosen))
+            if common:
+                total += (-1) ** (k + 1) * math.prod(f for f, _ in chosen) * len(common)
+    return total
 
 
 def volume_pages(trace: Trace) -> int:

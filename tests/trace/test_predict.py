@@ -64,8 +64,15 @@ def test_windows_loop_and_count_partial_intervals_pro_rata():
     assert timeline.written(1.5, 2.5) == pytest.approx(10)     # half of 1, then half of 0 after the loop
     assert timeline.written(0, 2) == 20 and timeline.written(3, 10) == 20
     hot = Timeline(trace_of(range(10), range(10)))
-    assert hot.written(0.5, 1.5) == pytest.approx(10)           # no interval in full: half of each, 5 + 5
+    # no interval in full: each page written in the window's half of interval 0 or of interval
+    # 1, each with probability 1/2 independently: 10 * (1 - 1/4)
+    assert hot.written(0.5, 1.5) == pytest.approx(7.5)
     assert hot.written(0, 1.5) == pytest.approx(10)             # interval 0 full; interval 1 adds nothing new
+    overlapping = Timeline(trace_of(range(10), range(5, 15), range(20, 30)))
+    # a quarter of interval 0 (pages 0-9), all of 1 (5-14), half of 2 (20-29): 10 + 5/4 + 5
+    assert overlapping.written(0.75, 2.5) == pytest.approx(10 + 1.25 + 5)
+    # wrapping round the loop: 0.4 of interval 2 and 0.6 of interval 0, disjoint: 4 + 6
+    assert overlapping.written(2.6, 3.6) == pytest.approx(10)
 
 
 def test_disjoint_writes_agree_with_the_classic_model():
