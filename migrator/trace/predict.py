@@ -105,7 +105,8 @@ class Comparison:
 
 
 def simulate(trace: Trace, bandwidth: float, *, stop_at: float, max_rounds: int, volume: int | None = None,
-             start: float = 0.0, policy: PolicySettings | None = None, fixed_ms: float = 0.0) -> Prediction:
+             start: float = 0.0, policy: PolicySettings | None = None, fixed_ms: float = 0.0,
+             first_round_s: float | None = None) -> Prediction:
     """Pre-copy rounds over ``trace`` at ``bandwidth`` pages/s (see the module docstring), the
     migration starting ``start`` seconds into the trace (a replaying guest says where it is).
 
@@ -113,7 +114,9 @@ def simulate(trace: Trace, bandwidth: float, *, stop_at: float, max_rounds: int,
     each round's pages and the downtime the pages left would take plus ``fixed_ms``) decide
     instead of ``stop_at``: min-pages and, with ``force_switchover``, no-progress end pre-copy as
     they would in a migration; a round where the engine would start auto-converge ends the
-    prediction unconverged (the throttle is not simulated)."""
+    prediction unconverged (the throttle is not simulated). ``first_round_s``: round 0's duration
+    when known (a measured migration's: the destination populating fresh memory slows it),
+    instead of its pages over ``bandwidth``."""
     if not bandwidth > 0 or max_rounds < 1:
         raise MigratorError(f"predict needs bandwidth > 0 and max_rounds >= 1, got {bandwidth}, {max_rounds}")
     timeline = Timeline(trace)
@@ -121,7 +124,7 @@ def simulate(trace: Trace, bandwidth: float, *, stop_at: float, max_rounds: int,
     history: list[RoundStats] = []
     now = start
     while True:
-        seconds = pages[-1] / bandwidth
+        seconds = first_round_s if len(pages) == 1 and first_round_s else pages[-1] / bandwidth
         following = timeline.written(now, now + seconds)
         now += seconds
         if policy is not None:

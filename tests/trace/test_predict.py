@@ -132,3 +132,9 @@ def test_with_the_engines_policy_its_rules_end_the_rounds():
     # without force_switchover the engine would throttle: the prediction ends unconverged there
     throttled = simulate(HOT, 100.0, stop_at=0, max_rounds=30, policy=PolicySettings(downtime_ms=1.0))
     assert throttled.pages == pytest.approx((1000, 300, 300, 300, 300)) and not throttled.converged
+
+
+def test_a_measured_round_zero_replaces_its_pages_over_the_bandwidth():
+    # round 0 took 2 s (not 1000 / 1000 = 1 s): intervals 0 and 1 = 200 pages; 200 in 0.2 s -> 20
+    slow = simulate(DISJOINT, 1000.0, stop_at=64, max_rounds=30, first_round_s=2.0)
+    assert slow.pages == pytest.approx((1000, 200)) and slow.final_pages == pytest.approx(20)
