@@ -219,7 +219,8 @@ class TargetTracker:
                     raise
                 self._needs_refresh = True   # replaced by an unregistered mapping meanwhile
             if mapping in pending:   # written before it was registered, and maybe again since
-                written[mapping] = union(pending[mapping], runs, self.page_size)
+                written[mapping] = union(pending.pop(mapping), runs, self.page_size)
+        written.update(pending)      # registered, written, and gone again before this scan
         now = time.monotonic()
         interval = Interval(t=now - self.started, seconds=now - self._last,
                             written={m: r for m, r in written.items() if r}, layout_changed=changed)
