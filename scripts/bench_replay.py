@@ -41,7 +41,7 @@ SENT_WITHIN = 0.15
 
 def synthesize(path: Path, size: int) -> None:
     """About ``size`` of mappings (2:1 over two), a hot set of 1/16 of it, a sweep of 1/8 per
-    0.1 s interval, 4 s long: r near 1 at 50 MB/s, so pre-copy takes several rounds."""
+    0.1 s interval, 4 s long: r about 1.3 at 50 MB/s and 0.6 at 100 MB/s."""
     pages = size // PAGE_SIZE
     mappings = (pages * 2 // 3, pages - pages * 2 // 3)
     write_trace(path, sweep_trace(pages=mappings, hot=pages // 16, sweep=pages // 32, intervals=40, seconds=0.1))
