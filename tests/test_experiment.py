@@ -167,3 +167,8 @@ def test_replay_cells_migrate_and_sit_next_to_the_prediction(tmp_path):
     assert "## Sweep: replay" in summary and "| sweep.trace | 50 MB/s |" in summary
     document = json.loads((out / "results.json").read_text())
     assert all(record["predict"]["pages"][0] == int(rows[0]["pages"]) for record in document["cells"])
+    # recomputed from the JSON alone, the predictions stay (the trace is read again)
+    done = _experiment("--replot", "--no-plots", "--out", str(out), timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    assert [c["predict"] for c in again["cells"]] == [c["predict"] for c in document["cells"]]
