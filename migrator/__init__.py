@@ -20,7 +20,12 @@ def __getattr__(name: str):
     if name.startswith("_") or name == "api":
         raise AttributeError(f"module 'migrator' has no attribute {name!r}")
     import importlib
+    import importlib.util
 
+    if importlib.util.find_spec(f"migrator.{name}") is not None:
+        # a subpackage not imported yet (``from .. import protocol``): the import system imports
+        # it when this fails; loading the API here instead could be a circular import
+        raise AttributeError(f"module 'migrator' has no attribute {name!r}")
     api = importlib.import_module("migrator.api")
     if name in api.__all__:
         return getattr(api, name)

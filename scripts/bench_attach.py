@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Benchmark ``track --pid`` (attaching to a process that knows nothing of migrator), baselines
-from the same run, on the C target of the tests (tests/tracker/attach_target.c, built with cc).
+from the same run, on the C target of the tests (scripts/harness/attach_target.c, built with cc).
 
   stop        how long one attach stops the target's thread, with the target holding
               ``--size`` of memory in ``--mappings`` populated anonymous mappings (repeated)
@@ -16,7 +16,7 @@ from the same run, on the C target of the tests (tests/tracker/attach_target.c, 
 
 Goals (issue 15): the attach stops a 1 GiB, 100-mapping target for at most 5 ms; the target's own
 throughput tracked at 100 ms is at least 0.9x untracked; exact write sets.
-Not measured here: the prediction against a replayed migration (needs ``guest --replay``).
+The prediction against a replayed migration is scripts/bench_replay.py's.
 Usage: scripts/bench_attach.py [--size 1G] [--mappings 100] [--repeats 5] [--json [PATH]]
 """
 
@@ -33,9 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "tracker"))
-
-from attach_helpers import PAGE, Target, build, pages_in  # noqa: E402
+from harness.attach import PAGE, Target, build, pages_in  # noqa: E402
 from harness.bench import finish, goal  # noqa: E402
 
 from migrator.core import units  # noqa: E402

@@ -2,7 +2,7 @@
 """Pre-copy convergence experiments: same as ``migrator experiment`` (see its --help).
 
 Usage: scripts/experiment.py [--quick] [--out DIR] [--sizes ...] [--rates ...] [--bandwidths ...]
-                             [--patterns ...] [--trackers ...] [--replot]
+                             [--patterns ...] [--trackers ...] [--traces T1,T2] [--replot]
 """
 
 import sys

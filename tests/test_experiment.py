@@ -163,3 +163,57 @@ def test_bad_command_lines_say_what_was_wrong(argv, message, capsys):
         _grid(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _sweep_trace_file(tmp_path):
+    from harness.traces import sweep_trace
+    from migrator.trace.file import write_trace
+
+    path = tmp_path / "sweep.trace"
+    write_trace(path, sweep_trace(pages=(2048, 1024), hot=128, sweep=256, intervals=10, seconds=0.1))
+    return path
+
+
+def test_traces_make_a_replay_sweep_sized_by_each_trace(tmp_path):
+    path = _sweep_trace_file(tmp_path)
+    grid = _grid(["--traces", f"{path},{path}", "--bandwidths", "50M,100M"])
+    assert [c.sweep for c in grid.cells] == ["replay"] * 4
+    assert {(c.pattern, c.dirty_pct, c.trace) for c in grid.cells} == {("replay", None, str(path))}
+    assert all(c.size > 3072 * 4096 and c.name.startswith(f"{c.size / MiB:.3g}MiB replay:sweep.trace")
+               for c in grid.cells)
+    mixed = _grid(["--traces", str(path), "--patterns", "uniform"])   # and a synthetic sweep beside it
+    assert [c.sweep for c in mixed.cells] == ["replay", "custom"]
+
+
+def test_a_bad_trace_is_one_line(tmp_path):
+    bad = tmp_path / "bad.trace"
+    bad.write_bytes(b"not a trace")
+    done = _experiment("--traces", str(bad), "--out", str(tmp_path / "out"), timeout=60)
+    assert done.returncode != 0 and "bad.trace: not a migrator trace" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.skipif(wp_async_missing() is not None, reason=f"userfaultfd WP_ASYNC: {wp_async_missing()}")
+def test_replay_cells_migrate_and_sit_next_to_the_prediction(tmp_path):
+    path = _sweep_trace_file(tmp_path)
+    out = tmp_path / "replay"
+    done = _experiment("--traces", str(path), "--bandwidths", "50M,unlimited", "--no-compare", "--no-plots",
+                       "--out", str(out), timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for r in rows:
+        assert r["result"] == "committed" and r["verified"] == "True", r
+        assert r["pattern"] == "replay" and r["trace"] == str(path) and r["replay_at_s"] != ""
+        assert int(r["predict_rounds"]) >= 1 and float(r["predict_sent_over_size"]) >= 1, "predict ran"
+    assert rows[0]["predict_bandwidth"] == "50000000"
+    summary = (out / "summary.md").read_text()
+    assert "## Sweep: replay" in summary and "| sweep.trace | 50 MB/s |" in summary
+    document = json.loads((out / "results.json").read_text())
+    assert all(record["predict"]["pages"][0] == int(rows[0]["pages"]) for record in document["cells"])
+    # recomputed from the JSON alone, the predictions stay (the trace is read again)
+    done = _experiment("--replot", "--no-plots", "--out", str(out), timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    assert [c["predict"] for c in again["cells"]] == [c["predict"] for c in document["cells"]]

@@ -1,6 +1,7 @@
 """Measure how pre-copy converges: a grid of real migrations, a tracker comparison, plots.
 
-Each cell spawns a guest writing a set share of its pages per second with a pattern, and migrates
+Each cell spawns a guest writing a set share of its pages per second with a pattern (or, with
+--traces, replaying a recorded trace: ``guest --replay``, next to ``predict``'s rounds), and migrates
 it over loopback TCP (a ``migrator receive`` child) with a tracker and a bandwidth cap. Writes
 results.csv (one row per cell), results.json (rows, per-round reports, model curves, tracker
 comparison), summary.md (tables) and PNG plots to --out. Without --sizes/--rates/... the preset
@@ -30,6 +31,7 @@ from . import exits, interrupts, options
 from ..experiment import compare, grid as g, results
 from ..experiment.run import run_experiment
 from ..experiment.summary import summary_markdown, write_summary
+from ..guest.replay import load_plan
 
 
 RESULTS = ("results.csv", "results.json", "summary.md")
@@ -58,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="link caps in bytes/s (50M, 1G, 500mbit) or unlimited")
     sweep.add_argument("--patterns", type=_list(g.parse_pattern), metavar="uniform,hot:0.05:0.9,sequential")
     sweep.add_argument("--trackers", type=_list(g.parse_tracker), metavar="wp-async,sync-wp,full")
+    sweep.add_argument("--traces", type=_list(str), metavar="T1.trace,T2.trace",
+                       help="cells whose guest replays each trace (migrator track --record) over the "
+                            "bandwidths and trackers, each next to predict's rounds for the same settings")
     sweep.add_argument("--auto-converge", action="store_true",
                        help="throttle the guest when not converging (default: switch over after --max-rounds)")
     settings = parser.add_argument_group("settings of every migration")
@@ -76,9 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_grid(args: argparse.Namespace) -> g.Grid:
     grid = g.quick_grid() if args.quick else g.default_grid()
     dimensions = {k: getattr(args, k) for k in ("sizes", "rates", "bandwidths", "patterns", "trackers")}
-    if any(v is not None for v in dimensions.values()) or args.auto_converge:
+    if any(v is not None for v in dimensions.values()) or args.auto_converge or args.traces:
         chosen = {k: v for k, v in dimensions.items() if v is not None}
-        grid = g.custom_grid(grid, auto_converge=args.auto_converge, **chosen)
+        traces = [(os.path.abspath(path), load_plan(path).geometry().size) for path in args.traces or ()]
+        grid = g.custom_grid(grid, auto_converge=args.auto_converge, traces=traces, **chosen)
     overrides = {k: getattr(args, k) for k in ("downtime_ms", "max_rounds", "compress", "fill", "repeats")}
     grid = replace(grid, **{k: v for k, v in overrides.items() if v is not None})
     if args.no_compare:

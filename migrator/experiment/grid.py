@@ -7,7 +7,9 @@ answers the questions the plots ask within the time budget:
 - ``rate``: dirty rate x bandwidth x pattern (wp-async, one size): convergence against ``r``;
 - ``tracker``: the three trackers on the same guests (the migration half of the comparison);
 - ``size``: region size at a fixed rate and bandwidth;
-- ``throttle``: where pre-copy cannot converge, auto-converge against a forced switch-over.
+- ``throttle``: where pre-copy cannot converge, auto-converge against a forced switch-over;
+- ``replay`` (``--traces``): guests replaying recorded traces (``guest --replay``), each next to
+  what ``migrator predict`` says of the same trace at the same settings.
 
 Cells switch over after ``max_rounds`` unless they ask for auto-converge: pure pre-copy is what
 the model describes, and the throttle sweep shows what auto-converge changes.
@@ -19,6 +21,7 @@ page writes per second: ``pct / 100 * pages``), bandwidths in bytes per second (
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -38,7 +41,8 @@ HOT = "hot:0.05:0.9"
 class Cell:
     """One migration: a guest of ``size`` bytes writing ``dirty_pct`` % of its pages per second
     (None: as fast as it can) with ``pattern``, migrated with ``tracker`` over a link capped at
-    ``bandwidth`` bytes/s. Without ``auto_converge`` a migration that has not converged after the
+    ``bandwidth`` bytes/s; with ``trace`` (a trace file's path) the guest replays it instead (its
+    pattern is ``replay``, its rate the trace's, its size what the trace needs). Without ``auto_converge`` a migration that has not converged after the
     grid's ``max_rounds`` switches over anyway (pure pre-copy, what the model describes); with it,
     the engine throttles the guest instead (its default)."""
 
@@ -49,6 +53,7 @@ class Cell:
     tracker: str = "wp-async"
     auto_converge: bool = False
     sweep: str = "custom"
+    trace: str | None = None
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PAGE_SIZE:
@@ -59,6 +64,10 @@ class Cell:
             raise MigratorError(f"cell bandwidth {self.bandwidth}: must be > 0 bytes/s or None")
         if self.tracker not in TRACKERS:
             raise MigratorError(f"cell tracker {self.tracker!r}: choose one of {', '.join(TRACKERS)}")
+        if self.trace is not None:
+            if self.pattern != "replay" or self.dirty_pct is not None:
+                raise MigratorError("a cell replaying a trace has pattern 'replay' and no dirty rate of its own")
+            return
         try:
             Pattern.parse(self.pattern)
         except ValueError as exc:
@@ -78,7 +87,14 @@ class Cell:
         rate = "unlimited-rate" if self.dirty_pct is None else f"{self.dirty_pct:g}%/s"
         bandwidth = "unlimited" if self.bandwidth is None else f"{self.bandwidth / MB:g}MB/s"
         throttle = " auto-converge" if self.auto_converge else ""
+        if self.trace is not None:
+            return f"{self.size / MiB:.3g}MiB {self.pattern_label} {bandwidth} {self.tracker}{throttle}"
         return f"{self.size // MiB}MiB {self.pattern} {rate} {bandwidth} {self.tracker}{throttle}"
+
+    @property
+    def pattern_label(self) -> str:
+        """The pattern, with the trace's file name for a replay."""
+        return f"replay:{os.path.basename(self.trace)}" if self.trace is not None else self.pattern
 
 
 @dataclass(frozen=True)
@@ -184,13 +200,26 @@ def quick_grid() -> Grid:
     return Grid("quick", tuple(cells), settle_s=0.2, compare=compare)
 
 
-def custom_grid(base: Grid, *, auto_converge: bool = False, **dimensions: list) -> Grid:
+SYNTHETIC = ("sizes", "rates", "patterns")   # the dimensions a replay cell takes from its trace
+
+
+def custom_grid(base: Grid, *, auto_converge: bool = False, traces: Iterable[tuple[str, int]] = (),
+                **dimensions: list) -> Grid:
     """``base``'s settings with one product sweep over the given dimensions (others from the
-    reference cell: 64 MiB, 5 %/s, 200 MB/s, uniform, wp-async)."""
+    reference cell: 64 MiB, 5 %/s, 200 MB/s, uniform, wp-async). With ``traces`` ((path, region
+    size) each), a ``replay`` sweep of those traces over the bandwidths and trackers instead, plus
+    the synthetic sweep if sizes, rates or patterns are given too."""
     defaults = {"sizes": [64 * MiB], "rates": [5.0], "bandwidths": [200 * MB], "patterns": ["uniform"],
                 "trackers": ["wp-async"]}
     chosen = {k: (dimensions.get(k) or v) for k, v in defaults.items()}
-    cells = product(**chosen, sweep="custom", auto_converge=auto_converge)
+    traces = list(traces)
+    cells = [
+        Cell(size=size, dirty_pct=None, bandwidth=bandwidth, pattern="replay", tracker=tracker,
+             auto_converge=auto_converge, sweep="replay", trace=path)
+        for (path, size), tracker, bandwidth in itertools.product(traces, chosen["trackers"], chosen["bandwidths"])
+    ]
+    if not traces or any(dimensions.get(k) for k in SYNTHETIC):
+        cells += product(**chosen, sweep="custom", auto_converge=auto_converge)
     return replace(base, name="custom", cells=tuple(cells))
 
 

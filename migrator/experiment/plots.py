@@ -81,7 +81,8 @@ def _rate(pct: float | None) -> str:
 
 
 def _pattern_colors(rows: list[dict]) -> dict[str, str]:
-    patterns = sorted({r["pattern"] for r in rows}, key=lambda p: ("uniform", "hot", "sequential").index(p.split(":")[0]))
+    order = ("uniform", "hot", "sequential", "replay")
+    patterns = sorted({r["pattern"] for r in rows}, key=lambda p: (order.index(p.split(":")[0]), p))
     return {p: COLORS[i % len(COLORS)] for i, p in enumerate(patterns)}
 
 

@@ -44,6 +44,14 @@ pattern_model_rounds, ...   the same model with each round's dirty set as the ex
 pattern_model_final_pages   pages the guest's writes hit (repeated writes count once; with its
                             step counter and version table pages: ``guest_dirtied``)
 pattern_model_sent_over_size
+trace, replay_at_s          a replay cell's trace file, and how far into its loop the guest was
+                            when the migration started (seconds)
+predict_bandwidth           bytes/s the trace-driven prediction (``migrator predict``'s simulation)
+                            assumes: the cap, or link_bandwidth on an uncapped link
+predict_rounds, ...         its rounds, whether it converges within the round limit, the pages
+predict_converged           left for stop-and-copy and the pages sent over region pages, from the
+predict_final_pages         replay's start point, with the engine's stop rule for the target
+predict_sent_over_size
 ==========================  ======================================================================
 """
 
@@ -55,12 +63,19 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import functools
+
 from ..core import files
+from ..core.errors import MigratorError
 from ..core.files import open_output
 from ..guest.layout import TABLE_ENTRIES_PER_PAGE, Geometry
 from ..core.model import PAGE_SIZE
 from ..source.estimator import switchover_fixed_ms
 from ..source.estimator import MIN_FIT_PAGES
+from ..source.policy import PolicySettings
+from ..trace.file import read_trace
+from ..trace.model import Trace
+from ..trace.predict import simulate
 from . import classic_model as model
 from .grid import Cell, Grid
 
@@ -75,6 +90,8 @@ COLUMNS = (
     "dest_cpu_s",
     "model_rounds", "model_converged", "model_final_pages", "model_downtime_ms", "model_sent_over_size",
     "pattern_model_rounds", "pattern_model_final_pages", "pattern_model_sent_over_size",
+    "trace", "replay_at_s", "predict_bandwidth", "predict_rounds", "predict_converged", "predict_final_pages",
+    "predict_sent_over_size",
 )
 
 
@@ -89,6 +106,7 @@ class CellResult:
     cpu_s: float
     dest_cpu_s: float | None
     guest_rate_during: float | None   # writes/s from the migration's start to the freeze
+    replay_at_s: float | None = None  # a replay: seconds into its loop when the migration started
 
 
 def fixed_downtime_ms(size: int) -> float:
@@ -136,10 +154,42 @@ def predictions(result: CellResult, grid: Grid, inputs: ModelInputs) -> dict[str
         max_rounds=grid.max_rounds, first_round_s=inputs.first_round_s,
     )
     args = (inputs.volume, inputs.dirty_rate, inputs.bandwidth)
-    return {
-        "classic": model.predict(*args, dirtied=lambda writes: min(writes, cap), **common),
-        "pattern": model.predict(*args, dirtied=guest_dirtied(cell), **common),
-    }
+    both = {"classic": model.predict(*args, dirtied=lambda writes: min(writes, cap), **common)}
+    if cell.trace is None:   # a replay's own model is the trace's (``trace_prediction``)
+        both["pattern"] = model.predict(*args, dirtied=guest_dirtied(cell), **common)
+    return both
+
+
+@functools.lru_cache(maxsize=16)
+def _trace(path: str) -> Trace | None:
+    """A replay cell's trace, read once (None if it is gone or unreadable: no prediction)."""
+    try:
+        return read_trace(path)
+    except MigratorError:
+        return None
+
+
+def trace_prediction(result: CellResult, grid: Grid, inputs: ModelInputs | None) -> tuple[float, model.Prediction] | None:
+    """(bandwidth in pages/s, the trace-driven prediction) for a replay cell: ``migrator predict``'s
+    simulation of the same trace at the cell's cap (or the measured link without one), the
+    guest's region as round 0, starting where the replay was, ended by the engine's own rules
+    for the grid's downtime target and round limit. None for other cells, or without a
+    bandwidth or the trace."""
+    cell = result.cell
+    trace = _trace(cell.trace) if cell.trace is not None else None
+    if trace is None:
+        return None
+    if cell.bandwidth is not None:
+        bandwidth = cell.bandwidth / PAGE_SIZE
+    elif inputs is not None:
+        bandwidth = inputs.bandwidth
+    else:
+        return None
+    fixed_ms = fixed_downtime_ms(cell.size)
+    stop_at = model.stop_pages(grid.downtime_ms / 1e3, bandwidth, fixed_ms / 1e3)
+    policy = PolicySettings(downtime_ms=grid.downtime_ms, force_switchover=not cell.auto_converge)
+    return bandwidth, simulate(trace, bandwidth, stop_at=stop_at, max_rounds=grid.max_rounds, volume=cell.pages,
+                               start=result.replay_at_s or 0.0, policy=policy, fixed_ms=fixed_ms)
 
 
 def guest_dirtied(cell: Cell):
@@ -189,11 +239,21 @@ def row(result: CellResult, grid: Grid) -> dict:
         "cpu_s_per_round": result.cpu_s / (len(rounds) + (final is not None) or 1),
         "dest_cpu_s": result.dest_cpu_s,
     }
-    out.update(dict.fromkeys(c for c in COLUMNS if c.startswith(("model_", "pattern_model_"))))
+    out.update(dict.fromkeys(c for c in COLUMNS if c.startswith(("model_", "pattern_model_", "predict_"))))
+    out.update(trace=cell.trace, replay_at_s=result.replay_at_s)
+    predicted = trace_prediction(result, grid, inputs)
+    if predicted is not None:
+        bandwidth, prediction = predicted
+        out.update(predict_bandwidth=round(bandwidth * PAGE_SIZE), predict_rounds=prediction.rounds,
+                   predict_converged=prediction.converged, predict_final_pages=round(prediction.final_pages, 1),
+                   predict_sent_over_size=prediction.total_pages / cell.pages)
     if inputs is not None:
         fixed_s = fixed_downtime_ms(cell.size) / 1e3
         both = predictions(result, grid, inputs)
-        for prefix, prediction in (("model_", both["classic"]), ("pattern_model_", both["pattern"])):
+        for prefix, name in (("model_", "classic"), ("pattern_model_", "pattern")):
+            prediction = both.get(name)
+            if prediction is None:
+                continue
             values = {
                 "rounds": prediction.rounds,
                 "converged": prediction.converged,
@@ -214,12 +274,17 @@ def cell_record(result: CellResult, grid: Grid) -> dict:
             name: {"pages": list(p.pages), "final_pages": p.final_pages, "converged": p.converged}
             for name, p in predictions(result, grid, inputs).items()
         } | {"inputs": asdict(inputs)}
+    predicted = trace_prediction(result, grid, inputs)
+    if predicted is not None:
+        record["predict"] = {"bandwidth": predicted[0] * PAGE_SIZE, "pages": list(predicted[1].pages),
+                             "final_pages": predicted[1].final_pages, "converged": predicted[1].converged}
     return record
 
 
 def cell_from_row(r: dict) -> Cell:
     return Cell(size=int(r["size_mib"] * (1 << 20)), dirty_pct=r["dirty_pct"], bandwidth=r["bandwidth_cap"],
-                pattern=r["pattern"], tracker=r["tracker"], auto_converge=r["auto_converge"], sweep=r["sweep"])
+                pattern=r["pattern"], tracker=r["tracker"], auto_converge=r["auto_converge"], sweep=r["sweep"],
+                trace=r.get("trace"))
 
 
 def recompute(document: dict, grid: Grid) -> None:
@@ -228,7 +293,7 @@ def recompute(document: dict, grid: Grid) -> None:
     for i, record in enumerate(document["cells"]):
         r = record["row"]
         result = CellResult(cell_from_row(r), r["repeat"], record["report"], r["guest_rate"], r["cpu_s"],
-                            r["dest_cpu_s"], r.get("guest_rate_during"))
+                            r["dest_cpu_s"], r.get("guest_rate_during"), r.get("replay_at_s"))
         document["cells"][i] = cell_record(result, grid)
 
 

@@ -129,7 +129,7 @@ async def run_cell(cell: Cell, repeat: int, grid: Grid, receiver: Receiver, sock
     try:
         guest = await trio.to_thread.run_sync(
             lambda: spawn_guest(control, size=cell.size, dirty_rate=cell.dirty_rate, pattern=cell.pattern,
-                                fill=grid.fill, seed=1 + repeat, extra_args=["--exit-with-parent"])
+                                fill=grid.fill, seed=1 + repeat, replay=cell.trace, extra_args=["--exit-with-parent"])
         )
     except GuestError as exc:
         return CellResult(cell, repeat, _failed_report(exc), 0.0, 0.0, None, None)
@@ -150,7 +150,8 @@ async def run_cell(cell: Cell, repeat: int, grid: Grid, receiver: Receiver, sock
         await trio.to_thread.run_sync(guest.stop)
         resumed = await trio.to_thread.run_sync(receiver.quit_guests)
     return CellResult(cell, repeat, report, before.get("write_rate", 0.0), cpu, dest_cpu,
-                      _rate_during(before.get("steps"), resumed, report))
+                      _rate_during(before.get("steps"), resumed, report),
+                      (before.get("replay") or {}).get("at_s"))
 
 
 def _rate_during(steps_before: int | None, resumed: list[int], report: dict) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..core.files import write_file
@@ -59,6 +60,27 @@ def sweep_table(rows: list[dict]) -> str:
     return _table(headers, lines)
 
 
+def replay_table(rows: list[dict]) -> str:
+    """One line per replay cell: measured against ``migrator predict``'s simulation of its trace."""
+    lines = []
+    for r in rows:
+        name = os.path.basename(r["trace"] or "?")
+        if r["result"] != "committed":
+            lines.append([name, _cap(r["bandwidth_cap"]), r["tracker"], f"failed: {r['error']}", "-", "-", "-", "-", "-"])
+            continue
+        predicted = r["predict_rounds"] is not None
+        lines.append([
+            name, _cap(r["bandwidth_cap"]), r["tracker"] + (" +AC" if r["auto_converge"] else ""),
+            f"{r['rounds']} ({_fmt(r['predict_rounds'])}{'' if r['predict_converged'] or not predicted else '*'})",
+            f"{r['pages_sent']} ({_fmt(r['predict_sent_over_size'] * r['pages'] if predicted else None, '.0f')})",
+            f"{r['final_pages']} ({_fmt(r['predict_final_pages'], '.0f')})",
+            r["rule"], f"{r['downtime_ms']:.1f}", f"{r['total_s']:.2f}",
+        ])
+    headers = ["trace", "cap", "tracker", "rounds (predicted)", "pages sent (predicted)",
+               "final pages (predicted)", "rule", "downtime ms", "total s"]
+    return _table(headers, lines)
+
+
 def slowdown_markdown(table: list[dict]) -> str:
     lines = [[t["tracker"], t["windows"], f"{t['steps_per_s']:,.0f}",
               f"{t['steps_per_s_min']:,.0f}-{t['steps_per_s_max']:,.0f}",
@@ -96,7 +118,15 @@ def summary_markdown(document: dict) -> str:
         "switch-over after the round limit.",
     ]
     for sweep in dict.fromkeys(r["sweep"] for r in rows):
-        parts += ["", f"## Sweep: {sweep}", "", sweep_table([r for r in rows if r["sweep"] == sweep])]
+        chosen = [r for r in rows if r["sweep"] == sweep]
+        if sweep == "replay":
+            parts += ["", "## Sweep: replay", "",
+                      "Guests replaying traces (`guest --replay`); in parentheses what `migrator predict`'s "
+                      "simulation of the same trace says at the cap (the measured link when uncapped), from "
+                      "where the replay was when the migration started (* = it does not converge within "
+                      "the round limit).", "", replay_table(chosen)]
+        else:
+            parts += ["", f"## Sweep: {sweep}", "", sweep_table(chosen)]
     slowdown = (document.get("slowdown") or {}).get("table")
     if slowdown:
         s = document["slowdown"]["settings"]

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..core import digest, units
 from ..core.model import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .replay import ReplayPlan
 
 PATTERNS = ("uniform", "hot", "sequential")
 FILLS = ("random", "text", "sparse")
@@ -39,19 +43,31 @@ class Geometry:
     table_pages: int
     data_pages: int
 
+    schedule_pages: int = 0   # a replay's schedule, between the table and the data pages
+
     @classmethod
-    def for_size(cls, size: int) -> Geometry:
-        """Page 0 holds the control block, then the fewest table pages that index the rest."""
+    def for_size(cls, size: int, schedule_pages: int = 0) -> Geometry:
+        """Page 0 holds the control block, then the fewest table pages that index the data pages
+        (what is left after the table and ``schedule_pages``)."""
         pages = size // PAGE_SIZE
-        if size % PAGE_SIZE or pages < MIN_REGION_PAGES:
-            raise ValueError(f"region of {size} bytes: need a multiple of {PAGE_SIZE}, at least {MIN_REGION_PAGES} pages")
-        # table + data = pages - 1, table * 512 >= data
-        table = math.ceil((pages - 1) / (TABLE_ENTRIES_PER_PAGE + 1))
-        return cls(region_pages=pages, table_pages=table, data_pages=pages - 1 - table)
+        if size % PAGE_SIZE or pages < MIN_REGION_PAGES + schedule_pages:
+            raise ValueError(f"region of {size} bytes: need a multiple of {PAGE_SIZE}, "
+                             f"at least {MIN_REGION_PAGES + schedule_pages} pages")
+        # table + data = pages - 1 - schedule, table * 512 >= data
+        table = math.ceil((pages - 1 - schedule_pages) / (TABLE_ENTRIES_PER_PAGE + 1))
+        return cls(region_pages=pages, table_pages=table, data_pages=pages - 1 - table - schedule_pages,
+                   schedule_pages=schedule_pages)
+
+    @classmethod
+    def for_data(cls, data_pages: int, schedule_pages: int = 0) -> Geometry:
+        """The smallest region with at least ``data_pages`` data pages after ``schedule_pages``."""
+        table = math.ceil(data_pages / TABLE_ENTRIES_PER_PAGE)
+        pages = max(1 + table + schedule_pages + data_pages, MIN_REGION_PAGES + schedule_pages)
+        return cls.for_size(pages * PAGE_SIZE, schedule_pages)
 
     @property
     def first_data_page(self) -> int:
-        return 1 + self.table_pages
+        return 1 + self.table_pages + self.schedule_pages
 
     @property
     def size(self) -> int:
@@ -111,6 +127,7 @@ class Settings:
     fill: str = "random"
     seed: int = 1
     dirty_rate: float | None = None  # page writes per second; None = unlimited
+    replay: ReplayPlan | None = None  # replay a trace instead of the pattern (and the rate)
 
     def __post_init__(self) -> None:
         if self.fill not in FILLS:

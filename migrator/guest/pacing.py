@@ -37,29 +37,45 @@ class BatchSizer:
         self.size = max(1, min(MAX_BATCH, int(self.target / self._per_step)))
 
 
-class Pacer:
-    """How many steps are due at ``now`` to hold ``rate`` steps per second since ``start``."""
+class Steady:
+    """A schedule of ``rate`` steps per second (``Pacer``'s other schedule is a replay's
+    ``replay.ReplayTimeline``): how many steps are due at a time, and when a step is."""
 
-    def __init__(self, rate: float, start: float, max_debt: float = MAX_DEBT_SECONDS) -> None:
-        if rate <= 0:
+    def __init__(self, rate: float) -> None:
+        if not rate > 0:
             raise ValueError(f"rate {rate}: must be positive")
         self.rate = rate
+
+    def steps_at(self, position: float) -> float:
+        return position * self.rate
+
+    def seconds_at(self, steps: int) -> float:
+        return steps / self.rate
+
+
+class Pacer:
+    """How many steps are due at ``now`` to follow ``schedule`` (a rate in steps per second, or
+    an object with ``steps_at(seconds)`` and ``seconds_at(steps)``) since ``start``, when
+    ``done`` steps were already done then (a resumed replay carries on where its steps are)."""
+
+    def __init__(self, schedule, start: float, max_debt: float = MAX_DEBT_SECONDS, done: int = 0) -> None:
+        self.schedule = Steady(schedule) if isinstance(schedule, (int, float)) else schedule
         self.max_debt = max_debt
-        self._origin = start
-        self._done = 0
+        self._done = done
+        self._origin = start - self.schedule.seconds_at(done)
 
     def due(self, now: float) -> int:
-        """Steps owed now; never more than ``max_debt`` seconds' worth (the rest is forgiven)."""
-        owed = (now - self._origin) * self.rate - self._done
-        cap = self.rate * self.max_debt
-        if owed > cap:
-            self._origin = now - (self._done + cap) / self.rate
-            owed = cap
-        return int(owed) if owed >= 1 else 0
+        """Steps owed now; never more than ``max_debt`` seconds' worth from when the next step
+        was due (the rest is forgiven; a replay's pause between intervals is not debt)."""
+        behind = now - self._origin - self.schedule.seconds_at(self._done + 1)
+        if behind > self.max_debt:
+            self._origin += behind - self.max_debt
+        owed = self.schedule.steps_at(now - self._origin) - self._done
+        return int(owed + 1e-9) if owed >= 1 - 1e-9 else 0
 
     def seconds_until_due(self, now: float) -> float:
         """How long until at least one more step is due."""
-        return max(0.0, self._origin + (self._done + 1) / self.rate - now)
+        return max(0.0, self._origin + self.schedule.seconds_at(self._done + 1) - now)
 
     def record(self, steps: int) -> None:
         self._done += steps

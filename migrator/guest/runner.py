@@ -131,8 +131,8 @@ class WorkloadRunner:
                     return
                 if seen_resume != self._resumed:
                     seen_resume = self._resumed
-                    rate = self.workload.dirty_rate
-                    pacer = Pacer(rate, time.monotonic()) if rate else None
+                    schedule = self.workload.pace()
+                    pacer = Pacer(schedule, time.monotonic(), done=self.workload.steps) if schedule else None
                     stops, slept = StopClock(), 0.0
             count = sizer.size
             if pacer is not None:

@@ -96,6 +96,8 @@ class GuestServer:
             reply["populated"] = self.mapping.populated
         if valid:
             reply.update(workload.describe())
+            if workload.replaying:
+                reply["replay"] = workload.replay_position()
         return reply, []
 
     def _digest(self, owner: object):
@@ -258,6 +260,10 @@ def run_guest(config: GuestConfig) -> int:
         mode = server.runner.statistics().state
         print(f"migrator guest: pid {os.getpid()}, {region.length >> 20} MiB at {region.start:#x}, {mode}, "
               f"control {config.control}", file=sys.stderr, flush=True)
+        plan = config.settings.replay
+        if plan is not None and not config.restore:
+            print(f"migrator guest: replaying {plan.name}: {plan.steps} page writes in {len(plan.intervals)} "
+                  f"intervals over {plan.seconds:.3g} s, looping", file=sys.stderr, flush=True)
         if server.tracking.unavailable:
             print(f"migrator guest: no write-protect tracking: {server.tracking.unavailable}",
                   file=sys.stderr, flush=True)

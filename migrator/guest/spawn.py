@@ -103,21 +103,27 @@ def remove_stale_socket(path: str) -> None:
 def spawn_guest(
     control: str,
     *,
-    size: int | str,
-    dirty_rate: float | None,
+    size: int | str | None,
+    dirty_rate: float | None = None,
     pattern: str = "uniform",
     fill: str = "random",
     seed: int = 1,
     memfd: bool = False,
     restore: bool = False,
+    replay: str | os.PathLike | None = None,
     extra_args: Sequence[str] = (),
     ready_timeout: float = READY_TIMEOUT,
 ) -> GuestProcess:
-    """Start a guest (a restore guest with ``restore``: size, control and memfd only) and return
-    once its control socket answers ``stats``; GuestError with its stderr tail if it does not."""
-    argv = [sys.executable, "-m", "migrator", "guest", "--size", str(size), "--control", control]
+    """Start a guest (a restore guest with ``restore``: size, control and memfd only; a guest
+    replaying a trace file with ``replay``: no rate or pattern, and ``size`` may be None) and
+    return once its control socket answers ``stats``; GuestError with its stderr tail if not."""
+    argv = [sys.executable, "-m", "migrator", "guest", "--control", control]
+    if size is not None:
+        argv += ["--size", str(size)]
     if restore:
         argv.append("--restore")
+    elif replay is not None:
+        argv += ["--replay", os.fspath(replay), "--fill", fill, "--seed", str(seed)]
     else:
         rate = "unlimited" if dirty_rate is None else repr(float(dirty_rate))
         argv += ["--dirty-rate", rate, "--pattern", str(pattern), "--fill", fill, "--seed", str(seed)]

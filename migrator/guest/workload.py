@@ -13,8 +13,11 @@ from ..core.errors import GuestError
 from ..native.workload import ffi, lib
 from .layout import Geometry, Settings, region_digest
 from .mapping import RegionMapping
+from .pacing import Steady
+from .replay import NAME_MAX, ReplayTimeline
 
-_PATTERN_CODES = {"uniform": lib.PATTERN_UNIFORM, "hot": lib.PATTERN_HOT, "sequential": lib.PATTERN_SEQUENTIAL}
+_PATTERN_CODES = {"uniform": lib.PATTERN_UNIFORM, "hot": lib.PATTERN_HOT, "sequential": lib.PATTERN_SEQUENTIAL,
+                  "replay": lib.PATTERN_REPLAY}
 _FILL_CODES = {"random": lib.FILL_RANDOM, "text": lib.FILL_TEXT, "sparse": lib.FILL_SPARSE}
 _PATTERN_NAMES = {code: name for name, code in _PATTERN_CODES.items()}
 _FILL_NAMES = {code: name for name, code in _FILL_CODES.items()}
@@ -28,6 +31,7 @@ PROBLEMS = {
     lib.PROBLEM_CTL_CHECKSUM: "control block: settings checksum mismatch",
     lib.PROBLEM_CTL_STEPS: "control block: in-flight marker {0} does not fit step counter {1}",
     lib.PROBLEM_CTL_TAG: "control block: tag length {0} exceeds the maximum",
+    lib.PROBLEM_CTL_SCHEDULE: "control block: the replay schedule is damaged or inconsistent",
     lib.PROBLEM_TABLE_AHEAD: "version table says step {0}, but only {1} steps are done",
     lib.PROBLEM_TABLE_WRONG_STEP: "version table says step {0}, which wrote another page",
     lib.PROBLEM_HEADER_MISSING: "page header missing (a zero page: never written or not transferred)",
@@ -55,12 +59,17 @@ class Workload:
         self.mapping = mapping
         self._base = mapping.pointer
         self._ctl = ffi.cast("struct guest_control *", self._base)
+        self._timeline: ReplayTimeline | None = None
 
     @classmethod
     def create(cls, mapping: RegionMapping, settings: Settings) -> Workload:
-        """Write the control block for ``settings`` and the initial fill of every data page."""
+        """Write the control block for ``settings`` (and a replay's schedule) and the initial
+        fill of every data page."""
         workload = cls(mapping)
-        geometry = Geometry.for_size(mapping.size)
+        plan = settings.replay
+        geometry = Geometry.for_size(mapping.size, plan.schedule_pages if plan else 0)
+        if plan is not None and plan.data_pages > geometry.data_pages:
+            raise GuestError(f"a region of {mapping.size} bytes cannot replay {plan.name}")
         hot, threshold, stride = settings.pattern.hot_parameters(geometry.data_pages)
         ctl = workload._ctl
         ctl.magic = lib.GUEST_MAGIC
@@ -70,13 +79,35 @@ class Workload:
         ctl.table_pages = geometry.table_pages
         ctl.data_pages = geometry.data_pages
         ctl.seed = settings.seed
-        ctl.pattern = _PATTERN_CODES[settings.pattern.kind]
+        ctl.pattern = _PATTERN_CODES["replay" if plan else settings.pattern.kind]
         ctl.fill = _FILL_CODES[settings.fill]
         ctl.hot_pages, ctl.hot_threshold, ctl.hot_stride = hot, threshold, stride
-        ctl.dirty_rate = settings.dirty_rate or 0.0
+        ctl.dirty_rate = 0.0 if plan else settings.dirty_rate or 0.0
+        if plan is not None:
+            workload._write_schedule(geometry, plan)
         lib.guest_format(workload._base)
         return workload
 
+    def _write_schedule(self, geometry: Geometry, plan) -> None:
+        """The plan's name, intervals and runs at page 1 + table_pages (workload.h)."""
+        ctl = self._ctl
+        ctl.schedule_pages = geometry.schedule_pages
+        ctl.replay_steps = plan.steps
+        ctl.replay_runs = len(plan.runs)
+        ctl.replay_intervals = len(plan.intervals)
+        name = plan.name_bytes
+        ctl.replay_name_len = len(name)
+        ctl.replay_seconds = plan.seconds
+        at = self._base + (1 + geometry.table_pages) * lib.GUEST_PAGE_SIZE
+        ffi.memmove(at, name.ljust(NAME_MAX, b"\0"), NAME_MAX)
+        intervals = ffi.new("struct replay_interval[]", list(plan.intervals))
+        ffi.memmove(at + NAME_MAX, intervals, ffi.sizeof(intervals))
+        steps, runs = 0, []
+        for page, pages in plan.runs:
+            runs.append((steps, page, pages))
+            steps += pages
+        runs = ffi.new("struct replay_run[]", runs)
+        ffi.memmove(at + NAME_MAX + ffi.sizeof(intervals), runs, ffi.sizeof(runs))
     # --- reading the control block ------------------------------------------------------------
 
     def control_problem(self) -> str | None:
@@ -99,11 +130,52 @@ class Workload:
     def dirty_rate(self) -> float | None:
         return self._ctl.dirty_rate or None
 
+    @property
+    def replaying(self) -> bool:
+        return self._ctl.pattern == lib.PATTERN_REPLAY
+
+    def timeline(self) -> ReplayTimeline | None:
+        """A replay's timeline from its schedule (call only when ``control_problem()`` is None)."""
+        if not self.replaying:
+            return None
+        if self._timeline is None:
+            ctl = self._ctl
+            at = ffi.cast("struct replay_interval *",
+                          self._base + (1 + ctl.table_pages) * lib.GUEST_PAGE_SIZE + NAME_MAX)
+            intervals = [(i.start, i.end, i.steps_end) for i in ffi.unpack(at, ctl.replay_intervals)]
+            self._timeline = ReplayTimeline(intervals, ctl.replay_seconds)
+        return self._timeline
+
+    def pace(self):
+        """What the writer paces by: a replay's timeline, a steady rate, or None (unlimited)."""
+        timeline = self.timeline()
+        if timeline is not None:
+            return timeline
+        return Steady(self.dirty_rate) if self.dirty_rate else None
+
+    @property
+    def replay_name(self) -> str:
+        ctl = self._ctl
+        at = self._base + (1 + ctl.table_pages) * lib.GUEST_PAGE_SIZE
+        return ffi.buffer(at, min(ctl.replay_name_len, NAME_MAX))[:].decode("utf-8", "replace")
+
+    def replay_position(self) -> dict:
+        """Which trace, loop and interval the replay is at (for stats)."""
+        timeline = self.timeline()
+        steps = self.steps
+        loop, interval = timeline.position(steps)
+        return {"trace": self.replay_name, "loop": loop, "interval": interval,
+                "intervals": len(timeline.intervals), "loop_steps": timeline.steps,
+                "loop_seconds": timeline.seconds,
+                "at_s": round(timeline.seconds_at(steps % timeline.steps), 6)}   # into the loop
+
     def describe(self) -> dict:
         """Settings for stats (call only when ``control_problem()`` is None)."""
         ctl = self._ctl
         pattern = _PATTERN_NAMES[ctl.pattern]
-        if ctl.pattern == lib.PATTERN_HOT:
+        if ctl.pattern == lib.PATTERN_REPLAY:
+            pattern += f":{self.replay_name}"
+        elif ctl.pattern == lib.PATTERN_HOT:
             pattern += f":{ctl.hot_pages / ctl.data_pages:.4g}:{ctl.hot_threshold / 2**64:.4g}"
         return {
             "pattern": pattern,

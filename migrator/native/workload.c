@@ -15,6 +15,8 @@
 
 _Static_assert(sizeof(struct guest_control) <= GUEST_PAGE_SIZE, "control block fits page 0");
 _Static_assert(offsetof(struct guest_control, settings_checksum) % 8 == 0, "checksummed words");
+_Static_assert(sizeof(struct replay_interval) == 24 && sizeof(struct replay_run) == 16, "schedule packing");
+_Static_assert(REPLAY_NAME_MAX % 8 == 0, "the intervals after the name are aligned");
 
 #define GOLDEN 0x9e3779b97f4a7c15ULL
 #define TAIL_VERSION 0xffffffffffffffffULL   /* stream id of a page's tail (never a step) */
@@ -160,7 +162,46 @@ static inline void write_header(uint8_t *page, uint64_t key, uint64_t index, uin
 
 static inline uint64_t first_data_page(const struct guest_control *ctl)
 {
-    return 1 + ctl->table_pages;
+    return 1 + ctl->table_pages + ctl->schedule_pages;
+}
+
+static inline const uint8_t *schedule_of(const struct guest_control *ctl)
+{
+    return (const uint8_t *)ctl + (1 + ctl->table_pages) * GUEST_PAGE_SIZE;
+}
+
+static inline const struct replay_interval *intervals_of(const struct guest_control *ctl)
+{
+    return (const struct replay_interval *)(schedule_of(ctl) + REPLAY_NAME_MAX);
+}
+
+static inline const struct replay_run *runs_of(const struct guest_control *ctl)
+{
+    return (const struct replay_run *)(intervals_of(ctl) + ctl->replay_intervals);
+}
+
+/* Bytes of the schedule that are used (name, intervals, runs); guest_check_control has bounded
+   the counts by the schedule's pages before anything calls this. */
+static inline uint64_t schedule_bytes(const struct guest_control *ctl)
+{
+    return REPLAY_NAME_MAX + ctl->replay_intervals * sizeof(struct replay_interval)
+        + ctl->replay_runs * sizeof(struct replay_run);
+}
+
+/* The data page of loop step m: binary search for the run holding it. */
+static inline uint64_t replay_pick(const struct guest_control *ctl, uint64_t n)
+{
+    const struct replay_run *runs = runs_of(ctl);
+    uint64_t m = n % ctl->replay_steps, lo = 0, hi = ctl->replay_runs;
+    while (hi - lo > 1) {                /* invariant: runs[lo].step <= m < runs[hi].step */
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (runs[mid].step <= m)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    uint64_t j = runs[lo].page + (m - runs[lo].step);
+    return j < ctl->data_pages ? j : j % ctl->data_pages;   /* never leave the region */
 }
 
 /* The data page (0-based) written by step n (0-based). */
@@ -169,6 +210,8 @@ static inline uint64_t pick(const struct guest_control *ctl, uint64_t n)
     uint64_t pages = ctl->data_pages;
     if (ctl->pattern == PATTERN_SEQUENTIAL)
         return n % pages;
+    if (ctl->pattern == PATTERN_REPLAY)
+        return replay_pick(ctl, n);
     uint64_t r = mix64(ctl->prng_key + (n + 1) * GOLDEN);
     if (ctl->pattern == PATTERN_UNIFORM)
         return below(r, pages);
@@ -179,6 +222,16 @@ static inline uint64_t pick(const struct guest_control *ctl, uint64_t n)
     else
         rank = hot + below(r2, pages - hot);
     return (uint64_t)(((unsigned __int128)rank * ctl->hot_stride) % pages);
+}
+
+static uint64_t bytes_checksum(const uint8_t *p, uint64_t len)
+{
+    uint64_t h = len, w;
+    for (uint64_t off = 0; off + 8 <= len; off += 8) {
+        memcpy(&w, p + off, 8);
+        h = mix64(h ^ w);
+    }
+    return h;
 }
 
 static uint64_t settings_checksum(const struct guest_control *ctl)
@@ -202,6 +255,8 @@ void guest_format(uint8_t *region)
 {
     struct guest_control *ctl = (struct guest_control *)region;
     ctl->prng_key = mix64(ctl->seed ^ 0x6d696772617465ULL);
+    ctl->schedule_checksum =
+        ctl->pattern == PATTERN_REPLAY ? bytes_checksum(schedule_of(ctl), schedule_bytes(ctl)) : 0;
     ctl->settings_checksum = settings_checksum(ctl);
     ctl->steps = 0;
     ctl->in_flight = 0;
@@ -240,6 +295,42 @@ uint64_t guest_run(uint8_t *region, uint64_t count)
     return n;
 }
 
+/* Is a replay's schedule whole (its checksum) and consistent: runs back to back over the loop's
+   steps and inside the data pages, intervals in time order ending at the loop's steps? */
+static int schedule_valid(const struct guest_control *ctl)
+{
+    uint64_t room = ctl->schedule_pages * GUEST_PAGE_SIZE;
+    if (ctl->replay_runs == 0 || ctl->replay_intervals == 0 || ctl->replay_steps == 0
+        || ctl->replay_name_len > REPLAY_NAME_MAX
+        || !(ctl->replay_seconds > 0 && ctl->replay_seconds <= 1e9)
+        || room < REPLAY_NAME_MAX || ctl->replay_intervals > room / sizeof(struct replay_interval)
+        || ctl->replay_runs > room / sizeof(struct replay_run) || schedule_bytes(ctl) > room)
+        return 0;
+    if (bytes_checksum(schedule_of(ctl), schedule_bytes(ctl)) != ctl->schedule_checksum)
+        return 0;
+    const struct replay_run *runs = runs_of(ctl);
+    uint64_t step = 0;
+    for (uint64_t k = 0; k < ctl->replay_runs; k++) {
+        if (runs[k].step != step || runs[k].pages == 0
+            || (uint64_t)runs[k].page + runs[k].pages > ctl->data_pages)
+            return 0;
+        step += runs[k].pages;
+    }
+    if (step != ctl->replay_steps)
+        return 0;
+    const struct replay_interval *iv = intervals_of(ctl);
+    double time = 0;
+    uint64_t steps = 0;
+    for (uint64_t k = 0; k < ctl->replay_intervals; k++) {
+        if (!(iv[k].start >= time && iv[k].end > iv[k].start && iv[k].end <= ctl->replay_seconds)
+            || iv[k].steps_end < steps || iv[k].steps_end > ctl->replay_steps)
+            return 0;
+        time = iv[k].end;
+        steps = iv[k].steps_end;
+    }
+    return steps == ctl->replay_steps;
+}
+
 int guest_check_control(const uint8_t *region, uint64_t region_bytes, uint64_t detail[2])
 {
     const struct guest_control *ctl = (const struct guest_control *)region;
@@ -253,19 +344,24 @@ int guest_check_control(const uint8_t *region, uint64_t region_bytes, uint64_t d
         return PROBLEM_CTL_VERSION;
     }
     if (ctl->page_size != GUEST_PAGE_SIZE || ctl->region_pages != pages || ctl->data_pages == 0
-        || ctl->table_pages > pages || 1 + ctl->table_pages + ctl->data_pages != pages
+        || ctl->table_pages > pages || ctl->schedule_pages > pages
+        || 1 + ctl->table_pages + ctl->schedule_pages + ctl->data_pages != pages
         || ctl->table_pages * (GUEST_PAGE_SIZE / 8) < ctl->data_pages) {
         detail[0] = ctl->region_pages;
         detail[1] = pages;
         return PROBLEM_CTL_GEOMETRY;
     }
-    if (ctl->pattern > PATTERN_SEQUENTIAL || ctl->fill > FILL_SPARSE
+    if (ctl->pattern > PATTERN_REPLAY || ctl->fill > FILL_SPARSE
         || !(ctl->dirty_rate >= 0 && ctl->dirty_rate <= 1e12)     /* also refuses NaN and inf */
         || (ctl->pattern == PATTERN_HOT
             && (ctl->hot_pages == 0 || ctl->hot_pages >= ctl->data_pages || ctl->hot_stride == 0)))
         return PROBLEM_CTL_SETTINGS;
     if (ctl->settings_checksum != settings_checksum(ctl))
         return PROBLEM_CTL_CHECKSUM;
+    if (ctl->pattern == PATTERN_REPLAY ? !schedule_valid(ctl)
+        : (ctl->schedule_pages | ctl->replay_steps | ctl->replay_runs | ctl->replay_intervals
+           | ctl->replay_name_len | ctl->schedule_checksum) != 0 || ctl->replay_seconds != 0)
+        return PROBLEM_CTL_SCHEDULE;
     if (ctl->in_flight != ctl->steps && ctl->in_flight != ctl->steps + 1) {
         detail[0] = ctl->in_flight;
         detail[1] = ctl->steps;

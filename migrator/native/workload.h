@@ -9,11 +9,13 @@
 
        page 0                  struct guest_control: settings, step counter, in-flight marker, tag
        pages 1 .. table_pages  version table: u64 per data page, the (1-based) step that last wrote it
+       schedule_pages more     PATTERN_REPLAY only: the replay schedule (trace name, intervals,
+                               runs; see struct replay_run), none for the other patterns
        the rest                data pages: a GUEST_HEADER_BYTES header (magic, region page index,
                                step, checksum), a chunk rewritten by every write, and a tail from
                                the initial fill */
 
-#define GUEST_LAYOUT_VERSION 1
+#define GUEST_LAYOUT_VERSION 2
 #define GUEST_PAGE_SIZE 4096
 #define GUEST_HEADER_BYTES 32
 #define GUEST_TAG_MAX 200
@@ -24,6 +26,9 @@
 #define PATTERN_UNIFORM 0
 #define PATTERN_HOT 1
 #define PATTERN_SEQUENTIAL 2
+#define PATTERN_REPLAY 3
+
+#define REPLAY_NAME_MAX 128
 
 #define FILL_RANDOM 0
 #define FILL_TEXT 1
@@ -38,6 +43,7 @@
 #define PROBLEM_CTL_CHECKSUM 5
 #define PROBLEM_CTL_STEPS 6
 #define PROBLEM_CTL_TAG 7
+#define PROBLEM_CTL_SCHEDULE 8
 #define PROBLEM_TABLE_AHEAD 10
 #define PROBLEM_TABLE_WRONG_STEP 11
 #define PROBLEM_HEADER_MISSING 12
@@ -62,6 +68,13 @@ struct guest_control {
     uint64_t hot_threshold;     /* PATTERN_HOT: a write is hot when rand < threshold (share * 2^64) */
     uint64_t hot_stride;        /* PATTERN_HOT: data page of rank r is (r * stride) % data_pages */
     double dirty_rate;          /* page writes per second; 0 = unlimited */
+    uint64_t schedule_pages;    /* PATTERN_REPLAY: pages between the table and the data pages */
+    uint64_t replay_steps;      /* PATTERN_REPLAY: steps in one loop of the trace */
+    uint64_t replay_runs;
+    uint64_t replay_intervals;
+    uint64_t replay_name_len;
+    double replay_seconds;      /* PATTERN_REPLAY: one loop's length */
+    uint64_t schedule_checksum; /* PATTERN_REPLAY: over the schedule's bytes */
     uint64_t settings_checksum; /* over every field above */
     uint64_t steps;             /* steps done: the commit point of a step */
     uint64_t in_flight;         /* steps + 1 while step `steps` is being written */
@@ -69,8 +82,23 @@ struct guest_control {
     uint8_t tag[GUEST_TAG_MAX]; /* opaque tag (set-tag) */
 };
 
-/* The caller fills magic .. dirty_rate; this derives prng_key and the checksum, zeroes the
-   counters and writes the initial fill of every data page. */
+/* The replay schedule, at page 1 + table_pages: REPLAY_NAME_MAX bytes of the trace's name, then
+   replay_intervals intervals, then replay_runs runs. Step n of a replay writes the page of loop
+   step m = n % replay_steps: the run whose [step, step + pages) holds m, page + (m - step). */
+struct replay_interval {
+    double start;               /* seconds into the loop */
+    double end;
+    uint64_t steps_end;         /* loop steps done by the interval's end */
+};
+
+struct replay_run {
+    uint64_t step;              /* loop steps before this run */
+    uint32_t page;              /* first data page (0-based) */
+    uint32_t pages;
+};
+
+/* The caller fills magic .. replay_seconds (and a replay's schedule); this derives prng_key and
+   the checksums, zeroes the counters and writes the initial fill of every data page. */
 void guest_format(uint8_t *region);
 /* Do count steps; returns the step counter after them. */
 uint64_t guest_run(uint8_t *region, uint64_t count);

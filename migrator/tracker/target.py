@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from ..core.errors import TrackerError, TrackerUnavailable
 from ..core.model import Run
+from ..core.runs import union
 from . import _sys
 from .features import pagemap_scan_missing, wp_async_missing
 from .handover import MODE_FEATURES
@@ -206,9 +207,10 @@ class TargetTracker:
             changed = self.refresh()
         except FileNotFoundError:
             raise ProcessLookupError(errno.ESRCH, f"process {self.pid} exited") from None
-        written, self._pending = self._pending, {}
+        pending, self._pending = self._pending, {}
+        written: dict[TrackedMapping, list[Run]] = {}
         for mapping in self.mappings:
-            runs = written.setdefault(mapping, [])
+            runs = written[mapping] = []
             try:
                 self._scan(mapping, flags=TRACK_FLAGS, category_mask=PAGE_IS_WRITTEN,
                            return_mask=PAGE_IS_WRITTEN, runs=runs)
@@ -216,6 +218,9 @@ class TargetTracker:
                 if exc.errno != errno.EPERM:
                     raise
                 self._needs_refresh = True   # replaced by an unregistered mapping meanwhile
+            if mapping in pending:   # written before it was registered, and maybe again since
+                written[mapping] = union(pending.pop(mapping), runs, self.page_size)
+        written.update(pending)      # registered, written, and gone again before this scan
         now = time.monotonic()
         interval = Interval(t=now - self.started, seconds=now - self._last,
                             written={m: r for m, r in written.items() if r}, layout_changed=changed)

@@ -42,6 +42,7 @@ async def _restore_and_check(image_dir: str, control_dir: str) -> dict:
     await trio.to_thread.run_sync(_assert_running, report["guest_control"])
     with GuestClient(report["guest_control"]) as client:
         assert client.check(deep=True)["clean"]
+        report["guest_stats"] = client.stats()
         client.quit()
     return report
 
@@ -193,3 +194,19 @@ async def test_an_image_written_with_a_token_needs_it(sockdir, tmp_path):
         await verify_chain(str(tmp_path / "m"))
     with pytest.raises(ImageError, match="different token"):
         await verify_chain(str(tmp_path / "m"), token=b"x" * 32)
+
+
+async def test_a_replaying_guest_checkpoints_and_its_restore_replays_on(sockdir, tmp_path):
+    from harness.traces import sweep_trace
+    from migrator.trace.file import write_trace
+
+    trace = tmp_path / "sweep.trace"
+    write_trace(trace, sweep_trace(pages=(1024, 512), hot=64, sweep=128, intervals=6, seconds=0.05))
+    with spawn_guest(os.path.join(sockdir, "g.sock"), size=None, replay=trace) as guest:
+        await trio.sleep(0.2)
+        with trio.fail_after(60):
+            await take_checkpoint(guest.control, str(tmp_path / "c1"), RUNNING)
+        await trio.to_thread.run_sync(_assert_running, guest.control)
+    stats = (await _restore_and_check(str(tmp_path / "c1"), sockdir))["guest_stats"]
+    assert stats["pattern"] == "replay:sweep.trace" and stats["replay"]["trace"] == "sweep.trace"
+

@@ -32,7 +32,6 @@ def test_defaults_and_values():
         (["--size", "1M", "--pattern", "hot:2:0.5"], "need 0 < FRACTION < 1"),
         (["--size", "1M", "--seed", "-1"], "'-1': expected an integer"),
         (["--size", "1M", "--fill", "zeros"], "invalid choice: 'zeros'"),
-        ([], "--size"),
     ],
 )
 def test_bad_arguments_are_named(argv, message, capsys):
@@ -45,3 +44,8 @@ def test_bad_arguments_are_named(argv, message, capsys):
 def test_restore_refuses_workload_settings():
     with pytest.raises(GuestError, match="--seed cannot be used with --restore"):
         cli.run(parse("--size", "1M", "--restore", "--seed", "3"))
+
+
+def test_size_is_required_without_a_trace_to_size_by():
+    with pytest.raises(GuestError, match="--size is required"):
+        cli.run(parse())

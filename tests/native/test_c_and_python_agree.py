@@ -56,7 +56,7 @@ def guest():
 @pytest.mark.parametrize(
     ("field", "value", "problem"),
     [
-        ("layout_version", 9, "layout version 9, this guest reads version 1"),
+        ("layout_version", 9, "layout version 9, this guest reads version 2"),
         ("region_pages", 99, "describes 99 pages, but the region has 16"),
         ("in_flight", 45, "in-flight marker 45 does not fit step counter 40"),
         ("steps", 38, "in-flight marker 40 does not fit step counter 38"),

@@ -64,8 +64,15 @@ def test_windows_loop_and_count_partial_intervals_pro_rata():
     assert timeline.written(1.5, 2.5) == pytest.approx(10)     # half of 1, then half of 0 after the loop
     assert timeline.written(0, 2) == 20 and timeline.written(3, 10) == 20
     hot = Timeline(trace_of(range(10), range(10)))
-    assert hot.written(0.5, 1.5) == pytest.approx(10)           # no interval in full: half of each, 5 + 5
+    # no interval in full: each page written in the window's half of interval 0 or of interval
+    # 1, each with probability 1/2 independently: 10 * (1 - 1/4)
+    assert hot.written(0.5, 1.5) == pytest.approx(7.5)
     assert hot.written(0, 1.5) == pytest.approx(10)             # interval 0 full; interval 1 adds nothing new
+    overlapping = Timeline(trace_of(range(10), range(5, 15), range(20, 30)))
+    # a quarter of interval 0 (pages 0-9), all of 1 (5-14), half of 2 (20-29): 10 + 5/4 + 5
+    assert overlapping.written(0.75, 2.5) == pytest.approx(10 + 1.25 + 5)
+    # wrapping round the loop: 0.4 of interval 2 and 0.6 of interval 0, disjoint: 4 + 6
+    assert overlapping.written(2.6, 3.6) == pytest.approx(10)
 
 
 def test_disjoint_writes_agree_with_the_classic_model():
@@ -103,3 +110,31 @@ def test_the_cli_prints_both_models(tmp_path):
     classic_row = next(line for line in lines if line.startswith("classic"))
     assert trace_row.split()[1] == "5" and trace_row.endswith("needed") and "not" not in trace_row
     assert classic_row.split()[1] == "5"
+
+
+def test_with_the_engines_policy_its_rules_end_the_rounds():
+    from migrator.source.policy import PolicySettings
+
+    forced = PolicySettings(downtime_ms=1.0, force_switchover=True)
+    # the hot set: 300 pages a round and flat; the engine's no-progress rule (less than 10 %
+    # smaller over 3 rounds, checked from round 4 on) forces the switch-over after 5 rounds
+    hot = simulate(HOT, 100.0, stop_at=0, max_rounds=30, policy=forced)
+    assert hot.pages == pytest.approx((1000, 300, 300, 300, 300)) and not hot.converged
+    # disjoint halves: 1000, 500, 250, 125, 62.5; the round of 62 pages is at most min-pages
+    # (64), so the engine switches over with what that round's 0.3125 s wrote: 31.25 pages
+    halves = simulate(DISJOINT, 200.0, stop_at=0, max_rounds=30, policy=forced)
+    assert halves.pages == pytest.approx((1000, 500, 250, 125, 62.5))
+    assert halves.final_pages == pytest.approx(31.25) and halves.converged
+    # a downtime the pages left after round 1 fit (250 pages at 200 pages/s + 10 ms = 1260 ms)
+    roomy = simulate(DISJOINT, 200.0, stop_at=0, max_rounds=30, fixed_ms=10.0,
+                     policy=PolicySettings(downtime_ms=1500.0, force_switchover=True))
+    assert roomy.pages == pytest.approx((1000, 500)) and roomy.final_pages == pytest.approx(250)
+    # without force_switchover the engine would throttle: the prediction ends unconverged there
+    throttled = simulate(HOT, 100.0, stop_at=0, max_rounds=30, policy=PolicySettings(downtime_ms=1.0))
+    assert throttled.pages == pytest.approx((1000, 300, 300, 300, 300)) and not throttled.converged
+
+
+def test_a_measured_round_zero_replaces_its_pages_over_the_bandwidth():
+    # round 0 took 2 s (not 1000 / 1000 = 1 s): intervals 0 and 1 = 200 pages; 200 in 0.2 s -> 20
+    slow = simulate(DISJOINT, 1000.0, stop_at=64, max_rounds=30, first_round_s=2.0)
+    assert slow.pages == pytest.approx((1000, 200)) and slow.final_pages == pytest.approx(20)

@@ -1,6 +1,6 @@
 """``migrator track --pid``: a process that knows nothing of migrator, tracked by injection.
 
-The target is ``attach_target.c``; the tests choose exactly which pages it writes, from which
+The target is ``scripts/harness/attach_target.c``; the tests choose exactly which pages it writes, from which
 thread, in which mapping, and check that exactly those are reported; that the target keeps
 running and keeps nothing of migrator (no fd, no tracer, no registration) however tracking ends.
 """
@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from attach_helpers import Target, build, migrator_cli, pages_in, wait_for
+from harness.attach import Target, build, migrator_cli, pages_in, wait_for
 from tracker_helpers import need
 
 from migrator.core.errors import TrackerError, TrackerUnavailable
@@ -74,6 +74,20 @@ def test_exact_sets_across_intervals_threads_and_new_mappings(target):
         interval = tracker.collect()
         assert written(interval, region, 64) == {0}
         assert not any(m.start <= fresh < m.end for m in tracker.mappings)
+
+
+def test_a_new_mapping_written_before_and_after_it_is_registered_is_one_sorted_set(target):
+    """Pages a new mapping got before its registration and the ones written after it, before the
+    next scan, are one set of sorted, non-overlapping runs (what a trace file must hold)."""
+    with attach(target.pid) as tracker:
+        fresh = target.map(8)
+        target.write(fresh, 4, 3)
+        tracker.refresh()                  # registered now: pages 4-6 are pending
+        target.write(fresh, 0, 5)          # 0-4 since, overlapping page 4
+        interval = tracker.collect()
+        runs = next(r for m, r in interval.written.items() if m.start <= fresh < m.end)
+        assert runs == [(fresh, 7)]
+        assert not any(m.start <= fresh < m.end for m in tracker.collect().written)
 
 
 def test_registration_is_write_protect_only_and_ends_with_the_tracker(target):

@@ -1,4 +1,7 @@
-"""The C target of the attach tests (``attach_target.c``), built with the machine's ``cc``."""
+"""The C target of the attach tests and benchmarks (``attach_target.c`` beside this file), built
+with the machine's ``cc``; used by tests/tracker/test_attach.py and scripts/bench_attach.py.
+
+Without a compiler, ``build`` skips the calling test (a benchmark reports the skip and exits)."""
 
 from __future__ import annotations
 
