@@ -489,9 +489,10 @@ int64_t guest_check_pages(const uint8_t *region, uint64_t region_bytes, int deep
             return *problem = PROBLEM_OUTSIDE, (int64_t)start;
         }
         for (uint64_t r = start; r < end; r++) {
-            /* A table page vouches for the data pages whose versions it holds. */
+            /* A table page vouches for the data pages whose versions it holds; the control
+               block and the replay schedule were checked with the control block. */
             uint64_t lo = r - c.first, hi = lo + 1;
-            if (r == 0)
+            if (r == 0 || (r > c.ctl->table_pages && r < c.first))
                 continue;
             if (r < c.first) {
                 lo = (r - 1) * entries_per_page;
