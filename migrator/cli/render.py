@@ -181,10 +181,18 @@ def _fmt(value, spec: str = "", scale: float = 1) -> str:
     return format(value * scale if scale != 1 else value, spec)
 
 
+def _downtime_parts(parts: dict) -> str:
+    """The source's parts in order, the destination's (``dest_*``, inside ``verify`` and
+    ``commit``) after them in parentheses: "freeze 0.6, ..., commit 2.4 (destination: check 0.8)"."""
+    own = ", ".join(f"{name} {ms:.1f}" for name, ms in parts.items() if not name.startswith("dest_"))
+    dest = ", ".join(f"{name[5:]} {ms:.1f}" for name, ms in parts.items() if name.startswith("dest_"))
+    return own + (f" (destination: {dest})" if dest else "")
+
+
 def format_summary(report: dict) -> str:
     """A few ``label  value`` lines: result, rule, rounds, downtime and its parts, bytes."""
     s = summarize(report)
-    parts = ", ".join(f"{name} {ms:.1f}" for name, ms in s["downtime_parts_ms"].items())
+    parts = _downtime_parts(s["downtime_parts_ms"])
     lines = [
         ("result", f"{s['result']}, {'verified' if s['verified'] else 'NOT verified'} (verify={_fmt(s['verify'])})"),
         ("rule", f"{_fmt(s['rule'])}: {_fmt(s['rule_reason'])}"),

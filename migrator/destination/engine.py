@@ -10,8 +10,10 @@ thread call, so receiving, decompressing and applying overlap.
 
 from __future__ import annotations
 
+import array
 import tempfile
 import time
+from itertools import chain
 from dataclasses import dataclass
 
 import trio
@@ -70,7 +72,7 @@ class DestinationMigration:
         self.apply_s = 0.0              # worker-thread time writing pages and hashing them
         self.failure: str | None = None
         self._inspection: _Job | None = None
-        self._final_runs: list[Run] = []     # what arrived after Freeze: the final copy
+        self._final_pages_listed = array.array("Q")  # the final copy's (first page, count) pairs, as they arrive
         self.self_check = "none"             # then what the restore guest's check covered
 
     async def run(self) -> ReceiveReport:
@@ -235,11 +237,11 @@ class DestinationMigration:
             if isinstance(event, p.Pages):
                 await queue.send((event.round, list(event.runs), event.payload))
                 if freeze_at is not None:
-                    self._final_runs.extend(event.runs)
+                    self._list_final(event.runs)
             elif isinstance(event, p.Zero):
                 await queue.send((event.round, list(event.runs), None))
                 if freeze_at is not None:
-                    self._final_runs.extend(event.runs)
+                    self._list_final(event.runs)
             elif isinstance(event, p.RoundEnd):
                 self.rounds.append(ReceivedRound(round=event.round, pages=event.pages, final=event.final))
                 if not event.final:  # the source waits until the round is applied
@@ -248,7 +250,9 @@ class DestinationMigration:
             elif isinstance(event, p.Freeze):
                 freeze_at = time.perf_counter()
             elif isinstance(event, p.Digest):
-                await self._drain(queue)
+                t = time.perf_counter()
+                await self._drain(queue)     # the final copy's pages still being applied
+                self.parts.setdefault("final_apply", (time.perf_counter() - t) * 1000)
                 await self._verify(event)
             elif isinstance(event, p.Commit):
                 t = time.perf_counter()
@@ -293,7 +297,8 @@ class DestinationMigration:
         _, check = await self._inspection.result()
         if self.failure is None and not check.get("clean"):
             self.failure = f"self-check failed at page {check.get('first_bad_page')}: {check.get('problem')}"
-        timings = {k: round(v, 3) for k, v in self.parts.items() if k in ("page_digest", "region_digest", "check")}
+        timings = {k: round(v, 3) for k, v in self.parts.items()
+                   if k in ("final_apply", "page_digest", "region_digest", "check")}
         ack = p.Ack(of=p.Acked.DIGEST, ok=self.failure is None, reason=self.failure or "", timings_ms=timings)
         await self._reply(ack)
         if self.failure:
@@ -313,15 +318,21 @@ class DestinationMigration:
         self.parts["check"] = (time.perf_counter() - t) * 1000
         return value, check
 
-    def _final_pages(self, whole: bool) -> list[tuple[int, int]] | None:
+    def _list_final(self, runs) -> None:
+        """Note a final-copy event's pages for the self-check, while the rest still arrives."""
+        if len(self._final_pages_listed) <= 2 * MAX_CHECK_RUNS:
+            self._final_pages_listed.extend(chain.from_iterable(self.src.page_indices(runs)))
+
+    def _final_pages(self, whole: bool) -> bytes | None:
         """What the self-check inside the downtime covers: the pages the final copy wrote (runs
         of region pages), or None for every page. Pages of earlier rounds are the source's by the
         page digest already; the check covers the whole region when asked to (``--verify full``,
         restoring an image), when the final copy was too scattered to list, and when the layout
         is not the guest's single region."""
-        if whole or self.settings.deep_check or len(self.dst.regions) != 1 or len(self._final_runs) > MAX_CHECK_RUNS:
+        listed = self._final_pages_listed
+        if whole or self.settings.deep_check or len(self.dst.regions) != 1 or len(listed) > 2 * MAX_CHECK_RUNS:
             return None
-        return self.src.page_indices(self._final_runs)
+        return listed.tobytes()
 
 
 class _Job:

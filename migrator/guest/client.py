@@ -21,7 +21,7 @@ from ..core.errors import GuestError
 from ..core.model import MemoryLayout, Region
 from ..tracker.handover import recv_fds
 from . import committed
-from .control import LineBuffer, encode, encode_runs, parse_reply
+from .control import LineBuffer, encode, encode_pages, parse_reply
 
 MAX_FDS = 4
 
@@ -94,12 +94,13 @@ class GuestClient:
     def digest(self) -> str:
         return self.request("digest")["digest"]
 
-    def check(self, deep: bool = True, pages: list[tuple[int, int]] | None = None) -> dict:
-        """The guest's self-check; ``deep=False`` skips page bodies. ``pages`` (runs of region
-        pages, at most ``MAX_CHECK_RUNS``) limits it to them: a downtime's final copy."""
+    def check(self, deep: bool = True, pages: bytes | None = None) -> dict:
+        """The guest's self-check; ``deep=False`` skips page bodies. ``pages`` limits it to those
+        runs of region pages (native 64-bit (first, count) pairs, at most ``MAX_CHECK_RUNS``):
+        a downtime's final copy."""
         if pages is None:
             return self.request("check", deep=deep)
-        return self.request("check", deep=deep, pages=encode_runs(pages))
+        return self.request("check", deep=deep, pages=encode_pages(pages))
 
     def pause(self, at_step: int | None = None) -> int:
         """Pause at a step boundary (or once exactly ``at_step`` steps are done); the step count."""

@@ -7,11 +7,9 @@ on the reply line. Only JSON is ever decoded: no pickle, no eval. See docs/guest
 
 from __future__ import annotations
 
-import array
 import base64
 import binascii
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..core.errors import GuestError
@@ -68,13 +66,13 @@ def parse_request(line: bytes) -> Request:
     return Request(cmd, message)
 
 
-def encode_runs(runs: Iterable[tuple[int, int]]) -> str:
-    """Page runs ``(first region page, count)`` as ``check``'s ``pages`` argument: base64 of
-    native 64-bit pairs (the control socket never leaves the host)."""
-    return base64.b64encode(array.array("Q", [n for run in runs for n in run]).tobytes()).decode("ascii")
+def encode_pages(pairs: bytes) -> str:
+    """Runs of region pages, native 64-bit (first, count) pairs, as ``check``'s ``pages``
+    argument: base64 (the control socket never leaves the host, so native order is fine)."""
+    return base64.b64encode(pairs).decode("ascii")
 
 
-def decode_runs(text: str) -> bytes:
+def decode_pages(text: str) -> bytes:
     """``check``'s ``pages`` argument back to native 64-bit (first, count) pairs; GuestError if it
     is not whole pairs of base64. Where the pages lie is the checker's to bound."""
     try:

@@ -23,7 +23,7 @@ from ..tracker.handover import send_fds
 from . import committed
 from .layout import Settings
 from .mapping import RegionMapping
-from .control import LineBuffer, Request, decode_runs, error_reply, ok_reply, parse_request
+from .control import LineBuffer, Request, decode_pages, error_reply, ok_reply, parse_request
 from .runner import RESTORING, WorkloadRunner
 from .tracking import GuestTracking
 from .workload import Workload
@@ -105,7 +105,7 @@ class GuestServer:
             return {"digest": workload.digest(), "steps": workload.steps}, []
 
     def _check(self, owner: object, deep: bool | None = None, pages: str | None = None):
-        runs = None if pages is None else decode_runs(pages)
+        runs = None if pages is None else decode_pages(pages)
         with self.runner.exclusive() as workload:
             if runs is None:
                 result = workload.check(deep=deep is not False)

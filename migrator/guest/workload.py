@@ -217,8 +217,8 @@ class Workload:
         return CheckResult(False, page, PROBLEMS[problem[0]].format(detail[0], detail[1]))
 
     def check_pages(self, runs: bytes, deep: bool = False) -> CheckResult:
-        """``check`` of the pages in ``runs`` (native 64-bit (first region page, count) pairs)
-        and of the data pages whose versions a listed table page holds."""
+        """``check`` of the control block and of the data pages in ``runs`` (native 64-bit
+        (first region page, count) pairs): what a downtime can afford, whatever the region's size."""
         problem = ffi.new("int *")
         detail = ffi.new("uint64_t[2]")
         page = lib.guest_check_pages(self._base, self.mapping.size, int(deep), ffi.from_buffer("uint64_t[]", runs),

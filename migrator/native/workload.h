@@ -111,8 +111,7 @@ int guest_check_control(const uint8_t *region, uint64_t region_bytes, uint64_t d
    deep also regenerates every page body; shallow checks the control block, version table and
    page headers only (what fits in a migration's downtime). */
 int64_t guest_check(const uint8_t *region, uint64_t region_bytes, int deep, int *problem, uint64_t detail[2]);
-/* The same for the pages of n_runs runs (pairs of first region page, count): what a migration's
-   final copy wrote, checked inside its downtime. A run over the version table checks the data
-   pages whose versions that table page holds. */
+/* The same for the data pages among n_runs runs (pairs of first region page, count) and the
+   control block: what a migration's final copy wrote, checked inside its downtime. */
 int64_t guest_check_pages(const uint8_t *region, uint64_t region_bytes, int deep, const uint64_t *runs,
                           uint64_t n_runs, int *problem, uint64_t detail[2]);

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import array
 import base64
 import json
 
 import pytest
 
 from migrator.core.errors import GuestError
-from migrator.guest.control import LineBuffer, Request, decode_runs, encode, encode_runs, error_reply, ok_reply, parse_reply, parse_request
+from migrator.guest.control import LineBuffer, Request, decode_pages, encode, encode_pages, error_reply, ok_reply, parse_reply, parse_request
 
 
 def test_parse_valid_requests():
@@ -60,15 +61,15 @@ def test_line_buffer_splits_and_bounds_lines():
 
 def test_check_pages_travel_as_base64_pairs_and_hostile_ones_are_refused():
     runs = [(0, 1), (17, 3), (2**64 - 1, 2**63)]
-    text = encode_runs(runs)
+    text = encode_pages(array.array("Q", [n for run in runs for n in run]).tobytes())
     assert parse_request(encode({"cmd": "check", "deep": False, "pages": text})) == Request(
         "check", {"deep": False, "pages": text})
-    raw = decode_runs(text)
+    raw = decode_pages(text)
     assert [tuple(memoryview(raw).cast("Q")[i : i + 2]) for i in (0, 2, 4)] == runs
-    assert decode_runs(encode_runs([])) == b""
+    assert decode_pages(encode_pages(b"")) == b""
     for bad, message in (("not base64!", "must be base64"), (base64.b64encode(bytes(15)).decode(), "whole")):
         with pytest.raises(GuestError, match=message):
-            decode_runs(bad)
+            decode_pages(bad)
 
 
 def test_a_long_line_in_pieces_is_bounded_before_its_end_arrives():
