@@ -1,6 +1,7 @@
 """Helpers: page runs, layouts, per-page digests."""
 
 import os
+import random
 
 import pytest
 import xxhash
@@ -92,6 +93,25 @@ def test_page_digests_equal_iff_same_pages_at_same_indices():
     assert c.value() != a.value()
     a.record_zero([(2, 3)])
     assert a.value() == PageDigests(8).value()
+    d = PageDigests(8)
+    d.load(b.table)                        # a parent's table: the same digest as the table's owner
+    assert d.value() == b.value() and d.table == b.table
+
+
+def test_the_running_digest_equals_the_digest_of_the_table_from_scratch():
+    """Kept up to date page by page, the digest is the one a fresh sum over the table gives."""
+    rng = random.Random(5)
+    a = PageDigests(64)
+    for _ in range(200):
+        first = rng.randrange(64)
+        count = rng.randint(1, 64 - first)
+        if rng.random() < 0.3:
+            a.record_zero([(first, count)])
+        else:
+            a.record([(first, count)], rng.randbytes(count * P))
+    fresh = PageDigests(64)
+    fresh.load(a.table)
+    assert fresh.value() == a.value()
 
 
 def test_region_digest_hashes_64_mib_pieces_on_any_number_of_threads():

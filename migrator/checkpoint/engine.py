@@ -166,7 +166,7 @@ class CheckpointMigration:
         digests = PageDigests(layout.total_pages, layout.page_size)
         if self.parent is not None:
             self._check_parent(layout)
-            digests.table = self.parent_table
+            digests.load(self.parent_table)
         stream = os.path.join(self.pending.scratch, STREAM)
         async with ImageSink.open(stream, token=s.token, compress=s.compress) as sink:
             self._sink = sink

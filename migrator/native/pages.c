@@ -36,15 +36,52 @@ static uint64_t hash_page(const uint8_t *p, uint64_t size)
     return mix(a ^ mix(b + 0x1234567) ^ mix(c + 0x89abcdef) ^ mix(d + size));
 }
 
+/* The table's digest is two sums (mod 2^64) of independent mixes of (index, entry), kept current
+   as entries change: comparing two tables at the switch-over then costs nothing that grows with
+   them. A changed, missing or misplaced page changes both sums but by chance (2^-128 odds). */
+static inline void sum_entry(uint64_t sum[2], uint64_t i, uint64_t h, int add)
+{
+    uint64_t a = mix(h ^ (i * 0x9E3779B97F4A7C15ULL)), b = mix(h + mix(i + 0x632BE59BD9B4E019ULL));
+    if (add) {
+        sum[0] += a;
+        sum[1] += b;
+    } else {
+        sum[0] -= a;
+        sum[1] -= b;
+    }
+}
+
+static inline void set_entry(uint64_t *table, uint64_t i, uint64_t h, uint64_t sum[2])
+{
+    sum_entry(sum, i, table[i], 0);
+    table[i] = h;
+    sum_entry(sum, i, h, 1);
+}
+
 void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint64_t page_size,
-                 uint64_t *table, uint64_t table_len)
+                 uint64_t *table, uint64_t table_len, uint64_t sum[2])
 {
     for (uint64_t r = 0; r < nruns; r++) {
         uint64_t first = runs[2 * r], count = runs[2 * r + 1];
         for (uint64_t i = 0; i < count; i++, buf += page_size)
             if (first + i < table_len)
-                table[first + i] = hash_page(buf, page_size);
+                set_entry(table, first + i, hash_page(buf, page_size), sum);
     }
+}
+
+void page_hashes_fill(const uint64_t *runs, uint64_t nruns, uint64_t value, uint64_t *table, uint64_t table_len,
+                      uint64_t sum[2])
+{
+    for (uint64_t r = 0; r < nruns; r++)
+        for (uint64_t i = runs[2 * r], end = runs[2 * r] + runs[2 * r + 1]; i < end && i < table_len; i++)
+            set_entry(table, i, value, sum);
+}
+
+void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2])
+{
+    sum[0] = sum[1] = 0;
+    for (uint64_t i = 0; i < table_len; i++)
+        sum_entry(sum, i, table[i], 1);
 }
 
 static int page_is_zero(const uint8_t *p, uint64_t size)

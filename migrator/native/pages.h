@@ -8,9 +8,14 @@
 #define ZERO_SCAN_BYTES 32
 
 /* runs: nruns (first table index, page count) pairs; the pages of buf follow the runs in order.
-   table[first + i] = hash of the run's i-th page, for indices below table_len. */
+   table[first + i] = hash of the run's i-th page, for indices below table_len; sum is the
+   table's digest (two words), kept current. page_hashes_fill sets the runs' entries to value
+   (zero pages); page_hashes_sum computes sum from scratch. */
 void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint64_t page_size,
-                 uint64_t *table, uint64_t table_len);
+                 uint64_t *table, uint64_t table_len, uint64_t sum[2]);
+void page_hashes_fill(const uint64_t *runs, uint64_t nruns, uint64_t value, uint64_t *table, uint64_t table_len,
+                      uint64_t sum[2]);
+void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2]);
 
 /* Zero-page bitmaps: bit i (byte i / 8, least significant bit first) is set when page i is all
    zero. find_zero_pages fills bitmap ((npages + 7) / 8 bytes) and returns the number of zero
