@@ -5,7 +5,7 @@ No trio, no sockets, no threads here: ``migrator.transport`` moves the bytes. Se
 authentication and ``_state.py`` for what may be sent when.
 """
 
-from ._frames import DEFAULT_MAX_FRAME
+from ._frames import CHECKSUM_FRAMES, DEFAULT_MAX_FRAME
 from ._payload import ZERO_PAGES, Compression, decode_payload, encode_payload
 from ._state import Role, State
 from .connection import NEED_DATA, Connection, ConnectionStats, PendingFrame, PendingPages
@@ -15,7 +15,7 @@ from .events import (
 )
 
 __all__ = [
-    "DATA_EVENTS", "DEFAULT_MAX_FRAME", "EVENT_TYPES", "NEED_DATA", "PROTOCOL_VERSION",
+    "CHECKSUM_FRAMES", "DATA_EVENTS", "DEFAULT_MAX_FRAME", "EVENT_TYPES", "NEED_DATA", "PROTOCOL_VERSION",
     "Abort", "Ack", "Acked", "Auth", "Commit", "Compression", "Connection", "ConnectionClosed", "ConnectionStats",
     "Digest", "DigestKind", "Event", "Fence", "Freeze", "Hello", "Index", "IndexEntry", "Layout", "Pages",
     "PendingFrame", "PendingPages", "Role", "RoundEnd", "Scalar", "State", "Zero",

@@ -13,7 +13,10 @@
 
 Unauthenticated streams use xxh3-64 tags (T = 8) against corruption; after an authenticated
 handshake every frame carries HMAC-SHA256/128 tags (T = 16, flag MAC) under direction-specific
-keys. The payload tag is separate so the expensive part (hashing megabytes) can run in a worker
+keys, unless both Hellos list ``CHECKSUM_FRAMES``: each end says so only of a link that nobody
+but root can write into (loopback, a unix socket) or that TLS protects, where a MAC would guard
+against nobody and cost a third of both ends' CPU; the token is still proven in the handshake.
+Recorded streams (images at rest) always carry MACs. The payload tag is separate so the expensive part (hashing megabytes) can run in a worker
 thread while the frame tag, which covers the sequence number, is checked in order, cheaply.
 """
 
@@ -38,6 +41,8 @@ F_ZSTD = 0x01      # the payload is one zstd frame
 F_MAC = 0x02       # tags are HMACs under the session key
 F_ZEROS = 0x04     # the payload starts with a zero-page bitmap; those pages are not sent
 KNOWN_FLAGS = F_ZSTD | F_MAC | F_ZEROS
+
+CHECKSUM_FRAMES = "checksum-frames"   # Hello feature: this side's link needs no per-frame MAC
 
 DEFAULT_MAX_FRAME = 64 << 20
 HANDSHAKE_MAX_FRAME = 64 << 10   # nothing large is accepted before the peer is authenticated

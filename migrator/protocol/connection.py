@@ -46,7 +46,7 @@ from . import _handshake as hs
 from ._bounds import LayoutBounds
 from ._buffer import ReceiveBuffer
 from ._frames import (
-    CHECKSUM, DEFAULT_MAX_FRAME, F_MAC, F_ZEROS, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
+    CHECKSUM, CHECKSUM_FRAMES, DEFAULT_MAX_FRAME, F_MAC, F_ZEROS, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
     Mac, assemble, assemble_parts, frame_size, parse_header,
 )
 from ._payload import ZERO_PAGES, Compression, as_bytes_view, decode_payload, encode_payload, worth_compressing
@@ -274,6 +274,12 @@ class Connection:
 
     @property
     def authenticated(self) -> bool:
+        """The token was proven (or is being, the peer's proof next): session keys exist."""
+        return self._keys is not None
+
+    @property
+    def frame_macs(self) -> bool:
+        """Whether frames carry MACs under the session keys (not only checksums)."""
         return isinstance(self._in, Mac) or isinstance(self._out, Mac)
 
     @property
@@ -389,16 +395,22 @@ class Connection:
             th = hs.transcript(source, hello)
             hello = replace(hello, proof=hs.dest_proof(secret, th))
             self._keys = hs.session_keys(secret, th)
-            self._out = self._keys.dest_to_source
+            self._out = self._keys.dest_to_source if self._macs(source, hello) else CHECKSUM
         self._dest_hello = hello
         return hello
+
+    def _macs(self, source: Hello, dest: Hello) -> bool:
+        """Whether an authenticated session's frames carry MACs: unless both ends said their link
+        is one nobody but root can write into, or TLS (``CHECKSUM_FRAMES``). The Hellos are in
+        the handshake's transcript, so the feature cannot be added on the way. Images always do."""
+        return self.recorded or not (CHECKSUM_FRAMES in source.features and CHECKSUM_FRAMES in dest.features)
 
     def _fill_auth(self, auth: Auth) -> Auth:
         if auth.proof:
             raise LocalProtocolError("Auth: the proof is set by the Connection")
         if self._keys is None:
             return auth
-        self._out = self._keys.source_to_dest
+        self._out = self._keys.source_to_dest if self._macs(self._source_hello, self._dest_hello) else CHECKSUM
         return Auth(proof=hs.source_proof(self._secret(), hs.transcript(self._source_hello, self._dest_hello)))
 
     def _secret(self) -> bytes | None:
@@ -599,7 +611,7 @@ class Connection:
             th = hs.transcript(self._source_hello, self._dest_hello)
             if not hs.proof_matches(hs.source_proof(self._secret(), th), event.proof):
                 raise LocalProtocolError("authentication failed: the source does not know the token")
-            self._in = self._keys.source_to_dest
+            self._in = self._keys.source_to_dest if self._macs(self._source_hello, self._dest_hello) else CHECKSUM
         elif kind is Layout:
             hello = self._source_hello
             if hello is not None and hello.page_size != event.page_size:
@@ -701,7 +713,7 @@ class Connection:
             if not hs.proof_matches(hs.dest_proof(secret, th), hello.proof):
                 raise LocalProtocolError("authentication failed: the destination does not know the token")
             self._keys = hs.session_keys(secret, th)
-            self._in = self._keys.dest_to_source
+            self._in = self._keys.dest_to_source if self._macs(ours, hello) else CHECKSUM
         if self._primary is None:
             self._session_id = hello.session
 

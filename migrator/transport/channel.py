@@ -64,6 +64,11 @@ class Channel:
         return self._links[0].conn.authenticated
 
     @property
+    def frame_macs(self) -> bool:
+        """Whether this session's frames carry MACs (see ``protocol.CHECKSUM_FRAMES``)."""
+        return any(link.conn.frame_macs for link in self._links)
+
+    @property
     def session_id(self) -> bytes:
         return self._links[0].conn.session_id
 

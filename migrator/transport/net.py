@@ -14,6 +14,7 @@ per peer (``HandshakeLimits``), and a full file table pauses accepting instead o
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ import trio
 from ..core.errors import MigratorError, RemoteProtocolError, TransportError
 from ..core.failures import leaf_exceptions
 from ..core.heap import release_free_memory, use_main_arena_only
-from ..protocol import PROTOCOL_VERSION, ZERO_PAGES, Auth, Connection, Hello, Role
+from ..protocol import CHECKSUM_FRAMES, PROTOCOL_VERSION, ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._gate import Burst, HandshakeGate, HandshakeLimits, Pending, accept_connections
 from ._link import Counters, Link
@@ -37,6 +38,33 @@ from .tls import handshake as tls_handshake
 
 HANDSHAKE_TIMEOUT_S = 10.0
 FEATURES = ("zstd", "streams", ZERO_PAGES)
+
+
+def link_features(stream: trio.abc.Stream) -> tuple[str, ...]:
+    """What this end says in its Hello over ``stream``: FEATURES, and CHECKSUM_FRAMES when the
+    link needs no per-frame MAC (``needs_no_mac``)."""
+    if isinstance(stream, TLSStream):
+        return (*FEATURES, CHECKSUM_FRAMES)
+    sock = getattr(stream, "socket", None)
+    try:
+        protected = sock is not None and needs_no_mac(sock.family, sock.getsockname(), sock.getpeername())
+    except OSError:
+        protected = False
+    return (*FEATURES, CHECKSUM_FRAMES) if protected else FEATURES
+
+
+def needs_no_mac(family: int, local, peer) -> bool:
+    """A unix socket, or TCP between two loopback addresses: nobody but root can write into
+    it (and root can read the guest anyway). TLS protects a link too (``link_features``);
+    anything else, another host above all, keeps the MACs."""
+    if family == socket.AF_UNIX:
+        return True
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        return all(ipaddress.ip_address(end[0].split("%", 1)[0]).is_loopback for end in (local, peer))
+    except ValueError:
+        return False
 MAX_STREAMS = 64
 
 log = logging.getLogger("migrator.transport")
@@ -105,11 +133,11 @@ async def open_source(
     counters = Counters(len(streams))
     primary = Connection(Role.SOURCE, token=token, compress=compress)
     links = [Link(0, streams[0], primary, name, counters)]
-    await _source_handshake(links[0], Hello(streams=len(streams), features=FEATURES))
+    await _source_handshake(links[0], Hello(streams=len(streams), features=link_features(streams[0])))
     for index, stream in enumerate(streams[1:], 1):
         conn = Connection(Role.SOURCE, token=token, compress=compress, join=primary, stream=index)
         links.append(Link(index, stream, conn, f"{name} stream {index}", counters))
-        await _source_handshake(links[-1], Hello(features=FEATURES))
+        await _source_handshake(links[-1], Hello(features=link_features(stream)))
     return Channel(Role.SOURCE, links, counters, threads=len(streams), bandwidth=bandwidth)
 
 
@@ -225,7 +253,7 @@ class Acceptor:
                 except RemoteProtocolError:
                     await _refuse_version(link)
                     raise
-                reply = conn.send(Hello(features=FEATURES))
+                reply = conn.send(Hello(features=link_features(stream)))
                 if conn.stream:
                     await link.write(reply)
                     gathering = await self._join(link, admitted)

@@ -8,7 +8,7 @@ from migrator.core.errors import RemoteProtocolError
 from migrator.core.errors import LocalProtocolError
 from migrator.core.model import Region
 from migrator.protocol import (
-    PROTOCOL_VERSION, Ack, Acked, Connection, Digest, DigestKind, Hello, Layout, Pages, Role, RoundEnd, State, Zero,
+    CHECKSUM_FRAMES, PROTOCOL_VERSION, Ack, Auth, Acked, Connection, Digest, DigestKind, Hello, Layout, Pages, Role, RoundEnd, State, Zero,
 )
 from migrator.protocol._frames import F_ZSTD, HEADER, Mac
 from migrator.protocol._wire import decode_fields, encode_meta
@@ -327,3 +327,43 @@ def test_receive_data_after_eof_is_misuse():
     conn.receive_data(b"")
     with pytest.raises(LocalProtocolError, match="after end of stream"):
         conn.receive_data(b"x")
+
+
+def checksum_session(source_features, dest_features) -> ConnectionPair:
+    p = ConnectionPair(token=TOKEN)
+    p.send(S, Hello(features=source_features), expect=...)
+    p.send(D, Hello(features=dest_features), expect=...)
+    p.send(S, Auth(), expect=...)
+    p.send(S, LAYOUT)
+    return p
+
+
+def test_frames_carry_checksums_only_when_both_ends_say_their_link_needs_no_mac():
+    both = checksum_session((CHECKSUM_FRAMES,), (CHECKSUM_FRAMES,))
+    assert all(c.authenticated and not c.frame_macs for c in both.conn.values())
+    both.send(S, PAGES)                               # pages flow, under xxh3 tags
+    frame = bytearray(both.conn[S].send(PAGES))
+    frame[-3] ^= 0x01
+    refuses(both.conn[D], bytes(frame), "fails its checksum")   # corruption is still caught
+    for source, dest in (((CHECKSUM_FRAMES,), ()), ((), (CHECKSUM_FRAMES,)), ((), ())):
+        one = checksum_session(source, dest)
+        assert all(c.authenticated and c.frame_macs for c in one.conn.values())
+
+
+def test_the_feature_cannot_be_added_on_the_way():
+    """The Hellos are in the handshake's transcript: a destination Hello that gained
+    CHECKSUM_FRAMES in transit fails the source's check of the destination's proof."""
+    p = ConnectionPair(token=TOKEN)
+    p.send(S, Hello(features=(CHECKSUM_FRAMES,)), expect=...)
+    hello = p.conn[D].send(Hello(features=()))
+    meta_len = HEADER.unpack_from(hello)[5]
+    fields = msgpack.unpackb(hello[HEADER.size : HEADER.size + meta_len], raw=False)
+    assert "features" in fields
+    fields["features"] = [CHECKSUM_FRAMES]
+    refuses(p.conn[S], craft(Hello, fields, seq=0), "the destination does not know the token")
+
+
+def test_a_recorded_stream_always_carries_macs():
+    image = Connection(Role.SOURCE, token=TOKEN, recorded=True)
+    image.send(Hello(features=(CHECKSUM_FRAMES,)))
+    assert image.frame_macs

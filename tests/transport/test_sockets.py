@@ -13,6 +13,7 @@ from migrator.protocol import (
     NEED_DATA, PROTOCOL_VERSION, Ack, Acked, Connection, ConnectionClosed, Digest, DigestKind, Hello, Role, RoundEnd,
 )
 from migrator.transport import connect, parse_address, serve
+from migrator.transport.net import needs_no_mac
 
 from .helpers import LAYOUT, TOKEN, page_batch, zero_batch
 from .test_channel import Recorder, assert_barrier_order, migrate
@@ -46,6 +47,23 @@ async def test_tcp_session(streams, token):
     assert recorder.error is None
     assert_barrier_order(sent, recorder.events)
     assert channel.peer.auth is (token is not None)
+    # between loopback addresses the token is proven, and frames need only checksums
+    assert channel.authenticated is recorder.channel.authenticated is (token is not None)
+    assert not channel.frame_macs and not recorder.channel.frame_macs
+
+
+@pytest.mark.parametrize(("family", "local", "peer", "protected"), [
+    (socket.AF_UNIX, "", "", True),
+    (socket.AF_INET, ("127.0.0.1", 5000), ("127.0.0.2", 7000), True),
+    (socket.AF_INET6, ("::1", 5000, 0, 0), ("::1", 7000, 0, 0), True),
+    (socket.AF_INET, ("10.0.0.1", 5000), ("10.0.0.2", 7000), False),
+    (socket.AF_INET, ("127.0.0.1", 5000), ("10.0.0.2", 7000), False),
+    (socket.AF_INET6, ("fe80::1%eth0", 5000, 0, 2), ("fe80::2%eth0", 7000, 0, 2), False),
+    (socket.AF_INET6, ("::ffff:10.0.0.1", 5000, 0, 0), ("::1", 7000, 0, 0), False),
+    (socket.AF_PACKET, ("eth0", 0), ("eth0", 0), False),
+])
+def test_only_a_link_nobody_but_root_can_write_into_goes_without_macs(family, local, peer, protected):
+    assert needs_no_mac(family, local, peer) is protected
 
 
 async def test_unix_socket_session(sockdir):

@@ -53,7 +53,7 @@ async def test_tls_session_round_trip(certs, streams):
         async with trio.open_nursery() as nursery:
             address = await start_server(nursery, recorder, tls=certs.server(), token=TOKEN)
             channel = await connect(address, token=TOKEN, streams=streams, tls=certs.client())
-            assert channel.streams == streams and channel.authenticated
+            assert channel.streams == streams and channel.authenticated and not channel.frame_macs   # TLS guards the frames
             sent = await small_migration(channel)
             await channel.aclose()
             await recorder.done.wait()
