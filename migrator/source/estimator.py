@@ -6,10 +6,19 @@ memory, while the last pages are scattered and cost ~1.5x more per byte (shared/
 model is ``fixed_ms + pages * per_page_ms``, where the per-page cost comes from the send phases of
 the later rounds, which move scattered pages like the final copy does. Each observation gives a
 cost per page (its time over its pages, so per-round overheads are charged to the pages: a
-conservative bias). The estimate is a weighted upper quantile of the recent costs, recent rounds
+conservative bias; once the switch-over's exchange is measured, a round's share of it is taken
+off, since the fixed part holds it). The estimate is a weighted upper quantile of the recent costs, recent rounds
 weighing most, so one slow round counts fully while it is recent and ages out later. Round-0
 observations stand in, times ``ROUND0_PENALTY``, until a later round has been seen. A bandwidth
 cap sets a floor: no page moves faster than ``page_size / bandwidth``.
+
+The fixed part is learned from the run too, once a live destination has acknowledged a round:
+the freeze, the final scan (the latest scan: the same walk over the region), the switch-over's
+two exchanges with the destination (each as long as the quickest recent RoundEnd -> Ack, which
+is the destination's drain of its apply queue, the link's round trip and both ends' hops) and
+the few local calls around them. Nothing in it is a constant tuned on one machine, so a tight
+target is met wherever the data path allows. Until then (and for a checkpoint, which has no
+destination to ask) a prior stands in: ``switchover_fixed_ms``, plus what ``add_fixed`` adds.
 """
 
 from __future__ import annotations
@@ -28,21 +37,29 @@ WINDOW = 8                      # observations kept
 DECAY = 0.75                    # weight of an observation relative to the next newer one
 QUANTILE = 0.9                  # of the weighted costs: the estimate ignores at most 10 % of weight
 
-# The switch-over's fixed part, measured on the 2-vCPU test machine with a 1 GiB guest: freezing,
-# the final scan, the Digest exchange with the tail of the destination's apply queue and the
-# commit exchange.
+# The prior for the switch-over's fixed part, before a live destination acknowledged a round
+# (and for checkpoints): freezing, the final scan, the digest and commit steps, as on the 2-vCPU
+# test machine, with a share that grows with the region for the scan and the image's fsyncs.
 SWITCHOVER_FIXED_MS = 10.0
 DEST_CHECK_MS_PER_GIB = 20.0
 
+# The learned fixed part: what it adds to the measured scan and exchanges.
+FREEZE_MS = 1.0                 # stopping every guest thread (confirmed by waitpid in well under 1 ms)
+LOCAL_CALLS_MS = 1.0            # the destination's check and resume calls, the source's commit record
+SWITCHOVER_EXCHANGES = 2        # Digest -> verdict, Commit -> resumed: each a RoundEnd -> Ack's length
+
 
 def switchover_fixed_ms(region_bytes: int) -> float:
-    """The expected downtime's fixed part for a region of ``region_bytes`` (before round trips)."""
+    """The prior for the expected downtime's fixed part for a region of ``region_bytes``."""
     return SWITCHOVER_FIXED_MS + DEST_CHECK_MS_PER_GIB * region_bytes / (1 << 30)
 
 
 @dataclass(frozen=True)
 class EstimatorStatistics:
-    fixed_ms: float
+    fixed_ms: float             # the fixed part expected_ms() uses
+    fixed_source: str           # "measured" (scan and exchanges of this run) | "prior"
+    scan_ms: float | None       # the latest scan, if measured
+    exchange_ms: float | None   # the quickest recent RoundEnd -> Ack, if measured
     per_page_ms: float          # the cost expected_ms() uses (after the bandwidth floor)
     floor_per_page_ms: float    # page_size / bandwidth (0 without a cap)
     observations: int           # later-round observations in the window
@@ -66,8 +83,10 @@ class DowntimeEstimator:
         self._fixed_ms = fixed_ms
         self._default_ms = default_per_page_ms
         self.set_bandwidth(bandwidth, page_size)
-        self._costs: deque[float] = deque(maxlen=WINDOW)      # ms per page, oldest first
-        self._round0: deque[float] = deque(maxlen=WINDOW)
+        self._costs: deque[tuple[int, float]] = deque(maxlen=WINDOW)   # (pages, ms), oldest first
+        self._round0: deque[tuple[int, float]] = deque(maxlen=WINDOW)
+        self._scan_ms: float | None = None
+        self._exchanges: deque[float] = deque(maxlen=WINDOW)  # ms, oldest first
 
     def set_bandwidth(self, bandwidth: float | None, page_size: int = PAGE_SIZE) -> None:
         """The link's cap (None: uncapped) sets the floor; ``migrator set bandwidth=`` moves it.
@@ -78,10 +97,28 @@ class DowntimeEstimator:
         self._floor_ms = page_size / bandwidth * 1e3 if bandwidth else 0.0
 
     def add_fixed(self, ms: float) -> None:
-        """Add a measured cost to the fixed part (the link's round trips)."""
+        """Add a measured cost to the prior fixed part (the link's round trips)."""
         if ms < 0:
             raise MigratorError(f"a fixed cost must be >= 0 ms, got {ms}")
         self._fixed_ms += ms
+
+    def observe_scan(self, seconds: float) -> None:
+        """A scan of the guest's memory took ``seconds``; the final scan will take about as long."""
+        if seconds < 0:
+            raise ValueError(f"observe_scan needs seconds >= 0, got {seconds}")
+        self._scan_ms = seconds * 1e3
+
+    def observe_exchange(self, seconds: float) -> None:
+        """The destination acknowledged a RoundEnd ``seconds`` after it was flushed."""
+        if seconds < 0:
+            raise ValueError(f"observe_exchange needs seconds >= 0, got {seconds}")
+        self._exchanges.append(seconds * 1e3)
+
+    def _fixed(self) -> tuple[float, str]:
+        if not self._exchanges:
+            return self._fixed_ms, "prior"
+        learned = FREEZE_MS + LOCAL_CALLS_MS + (self._scan_ms or 0.0) + SWITCHOVER_EXCHANGES * min(self._exchanges)
+        return learned, "measured"
 
     def observe(self, pages: int, seconds: float, *, round0: bool = False) -> None:
         """Record that a send phase moved ``pages`` pages in ``seconds`` (round 0's: ``round0=True``)."""
@@ -89,27 +126,36 @@ class DowntimeEstimator:
             raise ValueError(f"observe needs pages >= 0 and seconds >= 0, got {pages}, {seconds}")
         if pages < MIN_FIT_PAGES:
             return
-        cost = seconds * 1e3 / pages
-        if round0:
-            self._round0.append(cost * ROUND0_PENALTY)
-        else:
-            self._costs.append(cost)
+        (self._round0 if round0 else self._costs).append((pages, seconds * 1e3))
+
+    def _per_page(self, observations, factor: float = 1.0) -> float:
+        """The weighted upper quantile of the observations' costs per page. Once the fixed part is
+        measured, a round's own RoundEnd -> Ack is its share: the rest is the pages' (else the
+        exchange would be counted twice, and small rounds would look slow per page)."""
+        exchange = min(self._exchanges) if self._exchanges else 0.0
+        costs = [max(ms - exchange, 0.0) / pages * factor for pages, ms in observations]
+        return _weighted_quantile(costs, QUANTILE)
 
     def expected_ms(self, pages: int) -> float:
         """Expected downtime if the guest froze now with ``pages`` pages left to copy."""
         if pages < 0:
             raise ValueError(f"pages must be >= 0, got {pages}")
-        return self._fixed_ms + pages * self.statistics().per_page_ms
+        stats = self.statistics()
+        return stats.fixed_ms + pages * stats.per_page_ms
 
     def statistics(self) -> EstimatorStatistics:
         if self._costs:
-            learned, source = _weighted_quantile(self._costs, QUANTILE), "rounds"
+            learned, source = self._per_page(self._costs), "rounds"
         elif self._round0:
-            learned, source = _weighted_quantile(self._round0, QUANTILE), "round-0"
+            learned, source = self._per_page(self._round0, ROUND0_PENALTY), "round-0"
         else:
             learned, source = self._default_ms, "default"
+        fixed_ms, fixed_source = self._fixed()
         return EstimatorStatistics(
-            fixed_ms=self._fixed_ms,
+            fixed_ms=fixed_ms,
+            fixed_source=fixed_source,
+            scan_ms=self._scan_ms,
+            exchange_ms=min(self._exchanges) if self._exchanges else None,
             per_page_ms=max(learned, self._floor_ms),
             floor_per_page_ms=self._floor_ms,
             observations=len(self._costs),

@@ -116,14 +116,17 @@ class Precopy:
         await self.sink.send(p.RoundEnd(round=timer.number, pages=timer.dirty_pages))
         await self.sink.flush()
         if self.sink.acknowledges:
+            flushed = time.perf_counter()
             ack = await self.sink.expect_ack(p.Acked.ROUND)
             if ack.round != timer.number:
                 raise MigrationFailed(f"destination acknowledged round {ack.round} at the end of round {timer.number}")
+            self.estimator.observe_exchange(time.perf_counter() - flushed)
         timer.send_s += time.perf_counter() - t
         duration = time.perf_counter() - timer.started
         t = time.perf_counter()
         dirty = await trio.to_thread.run_sync(self.guest.tracker.collect)
         scan_next = time.perf_counter() - t
+        self.estimator.observe_scan(scan_next)
         sent_pages = timer.dirty_pages - timer.zero_pages
         self.estimator.observe(pages=sent_pages, seconds=duration - timer.scan_s, round0=timer.number == 0)
         stats = self.sink.statistics()
