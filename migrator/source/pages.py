@@ -37,6 +37,7 @@ class RoundTimer:
     scan_s: float = 0.0
     read_s: float = 0.0
     send_s: float = 0.0
+    exchange_s: float = 0.0
     zero_pages: int = 0
     bytes_raw: int = 0
 

@@ -40,6 +40,7 @@ class RoundStats:
     bandwidth: float           # raw bytes/s this round achieved
     expected_downtime_ms: float  # if we froze now: pages left x cost per page + fixed part
     throttle: float = 0.0      # auto-converge duty cycle in force (0 = none, 0.99 = max)
+    exchange_s: float = 0.0    # RoundEnd flushed -> the destination's Ack (0: nothing acknowledges)
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,7 +120,8 @@ class Precopy:
             ack = await self.sink.expect_ack(p.Acked.ROUND)
             if ack.round != timer.number:
                 raise MigrationFailed(f"destination acknowledged round {ack.round} at the end of round {timer.number}")
-            self.estimator.observe_exchange(time.perf_counter() - flushed)
+            timer.exchange_s = time.perf_counter() - flushed
+            self.estimator.observe_exchange(timer.exchange_s)
         timer.send_s += time.perf_counter() - t
         duration = time.perf_counter() - timer.started
         t = time.perf_counter()
@@ -147,6 +148,7 @@ class Precopy:
             bandwidth=timer.bytes_raw / duration if duration > 0 else 0.0,
             expected_downtime_ms=self.estimator.expected_ms(count_pages(dirty)),
             throttle=throttle,
+            exchange_s=timer.exchange_s,
         )
         self._scan_before_s = scan_next
         self.rounds.append(round_stats)

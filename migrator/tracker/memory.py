@@ -55,10 +55,14 @@ class ProcessMemory:
         """Move ``buf`` to/from the spans (addresses[i], lengths[i]), IOV_MAX spans per call.
 
         The iovec arrays are filled from interleaved ``array('Q')`` copies, not field by field:
-        scattered rounds hold tens of thousands of one-page spans.
+        scattered rounds hold tens of thousands of one-page spans. A call moves at most
+        MAX_CALL_BYTES (the kernel stops at MAX_RW_COUNT, just under 2 GiB, as if the rest were
+        not mapped), so larger transfers are cut into spans and calls below it.
         """
         if total == 0:
             return
+        if total > MAX_CALL_BYTES:
+            addresses, lengths = _cut(addresses, lengths)
         local_base = int(ffi.cast("uintptr_t", ffi.from_buffer(buf, require_writable=not write)))
         locals_ = array("Q", accumulate(lengths[:-1], initial=local_base))
         call = _sys.process_vm_writev if write else _sys.process_vm_readv
@@ -67,8 +71,11 @@ class ProcessMemory:
         local = ffi.new("struct iovec[]", count)
         remote = ffi.new("struct iovec[]", count)
         pairs = array("Q", bytes(16 * count))
-        for first in range(0, len(addresses), IOV_MAX):
+        first = 0
+        while first < len(addresses):
             n = min(IOV_MAX, len(addresses) - first)
+            if total > MAX_CALL_BYTES:
+                n = _fitting(lengths, first, n)
             span_lengths = array("Q", lengths[first : first + n])
             pairs[0 : 2 * n : 2] = locals_[first : first + n]
             pairs[1 : 2 * n : 2] = span_lengths
@@ -81,6 +88,30 @@ class ProcessMemory:
             if done != want:
                 # A partial transfer means part of a span is not mapped in the target.
                 raise OSError(errno.EFAULT, f"{what}: moved {done} of {want} bytes (range not mapped)")
+            first += n
+
+
+MAX_CALL_BYTES = 1 << 30
+
+
+def _cut(addresses: list[int], lengths: list[int]) -> tuple[list[int], list[int]]:
+    """The same spans, none longer than MAX_CALL_BYTES."""
+    cut_addresses, cut_lengths = [], []
+    for address, length in zip(addresses, lengths):
+        for offset in range(0, length, MAX_CALL_BYTES):
+            cut_addresses.append(address + offset)
+            cut_lengths.append(min(MAX_CALL_BYTES, length - offset))
+    return cut_addresses, cut_lengths
+
+
+def _fitting(lengths: list[int], first: int, n: int) -> int:
+    """How many of the ``n`` spans from ``first`` one call moves within MAX_CALL_BYTES (at least one)."""
+    moved = 0
+    for k, length in enumerate(lengths[first : first + n]):
+        moved += length
+        if moved > MAX_CALL_BYTES:
+            return max(k, 1)
+    return n
 
 
 class MemfdMemory:

@@ -61,3 +61,21 @@ def test_memfd_memory_matches_process_memory():
     assert m[:P] == b"\x05" * P
     via_fd.close()
     os.close(fd)
+
+
+def test_transfers_past_one_call_are_cut_into_calls_the_kernel_moves_whole(monkeypatch):
+    """The kernel moves at most MAX_RW_COUNT (just under 2 GiB) per call and reports the rest as
+    not moved; reads and writes above MAX_CALL_BYTES are cut. Shown with the bound lowered to
+    a few pages, on real process_vm_readv/writev calls."""
+    from migrator.tracker import memory as module
+
+    monkeypatch.setattr(module, "MAX_CALL_BYTES", 3 * P)
+    m, base = _mapping(32)
+    memory = ProcessMemory(os.getpid())
+    runs = [(base, 10), (base + 12 * P, 1), (base + 14 * P, 2), (base + 20 * P, 7)]
+    assert memory.read_runs(runs) == b"".join(m[a - base : a - base + n * P] for a, n in runs)
+    payload = os.urandom(20 * P)
+    memory.write_runs(runs, payload)
+    assert memory.read_runs(runs) == payload
+    assert module._cut([base], [7 * P]) == ([base, base + 3 * P, base + 6 * P], [3 * P, 3 * P, P])
+    assert module._fitting([P, P, 2 * P, P], 0, 4) == 2 and module._fitting([4 * P], 0, 1) == 1

@@ -1,0 +1,95 @@
+"""The estimator and the policy replayed over recorded migrations (tests/source/histories).
+
+Each history is a real migration's report, trimmed to what the rounds decided on: its settings,
+its rounds and the pages its final copy sent. Replaying feeds the estimator what ``Precopy`` fed
+it at the end of each round, in the same order (the round's send phase, its RoundEnd -> Ack, the
+scan after it), so a replay reproduces every round's recorded expected downtime: a change to
+what the engine learns from a round shows up here. The table then says what the policy makes of
+each history: the round it switches over at, by which rule, and whether it throttled.
+
+Recorded with ``scripts/bench_migrate.py --json`` (random fill, no compression) on the 2-vCPU
+test machine; ``trim`` below made the files from its ``reports.pages``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from migrator.source.estimator import DowntimeEstimator, switchover_fixed_ms
+from migrator.source.policy import Action, PolicySettings, Rule, decide
+from migrator.source.report import RoundStats
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def load(name: str) -> dict:
+    return json.loads((HISTORIES / f"{name}.json").read_text())
+
+
+def trim(report: dict) -> dict:
+    """What a history file keeps of a migration report."""
+    return {"settings": {k: report["settings"][k] for k in ("downtime_ms", "max_rounds", "bandwidth", "size_bytes")},
+            "rounds": report["rounds"], "final_pages": report["final_pages"], "rule": report["rule"]}
+
+
+def replay(history: dict) -> list[tuple[RoundStats, object, object]]:
+    """Each recorded round with the expected downtime the estimator gives it now, the policy's
+    decision after it and the estimator's statistics then."""
+    settings = history["settings"]
+    estimator = DowntimeEstimator(bandwidth=settings["bandwidth"])
+    policy = PolicySettings(downtime_ms=settings["downtime_ms"], max_rounds=settings["max_rounds"])
+    rounds = [RoundStats(**row) for row in history["rounds"]]
+    seen, out = [], []
+    for i, stats in enumerate(rounds):
+        estimator.observe(pages=stats.dirty_pages - stats.zero_pages, seconds=stats.duration_s - stats.scan_s,
+                          round0=stats.round == 0)
+        if stats.exchange_s:
+            estimator.observe_exchange(stats.exchange_s)
+        following = rounds[i + 1] if i + 1 < len(rounds) else None
+        if following is not None:
+            estimator.observe_scan(following.scan_s)
+        left = following.dirty_pages if following is not None else history["final_pages"]
+        seen.append(replace(stats, expected_downtime_ms=estimator.expected_ms(left)))
+        out.append((seen[-1], decide(seen, policy), estimator.statistics()))
+    return out
+
+
+NAMES = sorted(path.stem for path in HISTORIES.glob("*.json"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_replay_reproduces_every_rounds_expected_downtime_and_the_rule(name):
+    history = load(name)
+    replayed = replay(history)
+    for (stats, _, _), row in zip(replayed, history["rounds"]):
+        assert stats.expected_downtime_ms == pytest.approx(row["expected_downtime_ms"], rel=1e-6, abs=1e-3), stats.round
+    last = replayed[-1][1]
+    assert last.action is Action.SWITCHOVER and str(last.rule) == history["rule"]
+
+
+# history, (the round it switches over after, rule, the most throttle on the way)
+CASES = [
+    ("1g-20k-10ms", (None, Rule.DOWNTIME_TARGET, None)),
+    ("1g-200k-50ms", (None, Rule.DOWNTIME_TARGET, 0.0)),
+    ("4g-20k-50ms", (None, Rule.DOWNTIME_TARGET, 0.0)),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), CASES, ids=[name for name, _ in CASES])
+def test_the_policy_on_recorded_histories(name, expected):
+    at, rule, throttle = expected
+    replayed = replay(load(name))
+    switch = next(i for i, (_, decision, _) in enumerate(replayed) if decision.action is Action.SWITCHOVER)
+    assert replayed[switch][1].rule is rule
+    if at is not None:
+        assert switch == at
+    if throttle is not None:
+        assert max(d.throttle for _, d, _ in replayed[: switch + 1]) == throttle
+    # the fixed part is this run's, well under the prior's 10 ms + 20 ms per GiB
+    learned = replayed[switch][2]
+    prior = switchover_fixed_ms(load(name)["settings"]["size_bytes"])
+    assert learned.fixed_source == "measured" and learned.fixed_ms < prior / 2, (learned, prior)
