@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from migrator.core.errors import MigratorError
-from migrator.source.estimator import DowntimeEstimator
+from migrator.source.estimator import DowntimeEstimator, FREEZE_MS, LOCAL_CALLS_MS, SWITCHOVER_EXCHANGES
 
 
 def test_defaults_before_any_round():
@@ -100,3 +100,27 @@ def test_measured_round_trips_add_to_the_fixed_part():
     assert est.expected_ms(0) == 18.0
     with pytest.raises(MigratorError, match="fixed cost must be >= 0"):
         est.add_fixed(-1.0)
+
+
+def test_the_fixed_part_is_learned_from_the_scan_and_the_quickest_exchange():
+    est = DowntimeEstimator(fixed_ms=30.0)
+    assert est.statistics().fixed_source == "prior" and est.expected_ms(0) == 30.0
+    est.observe_scan(0.002)
+    assert est.expected_ms(0) == 30.0                      # a scan alone: still the prior
+    est.observe_exchange(0.009)                            # round 0's Ack, behind its apply backlog
+    est.observe_exchange(0.0015)
+    est.observe_exchange(0.004)
+    stats = est.statistics()
+    assert (stats.fixed_source, stats.scan_ms, stats.exchange_ms) == ("measured", 2.0, 1.5)
+    assert stats.fixed_ms == pytest.approx(FREEZE_MS + LOCAL_CALLS_MS + 2.0 + SWITCHOVER_EXCHANGES * 1.5)
+    est.observe_scan(0.001)                                # the latest scan counts, not the slowest
+    assert est.statistics().fixed_ms == pytest.approx(FREEZE_MS + LOCAL_CALLS_MS + 1.0 + SWITCHOVER_EXCHANGES * 1.5)
+    with pytest.raises(ValueError):
+        est.observe_exchange(-1)
+
+
+def test_a_rounds_share_of_the_exchange_is_not_charged_to_its_pages():
+    est = DowntimeEstimator()
+    est.observe_exchange(0.002)
+    est.observe(1000, 0.005)                               # 3 ms of pages + its 2 ms exchange
+    assert est.statistics().per_page_ms == pytest.approx(0.003)

@@ -3,7 +3,8 @@
 Each history is a real migration's report, trimmed to what the rounds decided on: its settings,
 its rounds and the pages its final copy sent. Replaying feeds the estimator what ``Precopy`` fed
 it at the end of each round, in the same order (the round's send phase, its RoundEnd -> Ack, the
-scan after it), so a replay reproduces every round's recorded expected downtime: a change to
+scan after it), so a replay reproduces every round's recorded expected downtime (but the last
+round's, whose input a report does not hold): a change to
 what the engine learns from a round shows up here. The table then says what the policy makes of
 each history: the round it switches over at, by which rule, and whether it throttled.
 
@@ -33,7 +34,7 @@ def load(name: str) -> dict:
 def trim(report: dict) -> dict:
     """What a history file keeps of a migration report."""
     return {"settings": {k: report["settings"][k] for k in ("downtime_ms", "max_rounds", "bandwidth", "size_bytes")},
-            "rounds": report["rounds"], "final_pages": report["final_pages"], "rule": report["rule"]}
+            "rounds": report["rounds"], "rule": report["rule"]}
 
 
 def replay(history: dict) -> list[tuple[RoundStats, object, object]]:
@@ -45,15 +46,18 @@ def replay(history: dict) -> list[tuple[RoundStats, object, object]]:
     rounds = [RoundStats(**row) for row in history["rounds"]]
     seen, out = [], []
     for i, stats in enumerate(rounds):
-        estimator.observe(pages=stats.dirty_pages - stats.zero_pages, seconds=stats.duration_s - stats.scan_s,
-                          round0=stats.round == 0)
+        # a round's duration holds its own scan only in round 0 (later ones start after theirs)
+        send_s = stats.duration_s - (stats.scan_s if stats.round == 0 else 0.0)
+        estimator.observe(pages=stats.dirty_pages - stats.zero_pages, seconds=send_s, round0=stats.round == 0)
         if stats.exchange_s:
             estimator.observe_exchange(stats.exchange_s)
         following = rounds[i + 1] if i + 1 < len(rounds) else None
         if following is not None:
             estimator.observe_scan(following.scan_s)
-        left = following.dirty_pages if following is not None else history["final_pages"]
-        seen.append(replace(stats, expected_downtime_ms=estimator.expected_ms(left)))
+        # the pages left after the last round are not in a report (the final copy adds the late
+        # scan's): its expected downtime stays as recorded
+        expected = estimator.expected_ms(following.dirty_pages) if following else stats.expected_downtime_ms
+        seen.append(replace(stats, expected_downtime_ms=expected))
         out.append((seen[-1], decide(seen, policy), estimator.statistics()))
     return out
 
@@ -71,25 +75,29 @@ def test_a_replay_reproduces_every_rounds_expected_downtime_and_the_rule(name):
     assert last.action is Action.SWITCHOVER and str(last.rule) == history["rule"]
 
 
-# history, (the round it switches over after, rule, the most throttle on the way)
+# history: the round it switches over after, by which rule, the round auto-converge starts after
+# (None: never) and the most throttle on the way. At 200k pages/s the link cannot outrun the
+# guest: a flat dirty set starts auto-converge after round 7 (no-progress), not after 30 rounds.
 CASES = [
-    ("1g-20k-10ms", (None, Rule.DOWNTIME_TARGET, None)),
-    ("1g-200k-50ms", (None, Rule.DOWNTIME_TARGET, 0.0)),
-    ("4g-20k-50ms", (None, Rule.DOWNTIME_TARGET, 0.0)),
+    ("256m-20k-10ms", (6, Rule.DOWNTIME_TARGET, None, 0.0)),
+    ("1g-20k-10ms", (12, Rule.DOWNTIME_TARGET, 7, 0.3)),
+    ("1g-200k-50ms", (32, Rule.DOWNTIME_TARGET, 7, 0.7)),
+    ("4g-20k-50ms", (2, Rule.DOWNTIME_TARGET, None, 0.0)),
 ]
 
 
 @pytest.mark.parametrize(("name", "expected"), CASES, ids=[name for name, _ in CASES])
 def test_the_policy_on_recorded_histories(name, expected):
-    at, rule, throttle = expected
+    at, rule, throttled_after, throttle = expected
     replayed = replay(load(name))
-    switch = next(i for i, (_, decision, _) in enumerate(replayed) if decision.action is Action.SWITCHOVER)
-    assert replayed[switch][1].rule is rule
-    if at is not None:
-        assert switch == at
-    if throttle is not None:
-        assert max(d.throttle for _, d, _ in replayed[: switch + 1]) == throttle
-    # the fixed part is this run's, well under the prior's 10 ms + 20 ms per GiB
+    decisions = [decision for _, decision, _ in replayed]
+    switch = next(i for i, decision in enumerate(decisions) if decision.action is Action.SWITCHOVER)
+    assert (switch, decisions[switch].rule) == (at, rule)
+    assert next((i for i, d in enumerate(decisions) if d.throttle > 0), None) == throttled_after
+    if throttled_after is not None:
+        assert decisions[throttled_after].rule is Rule.NO_PROGRESS
+    assert max(d.throttle for d in decisions) == throttle
+    # the fixed part is this run's (its scan and exchanges), below the prior's 10 ms + 20 ms per GiB
     learned = replayed[switch][2]
     prior = switchover_fixed_ms(load(name)["settings"]["size_bytes"])
-    assert learned.fixed_source == "measured" and learned.fixed_ms < prior / 2, (learned, prior)
+    assert learned.fixed_source == "measured" and learned.fixed_ms < prior, (learned, prior)
