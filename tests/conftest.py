@@ -1,5 +1,9 @@
+import contextlib
 import os
+import signal
+import warnings
 import tempfile
+import time
 
 import pytest
 
@@ -16,9 +20,41 @@ def private_runtime_dir(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def sockdir():
-    """A short directory for unix sockets (sun_path is limited to 108 bytes)."""
+    """A short directory for unix sockets (sun_path is limited to 108 bytes). Guests whose control
+    socket is in it and that still run afterwards (a resumed restore guest outlives its receiver
+    by design) are killed, with a warning naming them, so they do not eat later tests' CPU."""
     with tempfile.TemporaryDirectory(prefix="mig-", dir="/tmp") as d:
         yield d
+        deadline = time.monotonic() + GUEST_EXIT_GRACE_S    # a guest told to quit exits after its reply
+        while (left := _guests_under(d)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if left:
+            warnings.warn(f"guests left running under {d}: pids {left}", stacklevel=1)
+
+
+GUEST_EXIT_GRACE_S = 3.0
+
+
+def _guests_under(directory: str) -> list[int]:
+    """Processes of ``migrator guest`` whose arguments name a path in ``directory``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue        # exited, its parent has yet to reap it
+        except OSError:
+            continue
+        if b"guest" in args and any(arg.startswith(directory.encode() + b"/") for arg in args):
+            found.append(int(entry))
+    return found
 
 
 def pytest_collection_modifyitems(config, items):
