@@ -67,7 +67,24 @@ def wait_for_socket(path: str, process: subprocess.Popen, what: str, timeout: fl
         time.sleep(0.05)
 
 
-class Redis:
+class Program:
+    """A server under its load generator: ``server`` and ``load`` are their processes."""
+
+    server: subprocess.Popen
+    load: subprocess.Popen | None
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
+    def stop(self) -> None:
+        for p in (self.load, self.server):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(10)
+
+
+class Redis(Program):
     name = "redis"
 
     def __init__(self, scratch: str) -> None:
@@ -79,10 +96,6 @@ class Redis:
         self.version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
         self.load: subprocess.Popen | None = None
 
-    @property
-    def pid(self) -> int:
-        return self.server.pid
-
     def start_load(self) -> None:
         self.load = subprocess.Popen(["redis-benchmark", "-s", self.sock, "-t", "set,get", "-n", "100000000",
                                       "-r", str(KEYS), "-d", str(VALUE), "-q"],
@@ -92,14 +105,8 @@ class Redis:
         return (f"redis-server {self.version} on a unix socket (no persistence) under "
                 f"`redis-benchmark -t set,get -d {VALUE} -r {KEYS}`")
 
-    def stop(self) -> None:
-        for p in (self.load, self.server):
-            if p is not None and p.poll() is None:
-                p.terminate()
-                p.wait(10)
 
-
-class Memcached:
+class Memcached(Program):
     name = "memcached"
 
     def __init__(self, scratch: str) -> None:
@@ -112,10 +119,6 @@ class Memcached:
         self.version = subprocess.run(["memcached", "-V"], capture_output=True, text=True).stdout.split()[-1]
         self.load: subprocess.Popen | None = None
 
-    @property
-    def pid(self) -> int:
-        return self.server.pid
-
     def start_load(self) -> None:
         self.load = subprocess.Popen([sys.executable, __file__, "--memcached-load", self.sock],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -123,12 +126,6 @@ class Memcached:
     def describe(self) -> str:
         return (f"memcached {self.version} (`-m 64`, unix socket) under pipelined sets of {VALUE}-byte values "
                 f"to random keys of {KEYS:,} and multi-gets, 1:1 (this script's `--memcached-load`)")
-
-    def stop(self) -> None:
-        for p in (self.load, self.server):
-            if p is not None and p.poll() is None:
-                p.terminate()
-                p.wait(10)
 
 
 def memcached_load(path: str, batch: int = 100) -> None:
