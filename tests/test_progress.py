@@ -13,6 +13,7 @@ import trio
 
 from migrator.cli.progress import ProgressView, format_json, format_live, format_settled
 from migrator.core.documents import Schema, convert
+from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
 from migrator.source.migration import MigrateSettings, SourceMigration
 from migrator.source.progress import PERIOD_S, Progress
@@ -95,11 +96,14 @@ async def test_the_progress_of_a_real_migration_agrees_with_its_report(sockdir):
         await trio.sleep(0.3)
         with trio.fail_after(90):
             async with trio.open_nursery() as nursery:
-                address = await _receiver(nursery, [])
+                outcomes: list[dict] = []
+                address = await _receiver(nursery, outcomes)
                 migration = SourceMigration(guest.control, address, MigrateSettings(bandwidth=16 * MiB),
                                             on_progress=seen.append)
                 report = await migration.run()
                 nursery.cancel_scope.cancel()
+    with GuestClient(outcomes[0]["guest_control"]) as client:
+        client.quit()       # the resumed copy is not under test
     settled = [p.settled for p in seen if p.settled is not None]
     assert tuple(settled) == report.rounds, "one settled snapshot per round, the report's own values"
     assert seen[-1].phase == "committed" and seen[-1].settled is None

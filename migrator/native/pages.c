@@ -1,4 +1,5 @@
-/* Per-page hashes, zero-page find/gather/scatter and the union of run lists (migrator.native.pages).
+/* Per-page hashes, zero-page find/gather/scatter, the union of run lists and copies of page runs
+   in a mapped memfd (migrator.native.pages).
 
    Why C: --verify pages hashes every page each time it moves; in Python that loop holds the GIL
    and competes with the transport's threads, here it is a memory-bound loop that releases it.
@@ -6,7 +7,8 @@
    found, gathered and scattered a page at a time in Python it held the GIL long enough that two
    streams' worker threads queued behind each other. And the union of the last round's dirty runs
    with the final scan's, which sits inside the downtime: a linear merge here, where Python's
-   sort of tuples cost milliseconds per ten thousand runs. */
+   sort of tuples cost milliseconds per ten thousand runs. And a shared guest's page runs copied
+   out of or into its mapping: a Python slice per run cost more than the copy of its page. */
 
 #include <stdint.h>
 #include <string.h>
@@ -171,4 +173,29 @@ uint64_t runs_union(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t 
         out[2 * n - 1] = (end - start) / page_size;
     }
     return n;
+}
+
+uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
+                   uint64_t page_size, uint8_t *buf, int into_map)
+{
+    uint64_t r = 0;   /* the region of the previous run: runs come sorted, mostly in one region */
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t address = runs[2 * i], length = runs[2 * i + 1] * page_size;
+        if (length / page_size != runs[2 * i + 1] || address + length < address)
+            return i;
+        if (!(r < nregions && regions[3 * r] <= address && address + length <= regions[3 * r] + regions[3 * r + 1])) {
+            for (r = 0; r < nregions; r++)
+                if (regions[3 * r] <= address && address + length <= regions[3 * r] + regions[3 * r + 1])
+                    break;
+            if (r == nregions)
+                return i;
+        }
+        uint8_t *at = map + regions[3 * r + 2] + (address - regions[3 * r]);
+        if (into_map)
+            memcpy(at, buf, length);
+        else
+            memcpy(buf, at, length);
+        buf += length;
+    }
+    return nruns;
 }

@@ -32,3 +32,10 @@ void scatter_pages(const uint8_t *kept, uint64_t npages, uint64_t page_size, con
 #define RUNS_UNSORTED 0xFFFFFFFFFFFFFFFF
 uint64_t runs_union(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t nb, uint64_t page_size,
                     uint64_t *out);
+
+/* Copies between a mapping of a guest's memfd and buf: regions are nregions (start address,
+   length, offset in the mapping) triples; runs are nruns (address, page count) pairs, whose
+   pages follow each other in buf. into_map copies buf into the mapping, else the mapping into
+   buf. Returns nruns, or the index of the first run not inside one region (copied up to it). */
+uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
+                   uint64_t page_size, uint8_t *buf, int into_map);

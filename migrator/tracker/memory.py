@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno
 from array import array
-from itertools import accumulate
+from itertools import accumulate, chain
 
 from ..core.model import Run
+from ..native.pages import ffi as pages_ffi
+from ..native.pages import lib as pages_lib
 from . import _sys
 from ._uapi import IOV_MAX, MADV_POPULATE_READ, MADV_POPULATE_WRITE, ffi
 
@@ -135,6 +137,10 @@ class MemfdMemory:
             offsets.append(offset)
             offset += r.length
         self._offsets = offsets
+        self._region_table = pages_ffi.new("uint64_t[]", [n for r, o in zip(self._regions, offsets)
+                                                          for n in (r.start, r.length, o)])
+        self._mapped = pages_ffi.from_buffer(self._map, require_writable=writable)   # released by close()
+        self._base = pages_ffi.cast("uint8_t *", self._mapped)
 
     def _offset(self, address: int) -> int:
         for region, offset in zip(self._regions, self._offsets):
@@ -143,25 +149,30 @@ class MemfdMemory:
         raise OSError(errno.EFAULT, f"memfd: address {address:#x} outside the guest's regions")
 
     def read_runs(self, runs: list[Run], out=None):
-        ps = self.page_size
-        total = sum(n for _, n in runs) * ps
+        total = sum(n for _, n in runs) * self.page_size
         if out is None:
             out = bytearray(total)
-        pos = 0
-        for address, count in runs:
-            o = self._offset(address)
-            out[pos : pos + count * ps] = self._view[o : o + count * ps]
-            pos += count * ps
+        self._copy(runs, out, total, into_map=False)
         return out
 
     def write_runs(self, runs: list[Run], data) -> None:
-        ps = self.page_size
-        data = memoryview(data)
-        pos = 0
-        for address, count in runs:
-            o = self._offset(address)
-            self._view[o : o + count * ps] = data[pos : pos + count * ps]
-            pos += count * ps
+        if not self._writable:
+            raise OSError(errno.EACCES, "memfd: this view of the guest's memory is read-only")
+        self._copy(runs, data, sum(n for _, n in runs) * self.page_size, into_map=True)
+
+    def _copy(self, runs: list[Run], buf, total: int, *, into_map: bool) -> None:
+        """One native pass over the runs (a Python slice per run cost more than its page)."""
+        if len(buf) < total:
+            raise ValueError(f"{len(buf)} bytes for {total}")
+        if not runs:
+            return
+        pairs = array("Q", chain.from_iterable(runs))
+        done = pages_lib.copy_runs(self._base, self._region_table, len(self._regions), pages_ffi.from_buffer("uint64_t[]", pairs),
+                                   len(runs), self.page_size, pages_ffi.from_buffer(buf, require_writable=not into_map),
+                                   int(into_map))
+        if done != len(runs):
+            address, count = runs[done]
+            raise OSError(errno.EFAULT, f"memfd: pages {address:#x}+{count} outside the guest's regions")
 
     def read(self, address: int, length: int) -> bytes:
         return bytes(self.view(address, length))
@@ -181,5 +192,6 @@ class MemfdMemory:
             pass
 
     def close(self) -> None:
+        pages_ffi.release(self._mapped)
         self._view.release()
         self._map.close()

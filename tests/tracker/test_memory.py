@@ -79,3 +79,33 @@ def test_transfers_past_one_call_are_cut_into_calls_the_kernel_moves_whole(monke
     assert memory.read_runs(runs) == payload
     assert module._cut([base], [7 * P]) == ([base, base + 3 * P, base + 6 * P], [3 * P, 3 * P, P])
     assert module._fitting([P, P, 2 * P, P], 0, 4) == 2 and module._fitting([4 * P], 0, 1) == 1
+
+
+def test_memfd_copies_runs_across_regions_and_refuses_pages_outside_them():
+    """Two regions laid one after the other in the memfd; runs in either are copied in one
+    native pass; a run reaching past its region, or wrapping around, copies nothing past it."""
+    fd = os.memfd_create("t")
+    os.ftruncate(fd, 12 * P)
+    m = mmap.mmap(fd, 12 * P)
+    m[:] = os.urandom(12 * P)
+    first, second = Region(0x100000, 8 * P), Region(0x900000, 4 * P)
+    memory = MemfdMemory(fd, [first, second], writable=True)
+    runs = [(first.start + P, 2), (second.start + 3 * P, 1), (first.start + 7 * P, 1)]
+    assert memory.read_runs(runs) == m[P : 3 * P] + m[11 * P : 12 * P] + m[7 * P : 8 * P]
+    payload = os.urandom(4 * P)
+    memory.write_runs(runs, payload)
+    assert memory.read_runs(runs) == payload and m[11 * P : 12 * P] == payload[2 * P : 3 * P]
+    for bad in ([(first.start + 7 * P, 2)], [(second.start - P, 1)], [(2**64 - P, 1)]):
+        with pytest.raises(OSError, match="outside the guest's regions") as info:
+            memory.read_runs(bad, bytearray(8 * P))
+        assert info.value.errno == errno.EFAULT
+    with pytest.raises(ValueError):
+        memory.read_runs(runs, bytearray(P))
+    with pytest.raises(ValueError):             # more pages than the buffer, before any copy
+        memory.read_runs([(first.start, 2**62)], bytearray(8 * P))
+    reader = MemfdMemory(fd, [first, second])
+    with pytest.raises(OSError, match="read-only"):
+        reader.write_runs(runs, payload)
+    reader.close()
+    memory.close()
+    os.close(fd)
