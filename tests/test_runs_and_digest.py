@@ -147,3 +147,21 @@ def test_region_digest_read_matches_the_digest_of_the_bytes():
         out[:] = view[offset : offset + len(out)]
 
     assert region_digest_read(len(data), read, chunk=1 << 20) == region_digest(data)
+
+
+def test_recording_by_address_is_recording_by_index_and_refuses_pages_outside():
+    layout = MemoryLayout(pid=1, page_size=P, regions=(Region(0x10000, 4 * P), Region(0x80000, 6 * P)))
+    runs = [(0x10000 + P, 2), (0x80000, 1), (0x80000 + 4 * P, 2)]
+    data = os.urandom(5 * P)
+    by_index, by_address = PageDigests(10), PageDigests(10)
+    by_index.record(layout.page_indices(runs), data)
+    by_address.record_runs(layout, runs, data)
+    assert by_address.table == by_index.table and by_address.value() == by_index.value()
+    by_index.record_zero(layout.page_indices(runs[:1]))
+    by_address.record_runs(layout, runs[:1])
+    assert by_address.table == by_index.table and by_address.value() == by_index.value()
+    for bad in ([(0x10000 + 3 * P, 2)], [(0x80000 - P, 1)], [(2**64 - P, 1)]):
+        with pytest.raises(ValueError, match="outside the layout"):
+            by_address.record_runs(layout, bad, bytes(sum(n for _, n in bad) * P))
+    with pytest.raises(ValueError, match="bytes for"):
+        by_address.record_runs(layout, runs, data[:-1])

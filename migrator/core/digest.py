@@ -16,6 +16,7 @@ region would keep one core busy while the guest is frozen; pieces let every core
 from __future__ import annotations
 
 import array
+import functools
 import os
 import struct
 import threading
@@ -25,6 +26,7 @@ from itertools import chain
 import xxhash
 
 from ..native.pages import ffi, lib
+from .model import MemoryLayout, Run
 
 
 class PageDigests:
@@ -68,9 +70,35 @@ class PageDigests:
             lib.page_hashes_fill(ffi.from_buffer("uint64_t[]", pairs), len(indices), self.zero, self._table(),
                                  len(self.table), self._sum)
 
+    def record_runs(self, layout: MemoryLayout, runs: list[Run], payload=None) -> None:
+        """``record`` by address: the pages of ``runs`` (address, count) of ``layout``, from
+        ``payload`` in order, or zero pages without one. One native pass; ValueError names a
+        run outside the layout."""
+        if not runs:
+            return
+        if payload is not None and len(payload) != sum(n for _, n in runs) * self.page_size:
+            raise ValueError(f"{len(payload)} bytes for {sum(n for _, n in runs)} pages")
+        pairs = array.array("Q", chain.from_iterable(runs))
+        done = lib.page_hashes_at(ffi.from_buffer(payload if payload is not None else b""),
+                                  ffi.from_buffer("uint64_t[]", pairs), len(runs), _region_table(layout), len(layout.regions),
+                                  self.page_size, int(payload is None), self.zero, self._table(), len(self.table), self._sum)
+        if done != len(runs):
+            address, count = runs[done]
+            raise ValueError(f"pages {address:#x}+{count} lie outside the layout")
+
     def value(self) -> bytes:
         """A digest of the whole table: equal tables, equal values (16 bytes)."""
         return struct.pack("<QQ", self._sum[0], self._sum[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _region_table(layout: MemoryLayout):
+    """(start, length, first page index) per region, as page_hashes_at reads them."""
+    flat, first = [], 0
+    for region in layout.regions:
+        flat += [region.start, region.length, first]
+        first += region.length // layout.page_size
+    return ffi.new("uint64_t[]", flat)
 
 
 REGION_PIECE = 64 << 20          # bytes per piece of a region digest

@@ -193,13 +193,14 @@ class DestinationMigration:
         started = time.perf_counter()
         for round_no, runs, payload in batch:
             dst_runs = self.src.translate(runs, self.dst)
+            # the layouts have the same shape: a page's index is the same in either
             if payload is None:  # a Zero event
                 if round_no > 0:
                     self.memory.write_runs(dst_runs, bytes(count_pages(runs) * self.dst.page_size))
-                self.digests.record_zero(self.dst.page_indices(dst_runs))
+                self.digests.record_runs(self.src, runs)
             else:
                 self.memory.write_runs(dst_runs, payload)
-                self.digests.record(self.dst.page_indices(dst_runs), payload)
+                self.digests.record_runs(self.src, runs, payload)
                 self.pages_applied += count_pages(runs)
         self.apply_s += time.perf_counter() - started
 

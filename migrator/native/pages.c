@@ -71,6 +71,41 @@ void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint6
     }
 }
 
+/* The region (of nregions (start, length, first page index) triples) holding the whole run, or nregions. */
+static uint64_t region_of(const uint64_t *regions, uint64_t nregions, uint64_t hint, uint64_t address, uint64_t length)
+{
+    if (hint < nregions && regions[3 * hint] <= address && address + length <= regions[3 * hint] + regions[3 * hint + 1])
+        return hint;
+    for (uint64_t r = 0; r < nregions; r++)
+        if (regions[3 * r] <= address && address + length <= regions[3 * r] + regions[3 * r + 1])
+            return r;
+    return nregions;
+}
+
+uint64_t page_hashes_at(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, const uint64_t *regions,
+                        uint64_t nregions, uint64_t page_size, int zero, uint64_t zero_hash, uint64_t *table,
+                        uint64_t table_len, uint64_t sum[2])
+{
+    uint64_t r = 0;
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t address = runs[2 * i], count = runs[2 * i + 1], length = count * page_size;
+        if (length / page_size != count || address + length < address)
+            return i;
+        r = region_of(regions, nregions, r, address, length);
+        if (r == nregions)
+            return i;
+        uint64_t first = regions[3 * r + 2] + (address - regions[3 * r]) / page_size;
+        if (first + count > table_len || first + count < first)
+            return i;
+        for (uint64_t k = 0; k < count; k++) {
+            set_entry(table, first + k, zero ? zero_hash : hash_page(buf, page_size), sum);
+            if (!zero)
+                buf += page_size;
+        }
+    }
+    return nruns;
+}
+
 void page_hashes_fill(const uint64_t *runs, uint64_t nruns, uint64_t value, uint64_t *table, uint64_t table_len,
                       uint64_t sum[2])
 {
@@ -183,13 +218,9 @@ uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, con
         uint64_t address = runs[2 * i], length = runs[2 * i + 1] * page_size;
         if (length / page_size != runs[2 * i + 1] || address + length < address)
             return i;
-        if (!(r < nregions && regions[3 * r] <= address && address + length <= regions[3 * r] + regions[3 * r + 1])) {
-            for (r = 0; r < nregions; r++)
-                if (regions[3 * r] <= address && address + length <= regions[3 * r] + regions[3 * r + 1])
-                    break;
-            if (r == nregions)
-                return i;
-        }
+        r = region_of(regions, nregions, r, address, length);
+        if (r == nregions)
+            return i;
         uint8_t *at = map + regions[3 * r + 2] + (address - regions[3 * r]);
         if (into_map)
             memcpy(at, buf, length);

@@ -16,6 +16,13 @@ void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint6
 void page_hashes_fill(const uint64_t *runs, uint64_t nruns, uint64_t value, uint64_t *table, uint64_t table_len,
                       uint64_t sum[2]);
 void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2]);
+/* The same by address: runs are nruns (address, page count) pairs in regions, nregions (start,
+   length, first page index) triples; with zero, every page's entry is zero_hash and buf is not
+   read. Returns nruns, or the index of the first run outside the regions or the table (the
+   entries before it are set). */
+uint64_t page_hashes_at(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, const uint64_t *regions,
+                        uint64_t nregions, uint64_t page_size, int zero, uint64_t zero_hash, uint64_t *table,
+                        uint64_t table_len, uint64_t sum[2]);
 
 /* Zero-page bitmaps: bit i (byte i / 8, least significant bit first) is set when page i is all
    zero. find_zero_pages fills bitmap ((npages + 7) / 8 bytes) and returns the number of zero
@@ -34,7 +41,7 @@ uint64_t runs_union(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t 
                     uint64_t *out);
 
 /* Copies between a mapping of a guest's memfd and buf: regions are nregions (start address,
-   length, offset in the mapping) triples; runs are nruns (address, page count) pairs, whose
+   length, offset in the mapping) triples, the runs' region found as in page_hashes_at; runs are nruns (address, page count) pairs, whose
    pages follow each other in buf. into_map copies buf into the mapping, else the mapping into
    buf. Returns nruns, or the index of the first run not inside one region (copied up to it). */
 uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,

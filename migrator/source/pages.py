@@ -59,7 +59,7 @@ class PageStream:
         t = time.perf_counter()
         data = memoryview(self._buffers.take())[: count_pages(chunk) * self.layout.page_size]
         self.memory.read_runs(chunk, data)
-        self.digests.record(self.layout.page_indices(chunk), data)
+        self.digests.record_runs(self.layout, chunk, data)
         return data, time.perf_counter() - t
 
     async def send(self, timer: RoundTimer, runs: list[Run]) -> None:
