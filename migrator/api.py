@@ -22,7 +22,7 @@ Every call is async (trio)::
   migration; ``run()``, ``watch()``, ``cancel()``, ``set_parameters(bandwidth=, downtime_ms=,
   max_rounds=)``, ``latest`` (the last Progress), ``report`` (a ``MigrationReport``).
 - ``receive(listen, settings, *, token, tls, once, on_report, on_failure, log, prepare, control,
-  limits, handshake_timeout)``: serve migrations, resuming each guest (what ``migrator receive``
+  limits, handshake_timeout, frame_macs)``: serve migrations, resuming each guest (what ``migrator receive``
   runs); ``prepare`` keeps a restore guest of that many bytes ready, ``control`` is a path for a
   control socket answering ``status``; ``task_status.started`` gives the bound address
   (``await nursery.start(receive, ...)``).
@@ -76,7 +76,7 @@ async def receive(listen: str, settings: ReceiveSettings = ReceiveSettings(), *,
                   on_failure: Callable[[MigratorError], None] = lambda error: None,
                   prepare: int | None = None, control: str | None = None,
                   limits: HandshakeLimits = HandshakeLimits(), handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
-                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+                  frame_macs: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Receive migrations on ``listen`` until cancelled (or, ``once``, after the first), each into
     a new restore guest resumed on the source's commit.
 
@@ -86,7 +86,8 @@ async def receive(listen: str, settings: ReceiveSettings = ReceiveSettings(), *,
     ``-mem-prealloc``, so a migration of that size waits for neither. ``control`` opens a control
     socket at that path answering ``status`` (migrations in progress, guests resumed);
     ``control_path("receive-NAME")`` puts it where ``migrator status`` finds it. ``limits`` and
-    ``handshake_timeout`` bound the connections still authenticating. ``task_status.started``
+    ``handshake_timeout`` bound the connections still authenticating; ``frame_macs`` keeps MACs on
+    every frame even on a link that looks protected (loopback behind a relay in clear). ``task_status.started``
     gives the bound address once it listens, the control socket (if any) answers and the
     prepared guest (if any) is starting: a migration of its size arriving then takes it. Restore
     guests are started in ``settings.control_dir`` (default: a temporary directory, removed at
@@ -114,7 +115,7 @@ async def receive(listen: str, settings: ReceiveSettings = ReceiveSettings(), *,
                         nursery.cancel_scope.cancel()
 
             address = await nursery.start(functools.partial(serve, listen, handle, token=token, tls=tls, limits=limits,
-                                                            handshake_timeout=handshake_timeout))
+                                                            handshake_timeout=handshake_timeout, frame_macs=frame_macs))
             if control is not None:
                 await nursery.start(serve_control, control, receiving.answer)
             await nursery.start(functools.partial(guests.keep_prepared, again=not once))

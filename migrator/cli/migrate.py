@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             force_switchover=args.force_switchover, keep_source=args.keep_source,
             token=options.source_token(args), round_timeout_s=args.round_timeout,
             switchover_timeout_s=args.switchover_timeout,
-            tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
+            tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None, frame_macs=args.frame_macs,
         )
         check_tls_address(parse_address(args.to), settings.tls)
         if args.control is None:

@@ -114,6 +114,9 @@ def add_token_options(parser: argparse.ArgumentParser, *, receiver: bool) -> Non
                                 "host made (for another host, copy its file)")
         group.add_argument("--insecure", action="store_true",
                            help="no authentication, for a receiver started with --insecure")
+    parser.add_argument("--frame-macs", action="store_true",
+                        help="a MAC on every frame even where the link looks protected (loopback, a unix socket, "
+                             "TLS), which then carries checksums: for a relay that forwards loopback in clear")
 
 
 def source_token(args: argparse.Namespace) -> bytes | None:

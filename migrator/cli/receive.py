@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             bound = await nursery.start(functools.partial(
                 api.receive, args.listen, settings, token=token, tls=tls, once=args.once, on_report=on_report,
                 log=_log, on_failure=failures.append, prepare=args.prepare, control=control, limits=limits,
-                handshake_timeout=args.handshake_timeout))
+                handshake_timeout=args.handshake_timeout, frame_macs=args.frame_macs))
             if token_line is not None:
                 _log(token_line)
             _log(f"control socket {control}, listening on {bound}")   # the address last: scripts read it there

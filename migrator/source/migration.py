@@ -64,6 +64,7 @@ class MigrateSettings:
     round_timeout_s: float = 300.0
     switchover_timeout_s: float | None = None  # None: derived from the target (switchover_deadline_s)
     tls: ssl.SSLContext | None = None   # a client context (transport.client_context): TLS links
+    frame_macs: bool = False            # MACs on every frame, even on a link that looks protected
 
     def __post_init__(self) -> None:
         if self.verify not in ("pages", "full"):
@@ -238,7 +239,7 @@ class SourceMigration:
     async def _migrate(self, guest: AttachedGuest) -> None:
         s, layout = self.settings, guest.layout
         async with PeerSink.open(self.address, token=s.token, compress=s.compress, streams=s.streams,
-                                 bandwidth=s.bandwidth, tls=s.tls) as sink:
+                                 bandwidth=s.bandwidth, tls=s.tls, frame_macs=s.frame_macs) as sink:
             self._sink = sink
             digests = PageDigests(layout.total_pages, layout.page_size)
             estimator = DowntimeEstimator(fixed_ms=switchover_fixed_ms(layout.total_bytes),

@@ -61,12 +61,13 @@ class PeerSink(Sink):
     @classmethod
     @asynccontextmanager
     async def open(cls, address: str, *, token: bytes | None, compress: str, streams: int,
-                   bandwidth: float | None, tls: ssl.SSLContext | None) -> AsyncIterator[PeerSink]:
+                   bandwidth: float | None, tls: ssl.SSLContext | None,
+                   frame_macs: bool = False) -> AsyncIterator[PeerSink]:
         """Connect; while the block runs a task reads the peer. Leaving on a failure before the
         commit tells the peer to discard its copy."""
         with deadline(HANDSHAKE_TIMEOUT_S, f"connecting to {address} (handshake)"):
             channel = await connect(address, token=token, compress=compress, streams=streams,
-                                    bandwidth=bandwidth, tls=tls)
+                                    bandwidth=bandwidth, tls=tls, frame_macs=frame_macs)
         sink = cls(channel)
         try:
             async with trio.open_nursery() as nursery:

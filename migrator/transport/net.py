@@ -40,9 +40,12 @@ HANDSHAKE_TIMEOUT_S = 10.0
 FEATURES = ("zstd", "streams", ZERO_PAGES)
 
 
-def link_features(stream: trio.abc.Stream) -> tuple[str, ...]:
+def link_features(stream: trio.abc.Stream, *, frame_macs: bool = False) -> tuple[str, ...]:
     """What this end says in its Hello over ``stream``: FEATURES, and CHECKSUM_FRAMES when the
-    link needs no per-frame MAC (``needs_no_mac``)."""
+    link needs no per-frame MAC (``needs_no_mac``) and ``frame_macs`` does not insist on them
+    (a relay that carries a loopback connection over a network in clear looks like loopback)."""
+    if frame_macs:
+        return FEATURES
     if isinstance(stream, TLSStream):
         return (*FEATURES, CHECKSUM_FRAMES)
     sock = getattr(stream, "socket", None)
@@ -84,12 +87,14 @@ async def connect(
     bandwidth: float | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
     tls: ssl.SSLContext | None = None,
+    frame_macs: bool = False,
 ) -> Channel:
     """Open a session to ``address`` ("HOST:PORT", "tcp:HOST:PORT", "unix:/path") as the source.
 
     ``streams`` connections (and as many compression threads); ``bandwidth`` caps wire bytes/s;
     ``tls`` (a client context) encrypts every connection, the server's certificate checked
-    against the address's host.
+    against the address's host; ``frame_macs`` keeps MACs on every frame however protected the
+    link looks (``link_features``).
     """
     target = parse_address(address)
     if type(streams) is not int or not 1 <= streams <= MAX_STREAMS:
@@ -103,7 +108,8 @@ async def connect(
                 if tls is not None:
                     opened[-1] = TLSStream(opened[-1], tls, server_hostname=target.host)
                     await tls_handshake(opened[-1], str(target))
-            return await open_source(opened, token=token, compress=compress, bandwidth=bandwidth, name=str(target))
+            return await open_source(opened, token=token, compress=compress, bandwidth=bandwidth, name=str(target),
+                                     frame_macs=frame_macs)
     except trio.TooSlowError:
         raise TransportError(f"{target}: no handshake within {handshake_timeout:g} s") from None
     except BaseException:
@@ -128,16 +134,17 @@ async def open_source(
     compress: str = "zstd:1",
     bandwidth: float | None = None,
     name: str = "peer",
+    frame_macs: bool = False,
 ) -> Channel:
     """Run the source's handshake over already-open ``streams`` (the first is the primary)."""
     counters = Counters(len(streams))
     primary = Connection(Role.SOURCE, token=token, compress=compress)
     links = [Link(0, streams[0], primary, name, counters)]
-    await _source_handshake(links[0], Hello(streams=len(streams), features=link_features(streams[0])))
+    await _source_handshake(links[0], Hello(streams=len(streams), features=link_features(streams[0], frame_macs=frame_macs)))
     for index, stream in enumerate(streams[1:], 1):
         conn = Connection(Role.SOURCE, token=token, compress=compress, join=primary, stream=index)
         links.append(Link(index, stream, conn, f"{name} stream {index}", counters))
-        await _source_handshake(links[-1], Hello(features=link_features(stream)))
+        await _source_handshake(links[-1], Hello(features=link_features(stream, frame_macs=frame_macs)))
     return Channel(Role.SOURCE, links, counters, threads=len(streams), bandwidth=bandwidth)
 
 
@@ -205,9 +212,11 @@ class Acceptor:
 
     def __init__(
         self, *, token: bytes | None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S, tls: ssl.SSLContext | None = None,
+        frame_macs: bool = False,
     ) -> None:
         Connection(Role.DEST, token=token)   # validate the token once, here
         self._token = token
+        self._frame_macs = frame_macs
         self._timeout = handshake_timeout
         self._tls = tls
         self._sessions: dict[bytes, _Gathering] = {}
@@ -253,7 +262,7 @@ class Acceptor:
                 except RemoteProtocolError:
                     await _refuse_version(link)
                     raise
-                reply = conn.send(Hello(features=link_features(stream)))
+                reply = conn.send(Hello(features=link_features(stream, frame_macs=self._frame_macs)))
                 if conn.stream:
                     await link.write(reply)
                     gathering = await self._join(link, admitted)
@@ -327,6 +336,7 @@ async def serve(
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
     tls: ssl.SSLContext | None = None,
     limits: HandshakeLimits = HandshakeLimits(),
+    frame_macs: bool = False,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept sessions on ``address`` and run ``handler(channel)`` for each (role DEST).
@@ -335,7 +345,8 @@ async def serve(
     ``task_status``. Refuses a non-loopback address without a token: anyone who can reach it
     could inject pages (TLS does not change that: it does not say who the source is). ``tls``
     (a server context) makes every connection TLS; plain-text peers then fail their handshake.
-    ``limits`` caps the connections still in their handshake (see ``_gate``). A server runs for
+    ``limits`` caps the connections still in their handshake (see ``_gate``); ``frame_macs`` as
+    ``connect``'s. A server runs for
     long: its threads allocate from the one malloc arena that can be trimmed after each session
     (``core.heap``).
     """
@@ -347,7 +358,7 @@ async def serve(
             f"refusing to listen on {target} without a token: anyone who can reach it could send pages; "
             "use a token (receive without --insecure), or listen on 127.0.0.1, ::1 or a unix socket"
         )
-    acceptor = Acceptor(token=token, handshake_timeout=handshake_timeout, tls=tls)
+    acceptor = Acceptor(token=token, handshake_timeout=handshake_timeout, tls=tls, frame_macs=frame_macs)
     gate = HandshakeGate(limits)
     listeners, bound = await _listen(target)
 

@@ -52,6 +52,24 @@ async def test_tcp_session(streams, token):
     assert not channel.frame_macs and not recorder.channel.frame_macs
 
 
+@pytest.mark.parametrize("side", ["source", "destination"])
+async def test_either_end_can_insist_on_macs_over_loopback(side):
+    """A relay in clear behind two loopback ends looks like loopback to both: ``frame_macs`` on
+    one end keeps the MACs for the whole session."""
+    recorder = Recorder()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(functools.partial(serve, "127.0.0.1:0", recorder, token=TOKEN,
+                                                            frame_macs=side == "destination"))
+            channel = await connect(f"tcp:{address}", token=TOKEN, frame_macs=side == "source")
+            sent = await migrate(channel, batches=4)
+            await channel.aclose()
+            await recorder.done.wait()
+            nursery.cancel_scope.cancel()
+    assert_barrier_order(sent, recorder.events)
+    assert channel.frame_macs and recorder.channel.frame_macs
+
+
 @pytest.mark.parametrize(("family", "local", "peer", "protected"), [
     (socket.AF_UNIX, "", "", True),
     (socket.AF_INET, ("127.0.0.1", 5000), ("127.0.0.2", 7000), True),
