@@ -89,6 +89,7 @@ async def test_a_receiver_with_a_control_socket_and_a_prepared_guest_through_the
                 nursery.cancel_scope.cancel()
     assert idle["migrations"] == [] and idle["resumed"] == []
     assert report.result == "committed" and report.verified and not failures
+    assert report.settings.frame_macs is False, "loopback with a token: proven in the handshake, checksummed frames"
     [dest] = reports
     assert dest.result == "resumed" and dest.id == report.id and dest.restore_guest == "prepared"
     [applying] = during[0]["migrations"]

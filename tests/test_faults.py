@@ -239,6 +239,7 @@ async def test_slow_jittery_link_converges_and_verifies(bed, sockdir):
         assert status == 0, migrate.stderr.lines
         report = s.source_report()
         assert report["verified"] and report["result"] == "committed"
+        assert report["settings"]["frame_macs"] is True, "between hosts, without TLS, every frame carries a MAC"
         await s.receiver.wait(15)
         dest = s.dest_report()
         assert dest["result"] == "resumed"

@@ -34,7 +34,7 @@ REPORT = {
     "kind": "migration",
     "settings": {"downtime_ms": 50, "max_rounds": 30, "tracker": "wp-async", "compress": "zstd:1",
                  "streams": 1, "bandwidth": None, "verify": "pages", "tls": False,
-                 "size_bytes": 512 * MiB, "pages": 131072},
+                 "size_bytes": 512 * MiB, "pages": 131072, "frame_macs": False},
     "rounds": [
         ROUND,
         dict(ROUND, round=1, dirty_pages=24000, zero_pages=0, bytes_raw=24000 * 4096, bytes_wire=30720000,

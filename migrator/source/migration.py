@@ -274,4 +274,5 @@ class SourceMigration:
             result="committed" if error is None else "failed", committed=self.committed,
             tls=self.settings.tls is not None, id=self.id, peer=self.address, started_at=self.started_at,
             control=self.control_path,
+            frame_macs=self._sink.channel.frame_macs if self._sink is not None else None,
         )

@@ -57,6 +57,7 @@ class ReportSettings:
     tls: bool
     size_bytes: int | None      # None: the run failed before the guest's layout was known
     pages: int | None
+    frame_macs: bool | None = None   # the session's frames carried MACs (False: checksums); None: no session
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +109,7 @@ class MigrationReport:
 def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: tuple[str, str],
               error: str | None, total_s: float, result: str, committed: bool, kind: str = "migration",
               tls: bool = False, id: str, peer: str | None, started_at: str,
-              control: str | None = None) -> MigrationReport:
+              control: str | None = None, frame_macs: bool | None = None) -> MigrationReport:
     """The report from what a run's phases measured (``precopy``, ``switchover``, ``layout``: None
     for a phase the run never reached); ``settings`` is the run's ``MigrateSettings``."""
     s = settings
@@ -121,6 +122,7 @@ def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: t
             downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, tracker=s.tracker, compress=s.compress,
             streams=s.streams, bandwidth=s.bandwidth, verify=s.verify, tls=tls,
             size_bytes=layout.total_bytes if layout else None, pages=layout.total_pages if layout else None,
+            frame_macs=frame_macs,
         ),
         rounds=rounds,
         result=result,
