@@ -78,22 +78,30 @@ def test_layout_page_indices_and_translate_across_regions():
         src.page_indices([(0x50000, 1)])
 
 
+FLAT = MemoryLayout(pid=0, page_size=P, regions=(Region(0, 64 * P),))
+
+
+def at(first: int, count: int) -> list[tuple[int, int]]:
+    """The run of ``count`` pages from page ``first`` of FLAT."""
+    return [(first * P, count)]
+
+
 def test_page_digests_equal_iff_same_pages_at_same_indices():
-    a, b = PageDigests(8), PageDigests(8)
+    a, b = PageDigests(64), PageDigests(64)
     data = os.urandom(3 * P)
-    a.record([(2, 3)], data)
-    b.record([(2, 1), (3, 2)], data)
+    a.record_runs(FLAT, at(2, 3), data)
+    b.record_runs(FLAT, at(2, 1) + at(3, 2), data)
     assert a.value() == b.value()
-    b.record([(4, 1)], bytes(P))          # a changed page differs
+    b.record_runs(FLAT, at(4, 1), bytes(P))          # a changed page differs
     assert a.value() != b.value()
-    b.record([(4, 1)], data[2 * P :])     # re-sending the page restores equality
+    b.record_runs(FLAT, at(4, 1), data[2 * P :])     # re-sending the page restores equality
     assert a.value() == b.value()
-    c = PageDigests(8)
-    c.record([(3, 3)], data)               # same bytes, shifted by one page: differs
+    c = PageDigests(64)
+    c.record_runs(FLAT, at(3, 3), data)               # same bytes, shifted by one page: differs
     assert c.value() != a.value()
-    a.record_zero([(2, 3)])
-    assert a.value() == PageDigests(8).value()
-    d = PageDigests(8)
+    a.record_runs(FLAT, at(2, 3))
+    assert a.value() == PageDigests(64).value()
+    d = PageDigests(64)
     d.load(b.table)                        # a parent's table: the same digest as the table's owner
     assert d.value() == b.value() and d.table == b.table
 
@@ -106,9 +114,9 @@ def test_the_running_digest_equals_the_digest_of_the_table_from_scratch():
         first = rng.randrange(64)
         count = rng.randint(1, 64 - first)
         if rng.random() < 0.3:
-            a.record_zero([(first, count)])
+            a.record_runs(FLAT, at(first, count))
         else:
-            a.record([(first, count)], rng.randbytes(count * P))
+            a.record_runs(FLAT, at(first, count), rng.randbytes(count * P))
     fresh = PageDigests(64)
     fresh.load(a.table)
     assert fresh.value() == a.value()
@@ -149,19 +157,20 @@ def test_region_digest_read_matches_the_digest_of_the_bytes():
     assert region_digest_read(len(data), read, chunk=1 << 20) == region_digest(data)
 
 
-def test_recording_by_address_is_recording_by_index_and_refuses_pages_outside():
+def test_pages_are_indexed_across_regions_and_pages_outside_are_refused():
+    """Page i of the second region is table entry 4 + i: the same as the flat layout's page 4 + i."""
     layout = MemoryLayout(pid=1, page_size=P, regions=(Region(0x10000, 4 * P), Region(0x80000, 6 * P)))
     runs = [(0x10000 + P, 2), (0x80000, 1), (0x80000 + 4 * P, 2)]
     data = os.urandom(5 * P)
-    by_index, by_address = PageDigests(10), PageDigests(10)
-    by_index.record(layout.page_indices(runs), data)
-    by_address.record_runs(layout, runs, data)
-    assert by_address.table == by_index.table and by_address.value() == by_index.value()
-    by_index.record_zero(layout.page_indices(runs[:1]))
-    by_address.record_runs(layout, runs[:1])
-    assert by_address.table == by_index.table and by_address.value() == by_index.value()
+    flat, regions = PageDigests(10), PageDigests(10)
+    flat.record_runs(FLAT, at(1, 2) + at(4, 1) + at(8, 2), data)
+    regions.record_runs(layout, runs, data)
+    assert regions.table == flat.table and regions.value() == flat.value()
+    flat.record_runs(FLAT, at(1, 2))
+    regions.record_runs(layout, runs[:1])
+    assert regions.table == flat.table and regions.value() == flat.value()
     for bad in ([(0x10000 + 3 * P, 2)], [(0x80000 - P, 1)], [(2**64 - P, 1)]):
         with pytest.raises(ValueError, match="outside the layout"):
-            by_address.record_runs(layout, bad, bytes(sum(n for _, n in bad) * P))
+            regions.record_runs(layout, bad, bytes(sum(n for _, n in bad) * P))
     with pytest.raises(ValueError, match="bytes for"):
-        by_address.record_runs(layout, runs, data[:-1])
+        regions.record_runs(layout, runs, data[:-1])

@@ -56,10 +56,10 @@ async def verify_chain(image_dir: str, *, token: bytes | None = None) -> dict:
                 frames += 1
                 kind = type(event)
                 if kind is p.Pages:
-                    digests.record(layout.page_indices(list(event.runs)), event.payload)
+                    digests.record_runs(layout, list(event.runs), event.payload)
                     pages += event.pages
                 elif kind is p.Zero:
-                    digests.record_zero(layout.page_indices(list(event.runs)))
+                    digests.record_runs(layout, list(event.runs))
                 elif kind is p.Digest and event.kind is p.DigestKind.PAGES:
                     digest = event.value.hex()
                 elif kind is p.Layout and (tuple(event.regions) != image.regions or event.meta.get("id") != image.id):

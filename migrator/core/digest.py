@@ -54,25 +54,9 @@ class PageDigests:
     def _table(self):
         return ffi.from_buffer("uint64_t[]", self.table)
 
-    def record(self, indices: list[tuple[int, int]], payload) -> None:
-        """Hash the pages of ``payload``; ``indices`` are (first page index, count) in order."""
-        pages = sum(n for _, n in indices)
-        if len(payload) != pages * self.page_size:
-            raise ValueError(f"{len(payload)} bytes for {pages} pages")
-        if indices:
-            pairs = array.array("Q", chain.from_iterable(indices))
-            lib.page_hashes(ffi.from_buffer(payload), ffi.from_buffer("uint64_t[]", pairs), len(indices),
-                            self.page_size, self._table(), len(self.table), self._sum)
-
-    def record_zero(self, indices: list[tuple[int, int]]) -> None:
-        if indices:
-            pairs = array.array("Q", chain.from_iterable(indices))
-            lib.page_hashes_fill(ffi.from_buffer("uint64_t[]", pairs), len(indices), self.zero, self._table(),
-                                 len(self.table), self._sum)
-
     def record_runs(self, layout: MemoryLayout, runs: list[Run], payload=None) -> None:
-        """``record`` by address: the pages of ``runs`` (address, count) of ``layout``, from
-        ``payload`` in order, or zero pages without one. One native pass; ValueError names a
+        """Hash the pages of ``runs`` (address, count) of ``layout``, taken from ``payload`` in
+        order, or record them as zero pages without one. One native pass; ValueError names a
         run outside the layout."""
         if not runs:
             return

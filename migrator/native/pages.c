@@ -106,14 +106,6 @@ uint64_t page_hashes_at(const uint8_t *buf, const uint64_t *runs, uint64_t nruns
     return nruns;
 }
 
-void page_hashes_fill(const uint64_t *runs, uint64_t nruns, uint64_t value, uint64_t *table, uint64_t table_len,
-                      uint64_t sum[2])
-{
-    for (uint64_t r = 0; r < nruns; r++)
-        for (uint64_t i = runs[2 * r], end = runs[2 * r] + runs[2 * r + 1]; i < end && i < table_len; i++)
-            set_entry(table, i, value, sum);
-}
-
 void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2])
 {
     sum[0] = sum[1] = 0;

@@ -9,12 +9,9 @@
 
 /* runs: nruns (first table index, page count) pairs; the pages of buf follow the runs in order.
    table[first + i] = hash of the run's i-th page, for indices below table_len; sum is the
-   table's digest (two words), kept current. page_hashes_fill sets the runs' entries to value
-   (zero pages); page_hashes_sum computes sum from scratch. */
+   table's digest (two words), kept current. page_hashes_sum computes sum from scratch. */
 void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint64_t page_size,
                  uint64_t *table, uint64_t table_len, uint64_t sum[2]);
-void page_hashes_fill(const uint64_t *runs, uint64_t nruns, uint64_t value, uint64_t *table, uint64_t table_len,
-                      uint64_t sum[2]);
 void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2]);
 /* The same by address: runs are nruns (address, page count) pairs in regions, nregions (start,
    length, first page index) triples; with zero, every page's entry is zero_hash and buf is not
