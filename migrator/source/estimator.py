@@ -7,8 +7,9 @@ model is ``fixed_ms + pages * per_page_ms``, where the per-page cost comes from 
 the later rounds, which move scattered pages like the final copy does. Each observation gives a
 cost per page (its time over its pages, so per-round overheads are charged to the pages: a
 conservative bias; once the switch-over's exchange is measured, a round's share of it is taken
-off, since the fixed part holds it). The estimate is a weighted upper quantile of the recent costs, recent rounds
-weighing most, so one slow round counts fully while it is recent and ages out later. Round-0
+off, since the fixed part holds it). The estimate is a weighted upper quantile of the recent
+costs, recent rounds weighing most, so one slow round counts fully while it is recent and ages
+out later. Round-0
 observations stand in, times ``ROUND0_PENALTY``, until a later round has been seen. A bandwidth
 cap sets a floor: no page moves faster than ``page_size / bandwidth``.
 
@@ -18,7 +19,7 @@ two exchanges with the destination (each as long as the quickest recent RoundEnd
 is the destination's drain of its apply queue, the link's round trip and both ends' hops) and
 the few local calls around them. Nothing in it is a constant tuned on one machine, so a tight
 target is met wherever the data path allows. Until then (and for a checkpoint, which has no
-destination to ask) a prior stands in: ``switchover_fixed_ms``, plus what ``add_fixed`` adds.
+destination to ask) a prior stands in: ``switchover_fixed_ms``.
 """
 
 from __future__ import annotations
@@ -96,12 +97,6 @@ class DowntimeEstimator:
             raise MigratorError(f"bandwidth must be > 0 bytes/s, got {bandwidth}")
         self._floor_ms = page_size / bandwidth * 1e3 if bandwidth else 0.0
 
-    def add_fixed(self, ms: float) -> None:
-        """Add a measured cost to the prior fixed part (the link's round trips)."""
-        if ms < 0:
-            raise MigratorError(f"a fixed cost must be >= 0 ms, got {ms}")
-        self._fixed_ms += ms
-
     def observe_scan(self, seconds: float) -> None:
         """A scan of the guest's memory took ``seconds``; the final scan will take about as long."""
         if seconds < 0:
@@ -114,11 +109,6 @@ class DowntimeEstimator:
             raise ValueError(f"observe_exchange needs seconds >= 0, got {seconds}")
         self._exchanges.append(seconds * 1e3)
 
-    def _fixed(self) -> tuple[float, str]:
-        if not self._exchanges:
-            return self._fixed_ms, "prior"
-        learned = FREEZE_MS + LOCAL_CALLS_MS + (self._scan_ms or 0.0) + SWITCHOVER_EXCHANGES * min(self._exchanges)
-        return learned, "measured"
 
     def observe(self, pages: int, seconds: float, *, round0: bool = False) -> None:
         """Record that a send phase moved ``pages`` pages in ``seconds`` (round 0's: ``round0=True``)."""
@@ -128,12 +118,12 @@ class DowntimeEstimator:
             return
         (self._round0 if round0 else self._costs).append((pages, seconds * 1e3))
 
-    def _per_page(self, observations, factor: float = 1.0) -> float:
+    @staticmethod
+    def _per_page(observations, exchange_ms: float | None, factor: float = 1.0) -> float:
         """The weighted upper quantile of the observations' costs per page. Once the fixed part is
         measured, a round's own RoundEnd -> Ack is its share: the rest is the pages' (else the
         exchange would be counted twice, and small rounds would look slow per page)."""
-        exchange = min(self._exchanges) if self._exchanges else 0.0
-        costs = [max(ms - exchange, 0.0) / pages * factor for pages, ms in observations]
+        costs = [max(ms - (exchange_ms or 0.0), 0.0) / pages * factor for pages, ms in observations]
         return _weighted_quantile(costs, QUANTILE)
 
     def expected_ms(self, pages: int) -> float:
@@ -144,18 +134,23 @@ class DowntimeEstimator:
         return stats.fixed_ms + pages * stats.per_page_ms
 
     def statistics(self) -> EstimatorStatistics:
+        exchange_ms = min(self._exchanges) if self._exchanges else None
         if self._costs:
-            learned, source = self._per_page(self._costs), "rounds"
+            learned, source = self._per_page(self._costs, exchange_ms), "rounds"
         elif self._round0:
-            learned, source = self._per_page(self._round0, ROUND0_PENALTY), "round-0"
+            learned, source = self._per_page(self._round0, exchange_ms, ROUND0_PENALTY), "round-0"
         else:
             learned, source = self._default_ms, "default"
-        fixed_ms, fixed_source = self._fixed()
+        if exchange_ms is None:
+            fixed_ms, fixed_source = self._fixed_ms, "prior"
+        else:
+            fixed_ms = FREEZE_MS + LOCAL_CALLS_MS + (self._scan_ms or 0.0) + SWITCHOVER_EXCHANGES * exchange_ms
+            fixed_source = "measured"
         return EstimatorStatistics(
             fixed_ms=fixed_ms,
             fixed_source=fixed_source,
             scan_ms=self._scan_ms,
-            exchange_ms=min(self._exchanges) if self._exchanges else None,
+            exchange_ms=exchange_ms,
             per_page_ms=max(learned, self._floor_ms),
             floor_per_page_ms=self._floor_ms,
             observations=len(self._costs),

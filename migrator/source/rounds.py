@@ -27,7 +27,6 @@ from .report import RoundStats
 from .sink import HANDSHAKE_TIMEOUT_S, Sink
 
 ZERO_RUNS_PER_EVENT = 8192
-SWITCHOVER_ROUND_TRIPS = 2  # Digest -> Ack and Commit -> Ack cross the link inside the downtime
 
 FirstScan = Callable[[], tuple[list[Run], list[Run]]]
 
@@ -59,7 +58,8 @@ class Precopy:
 
     async def send_layout(self, meta: dict) -> None:
         """Announce the guest's memory; on a live sink, wait until the destination has its restore
-        guest, and take the link's round trip from the exchange (the switch-over makes two more)."""
+        guest, and take the link's round trip from the exchange (for the report: the estimate's
+        fixed part takes the switch-over's exchanges from the rounds' acknowledgements)."""
         layout = self.guest.layout
         t = time.perf_counter()
         await self.sink.send(p.Layout(regions=layout.regions, page_size=layout.page_size, meta=meta))
@@ -69,7 +69,6 @@ class Precopy:
         with deadline(HANDSHAKE_TIMEOUT_S, "waiting for the destination's restore guest"):
             ack = await self.sink.expect_ack(p.Acked.LAYOUT)
         self.rtt_ms = max(0.0, ms(time.perf_counter() - t) - ack.ready_ms)
-        self.estimator.add_fixed(SWITCHOVER_ROUND_TRIPS * self.rtt_ms)
 
     def arm_and_scan(self) -> tuple[list[Run], list[Run]]:
         """Worker thread, a first scan from scratch: arm the tracker; every populated page to

@@ -93,15 +93,6 @@ def test_bad_input():
         DowntimeEstimator().expected_ms(-1)
 
 
-def test_measured_round_trips_add_to_the_fixed_part():
-    est = DowntimeEstimator(fixed_ms=10.0)
-    est.add_fixed(8.0)
-    assert est.statistics().fixed_ms == 18.0
-    assert est.expected_ms(0) == 18.0
-    with pytest.raises(MigratorError, match="fixed cost must be >= 0"):
-        est.add_fixed(-1.0)
-
-
 def test_the_fixed_part_is_learned_from_the_scan_and_the_quickest_exchange():
     est = DowntimeEstimator(fixed_ms=30.0)
     assert est.statistics().fixed_source == "prior" and est.expected_ms(0) == 30.0
