@@ -16,8 +16,9 @@ handshake every frame carries HMAC-SHA256/128 tags (T = 16, flag MAC) under dire
 keys, unless both Hellos list ``CHECKSUM_FRAMES``: each end says so only of a link that nobody
 but root can write into (loopback, a unix socket) or that TLS protects, where a MAC would guard
 against nobody and cost a third of both ends' CPU; the token is still proven in the handshake.
-Recorded streams (images at rest) always carry MACs. The payload tag is separate so the expensive part (hashing megabytes) can run in a worker
-thread while the frame tag, which covers the sequence number, is checked in order, cheaply.
+Recorded streams (images at rest) always carry MACs. The payload tag is separate so the expensive
+part (hashing megabytes) can run in a worker thread while the frame tag, which covers the
+sequence number, is checked in order, cheaply.
 """
 
 from __future__ import annotations

@@ -395,22 +395,25 @@ class Connection:
             th = hs.transcript(source, hello)
             hello = replace(hello, proof=hs.dest_proof(secret, th))
             self._keys = hs.session_keys(secret, th)
-            self._out = self._keys.dest_to_source if self._macs(source, hello) else CHECKSUM
+            self._out = self._session_tags(self._keys.dest_to_source, source, hello)
         self._dest_hello = hello
         return hello
 
-    def _macs(self, source: Hello, dest: Hello) -> bool:
-        """Whether an authenticated session's frames carry MACs: unless both ends said their link
-        is one nobody but root can write into, or TLS (``CHECKSUM_FRAMES``). The Hellos are in
-        the handshake's transcript, so the feature cannot be added on the way. Images always do."""
-        return self.recorded or not (CHECKSUM_FRAMES in source.features and CHECKSUM_FRAMES in dest.features)
+    def _session_tags(self, mac: Integrity, source: Hello, dest: Hello) -> Integrity:
+        """An authenticated session's frame tags in one direction: ``mac``, unless both ends said
+        their link is one nobody but root can write into, or TLS (``CHECKSUM_FRAMES``): then
+        checksums. The Hellos are in the handshake's transcript, so the feature cannot be added
+        on the way. Images always carry MACs."""
+        if self.recorded or not (CHECKSUM_FRAMES in source.features and CHECKSUM_FRAMES in dest.features):
+            return mac
+        return CHECKSUM
 
     def _fill_auth(self, auth: Auth) -> Auth:
         if auth.proof:
             raise LocalProtocolError("Auth: the proof is set by the Connection")
         if self._keys is None:
             return auth
-        self._out = self._keys.source_to_dest if self._macs(self._source_hello, self._dest_hello) else CHECKSUM
+        self._out = self._session_tags(self._keys.source_to_dest, self._source_hello, self._dest_hello)
         return Auth(proof=hs.source_proof(self._secret(), hs.transcript(self._source_hello, self._dest_hello)))
 
     def _secret(self) -> bytes | None:
@@ -611,7 +614,7 @@ class Connection:
             th = hs.transcript(self._source_hello, self._dest_hello)
             if not hs.proof_matches(hs.source_proof(self._secret(), th), event.proof):
                 raise LocalProtocolError("authentication failed: the source does not know the token")
-            self._in = self._keys.source_to_dest if self._macs(self._source_hello, self._dest_hello) else CHECKSUM
+            self._in = self._session_tags(self._keys.source_to_dest, self._source_hello, self._dest_hello)
         elif kind is Layout:
             hello = self._source_hello
             if hello is not None and hello.page_size != event.page_size:
@@ -713,7 +716,7 @@ class Connection:
             if not hs.proof_matches(hs.dest_proof(secret, th), hello.proof):
                 raise LocalProtocolError("authentication failed: the destination does not know the token")
             self._keys = hs.session_keys(secret, th)
-            self._in = self._keys.dest_to_source if self._macs(ours, hello) else CHECKSUM
+            self._in = self._session_tags(self._keys.dest_to_source, ours, hello)
         if self._primary is None:
             self._session_id = hello.session
 
