@@ -209,23 +209,26 @@ class Workload:
 
     def check(self, deep: bool = True) -> CheckResult:
         """Self-check; ``deep`` also verifies every page body, not just headers and the table."""
-        problem = ffi.new("int *")
-        detail = ffi.new("uint64_t[2]")
-        page = lib.guest_check(self._base, self.mapping.size, int(deep), problem, detail)
-        if page < 0:
-            return CheckResult(clean=True)
-        return CheckResult(False, page, PROBLEMS[problem[0]].format(detail[0], detail[1]))
+        return _checked(lambda problem, detail: lib.guest_check(self._base, self.mapping.size, int(deep),
+                                                                 problem, detail))
 
     def check_pages(self, runs: bytes, deep: bool = False) -> CheckResult:
         """``check`` of the control block and of the data pages in ``runs`` (native 64-bit
         (first region page, count) pairs): what a downtime can afford, whatever the region's size."""
-        problem = ffi.new("int *")
-        detail = ffi.new("uint64_t[2]")
-        page = lib.guest_check_pages(self._base, self.mapping.size, int(deep), ffi.from_buffer("uint64_t[]", runs),
-                                     len(runs) // 16, problem, detail)
-        if page < 0:
-            return CheckResult(clean=True)
-        return CheckResult(False, page, PROBLEMS[problem[0]].format(detail[0], detail[1]))
+        pairs = ffi.from_buffer("uint64_t[]", runs)
+        return _checked(lambda problem, detail: lib.guest_check_pages(self._base, self.mapping.size, int(deep), pairs,
+                                                                       len(runs) // 16, problem, detail))
 
     def digest(self) -> str:
         return region_digest(self.mapping.buffer)
+
+
+def _checked(check) -> CheckResult:
+    """Run one of the C self-checks, ``check(problem, detail)`` returning the first bad page or
+    -1, and word its outcome."""
+    problem = ffi.new("int *")
+    detail = ffi.new("uint64_t[2]")
+    page = check(problem, detail)
+    if page < 0:
+        return CheckResult(clean=True)
+    return CheckResult(False, page, PROBLEMS[problem[0]].format(detail[0], detail[1]))
