@@ -11,13 +11,13 @@ from ._state import Role, State
 from .connection import NEED_DATA, Connection, ConnectionStats, PendingFrame, PendingPages
 from .events import (
     DATA_EVENTS, EVENT_TYPES, PROTOCOL_VERSION, Abort, Ack, Acked, Auth, Commit, ConnectionClosed, Digest, DigestKind,
-    Event, Fence, Freeze, Hello, Index, IndexEntry, Layout, Pages, RoundEnd, Scalar, Zero,
+    Discard, Event, Fence, Freeze, Hello, Index, IndexEntry, Layout, Pages, Request, RoundEnd, Scalar, Switch, Zero,
 )
 
 __all__ = [
     "CHECKSUM_FRAMES", "DATA_EVENTS", "DEFAULT_MAX_FRAME", "EVENT_TYPES", "NEED_DATA", "PROTOCOL_VERSION",
     "Abort", "Ack", "Acked", "Auth", "Commit", "Compression", "Connection", "ConnectionClosed", "ConnectionStats",
-    "Digest", "DigestKind", "Event", "Fence", "Freeze", "Hello", "Index", "IndexEntry", "Layout", "Pages",
-    "PendingFrame", "PendingPages", "Role", "RoundEnd", "Scalar", "State", "Zero",
+    "Digest", "DigestKind", "Discard", "Event", "Fence", "Freeze", "Hello", "Index", "IndexEntry", "Layout", "Pages",
+    "PendingFrame", "PendingPages", "Request", "Role", "RoundEnd", "Scalar", "State", "Switch", "Zero",
     "ZERO_PAGES", "decode_payload", "encode_payload",
 ]

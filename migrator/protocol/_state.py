@@ -39,6 +39,10 @@ class State(enum.Enum):
     PRECOPY = "PRECOPY"                  # rounds of pages
     FROZEN = "FROZEN"                    # the source guest is stopped: final round, digests
     COMMITTING = "COMMITTING"            # Commit sent: waiting for Ack(commit)
+    SWITCHING = "SWITCHING"              # post-copy: Switch sent, waiting for Ack(switch)
+    SWITCHED = "SWITCHED"                # the destination is armed: the source commits next
+    POSTCOPY_COMMITTING = "POSTCOPY_COMMITTING"  # Commit sent after a Switch: waiting for Ack(commit)
+    POSTCOPY = "POSTCOPY"                # the destination's guest runs; its stale pages arrive
     DONE = "DONE"
     ABORTED_BY_SOURCE = "ABORTED_BY_SOURCE"
     ABORTED_BY_DEST = "ABORTED_BY_DEST"
@@ -76,8 +80,9 @@ def symbol(event: Event, sender: Role) -> str:
 _DATA = ("Pages", "Zero")
 _SENT = _DATA + ("Digest", "Fence")                         # the source, in rounds and after Freeze
 # The destination, after Layout: answers to the source's Layout, RoundEnd and Digest (an answer may
-# cross the source's Freeze), and digests of its own. An Ack of commit only after Commit.
-_NOTES = tuple(ack(of) for of in Acked if of is not Acked.COMMIT) + ("Digest",)
+# cross the source's Freeze), and digests of its own. An Ack of commit only after Commit, of a
+# switch only after Switch.
+_NOTES = tuple(ack(of) for of in Acked if of not in (Acked.COMMIT, Acked.SWITCH)) + ("Digest",)
 
 
 def _loop(sender: Role, symbols: tuple[str, ...], state: State) -> dict:
@@ -95,14 +100,29 @@ LIVE: Table = {
     State.DEST_HELLO: {(S, "Auth"): State.READY},
     State.READY: {(S, "Layout"): State.PRECOPY, **_ABORTS},
     State.PRECOPY: {
-        **_loop(S, _SENT + ("RoundEnd",), State.PRECOPY), (S, "Freeze"): State.FROZEN,
+        **_loop(S, _SENT + ("RoundEnd", "Discard"), State.PRECOPY), (S, "Freeze"): State.FROZEN,
         **_loop(D, _NOTES, State.PRECOPY), **_ABORTS,
     },
     State.FROZEN: {
-        **_loop(S, _SENT + (FINAL_ROUND_END,), State.FROZEN), (S, "Commit"): State.COMMITTING,
-        **_loop(D, _NOTES, State.FROZEN), **_ABORTS,
+        **_loop(S, _SENT + (FINAL_ROUND_END, "Discard"), State.FROZEN), (S, "Commit"): State.COMMITTING,
+        (S, "Switch"): State.SWITCHING, **_loop(D, _NOTES, State.FROZEN), **_ABORTS,
     },
     State.COMMITTING: {(D, ack(Acked.COMMIT)): State.DONE, (D, "Digest"): State.COMMITTING, **_ABORTS},
+    # post-copy: Switch, its Ack, Commit, its Ack; then the stale pages (pushed, or requested by
+    # the destination), ended by the source's page Digest and the destination's verdict on it
+    State.SWITCHING: {
+        **_loop(S, _SENT, State.SWITCHING), (D, ack(Acked.SWITCH)): State.SWITCHED,
+        **_loop(D, _NOTES, State.SWITCHING), **_ABORTS,
+    },
+    State.SWITCHED: {**_loop(S, _SENT, State.SWITCHED), (S, "Commit"): State.POSTCOPY_COMMITTING, **_ABORTS},
+    State.POSTCOPY_COMMITTING: {
+        (D, ack(Acked.COMMIT)): State.POSTCOPY, (D, "Request"): State.POSTCOPY_COMMITTING,
+        **_loop(S, _SENT, State.POSTCOPY_COMMITTING), **_ABORTS,
+    },
+    State.POSTCOPY: {
+        **_loop(S, _SENT + (FINAL_ROUND_END,), State.POSTCOPY), **_loop(D, ("Request", "Digest"), State.POSTCOPY),
+        (D, ack(Acked.DIGEST)): State.DONE, **_ABORTS,
+    },
     State.DONE: dict(_EOF_OK),
     State.ABORTED_BY_SOURCE: {(D, ANY): State.ABORTED_BY_SOURCE, (D, "Abort"): State.ABORTED, **_EOF_OK},
     State.ABORTED_BY_DEST: {(S, ANY): State.ABORTED_BY_DEST, (S, "Abort"): State.ABORTED, **_EOF_OK},
@@ -129,7 +149,8 @@ RECORDED: Table = {
 }
 
 # States in which data frames of joined streams may be sent (the primary's state decides).
-DATA_STATES = frozenset({State.PRECOPY, State.FROZEN})
+DATA_STATES = frozenset({State.PRECOPY, State.FROZEN, State.SWITCHING, State.SWITCHED,
+                         State.POSTCOPY_COMMITTING, State.POSTCOPY})
 
 
 def transition(table: Table, state: State, sender: Role, symbol: str, *, received: bool) -> tuple[State, bool]:

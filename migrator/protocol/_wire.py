@@ -22,8 +22,8 @@ from ..core.errors import LocalProtocolError
 from ..core.model import Region
 from ._frames import TYPE_CODES, TYPES
 from .events import (
-    Abort, Ack, Acked, Auth, Commit, Digest, DigestKind, Event, Fence, Freeze, Hello, Index, IndexEntry, Layout,
-    Pages, RoundEnd, Zero,
+    Abort, Ack, Acked, Auth, Commit, Digest, DigestKind, Discard, Event, Fence, Freeze, Hello, Index, IndexEntry, Layout,
+    Pages, Request, RoundEnd, Switch, Zero,
 )
 
 _ENTRY = struct.Struct("<QIIIB")   # offset, length, round, pages, type code
@@ -126,6 +126,9 @@ FIELDS: dict[type[Event], tuple[tuple[str, str], ...]] = {
     Abort: (("reason", "str"),),
     Fence: (("frames", "ints"),),
     Index: (("entries", "entries"),),
+    Discard: (("round", "int"), ("runs", "runs")),
+    Switch: (("round", "int"), ("pages", "int")),
+    Request: (("runs", "runs"),),
 }
 
 

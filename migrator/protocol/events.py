@@ -6,8 +6,12 @@ Each event is a keyword-only frozen dataclass. A constructor refuses bad values 
 
 Who sends what (the full rules are the state tables in ``_state``)::
 
-    SOURCE: Hello Auth Layout Pages Zero RoundEnd Freeze Digest Commit Abort  (+ Fence, Index)
-    DEST:   Hello Ack Digest Abort
+    SOURCE: Hello Auth Layout Pages Zero RoundEnd Freeze Discard Switch Digest Commit Abort  (+ Fence, Index)
+    DEST:   Hello Ack Digest Request Abort
+
+Post-copy (``Discard``, ``Switch``, ``Request``): the source names the pages that are stale on the
+destination (``Discard``), switches (``Switch``, acknowledged), commits, and the destination's
+guest runs while those pages arrive, pushed in the background or fetched on demand (``Request``).
 
 ``Fence`` is the transport's ordering marker for parallel streams and ``Index`` ends a recorded
 stream (a checkpoint image); engines never see either.
@@ -50,7 +54,8 @@ class Acked(enum.Enum):
     LAYOUT = "layout"    # the restore guest is ready: round 0 may start
     ROUND = "round"      # every page of a pre-copy round is applied
     DIGEST = "digest"    # the verdict on the last Digest (and the self-check)
-    COMMIT = "commit"    # the destination guest runs: the session is done
+    COMMIT = "commit"    # the destination guest runs: the session is done (post-copy: its pages follow)
+    SWITCH = "switch"    # post-copy: stale pages dropped, faults armed; the source may commit
 
 
 class DigestKind(enum.Enum):
@@ -161,7 +166,7 @@ def _timings(event: str, name: str, value: object) -> Mapping[str, float]:
     return MappingProxyType(timings)
 
 
-def _runs(event: str, value: object) -> tuple[Run, ...]:
+def _runs(event: str, value: object, *, empty: bool = False) -> tuple[Run, ...]:
     """Runs as a tuple of ``(address, page_count)`` tuples; checked with C-level passes, no per-run
     Python loop (a batch holds thousands of runs)."""
     if not isinstance(value, tuple):
@@ -169,6 +174,8 @@ def _runs(event: str, value: object) -> tuple[Run, ...]:
             raise _fail(event, "runs", f"expected a sequence of (address, pages), got {type(value).__name__}")
         value = tuple(value)
     if not value:
+        if empty:
+            return value
         raise _fail(event, "runs", "must not be empty")
     if set(map(type, value)) != {tuple}:
         try:
@@ -370,6 +377,58 @@ class Freeze(Event):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Discard(Event):
+    """Post-copy: these pages are stale on the destination, whose copy must drop them so that its
+    guest faults on them; each arrives later (pushed, or fetched on a ``Request``). Sent before the
+    freeze for what the last scan found, and after it for what the guest wrote since."""
+
+    round: int
+    runs: tuple[Run, ...]
+
+    def __post_init__(self) -> None:
+        _int("Discard", "round", self.round, 0, U32)
+        runs = _runs("Discard", self.runs)
+        if runs is not self.runs:
+            _freeze(self, "runs", runs)
+
+    @property
+    def pages(self) -> int:
+        return sum(n for _, n in self.runs)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Switch(Event):
+    """Post-copy's switch: every page not discarded is current on the destination. It answers
+    ``Ack(of=Acked.SWITCH)`` once its guest would fault on every discarded page (``pages`` of
+    them); the source then commits, and the discarded pages follow the commit, ended by the
+    page ``Digest``."""
+
+    round: int
+    pages: int
+
+    def __post_init__(self) -> None:
+        _int("Switch", "round", self.round, 0, U32)
+        _int("Switch", "pages", self.pages)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Request(Event):
+    """Post-copy: the destination's guest faulted on these pages (and a window around them): send
+    them ahead of the background push."""
+
+    runs: tuple[Run, ...]
+
+    def __post_init__(self) -> None:
+        runs = _runs("Request", self.runs)
+        if runs is not self.runs:
+            _freeze(self, "runs", runs)
+
+    @property
+    def pages(self) -> int:
+        return sum(n for _, n in self.runs)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Digest(Event):
     """A digest of what was sent, for the other side to compare.
 
@@ -499,5 +558,6 @@ class ConnectionClosed(Event):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     Hello, Auth, Layout, Pages, Zero, RoundEnd, Freeze, Digest, Commit, Ack, Abort, Fence, Index,
+    Discard, Switch, Request,
 )
 DATA_EVENTS = (Pages, Zero)   # may be spread over parallel streams; everything else is a barrier
