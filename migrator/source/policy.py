@@ -16,7 +16,13 @@ max-rounds         THROTTLE     ``max_rounds`` rounds have run and the target is
 throttle-pending   CONTINUE     stalled, but the last throttle change has not shown in the dirty
                                 set yet (see below)
 throttle-max       SWITCHOVER   ``THROTTLE_MAX_ROUNDS`` rounds at ``throttle_max`` and still stalled
+postcopy-after     POSTCOPY     ``postcopy_after`` rounds have run and the target is still missed
 =================  ===========  ================================================================
+
+Post-copy (``postcopy_after``, ``postcopy_auto``): the target and min-pages rules still come
+first, so a pre-copy that converges ends in a plain stop-and-copy. With ``postcopy_auto`` a stall
+(no-progress or max-rounds) switches to post-copy under the stall's rule name instead of
+throttling the guest: the hybrid, pre-copy while it makes progress and post-copy once it stops.
 
 Why ``headroom``: the expected downtime is an estimate, and on the 2-vCPU test machine the
 measured downtime of a 1 GiB guest came out 0-10 % above it (timing noise of the rounds it is
@@ -70,6 +76,7 @@ class Action(enum.Enum):
     CONTINUE = "continue"       # run another round with ``Decision.throttle`` in force
     SWITCHOVER = "switchover"   # freeze the guest and stop-and-copy
     THROTTLE = "throttle"       # run another round, auto-converge duty changed or held at max
+    POSTCOPY = "postcopy"       # freeze the guest, resume it at the destination, pages follow
 
 
 class Rule(enum.StrEnum):
@@ -81,6 +88,7 @@ class Rule(enum.StrEnum):
     MAX_ROUNDS = "max-rounds"
     THROTTLE_PENDING = "throttle-pending"
     THROTTLE_MAX = "throttle-max"
+    POSTCOPY_AFTER = "postcopy-after"
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,8 @@ class PolicySettings:
     throttle_increment: float = CPU_THROTTLE_INCREMENT
     throttle_max: float = CPU_THROTTLE_MAX
     min_pages: int = MIN_ITER_PAGES_COUNT
+    postcopy_after: int | None = None   # rounds of pre-copy before post-copy (0: right after round 0's scan)
+    postcopy_auto: bool = False         # post-copy instead of throttling, once pre-copy stalls
 
     def __post_init__(self) -> None:
         problems = [
@@ -106,6 +116,8 @@ class PolicySettings:
             (0 <= self.min_shrink < 1, f"min_shrink must be in [0, 1), got {self.min_shrink}"),
             (self.flat_rounds >= 1, f"flat_rounds must be >= 1, got {self.flat_rounds}"),
             (self.min_pages >= 0, f"min_pages must be >= 0, got {self.min_pages}"),
+            (self.postcopy_after is None or self.postcopy_after >= 0,
+             f"postcopy_after must be >= 0, got {self.postcopy_after}"),
             (self.throttle_increment > 0, f"throttle_increment must be > 0, got {self.throttle_increment}"),
             (
                 0 < self.throttle_initial <= self.throttle_max < 1,
@@ -142,7 +154,15 @@ def decide(history: Sequence[RoundStats], settings: PolicySettings = PolicySetti
             Action.SWITCHOVER, Rule.MIN_PAGES, duty,
             f"round {last.round} moved {last.dirty_pages} pages (at most {s.min_pages})",
         )
+    if s.postcopy_after is not None and len(history) >= s.postcopy_after:
+        return Decision(
+            Action.POSTCOPY, Rule.POSTCOPY_AFTER, duty,
+            f"{len(history)} rounds of pre-copy run (--postcopy-after {s.postcopy_after}); switching to post-copy",
+        )
     stall = _stall(history, s)
+    if stall is not None and s.postcopy_auto:
+        rule, why = stall
+        return Decision(Action.POSTCOPY, rule, duty, f"{why}; switching to post-copy (--postcopy-after auto)")
     if stall is None:
         return Decision(
             Action.CONTINUE, Rule.CONVERGING, duty,

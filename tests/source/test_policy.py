@@ -15,7 +15,7 @@ from migrator.source.policy import (
     decide,
 )
 
-C, S, T = Action.CONTINUE, Action.SWITCHOVER, Action.THROTTLE
+C, S, T, P = Action.CONTINUE, Action.SWITCHOVER, Action.THROTTLE, Action.POSTCOPY
 
 
 def rounds(rows):
@@ -88,6 +88,21 @@ CASES = [
     ("at the maximum but shrinking: continue", {},
      [(262144, 900.0, 0.0), (40000, 160.0, 0.99), (41000, 160.0, 0.99), (39000, 150.0, 0.99)],
      (C, Rule.CONVERGING, 0.99)),
+    # post-copy: a converging pre-copy still ends in a stop-and-copy; a stall switches to
+    # post-copy instead of throttling (auto), or N rounds do (postcopy_after)
+    ("postcopy-after: N rounds run", {"postcopy_after": 3}, START, (P, Rule.POSTCOPY_AFTER, 0.0)),
+    ("postcopy-after: fewer rounds run", {"postcopy_after": 4}, START, (C, Rule.CONVERGING, 0.0)),
+    ("postcopy-after: converged first", {"postcopy_after": 1}, [(65536, 12.0, 0.0)],
+     (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("auto: growth switches to post-copy", {"postcopy_auto": True}, START + [(22001, 75.0, 0.0)],
+     (P, Rule.NO_PROGRESS, 0.0)),
+    ("auto: a flat dirty set switches to post-copy", {"postcopy_auto": True},
+     START + [(19500, 68.0, 0.0), (19000, 66.0, 0.0), (18500, 64.0, 0.0)], (P, Rule.NO_PROGRESS, 0.0)),
+    ("auto: the round limit switches to post-copy", {"postcopy_auto": True, "max_rounds": 3}, START,
+     (P, Rule.MAX_ROUNDS, 0.0)),
+    ("auto: converging continues", {"postcopy_auto": True}, START, (C, Rule.CONVERGING, 0.0)),
+    ("auto: the target still comes first", {"postcopy_auto": True}, START + [(14000, 45.0, 0.0)],
+     (S, Rule.DOWNTIME_TARGET, 0.0)),
 ]
 
 
@@ -126,6 +141,19 @@ def test_recorded_runaway_guest_is_throttled_until_it_converges():
             assert RUNAWAY[i + 1][2] == d.throttle, "the next round runs with the decided duty"
 
 
+def test_the_recorded_runaway_guest_switches_to_postcopy_where_it_would_be_throttled():
+    """The hybrid on the same history: identical decisions up to the first stall, which switches
+    to post-copy instead of starting auto-converge, so the guest is never slowed."""
+    history = rounds([row[:3] for row in RUNAWAY])
+    policy = PolicySettings(downtime_ms=10.0, postcopy_auto=True)
+    first_stall = next(i for i, row in enumerate(RUNAWAY) if row[3] is T)
+    for i in range(first_stall):
+        assert decide(history[: i + 1], policy).action is RUNAWAY[i][3]
+    d = decide(history[: first_stall + 1], policy)
+    assert (d.action, d.rule, d.throttle) == (P, Rule.NO_PROGRESS, 0.0)
+    assert "post-copy" in d.reason
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -135,6 +163,7 @@ def test_recorded_runaway_guest_is_throttled_until_it_converges():
         ({"headroom": 1.5}, "headroom must be in"),
         ({"max_growth": -0.1}, "max_growth must be >= 0"),
         ({"min_pages": -1}, "min_pages must be >= 0"),
+        ({"postcopy_after": -1}, "postcopy_after must be >= 0"),
         ({"throttle_increment": 0}, "throttle_increment must be > 0"),
         ({"throttle_max": 1.0}, "0 < initial <= max < 1"),
         ({"throttle_initial": 0.5, "throttle_max": 0.4}, "0 < initial <= max < 1"),
