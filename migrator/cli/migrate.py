@@ -38,6 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", choices=("pages", "full"), default="pages",
                         help="pages: compare per-page digests; full: also a digest of the whole frozen region (default pages)")
     parser.add_argument("--force-switchover", action="store_true", help="switch over instead of throttling when not converging")
+    postcopy = parser.add_mutually_exclusive_group()
+    postcopy.add_argument("--postcopy", action="store_true",
+                          help="post-copy from the start: resume at the destination right after the first scan, "
+                               "its pages follow on demand and in the background (the receiver needs userfaultfd)")
+    postcopy.add_argument("--postcopy-after", type=options.postcopy_after, metavar="N|auto",
+                          help="pre-copy first, then post-copy: after N rounds, or (auto) where pre-copy stalls and "
+                               "would start throttling the guest; a pre-copy that converges still ends in stop-and-copy")
+    parser.add_argument("--postcopy-timeout", type=options.positive, default=300.0, metavar="S",
+                        help="fail (keeping the source frozen) if delivering the pages after a post-copy switch takes longer (default 300)")
     parser.add_argument("--keep-source", action="store_true", help="keep the source guest frozen after commit instead of killing it")
     options.add_token_options(parser, receiver=False)
     tls = parser.add_mutually_exclusive_group()
@@ -73,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             token=options.source_token(args), round_timeout_s=args.round_timeout,
             switchover_timeout_s=args.switchover_timeout,
             tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None, frame_macs=args.frame_macs,
+            postcopy_after=0 if args.postcopy else None if args.postcopy_after in (None, "auto") else args.postcopy_after,
+            postcopy_auto=args.postcopy_after == "auto", postcopy_timeout_s=args.postcopy_timeout,
         )
         check_tls_address(parse_address(args.to), settings.tls)
         if args.control is None:

@@ -130,3 +130,15 @@ def source_token(args: argparse.Namespace) -> bytes | None:
         return load_default_token()
     except TransportError as exc:
         raise SystemExit(f"migrator: {exc}") from None
+
+
+def _postcopy_after(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        return _whole_number(text, 1)
+    except ValueError:
+        raise ValueError(f"expected a number of rounds (at least 1) or auto, not {text!r}") from None
+
+
+postcopy_after = option_type(_postcopy_after)    # --postcopy-after N|auto

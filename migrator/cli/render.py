@@ -203,6 +203,17 @@ def format_summary(report: dict) -> str:
         ("sent", f"{_fmt(s['pages_sent'])} pages, {_fmt(s['bytes_raw'], '.1f', 1 / MiB)} MiB raw, "
                  f"{_fmt(s['bytes_wire'], '.1f', 1 / MiB)} MiB on the wire (ratio {_fmt(s['ratio'], '.2f')})"),
     ]
+    pc = report.get("postcopy")
+    if pc:
+        lines.insert(2, ("mode", f"{report['settings'].get('mode', 'precopy')}: switched to post-copy after round "
+                                 f"{pc['switch_round']}'s scan"))
+        lines.append(("postcopy", f"{pc['stale_pages']} stale pages ({pc['discarded_ahead']} dropped before the freeze): "
+                                  f"{pc['requested_pages']} requested by {_fmt(pc['faults'])} faults, "
+                                  f"{pc['pushed_pages']} pushed, in {_fmt(pc['duration_s'], '.2f')} s"))
+        lines.append(("faults", f"p50 {_fmt(pc['fault_p50_ms'], '.3f')} ms, p99 {_fmt(pc['fault_p99_ms'], '.3f')} ms, "
+                                f"max {_fmt(pc['fault_max_ms'], '.3f')} ms (fault to page installed, at the destination)"))
+        lines.append(("guest", f"{_fmt(pc['guest_rate_before'], '.0f')} writes/s before the switch, "
+                               f"{_fmt(pc['guest_rate_after'], '.0f')} during post-copy"))
     if s["error"]:
         lines.append(("error", s["error"]))
     return "\n".join(f"{label:<9} {text}" for label, text in lines)

@@ -2,7 +2,9 @@
 
 The destination resumes its guest only after the source's Commit; before that any failure (bad
 frame, lost connection, Abort, digest mismatch, failed self-check) discards the restore guest,
-and the source, which has not committed, resumes its own.
+and the source, which has not committed, resumes its own. After a post-copy switch the guest
+resumes before its stale pages are here (``postcopy``): they are installed as they arrive, and
+the page digest is compared once the last one is in.
 
 Pages are applied by a separate task fed through a bounded channel, several events per worker
 thread call, so receiving, decompressing and applying overlap.
@@ -28,6 +30,7 @@ from ..core.meminfo import mem_available
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from .guests import MAX_CHECK_RUNS, RestoreGuests, RestoreTarget
+from .postcopy import IncomingPostcopy
 from .report import ReceivedRound, ReceiveReport
 
 APPLY_QUEUE = 4          # Pages events (up to 4 MiB each) buffered between receiving and applying
@@ -74,6 +77,7 @@ class DestinationMigration:
         self._inspection: _Job | None = None
         self._final_pages_listed = array.array("Q")  # the final copy's (first page, count) pairs, as they arrive
         self.self_check = "none"             # then what the restore guest's check covered
+        self.postcopy: IncomingPostcopy | None = None   # armed by the source's first Discard
 
     async def run(self) -> ReceiveReport:
         started = time.perf_counter()
@@ -84,6 +88,8 @@ class DestinationMigration:
         except BaseException as exc:  # noqa: BLE001 - reported, then re-raised as MigrationFailed
             error = exc
         finally:
+            if self.postcopy is not None:
+                self.postcopy.close()     # the guest keeps its own uffd: a missing page waits, never reads zeros
             if self.target is not None:   # a guest that was not resumed is killed, even when cancelled
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.target.close if not self.resumed else self.target.release)
@@ -99,6 +105,7 @@ class DestinationMigration:
             apply_s=round(self.apply_s, 4),
             parts_ms=self.parts,
             self_check=self.self_check,
+            postcopy=self.postcopy.statistics() if self.postcopy is not None and self.postcopy.missing is not None else None,
             total_s=time.perf_counter() - started,
             result="resumed" if self.resumed else "discarded",
             error=None if error is None else describe(error),
@@ -235,7 +242,10 @@ class DestinationMigration:
         while True:
             with deadline(self.settings.idle_timeout_s, "waiting for the source (it sent nothing; --idle-timeout)"):
                 event = await self.channel.receive()
-            if isinstance(event, p.Pages):
+            if isinstance(event, (p.Pages, p.Zero)) and self.postcopy is not None:
+                # post-copy: straight into place, where a faulting guest thread may be waiting
+                self.postcopy.install(list(event.runs), event.payload if isinstance(event, p.Pages) else None)
+            elif isinstance(event, p.Pages):
                 await queue.send((event.round, list(event.runs), event.payload))
                 if freeze_at is not None:
                     self._list_final(event.runs)
@@ -243,6 +253,23 @@ class DestinationMigration:
                 await queue.send((event.round, list(event.runs), None))
                 if freeze_at is not None:
                     self._list_final(event.runs)
+            elif isinstance(event, p.Discard):
+                t = time.perf_counter()
+                await self._arm_postcopy(queue)
+                await self.postcopy.discard(list(event.runs))
+                key = "discard" if freeze_at is not None else "discard_ahead"
+                self.parts[key] = self.parts.get(key, 0.0) + (time.perf_counter() - t) * 1000
+            elif isinstance(event, p.Switch):
+                await self._arm_postcopy(queue)
+                if event.pages != self.postcopy.missing.missing:
+                    raise RemoteProtocolError(f"Switch names {event.pages} stale pages; the Discards named "
+                                              f"{self.postcopy.missing.missing}")
+                self.self_check = "none"      # the page digest covers every page, once the last is in
+                timings = {k: round(self.parts[k], 3) for k in ("discard",) if k in self.parts}
+                await self._reply(p.Ack(of=p.Acked.SWITCH, ok=True, timings_ms=timings))
+            elif isinstance(event, p.Digest) and self.postcopy is not None:
+                await self._verify_postcopy(event)
+                return
             elif isinstance(event, p.RoundEnd):
                 self.rounds.append(ReceivedRound(round=event.round, pages=event.pages, final=event.final))
                 if not event.final:  # the source waits until the round is applied
@@ -264,11 +291,38 @@ class DestinationMigration:
                     self.parts["since_freeze"] = (time.perf_counter() - freeze_at) * 1000
                 await self._reply(p.Ack(of=p.Acked.COMMIT, ok=True, timings_ms={"resume": self.parts["resume"]}))
                 self.log(f"resumed guest pid {self.dst.pid}, control {self.guest.control}")
-                return
+                if self.postcopy is None:
+                    return
+                await self.postcopy.resumed()   # its stale pages follow
             elif isinstance(event, p.Abort):
                 raise MigrationFailed(f"source aborted: {event.reason}")
             else:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} from the source")
+
+    async def _arm_postcopy(self, queue: trio.MemorySendChannel) -> None:
+        """At the first Discard: every page of earlier rounds applied, then faults armed."""
+        if self.postcopy is not None:
+            return
+        if self.settings.memfd:
+            raise MigrationFailed("post-copy needs a private restore guest: this receiver runs with --memfd")
+        await self._drain(queue)
+        self.postcopy = IncomingPostcopy(self.channel, self.client, self.src, self.dst, self.digests)
+        await self.postcopy.arm(self._nursery)
+
+    async def _verify_postcopy(self, digest: p.Digest) -> None:
+        """The source's page digest, after its last stale page: every page must be here and equal."""
+        if digest.kind is not p.DigestKind.PAGES or not digest.last:
+            raise RemoteProtocolError("post-copy ends with one page digest")
+        t = time.perf_counter()
+        await self.postcopy.finish()
+        if digest.value != self.digests.value():
+            self.failure = "page digests differ after post-copy: a page was corrupted or misapplied"
+        self.parts["page_digest"] = (time.perf_counter() - t) * 1000
+        ack = p.Ack(of=p.Acked.DIGEST, ok=self.failure is None, reason=self.failure or "",
+                    timings_ms=self.postcopy.timings())
+        await self._reply(ack)
+        if self.failure:
+            raise MigrationFailed(self.failure)
 
     async def _verify(self, digest: p.Digest) -> None:
         """Compare a source digest; after the last one, answer with the self-check's verdict.

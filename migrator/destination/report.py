@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import ClassVar, Literal
 
 from ..core.documents import Schema, read, to_data
+from .postcopy import ReceivedPostcopy
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class ReceiveReport:
     total_s: float
     result: Literal["resumed", "discarded"]
     error: str | None
+    postcopy: ReceivedPostcopy | None = None   # a post-copy switch: its faults and pages
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parts_ms", MappingProxyType(dict(self.parts_ms)))

@@ -34,6 +34,7 @@ from ..core.errors import LocalProtocolError
 from ..core.model import PAGE_SIZE, Region, Run
 
 PROTOCOL_VERSION = 2    # 2: typed control fields (RoundEnd.final, Digest.last, Ack.of …)
+POSTCOPY_FEATURE = "postcopy"   # Hello feature: this receiver takes Discard, Switch and sends Request
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1

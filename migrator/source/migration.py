@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
+from .. import protocol as p
 from ..core.documents import utc_now
 from ..core.digest import PageDigests
 from ..core.documents import to_data
@@ -39,9 +40,10 @@ from ..core.failures import describe
 from .attach import AttachedGuest
 from .estimator import DowntimeEstimator, switchover_fixed_ms
 from .pages import PageStream
-from .policy import PolicySettings
+from .policy import Action, PolicySettings
+from .postcopy import Delivery, PostcopyStats, discard_ahead, switch
 from .progress import Progress, Sampler
-from .report import MigrationReport, RoundStats, report_of
+from .report import MigrationReport, PostcopyReport, RoundStats, report_of
 from .rounds import Precopy
 from .sink import PeerSink
 from .switchover import Switchover, bounded, commit, final_copy, switchover_deadline_s
@@ -65,10 +67,29 @@ class MigrateSettings:
     switchover_timeout_s: float | None = None  # None: derived from the target (switchover_deadline_s)
     tls: ssl.SSLContext | None = None   # a client context (transport.client_context): TLS links
     frame_macs: bool = False            # MACs on every frame, even on a link that looks protected
+    postcopy_after: int | None = None   # post-copy after this many pre-copy rounds (0: --postcopy)
+    postcopy_auto: bool = False         # post-copy instead of auto-converge once pre-copy stalls
+    postcopy_timeout_s: float = 300.0   # how long delivering the stale pages after the switch may take
 
     def __post_init__(self) -> None:
         if self.verify not in ("pages", "full"):
             raise ValueError(f"verify must be 'pages' or 'full', not {self.verify!r}")
+        if self.postcopy and self.verify == "full":
+            raise MigratorError("--verify full compares frozen regions; with post-copy the destination's guest runs "
+                             "before its last page arrives (use --verify pages)")
+        if self.postcopy_after is not None and self.postcopy_after < 0:
+            raise MigratorError("postcopy_after must be >= 0")
+
+    @property
+    def postcopy(self) -> bool:
+        """Whether this run may switch to post-copy."""
+        return self.postcopy_after is not None or self.postcopy_auto
+
+    @property
+    def mode(self) -> str:
+        if self.postcopy_after == 0:
+            return "postcopy"
+        return "hybrid" if self.postcopy else "precopy"
         if self.downtime_ms <= 0 or self.max_rounds < 1 or self.streams < 1:
             raise ValueError("downtime_ms, max_rounds and streams must be positive")
         if self.switchover_timeout_s is not None and not self.switchover_timeout_s > 0:
@@ -76,7 +97,8 @@ class MigrateSettings:
 
     def policy(self) -> PolicySettings:
         return PolicySettings(downtime_ms=self.downtime_ms, max_rounds=self.max_rounds,
-                              force_switchover=self.force_switchover)
+                              force_switchover=self.force_switchover, postcopy_after=self.postcopy_after,
+                              postcopy_auto=self.postcopy_auto)
 
 
 class SourceMigration:
@@ -107,6 +129,8 @@ class SourceMigration:
         self._switchover: Switchover | None = None
         self._sink: PeerSink | None = None
         self._rule = ("", "")
+        self._postcopy: PostcopyStats | None = None
+        self._delivery: Delivery | None = None
 
     async def run(self) -> MigrationReport:
         """Migrate; returns the report. Raises MigrationFailed with one line saying why."""
@@ -241,6 +265,9 @@ class SourceMigration:
         async with PeerSink.open(self.address, token=s.token, compress=s.compress, streams=s.streams,
                                  bandwidth=s.bandwidth, tls=s.tls, frame_macs=s.frame_macs) as sink:
             self._sink = sink
+            if s.postcopy and p.POSTCOPY_FEATURE not in sink.channel.peer.features:
+                raise MigrationFailed(f"the receiver at {self.address} does not offer post-copy: upgrade it, "
+                                      "or migrate without --postcopy/--postcopy-after")
             digests = PageDigests(layout.total_pages, layout.page_size)
             estimator = DowntimeEstimator(fixed_ms=switchover_fixed_ms(layout.total_bytes),
                                           page_size=layout.page_size, bandwidth=s.bandwidth)
@@ -253,6 +280,11 @@ class SourceMigration:
             await guest.set_tag(f"migration:{self.id}")
             dirty, decision = await precopy.run()
             self._rule = (str(decision.rule), decision.reason)
+            if decision.action is Action.POSTCOPY:
+                await self._postcopy_phase(guest, sink, pages, digests, dirty)
+                if not s.keep_source:
+                    guest.terminate()
+                return
             state = self._switchover = Switchover(number=len(precopy.rounds))
             limit = s.switchover_timeout_s or switchover_deadline_s(s.downtime_ms, verify=s.verify,
                                                                      region_bytes=layout.total_bytes)
@@ -265,6 +297,52 @@ class SourceMigration:
             if not s.keep_source:
                 guest.terminate()
 
+    async def _postcopy_phase(self, guest: AttachedGuest, sink: PeerSink, pages: PageStream, digests: PageDigests,
+                              dirty: list) -> None:
+        """Switch to post-copy (``source.postcopy``) and deliver every stale page."""
+        s, number = self.settings, len(self._precopy.rounds)
+        stats = self._postcopy = PostcopyStats()
+        if dirty:
+            with trio.fail_after(s.round_timeout_s):
+                await discard_ahead(sink, dirty, number, stats)
+        state = self._switchover = Switchover(number=number)
+        limit = s.switchover_timeout_s or switchover_deadline_s(s.downtime_ms, verify=s.verify,
+                                                                 region_bytes=guest.layout.total_bytes)
+        with bounded(state, limit):
+            try:
+                stale = await switch(guest, sink, dirty, state, stats, migration=self.id, destination=self.address)
+            finally:
+                guest.committed = guest.committed or sink.committed
+        delivery = self._delivery = Delivery(sink, pages, digests, stale, number, stats)
+        try:
+            with trio.fail_after(s.postcopy_timeout_s):
+                await delivery.run()
+        except trio.TooSlowError:
+            raise MigrationFailed(self._interrupted(f"not done after {s.postcopy_timeout_s:g} s (--postcopy-timeout)")) from None
+        except MigratorError as exc:
+            raise MigrationFailed(self._interrupted(describe(exc))) from exc
+        state.verified = True
+
+    def _interrupted(self, why: str) -> str:
+        delivery, pid = self._delivery, self._guest.layout.pid
+        return (f"post-copy interrupted with {delivery.owed} of {delivery.stats.stale_pages} stale pages never sent: "
+                f"{why}; the source guest stays frozen (pid {pid}), the destination's guest waits on its missing pages")
+
+    def _postcopy_report(self) -> PostcopyReport | None:
+        stats = self._postcopy
+        if stats is None or self._switchover is None:
+            return None
+        dest = stats.dest
+        return PostcopyReport(
+            switch_round=self._switchover.number, stale_pages=stats.stale_pages,
+            discarded_ahead=stats.discarded_ahead, pushed_pages=stats.pushed_pages,
+            requested_pages=stats.requested_pages, requests=stats.requests,
+            duration_s=None if stats.duration_s is None else round(stats.duration_s, 4),
+            faults=int(dest["faults"]) if "faults" in dest else None,
+            fault_p50_ms=dest.get("fault_p50"), fault_p99_ms=dest.get("fault_p99"), fault_max_ms=dest.get("fault_max"),
+            guest_rate_before=stats.guest_rate_before, guest_rate_after=dest.get("guest_write_rate"),
+        )
+
     def _report(self, total_s: float, error: BaseException | None) -> MigrationReport:
         guest = self._guest
         return report_of(
@@ -275,4 +353,5 @@ class SourceMigration:
             tls=self.settings.tls is not None, id=self.id, peer=self.address, started_at=self.started_at,
             control=self.control_path,
             frame_macs=self._sink.channel.frame_macs if self._sink is not None else None,
+            postcopy=self._postcopy_report(), mode=self.settings.mode,
         )

@@ -54,7 +54,7 @@ class PageStream:
         self.sent: list[list[Run]] | None = [] if keep_sent else None
         self._buffers = BufferPool(READ_CHUNK_PAGES * layout.page_size)
 
-    def _read_chunk(self, chunk: list[Run]) -> tuple[memoryview, float]:
+    def read_chunk(self, chunk: list[Run]) -> tuple[memoryview, float]:
         """Worker thread: the chunk's pages into a pooled buffer, digests recorded."""
         t = time.perf_counter()
         data = memoryview(self._buffers.take())[: count_pages(chunk) * self.layout.page_size]
@@ -71,7 +71,7 @@ class PageStream:
         async def reader() -> None:
             async with send_chunks:
                 for chunk in split_runs(runs, READ_CHUNK_PAGES, 1 << 30, ps):
-                    data, seconds = await trio.to_thread.run_sync(self._read_chunk, chunk)
+                    data, seconds = await trio.to_thread.run_sync(self.read_chunk, chunk)
                     timer.read_s += seconds
                     await send_chunks.send((chunk, data))
 

@@ -44,6 +44,30 @@ class RoundStats:
 
 
 @dataclass(frozen=True, slots=True)
+class PostcopyReport:
+    """The post-copy phase: when it switched, how its pages arrived, what the guest felt.
+
+    ``switch_round`` is the round whose scan ended pre-copy (0 with ``--postcopy``). Pages
+    reached the destination pushed in the background or requested by its guest's faults;
+    ``fault_*_ms`` run from the fault's message to the page's install, measured there.
+    ``guest_rate_*`` are the guest's writes/s before the freeze and while post-copy ran."""
+
+    switch_round: int
+    stale_pages: int                 # pages the destination did not have at the switch
+    discarded_ahead: int             # of those, dropped there before the freeze
+    pushed_pages: int
+    requested_pages: int
+    requests: int
+    duration_s: float | None         # the commit's Ack to the destination's verdict on every page
+    faults: int | None = None        # page faults the destination's guest took
+    fault_p50_ms: float | None = None
+    fault_p99_ms: float | None = None
+    fault_max_ms: float | None = None
+    guest_rate_before: float | None = None
+    guest_rate_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ReportSettings:
     """The settings a run used, as the report shows them (no secrets: whether TLS was on, not how)."""
 
@@ -58,6 +82,7 @@ class ReportSettings:
     size_bytes: int | None      # None: the run failed before the guest's layout was known
     pages: int | None
     frame_macs: bool | None = None   # the session's frames carried MACs (False: checksums); None: no session
+    mode: str = "precopy"            # "precopy", "postcopy" (--postcopy) or "hybrid" (--postcopy-after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +117,7 @@ class MigrationReport:
     pages_sent: int = 0        # pages whose bytes were sent: every round's non-zero pages and the final copy's
     bytes_raw: int = 0         # page bytes before compression, over every round
     control: str | None = None  # the control socket it answered status/cancel/set on
+    postcopy: PostcopyReport | None = None   # set when the run switched to post-copy
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "downtime_parts_ms", MappingProxyType(dict(self.downtime_parts_ms)))
@@ -109,7 +135,8 @@ class MigrationReport:
 def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: tuple[str, str],
               error: str | None, total_s: float, result: str, committed: bool, kind: str = "migration",
               tls: bool = False, id: str, peer: str | None, started_at: str,
-              control: str | None = None, frame_macs: bool | None = None) -> MigrationReport:
+              control: str | None = None, frame_macs: bool | None = None,
+              postcopy: PostcopyReport | None = None, mode: str = "precopy") -> MigrationReport:
     """The report from what a run's phases measured (``precopy``, ``switchover``, ``layout``: None
     for a phase the run never reached); ``settings`` is the run's ``MigrateSettings``."""
     s = settings
@@ -122,7 +149,7 @@ def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: t
             downtime_ms=s.downtime_ms, max_rounds=s.max_rounds, tracker=s.tracker, compress=s.compress,
             streams=s.streams, bandwidth=s.bandwidth, verify=s.verify, tls=tls,
             size_bytes=layout.total_bytes if layout else None, pages=layout.total_pages if layout else None,
-            frame_macs=frame_macs,
+            frame_macs=frame_macs, mode=mode,
         ),
         rounds=rounds,
         result=result,
@@ -138,7 +165,9 @@ def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: t
         downtime_ms=switchover.downtime_ms if switchover else None,
         downtime_parts_ms=switchover.parts if switchover else {},
         bytes_wire=wire_bytes,
-        pages_sent=sum(r.dirty_pages - r.zero_pages for r in rounds) + (final_pages or 0),
+        pages_sent=sum(r.dirty_pages - r.zero_pages for r in rounds)
+        + (postcopy.pushed_pages + postcopy.requested_pages if postcopy else final_pages or 0),
         bytes_raw=sum(r.bytes_raw for r in rounds),
         control=control,
+        postcopy=postcopy,
     )

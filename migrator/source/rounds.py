@@ -18,11 +18,11 @@ from .. import protocol as p
 from ..core.deadlines import deadline
 from ..core.errors import MigrationFailed
 from ..core.model import Run
-from ..core.runs import complement, count_pages
+from ..core.runs import complement, count_pages, union
 from .attach import AttachedGuest
 from .estimator import DowntimeEstimator
 from .pages import PageStream, RoundTimer
-from .policy import Action, Decision, PolicySettings, decide
+from .policy import Action, Decision, PolicySettings, Rule, decide
 from .report import RoundStats
 from .sink import HANDSHAKE_TIMEOUT_S, Sink
 
@@ -80,13 +80,20 @@ class Precopy:
 
     async def run(self, first_scan: FirstScan | None = None) -> tuple[list[Run], Decision]:
         """Round 0 from ``first_scan`` (default ``arm_and_scan``), then rounds until the policy
-        switches over; returns the pages still dirty and the deciding rule."""
+        switches over (or to post-copy); returns the pages still dirty and the deciding rule.
+
+        Post-copy from the start (``postcopy_after`` 0): round 0 sends only the untouched pages'
+        Zero ranges, and every populated page is left dirty for post-copy to deliver."""
+        from_start = self.policy.postcopy_after == 0
         with deadline(self.round_timeout_s, "round 0 (--round-timeout)"):
-            dirty = await self._round_zero(first_scan or self.arm_and_scan)
+            dirty = await self._round_zero(first_scan or self.arm_and_scan, send_pages=not from_start)
+        if from_start:
+            return dirty, Decision(Action.POSTCOPY, Rule.POSTCOPY_AFTER, 0.0,
+                                   "post-copy from the start (--postcopy): round 0 sent only the untouched pages")
         while True:
             decision = decide(self.rounds, self.policy)
             self.throttle_max = max(self.throttle_max, decision.throttle)
-            if decision.action is Action.SWITCHOVER:
+            if decision.action in (Action.SWITCHOVER, Action.POSTCOPY):
                 return dirty, decision
             if decision.action is Action.THROTTLE:
                 self.guest.throttle.set(decision.throttle)
@@ -97,7 +104,7 @@ class Precopy:
                 await self.pages.send(timer, dirty)
                 dirty = await self._end_round(timer, throttle=decision.throttle)
 
-    async def _round_zero(self, first_scan: FirstScan) -> list[Run]:
+    async def _round_zero(self, first_scan: FirstScan, *, send_pages: bool = True) -> list[Run]:
         timer = self.current = RoundTimer(0, 0)
         t = time.perf_counter()
         populated, zero = await trio.to_thread.run_sync(first_scan)
@@ -106,6 +113,10 @@ class Precopy:
         timer.dirty_pages = count_pages(populated) + timer.zero_pages  # round 0 covers every page
         for first in range(0, len(zero), ZERO_RUNS_PER_EVENT):
             await self.sink.send(p.Zero(round=0, runs=tuple(zero[first : first + ZERO_RUNS_PER_EVENT])))
+        if not send_pages:
+            timer.dirty_pages = timer.zero_pages
+            written = await self._end_round(timer, throttle=0.0)
+            return union(populated, written, self.guest.layout.page_size)
         await self.pages.send(timer, populated)
         return await self._end_round(timer, throttle=0.0)
 

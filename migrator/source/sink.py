@@ -24,6 +24,7 @@ from ..core.errors import MigrationFailed, MigratorError
 from ..transport import connect, open_file_writer
 
 HANDSHAKE_TIMEOUT_S = 30.0
+REQUESTS_QUEUED = 64     # post-copy requests read ahead of the task that serves them
 ABORT_SEND_S = 2.0       # how long telling the peer to discard may take, when leaving on a failure
 CLOSE_S = 5.0            # how long closing the channel may take
 
@@ -57,6 +58,8 @@ class PeerSink(Sink):
         self.committed = False
         self.peer_digest: p.Digest | None = None
         self._acks_in, self._acks = trio.open_memory_channel(4)
+        # post-copy: the destination's page requests, apart from its Acks (they never wait behind one)
+        self._requests_in, self.requests = trio.open_memory_channel(REQUESTS_QUEUED)
 
     @classmethod
     @asynccontextmanager
@@ -97,6 +100,9 @@ class PeerSink(Sink):
             event = await self.channel.receive()
             if isinstance(event, p.Abort):
                 raise MigrationFailed(f"destination aborted: {event.reason}")
+            if isinstance(event, p.Request):
+                await self._requests_in.send(event)
+                continue
             await self._acks_in.send(event)
 
     async def expect_ack(self, of: p.Acked) -> p.Ack:

@@ -27,7 +27,7 @@ import trio
 from ..core.errors import MigratorError, RemoteProtocolError, TransportError
 from ..core.failures import leaf_exceptions
 from ..core.heap import release_free_memory, use_main_arena_only
-from ..protocol import CHECKSUM_FRAMES, PROTOCOL_VERSION, ZERO_PAGES, Auth, Connection, Hello, Role
+from ..protocol import CHECKSUM_FRAMES, POSTCOPY_FEATURE, PROTOCOL_VERSION, ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._gate import Burst, HandshakeGate, HandshakeLimits, Pending, accept_connections
 from ._link import Counters, Link
@@ -37,7 +37,7 @@ from .tls import check_tls_address
 from .tls import handshake as tls_handshake
 
 HANDSHAKE_TIMEOUT_S = 10.0
-FEATURES = ("zstd", "streams", ZERO_PAGES)
+FEATURES = ("zstd", "streams", ZERO_PAGES, POSTCOPY_FEATURE)
 
 
 def link_features(stream: trio.abc.Stream, *, frame_macs: bool = False) -> tuple[str, ...]:

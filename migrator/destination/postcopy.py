@@ -1,0 +1,187 @@
+"""Post-copy, seen from the destination: a guest that runs before all of its pages are here.
+
+The source names the stale pages (``Discard``); the restore guest drops them (MADV_DONTNEED, its
+own ``discard`` command) and its region is registered for userfaultfd MISSING faults with the
+guest's own uffd, which it hands over as it does to a tracker. From then on every page arrives
+through ``UFFDIO_COPY`` (``faults.MissingPages.install``), which installs it atomically and wakes
+any thread of the guest waiting for it. A task reads the guest's faults and asks the source for
+each faulting page and a window after it (``Request``), ahead of the background push.
+
+When the source's page digest arrives every stale page has been sent; once they are all
+installed and the digests agree the MISSING registration is dropped and the guest is trackable
+again with WP_ASYNC, so it can be migrated onward.
+
+If the source or the link goes away first, the guest is not killed and not unregistered: it
+holds its uffd itself, so a thread touching a missing page waits there (paused on its next
+missing page, as a QEMU guest after a failed post-copy) instead of reading zeros.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import statistics as stats_
+import time
+from itertools import chain
+from dataclasses import dataclass
+
+import trio
+
+from .. import protocol as p
+from ..core.digest import PageDigests
+from ..core.errors import MigrationFailed, RemoteProtocolError
+from ..core.model import MemoryLayout, Run
+from ..core.runs import count_pages
+from ..guest.client import GuestClient
+from .faults import MissingPages
+
+FAULT_WINDOW = 16        # pages asked for per fault: the faulting page and the ones after it
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedPostcopy:
+    """What post-copy did here: faults, pages by how they came, fault latency, the guest's pace."""
+
+    stale_pages: int
+    discarded_pages: int
+    faults: int                      # distinct faulting pages asked for
+    requested_pages: int             # pages installed that a fault had asked for
+    pushed_pages: int                # pages installed from the background push
+    fault_p50_ms: float | None
+    fault_p99_ms: float | None
+    fault_max_ms: float | None
+    duration_s: float | None         # resume to the last page installed and verified
+    guest_write_rate: float | None   # the guest's writes/s while post-copy ran
+
+
+class IncomingPostcopy:
+    """Armed at the first Discard; used by the destination's engine from its receive loop."""
+
+    def __init__(self, channel, client: GuestClient, src: MemoryLayout, dst: MemoryLayout,
+                 digests: PageDigests) -> None:
+        self.channel = channel
+        self.client = client
+        self.src = src
+        self.dst = dst
+        self.digests = digests
+        self.missing: MissingPages | None = None
+        self.discarded = 0
+        self.faults = 0
+        self.requested = 0
+        self.pushed = 0
+        self._waiting: dict[int, float] = {}    # faulting page address -> when its fault was read
+        self._latencies: list[float] = []
+        self.resumed_at: float | None = None
+        self._steps_at_resume: int | None = None
+        self.duration_s: float | None = None
+        self.guest_write_rate: float | None = None
+
+    async def arm(self, nursery: trio.Nursery) -> None:
+        """Take the guest's uffd, register its region for MISSING faults, start serving faults."""
+        attachment = await trio.to_thread.run_sync(self.client.attach, "wp-async")
+        if attachment.uffd is None:
+            raise MigrationFailed("the restore guest has no userfaultfd to hand over: post-copy needs it "
+                                  "(userfaultfd access in the restore guest)")
+        if attachment.memfd is not None:
+            os.close(attachment.memfd)
+        self.missing = MissingPages(attachment.uffd, self.dst)
+        self.missing.register()
+        nursery.start_soon(self._serve_faults)
+
+    async def discard(self, runs: list[Run]) -> None:
+        """Stale pages (source addresses): missing here from now on, until installed."""
+        dst_runs = self.src.translate(runs, self.dst)
+        self.missing.mark_missing(dst_runs)
+        pairs = array.array("Q", chain.from_iterable(self.dst.page_indices(dst_runs)))
+        await trio.to_thread.run_sync(self.client.discard, pairs.tobytes())
+        self.discarded += count_pages(runs)
+
+    def install(self, runs: list[Run], payload) -> None:
+        """A Pages (payload) or Zero (None) event's pages after the switch, in place at once."""
+        dst_runs = self.src.translate(runs, self.dst)
+        installed, requested = self.missing.install(dst_runs, payload)
+        self.requested += requested
+        self.pushed += installed - requested
+        if payload is None:
+            self.digests.record_runs(self.src, runs)
+        else:
+            self.digests.record_runs(self.src, runs, payload)
+        if self._waiting:
+            now = time.perf_counter()
+            ps = self.dst.page_size
+            for address in [a for a in self._waiting if any(s <= a < s + n * ps for s, n in dst_runs)]:
+                self._latencies.append(now - self._waiting.pop(address))
+
+    async def resumed(self) -> None:
+        self.resumed_at = time.perf_counter()
+        self._steps_at_resume = await trio.to_thread.run_sync(self._steps)
+
+    def _steps(self) -> int | None:
+        try:
+            return int(self.client.stats()["steps"])
+        except Exception:  # noqa: BLE001 - only a report figure
+            return None
+
+    async def finish(self) -> None:
+        """Every page is in: drop the MISSING registration (the guest is trackable again)."""
+        if self.missing.missing:
+            raise RemoteProtocolError(f"the source's page digest came with {self.missing.missing} pages still missing here")
+        self.missing.finish()
+        if self.resumed_at is not None:
+            self.duration_s = time.perf_counter() - self.resumed_at
+            steps = await trio.to_thread.run_sync(self._steps)
+            if steps is not None and self._steps_at_resume is not None and self.duration_s > 0:
+                self.guest_write_rate = round((steps - self._steps_at_resume) / self.duration_s, 1)
+
+    def close(self) -> None:
+        if self.missing is not None:
+            self.missing.close()
+
+    async def _serve_faults(self) -> None:
+        """Read the guest's faults; ask the source for each faulting page not asked for yet."""
+        missing = self.missing
+        while True:
+            await trio.lowlevel.wait_readable(missing.fileno())
+            addresses = missing.read_faults()
+            if not addresses:
+                continue
+            now = time.perf_counter()
+            runs = missing.claim(addresses, FAULT_WINDOW)
+            if not runs:
+                continue
+            firsts = {a for a, _ in runs}
+            for address in addresses:
+                if address in firsts and address not in self._waiting:
+                    self._waiting[address] = now
+                    self.faults += 1
+            await self.channel.send(p.Request(runs=tuple(self.dst.translate(runs, self.src))))
+            await self.channel.flush()
+
+    def timings(self) -> dict[str, float]:
+        """What the source reports of this side (Ack.timings_ms)."""
+        out: dict[str, float] = {"faults": float(self.faults)}
+        report = self.statistics()
+        for key in ("fault_p50_ms", "fault_p99_ms", "fault_max_ms"):
+            value = getattr(report, key)
+            if value is not None:
+                out[key.removesuffix("_ms")] = value
+        if report.guest_write_rate is not None:
+            out["guest_write_rate"] = report.guest_write_rate
+        return out
+
+    def statistics(self) -> ReceivedPostcopy:
+        lat = sorted(self._latencies)
+
+        def quantile(q: float) -> float | None:
+            if not lat:
+                return None
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)
+
+        return ReceivedPostcopy(
+            stale_pages=self.missing.missing + self.requested + self.pushed if self.missing else 0,
+            discarded_pages=self.discarded, faults=self.faults, requested_pages=self.requested,
+            pushed_pages=self.pushed, fault_p50_ms=round(stats_.median(lat) * 1000, 3) if lat else None,
+            fault_p99_ms=quantile(0.99), fault_max_ms=quantile(1.0),
+            duration_s=None if self.duration_s is None else round(self.duration_s, 4),
+            guest_write_rate=self.guest_write_rate,
+        )

@@ -1,0 +1,190 @@
+"""Post-copy, seen from the source: switch early, then deliver the stale pages, requested ones first.
+
+::
+
+    Discard (what the last scan found) ─ Ack ─ freeze ─ final scan ─ Discard (written since)
+      ─ Switch ─ Ack(switch) ══ COMMIT (point of no return) ─ Ack(commit)      [the downtime ends]
+      ─ every stale page once: on the destination's Request first, else pushed in address order
+      ─ RoundEnd(final) ─ Digest ─ Ack(digest) ─ terminate the source guest
+
+Discarding what the last scan found happens before the freeze, so only the pages written after
+that scan are dropped inside the downtime. Until Ack(switch) a failure resumes the source, as in
+pre-copy. From Commit on the destination's guest runs and the source never resumes; its frozen
+memory is the only copy of the pages not yet delivered, so a failure keeps it frozen (never
+killed) and says how many pages were still owed.
+
+QEMU's postcopy-preempt keeps requested pages off the bulk channel. Here both share the link,
+so the push goes in small frames and a requested page waits for at most the few frames the
+sender has outstanding, never for the rest of the push.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import protocol as p
+from ..core.digest import PageDigests
+from ..core.errors import MigrationFailed
+from ..core.model import Run
+from ..core.pagestate import PageStates
+from ..core.runs import count_pages, split_runs, union
+from .attach import AttachedGuest
+from .pages import MAX_RUNS_PER_EVENT, PageStream
+from .rounds import ms
+from .sink import PeerSink
+from .switchover import Switchover
+
+DISCARD_RUNS_PER_EVENT = 1 << 16
+PUSH_READ_PAGES = 256        # pages read per worker-thread call of the push
+PUSH_FRAME_PAGES = 64        # pages per pushed Pages event: what a requested page may wait behind
+STALE, SENT = 1, 0           # page states: still owed to the destination, or delivered
+
+
+@dataclass
+class PostcopyStats:
+    """The post-copy phase, filled in as it goes (frozen into the report at the end)."""
+
+    stale_pages: int = 0
+    discarded_ahead: int = 0         # stale pages dropped before the freeze
+    pushed_pages: int = 0
+    requested_pages: int = 0         # pages sent because the destination's guest faulted on them
+    requests: int = 0
+    started: float = 0.0             # when the commit was acknowledged: the guest runs there
+    duration_s: float | None = None  # from then until the destination verified every page
+    guest_rate_before: float | None = None   # the guest's writes/s before the freeze
+    dest: dict[str, float] = field(default_factory=dict)   # the destination's measurements
+
+
+async def discard_ahead(sink: PeerSink, dirty: list[Run], number: int, stats: PostcopyStats) -> None:
+    """Before the freeze: the pages the last scan found are stale already; the destination drops
+    them now, outside the downtime, and acknowledges (a RoundEnd of no pages)."""
+    for first in range(0, len(dirty), DISCARD_RUNS_PER_EVENT):
+        await sink.send(p.Discard(round=number, runs=tuple(dirty[first : first + DISCARD_RUNS_PER_EVENT])))
+    await sink.send(p.RoundEnd(round=number, pages=0))
+    await sink.flush()
+    ack = await sink.expect_ack(p.Acked.ROUND)
+    if ack.round != number:
+        raise MigrationFailed(f"destination acknowledged round {ack.round} while discarding for round {number}")
+    stats.discarded_ahead = count_pages(dirty)
+
+
+async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], state: Switchover, stats: PostcopyStats, *,
+                 migration: str, destination: str) -> list[Run]:
+    """Freeze, drop what the guest wrote since the last scan, switch and commit; returns every
+    stale page's runs. The downtime ends when the destination says its guest runs."""
+    layout = guest.layout
+    stats.guest_rate_before = await trio.to_thread.run_sync(_write_rate, guest)
+    state.freeze_at = time.perf_counter()
+    await trio.to_thread.run_sync(guest.throttle.freeze)
+    state.parts["freeze"] = ms(time.perf_counter() - state.freeze_at)
+    await sink.send(p.Freeze(round=state.number))
+    state.step = "final scan"
+    t = time.perf_counter()
+    late = await trio.to_thread.run_sync(guest.tracker.collect)
+    stale = union(dirty, late, layout.page_size)
+    state.parts["final_scan"] = ms(time.perf_counter() - t)
+    state.step = "switch"
+    t = time.perf_counter()
+    for first in range(0, len(late), DISCARD_RUNS_PER_EVENT):
+        await sink.send(p.Discard(round=state.number, runs=tuple(late[first : first + DISCARD_RUNS_PER_EVENT])))
+    stats.stale_pages = count_pages(stale)
+    state.final_pages = count_pages(late)
+    await sink.send(p.Switch(round=state.number, pages=stats.stale_pages))
+    ack = await sink.expect_ack(p.Acked.SWITCH)
+    state.parts["switch"] = ms(time.perf_counter() - t)
+    for key, value in ack.timings_ms.items():
+        state.parts["dest_" + key] = value
+    if not ack.ok:
+        raise MigrationFailed(f"destination refused the post-copy switch: {ack.reason or '?'}")
+    # ---- point of no return: from here the source guest never resumes ----
+    state.step = "commit"
+    t = time.perf_counter()
+    await trio.to_thread.run_sync(
+        functools.partial(guest.throttle.commit, migration, control=guest.guest_control, destination=destination)
+    )
+    guest.committed = True
+    ack = await sink.commit()
+    state.parts["commit"] = ms(time.perf_counter() - t)
+    if not ack.ok:
+        raise MigrationFailed(f"destination failed to resume: {ack.reason or '?'}")
+    stats.started = time.perf_counter()
+    state.downtime_ms = ms(stats.started - state.freeze_at)
+    return stale
+
+
+def _write_rate(guest: AttachedGuest) -> float | None:
+    """The guest's own writes/s (a migrator guest reports them; another process does not)."""
+    try:
+        return float(guest.client.stats().get("write_rate"))
+    except Exception:  # noqa: BLE001 - only a report figure: any process may be migrated
+        return None
+
+
+class Delivery:
+    """After the commit: every stale page exactly once, the destination's requests first."""
+
+    def __init__(self, sink: PeerSink, pages: PageStream, digests: PageDigests, stale: list[Run], number: int,
+                 stats: PostcopyStats) -> None:
+        self.sink = sink
+        self.pages = pages
+        self.digests = digests
+        self.layout = pages.layout
+        self.stale = stale
+        self.number = number
+        self.stats = stats
+        self.states = PageStates(self.layout)
+        self.states.set(stale, STALE)
+
+    @property
+    def owed(self) -> int:
+        return self.states.count(STALE)
+
+    async def run(self) -> None:
+        """Deliver, then the page digest; returns once the destination verified every page."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_requests)
+            await self._push()
+            await self.sink.send(p.RoundEnd(round=self.number, pages=self.stats.stale_pages, final=True))
+            await self.sink.send(p.Digest(kind=p.DigestKind.PAGES, value=self.digests.value(), last=True))
+            await self.sink.flush()
+            ack = await self.sink.expect_ack(p.Acked.DIGEST)
+            nursery.cancel_scope.cancel()
+        self.stats.duration_s = time.perf_counter() - self.stats.started
+        self.stats.dest = dict(ack.timings_ms)
+        if not ack.ok:
+            raise MigrationFailed(f"destination's copy failed verification after post-copy: {ack.reason or '?'}")
+
+    async def _serve_requests(self) -> None:
+        ps = self.layout.page_size
+        async for request in self.sink.requests:
+            try:
+                runs = self.states.claim(list(request.runs), STALE, SENT)
+            except OSError as exc:
+                raise MigrationFailed(f"destination requested pages outside the guest's layout: {exc}") from None
+            self.stats.requests += 1
+            if not runs:
+                continue    # pushed already, or on its way
+            for batch in split_runs(runs, PUSH_FRAME_PAGES, MAX_RUNS_PER_EVENT, ps):
+                data, _ = self.pages.read_chunk(batch)    # a few pages: no thread hop on this path
+                await self.sink.send(p.Pages(round=self.number, runs=tuple(batch), payload=data))
+            await self.sink.flush()
+            self.stats.requested_pages += count_pages(runs)
+
+    async def _push(self) -> None:
+        ps = self.layout.page_size
+        for chunk in split_runs(self.stale, PUSH_READ_PAGES, MAX_RUNS_PER_EVENT, ps):
+            runs = self.states.claim(chunk, STALE, SENT)
+            if not runs:
+                continue
+            data, _ = await trio.to_thread.run_sync(self.pages.read_chunk, runs)
+            offset = 0
+            for batch in split_runs(runs, PUSH_FRAME_PAGES, MAX_RUNS_PER_EVENT, ps):
+                size = count_pages(batch) * ps
+                await self.sink.send(p.Pages(round=self.number, runs=tuple(batch), payload=data[offset : offset + size]))
+                offset += size
+            self.stats.pushed_pages += count_pages(runs)
+        await self.sink.flush()

@@ -1,0 +1,186 @@
+"""Post-copy and the hybrid end to end: real guests, userfaultfd on the real kernel, loopback TCP.
+
+Every wait on a fault runs under ``trio.fail_after``: a page that never arrives fails the test
+instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from harness.faultproxy import FaultProxy, Faults
+from migrator.core.errors import MigrationFailed
+from migrator.core.tokens import load_default_token
+from migrator.destination.engine import DestinationMigration, ReceiveSettings
+from migrator.guest.client import GuestClient
+from migrator.guest.spawn import spawn_guest
+from migrator.source.migration import MigrateSettings, SourceMigration
+from migrator.transport import serve
+
+MiB = 1 << 20
+MODES = {
+    "postcopy": {"postcopy_after": 0},
+    "after-2": {"postcopy_after": 2},
+    "auto": {"postcopy_auto": True, "downtime_ms": 1},
+}
+
+
+async def _receiver(nursery, outcomes, sockdir):
+    async def handle(channel):
+        migration = DestinationMigration(channel, ReceiveSettings(control_dir=sockdir), log=lambda line: None)
+        try:
+            outcomes.append((await migration.run()).to_dict())
+        except MigrationFailed:
+            outcomes.append(migration.report.to_dict())
+
+    return await nursery.start(functools.partial(serve, "127.0.0.1:0", handle, token=None))
+
+
+def _steps(client: GuestClient) -> int:
+    return client.stats()["steps"]
+
+
+def _advances(client: GuestClient, seconds: float = 0.3) -> bool:
+    before = _steps(client)
+    time.sleep(seconds)
+    return _steps(client) > before
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+async def _migrate(guest, address, **settings) -> dict:
+    return (await SourceMigration(guest.control, address, MigrateSettings(**settings)).run()).to_dict()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_postcopy_switches_delivers_every_page_and_the_guest_runs_on(sockdir, mode):
+    """Each mode switches, delivers every stale page once (faulted or pushed), verifies the page
+    digests, and leaves a destination guest that runs, passes its self-check, and can be
+    migrated onward (its region is trackable with WP_ASYNC again)."""
+    rate = None if mode == "auto" else 5000
+    with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=rate, fill="random") as guest:
+        await trio.sleep(0.3)
+        outcomes: list[dict] = []
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                address = await _receiver(nursery, outcomes, sockdir)
+                report = await _migrate(guest, address, compress="none", **MODES[mode])
+                nursery.cancel_scope.cancel()
+        assert report["result"] == "committed" and report["verified"]
+        pc = report["postcopy"]
+        assert pc is not None, report["rule"]
+        assert report["settings"]["mode"] == ("postcopy" if mode == "postcopy" else "hybrid")
+        if mode == "postcopy":
+            assert pc["switch_round"] == 1 and report["rounds"][0]["bytes_raw"] == 0
+        if mode == "after-2":
+            assert len(report["rounds"]) == 2 and report["rule"] == "postcopy-after"
+        if mode == "auto":
+            assert max(r["throttle"] for r in report["rounds"]) == 0.0   # never slowed: post-copy instead
+        assert pc["stale_pages"] > 0
+        assert pc["pushed_pages"] + pc["requested_pages"] == pc["stale_pages"]   # each page exactly once
+        assert report["downtime_ms"] is not None and "switch" in report["downtime_parts_ms"]
+        dest = outcomes[0]
+        assert dest["result"] == "resumed" and dest["error"] is None
+        assert dest["postcopy"]["pushed_pages"] + dest["postcopy"]["requested_pages"] == pc["stale_pages"]
+        assert pc["faults"] == dest["postcopy"]["faults"]
+        deadline = time.monotonic() + 10
+        while guest.alive() and time.monotonic() < deadline:
+            await trio.sleep(0.05)
+        assert not guest.alive()
+        client = GuestClient(dest["guest_control"])
+        try:
+            assert _advances(client)
+            assert client.check()["clean"]
+            # onward: a plain pre-copy of the post-copied guest, which needs WP_ASYNC tracking back
+            onward: list[dict] = []
+            with trio.fail_after(90):
+                async with trio.open_nursery() as nursery:
+                    address = await _receiver(nursery, onward, sockdir)
+                    again = (await SourceMigration(dest["guest_control"], address, MigrateSettings()).run()).to_dict()
+                    nursery.cancel_scope.cancel()
+            assert again["verified"] and again["postcopy"] is None
+        finally:
+            client.close()
+        final = GuestClient(onward[0]["guest_control"])
+        try:
+            assert _advances(final) and final.check()["clean"]
+        finally:
+            final.quit()
+
+
+async def test_a_link_cut_during_postcopy_keeps_the_source_frozen_and_the_destination_paused(sockdir):
+    """Cut after the commit: the source never resumes (stopped, the failure says how many pages
+    it still owed), the destination's guest waits on its next missing page instead of running on
+    zeros."""
+    with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=5000, fill="random") as guest:
+        await trio.sleep(0.3)
+        outcomes: list[dict] = []
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                address = await _receiver(nursery, outcomes, sockdir)
+                # post-copy from the start: nearly every byte of the stream is the post-copy push
+                proxy = FaultProxy("127.0.0.1", int(address.rsplit(":", 1)[1]), Faults(cut_at=32 * MiB))
+                port = await nursery.start(proxy.serve)
+                with pytest.raises(MigrationFailed) as failure:
+                    await _migrate(guest, f"127.0.0.1:{port}", compress="none", postcopy_after=0)
+                while not outcomes:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        assert failure.value.committed
+        assert "post-copy interrupted" in str(failure.value) and "stays frozen" in str(failure.value)
+        assert guest.alive() and _state(guest.pid) in ("T", "t")
+        dest = outcomes[0]
+        assert dest["result"] == "resumed" and dest["error"]
+        client = GuestClient(dest["guest_control"])
+        try:
+            time.sleep(0.3)
+            assert not _advances(client, 0.5), "the destination's guest ran on without its pages"
+        finally:
+            client.close()
+            os.kill(dest["guest_pid"], signal.SIGKILL)
+
+
+async def test_the_receiver_killed_during_postcopy_leaves_the_source_frozen(sockdir):
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0", "--once", "--control-dir", sockdir],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in receiver.stderr:
+            if "listening on " in line:
+                address = line.strip().rsplit(" ", 1)[-1]
+                break
+        with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=5000, fill="random") as guest:
+            await trio.sleep(0.3)
+            migration = SourceMigration(guest.control, address, MigrateSettings(
+                compress="none", postcopy_after=0, bandwidth=16 * MiB, token=load_default_token()))
+
+            async def kill_once_committed():
+                while not migration.committed:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.5)
+                receiver.send_signal(signal.SIGKILL)
+
+            with trio.fail_after(90):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(kill_once_committed)
+                    with pytest.raises(MigrationFailed) as failure:
+                        await migration.run()
+            assert failure.value.committed
+            assert "post-copy interrupted" in str(failure.value)
+            assert migration.report.postcopy is not None
+            assert guest.alive() and _state(guest.pid) in ("T", "t")
+    finally:
+        receiver.kill()
+        receiver.wait()
