@@ -7,9 +7,11 @@
    Nothing stored in the region is a pointer, so its content does not depend on where it is
    mapped. */
 
+#include <errno.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "workload.h"
 
@@ -507,4 +509,22 @@ int64_t guest_check_pages(const uint8_t *region, uint64_t region_bytes, int deep
                 return (int64_t)r;
     }
     return -1;
+}
+
+int64_t discard_pages(uint8_t *region, uint64_t region_bytes, const uint64_t *runs, uint64_t n_runs, uint64_t done[2])
+{
+    uint64_t region_pages = region_bytes / GUEST_PAGE_SIZE;
+    done[0] = done[1] = 0;
+    for (uint64_t i = 0; i < n_runs; i++)
+        if (runs[2 * i] > region_pages || runs[2 * i + 1] > region_pages - runs[2 * i])
+            return DISCARD_OUTSIDE;
+    for (uint64_t i = 0; i < n_runs; i++) {
+        if (!runs[2 * i + 1])
+            continue;
+        if (madvise(region + runs[2 * i] * GUEST_PAGE_SIZE, runs[2 * i + 1] * GUEST_PAGE_SIZE, MADV_DONTNEED))
+            return -errno;
+        done[0] += runs[2 * i + 1];
+        done[1]++;
+    }
+    return 0;
 }
