@@ -1,13 +1,14 @@
 """Post-copy's page-state table (migrator.core.pagestate and the C behind it), on bytes."""
 
 import errno
+from array import array
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from migrator.core.model import MemoryLayout, Region
-from migrator.core.pagestate import PageStates
+from migrator.core.pagestate import PageStates, page_index_pairs
 from migrator.native.pages import ffi, lib
 
 P = 4096
@@ -128,3 +129,14 @@ def test_claim_matches_a_page_by_page_model(raw, missing):
     assert [a + k * P for a, n in got for k in range(n)] == claimed
     assert all(a + n * P != b for (a, n), (b, _) in zip(got, got[1:]))   # coalesced
     assert list(states.table) == model
+
+
+def test_page_index_pairs_count_pages_across_regions_as_the_layout_does():
+    runs = [(A, 2), (A + 7 * P, 1), (B, 4), (B + 2 * P, 1)]
+    raw = page_index_pairs(LAYOUT, runs)
+    assert array("Q", raw).tolist() == [v for pair in LAYOUT.page_indices(runs) for v in pair]
+    assert page_index_pairs(LAYOUT, []) == b""
+    for bad in HOSTILE:
+        with pytest.raises(OSError) as info:
+            page_index_pairs(LAYOUT, [(A, 1), bad])
+        assert info.value.errno == errno.EFAULT

@@ -47,13 +47,7 @@ class PageStates:
     def checked_pairs(self, runs: Sequence[Run]) -> array:
         """``runs`` as native (address, count) pairs, every one inside the layout; EFAULT names
         the first that is not."""
-        try:
-            pairs = array("Q", chain.from_iterable(runs))
-        except (OverflowError, TypeError):        # negative, past 64 bits, not an integer
-            pairs = None
-        if pairs is None or len(pairs) != 2 * len(runs):
-            bad = next((run for run in runs if not _fits_u64(run)), runs[0] if runs else None)
-            raise _outside(bad)
+        pairs = _pairs(runs)
         bad = lib.runs_outside(self._regions, len(self.layout.regions), self.page_size, len(self.table),
                                ffi.from_buffer("uint64_t[]", pairs), len(runs))
         if bad != len(runs):
@@ -63,14 +57,10 @@ class PageStates:
     def set(self, runs: Sequence[Run], value: int) -> int:
         """Every page of ``runs`` gets ``value``; returns how many pages changed state."""
         _check_value(value)
-        self.checked_pairs(runs)
-        byte, changed = bytes([value]), 0
-        for address, count in runs:
-            if count:
-                first = self._index(address)
-                span = slice(first, first + count)
-                changed += count - self.table.count(byte, span.start, span.stop)
-                self.table[span] = byte * count
+        pairs = _pairs(runs)
+        changed = lib.runs_set(*self.c_arguments(), ffi.from_buffer("uint64_t[]", pairs), len(runs), value)
+        if changed == lib.RUNS_OUTSIDE:
+            self.checked_pairs(runs)          # names the run
         return changed
 
     def claim(self, runs: Sequence[Run], frm: int, to: int) -> list[Run]:
@@ -82,28 +72,45 @@ class PageStates:
             raise ValueError(f"claim: from and to are the same state ({frm})")
         pairs = self.checked_pairs(runs)
         room = max(1, min(sum(pairs[1::2]), len(self.table)))   # a page is claimed once: never more pairs
-        out = ffi.new("uint64_t[]", 2 * room)
-        n = lib.runs_claim(*self.c_arguments(), ffi.from_buffer("uint64_t[]", pairs), len(runs), frm, to, out, room)
+        out = array("Q", bytes(16 * room))
+        n = lib.runs_claim(*self.c_arguments(), ffi.from_buffer("uint64_t[]", pairs), len(runs), frm, to,
+                           ffi.from_buffer("uint64_t[]", out), room)
         if n in (lib.RUNS_OUTSIDE, lib.RUNS_NO_ROOM):   # checked above, sized above: a bug if seen
             raise AssertionError(f"runs_claim refused runs it was given checked ({n:#x})")
-        flat = iter(ffi.unpack(out, 2 * n))
-        return list(zip(flat, flat))
+        return list(zip(out[0 : 2 * n : 2], out[1 : 2 * n : 2]))
 
     def count(self, value: int) -> int:
         return self.table.count(bytes([value]))
 
     def value_at(self, address: int) -> int:
         """The state of the page holding ``address`` (EFAULT outside the layout)."""
-        return self.table[self._index(address, checked=False)]
-
-    def _index(self, address: int, *, checked: bool = True) -> int:
-        """Index of the page holding ``address``; with ``checked`` the caller has checked it."""
         for region, first in zip(self.layout.regions, self._firsts):
             if region.start <= address < region.end:
-                return first + (address - region.start) // self.page_size
-        if checked:
-            raise AssertionError(f"{address:#x} passed the check but is in no region")
+                return self.table[first + (address - region.start) // self.page_size]
         raise OSError(errno.EFAULT, f"address {address:#x} lies outside the layout")
+
+
+def page_index_pairs(layout: MemoryLayout, runs: Sequence[Run]) -> bytes:
+    """``runs`` of ``layout`` as native 64-bit (page index, count) pairs, pages counted across
+    its regions (``MemoryLayout.page_indices``, in one native pass); EFAULT names a run outside."""
+    pairs = _pairs(runs)
+    out = array("Q", bytes(len(pairs) * 8))
+    done = lib.runs_index(_region_table(layout), len(layout.regions), layout.page_size, layout.total_pages,
+                          ffi.from_buffer("uint64_t[]", pairs), len(runs), ffi.from_buffer("uint64_t[]", out))
+    if done != len(runs):
+        raise _outside(runs[done])
+    return out.tobytes()
+
+
+def _pairs(runs: Sequence[Run]) -> array:
+    """Runs as native (address, count) pairs; EFAULT names one that is not two 64-bit integers."""
+    try:
+        pairs = array("Q", chain.from_iterable(runs))
+    except (OverflowError, TypeError):        # negative, past 64 bits, not an integer
+        pairs = None
+    if pairs is None or len(pairs) != 2 * len(runs):
+        raise _outside(next((run for run in runs if not _fits_u64(run)), runs[0] if runs else None))
+    return pairs
 
 
 def _fits_u64(run) -> bool:

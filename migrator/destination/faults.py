@@ -20,13 +20,11 @@ import errno
 import os
 import struct
 import threading
-from array import array
 from collections.abc import Iterable, Sequence
-from itertools import chain
 
 from ..core.errors import MigratorError, TrackerError
 from ..core.model import MemoryLayout, Run
-from ..core.pagestate import PageStates
+from ..core.pagestate import PageStates, page_index_pairs
 from ..native.pages import ffi, lib
 from ..tracker.userfault import EVENT_PAGEFAULT, MSG_SIZE, register_missing, register_wp_only
 
@@ -162,5 +160,5 @@ class MissingPages:
 def guest_page_pairs(layout: MemoryLayout, runs: Sequence[Run]) -> bytes:
     """Address runs of ``layout`` as the native 64-bit (first region page, count) pairs that
     ``GuestClient.discard`` takes (a restore guest has one region; pages are counted across
-    regions as ``MemoryLayout.page_indices`` counts them)."""
-    return array("Q", chain.from_iterable(layout.page_indices(list(runs)))).tobytes()
+    regions as ``MemoryLayout.page_indices`` counts them). EFAULT names a run outside."""
+    return page_index_pairs(layout, runs)

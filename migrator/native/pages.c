@@ -258,6 +258,37 @@ uint64_t runs_outside(const uint64_t *regions, uint64_t nregions, uint64_t page_
     return nruns;
 }
 
+uint64_t runs_set(uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions, uint64_t page_size,
+                  const uint64_t *runs, uint64_t nruns, uint8_t value)
+{
+    if (runs_outside(regions, nregions, page_size, nstate, runs, nruns) != nruns)
+        return RUNS_OUTSIDE;
+    uint64_t hint = 0, changed = 0;
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t count = runs[2 * i + 1];
+        uint8_t *at = state + run_first(regions, nregions, &hint, page_size, nstate, runs[2 * i], count);
+        for (uint64_t k = 0; k < count; k++) {
+            changed += at[k] != value;
+            at[k] = value;
+        }
+    }
+    return changed;
+}
+
+uint64_t runs_index(const uint64_t *regions, uint64_t nregions, uint64_t page_size, uint64_t nstate,
+                    const uint64_t *runs, uint64_t nruns, uint64_t *out)
+{
+    uint64_t hint = 0;
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t first = run_first(regions, nregions, &hint, page_size, nstate, runs[2 * i], runs[2 * i + 1]);
+        if (first == UINT64_MAX)
+            return i;
+        out[2 * i] = first;
+        out[2 * i + 1] = runs[2 * i + 1];
+    }
+    return nruns;
+}
+
 uint64_t runs_claim(uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions, uint64_t page_size,
                     const uint64_t *runs, uint64_t nruns, uint8_t from, uint8_t to, uint64_t *out, uint64_t out_pairs)
 {

@@ -55,6 +55,13 @@ uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, con
 #define RUNS_NO_ROOM 0xFFFFFFFFFFFFFFFE
 uint64_t runs_outside(const uint64_t *regions, uint64_t nregions, uint64_t page_size, uint64_t nstate,
                       const uint64_t *runs, uint64_t nruns);
+/* Every page of runs gets state value; returns how many changed, or RUNS_OUTSIDE (nothing did). */
+uint64_t runs_set(uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions, uint64_t page_size,
+                  const uint64_t *runs, uint64_t nruns, uint8_t value);
+/* Each run as (first state index, count) in out (2 * nruns words; a run of no pages as (0, 0));
+   returns nruns, or the index of the first refused run (out is written up to it). */
+uint64_t runs_index(const uint64_t *regions, uint64_t nregions, uint64_t page_size, uint64_t nstate,
+                    const uint64_t *runs, uint64_t nruns, uint64_t *out);
 /* Every page of runs whose state is from becomes to; the pages that did are written to out as
    sorted-as-visited, coalesced (address, count) pairs (room for out_pairs). Returns the number
    of pairs, RUNS_OUTSIDE (nothing changed), or RUNS_NO_ROOM (out filled up: exactly the pages of
