@@ -108,3 +108,15 @@ def test_discard_is_refused_by_a_guest_that_runs_or_shares_its_memory(guests):
     with shared.client() as client:
         with pytest.raises(GuestError, match="discard: a memfd guest's pages stay in its memfd"):
             client.discard(pairs((5, 1)))
+
+
+def test_discard_of_more_runs_than_one_kernel_batch(guests):
+    pages = 4096
+    guest = guests("restore", restore=True, size=pages * 4096)
+    with guest.client() as client:
+        wait_populated(client)
+        layout = client.attach("none").layout
+        dropped = list(range(1, 2 * 1500, 2)) + [3500, 3501, 3502]       # 1500 runs of one page, then one of 3
+        reply = client.discard(pairs(*[(i, 1) for i in dropped[:1500]], (3500, 3)))
+        assert reply == {"pages": 1503, "runs": 1501}
+        assert present_pages(layout.pid, layout.regions[0].start, pages) == sorted(set(range(pages)) - set(dropped))
