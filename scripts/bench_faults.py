@@ -58,7 +58,8 @@ def wait_populated(client) -> None:
 def first_data_page(data: bytes) -> int:
     """Region page index of the first data page: the control block, version table and schedule
     stay (they are read on every check)."""
-    ctl = ffi.cast("struct guest_control *", ffi.from_buffer(data[:P]))
+    control = ffi.from_buffer(data)                        # kept alive while the cast is read
+    ctl = ffi.cast("struct guest_control *", control)
     return 1 + ctl.table_pages + ctl.schedule_pages
 
 
