@@ -56,6 +56,7 @@ class MissingPages:
         self.layout = layout
         self.states = PageStates(layout)
         self._lock = threading.Lock()
+        self.zero_filled = 0             # faulted pages, current here, that were absent: zero pages
         os.set_blocking(uffd, False)      # read_faults never waits (the guest made it so already)
 
     def __enter__(self) -> MissingPages:
@@ -71,8 +72,10 @@ class MissingPages:
         return self._fd
 
     def close(self) -> None:
-        """Close the uffd (idempotent). Closing the last reference to it ends the registration:
-        a guest still missing pages then reads zeros there."""
+        """Close this copy of the uffd (idempotent). The guest keeps its own, so a MISSING
+        registration outlives this object: a touch of a missing page waits until a new holder
+        (``attach`` again) installs it. Installing a page wakes every touch waiting on it, also
+        those whose fault message an earlier holder read and never answered."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -134,7 +137,13 @@ class MissingPages:
     def claim(self, addresses: Iterable[int], window: int) -> list[Run]:
         """For each address, its page and the ``window - 1`` after it (within its region) that
         are MISSING become REQUESTED; returns them as sorted, coalesced runs (each page asked
-        for once, however many faults name it). EFAULT names an address outside the layout."""
+        for once, however many faults name it). EFAULT names an address outside the layout.
+
+        A fault on a page that is CURRENT here was installed since it was reported, or is a
+        page absent in the guest that no one ever wrote (it is zero: the source sends no
+        never-touched pages, and the guest's populate may not have reached it): it gets a zero
+        page, or its waiters a wake-up if it is present, so that no touch waits for a page
+        nobody will ask for. ``zero_filled`` counts the pages that needed the zero page."""
         if window < 1:
             raise ValueError(f"claim: a window of {window} pages")
         ps = self.layout.page_size
@@ -146,6 +155,13 @@ class MissingPages:
                 raise OSError(errno.EFAULT, f"fault at {address:#x} lies outside the layout")
             runs.append((page, min(window, (region.end - page) // ps)))
         with self._lock:
+            current = [page for page, _ in runs if self.states.value_at(page) == CURRENT]
+            if current:
+                filled = lib.uffd_zero_fill(self.fileno(), ffi.new("uint64_t[]", current), len(current), ps)
+                if filled < 0:
+                    raise OSError(-filled, f"UFFDIO_ZEROPAGE of {len(current)} faulted pages from {current[0]:#x}: "
+                                           f"{os.strerror(-filled)}")
+                self.zero_filled += filled
             return self.states.claim(runs, MISSING, REQUESTED)
 
     def finish(self) -> None:

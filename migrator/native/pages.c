@@ -393,6 +393,26 @@ int64_t uffd_install(int uffd, uint8_t *state, uint64_t nstate, const uint64_t *
     return 0;
 }
 
+int64_t uffd_zero_fill(int uffd, const uint64_t *addresses, uint64_t n, uint64_t page_size)
+{
+    int64_t filled = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t done;
+        int err;
+        while ((err = install_once(uffd, addresses[i], NULL, page_size, &done)) == EAGAIN || err == EINTR)
+            ;
+        if (!err) {
+            filled++;
+        } else if (err == EEXIST) {
+            struct uffdio_range range = {.start = addresses[i], .len = page_size};
+            ioctl(uffd, UFFDIO_WAKE, &range);
+        } else {
+            return -err;
+        }
+    }
+    return filled;
+}
+
 void uffd_ioctl_numbers(uint64_t out[3])
 {
     out[0] = UFFDIO_COPY;

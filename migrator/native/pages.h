@@ -81,6 +81,11 @@ uint64_t runs_claim(uint8_t *state, uint64_t nstate, const uint64_t *regions, ui
 int64_t uffd_install(int uffd, uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions,
                      uint64_t page_size, const uint64_t *runs, uint64_t nruns, const uint8_t *buf, int zero,
                      uint64_t out_counts[2]);
+/* Faults on pages that are current by the table but absent (never written, never populated:
+   zero): each of the n page-aligned addresses gets a zero page (UFFDIO_ZEROPAGE), or, when the
+   kernel says it is present already (EEXIST: installed meanwhile), its waiters are woken
+   (UFFDIO_WAKE). Returns the pages zero-filled, or -errno of the first other failure. */
+int64_t uffd_zero_fill(int uffd, const uint64_t *addresses, uint64_t n, uint64_t page_size);
 /* The ioctl numbers this file was compiled with, from <linux/userfaultfd.h>: UFFDIO_COPY,
    UFFDIO_ZEROPAGE, UFFDIO_WAKE (tests compare them with migrator/tracker/_uapi.py). */
 void uffd_ioctl_numbers(uint64_t out[3]);

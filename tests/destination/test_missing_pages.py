@@ -16,6 +16,7 @@ import pytest
 from migrator.core.errors import MigratorError, TrackerError, TrackerUnavailable
 from migrator.core.model import MemoryLayout, Region
 from migrator.destination.faults import CURRENT, MISSING, REQUESTED, MissingPages, guest_page_pairs, parse_faults
+from migrator.guest.layout import region_digest
 from migrator.guest.spawn import spawn_guest
 from migrator.tracker import features, open_tracker
 from migrator.tracker.memory import ProcessMemory
@@ -228,3 +229,47 @@ def test_hostile_runs_and_addresses_are_refused_by_name(guests):
             assert pages.claim([end - 2 * P, end - P], 16) == [(end - 2 * P, 2)]   # the window stops at the region's end
             assert pages.states.value_at(end - P) == REQUESTED
             assert pages.missing == 2
+
+
+def test_a_fault_on_an_absent_page_current_here_gets_a_zero_page(guests):
+    target = guests("target", restore=True)
+    with target.client(timeout=WAIT) as dst, target.client(timeout=WAIT) as reader:
+        pages, layout = missing_pages_of(dst)
+        with pages:
+            base = layout.regions[0].start
+            data = bytearray(SIZE)
+            data[5 * P : 9 * P] = os.urandom(4 * P)
+            ProcessMemory(layout.pid).write_runs([(base + 5 * P, 4)], data[5 * P : 9 * P])
+            dst.discard(guest_page_pairs(layout, [(base + 6 * P, 1)]))     # absent, yet CURRENT here
+            data[6 * P : 7 * P] = bytes(P)
+            thread, outcome = in_thread(reader.digest)          # touches every page of the region
+            assert serve(pages, bytes(data), base, until=thread, window=4) == []   # nothing to ask for
+            thread.join(WAIT)
+            assert outcome == [region_digest(bytes(data))]
+            assert pages.zero_filled == 1 and pages.missing == 0
+
+
+def test_a_touch_waits_through_a_lost_holder_until_a_new_one_installs_the_page(guests):
+    target = guests("target", restore=True)
+    with target.client(timeout=WAIT) as dst, target.client(timeout=30) as reader:
+        pages, layout = missing_pages_of(dst)
+        base = layout.regions[0].start
+        data = os.urandom(SIZE)
+        ProcessMemory(layout.pid).write_runs([(base, SIZE // P)], data)
+        lost = [(base + 300 * P, 1)]
+        pages.mark_missing(lost)
+        dst.discard(guest_page_pairs(layout, lost))
+        thread, outcome = in_thread(reader.digest)
+        assert select.select([pages.fileno()], [], [], WAIT)[0], "the guest's touch was never reported"
+        assert pages.read_faults() == [base + 300 * P]       # read, and never answered by this holder
+        pages.close()
+        thread.join(0.5)
+        assert thread.is_alive()                               # still waiting: the guest holds the uffd too
+        again = MissingPages(dst.attach("wp-async").uffd, layout)   # a new holder (a recovered receiver)
+        with again:
+            again.register()
+            assert again.mark_missing(lost) == 1
+            assert again.install(lost, data[300 * P : 301 * P]) == (1, 0)
+            thread.join(WAIT)
+            assert outcome == [region_digest(data)]
+            again.finish()
