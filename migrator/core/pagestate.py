@@ -3,8 +3,8 @@
 The source keeps "still to send" (1) against "sent" (0) and the destination "current" (0),
 "missing" (1) and "requested" (2). A switch-over marks runs of 100k scattered pages and each
 fault claims a small window around its page, so the per-page work is in C
-(``migrator.native.pages``: ``runs_claim``, and ``uffd_install`` which
-``migrator.destination.faults`` calls on this table); marking costs one slice per run.
+(``migrator.native.pages``: ``runs_set``, ``runs_claim``, and ``uffd_install`` which
+``migrator.destination.faults`` calls on this table).
 
 Runs are ``(address, count)`` of the layout, pages indexed across its regions as
 ``migrator.core.digest`` indexes its table. Every run is checked before anything changes: a run

@@ -125,10 +125,9 @@ class GuestServer:
             raise GuestError("discard: a memfd guest's pages stay in its memfd; only private memory can be dropped")
         self.runner.while_restoring(lambda _: None, DISCARD_REFUSAL)    # refuse before waiting
         if not self.mapping.wait_populated(POPULATE_WAIT):
-            raise GuestError(f"discard: the region is still being populated after {POPULATE_WAIT:g} s "
-                             "(is it registered MISSING with nobody serving its faults?)")
-        dropped, calls = self.runner.while_restoring(lambda workload: workload.discard(runs), DISCARD_REFUSAL)
-        return {"pages": dropped, "runs": calls}, []
+            raise GuestError(f"discard: the region is still being populated after {POPULATE_WAIT:g} s")
+        dropped, advised = self.runner.while_restoring(lambda workload: workload.discard(runs), DISCARD_REFUSAL)
+        return {"pages": dropped, "runs": advised}, []
 
     def _pause(self, owner: object, at_step: int | None = None):
         return {"steps": self.runner.pause(at_step)}, []

@@ -226,8 +226,9 @@ class Workload:
     def discard(self, runs: bytes) -> tuple[int, int]:
         """Drop the pages of ``runs`` (native 64-bit (first region page, count) pairs) from the
         mapping with MADV_DONTNEED, in C and batched (process_madvise on itself, 1024 runs a
-        call, one TLB flush each): a post-copy switch-over may drop 100k scattered runs. Returns (pages, runs) dropped; GuestError if a run is outside the region
-        (nothing dropped), OSError if madvise fails."""
+        call, one TLB flush each): a post-copy switch-over may drop 100k scattered runs.
+        Returns (pages, runs) dropped; GuestError if a run is outside the region (nothing
+        dropped), OSError if madvise fails."""
         pairs = ffi.from_buffer("uint64_t[]", runs)
         done = ffi.new("uint64_t[2]")
         rc = lib.discard_pages(self._base, self.mapping.size, pairs, len(runs) // 16, done)
