@@ -8,6 +8,8 @@ import errno
 import os
 import select
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -49,6 +51,13 @@ def test_parse_faults_refuses_what_is_not_whole_messages(length):
 def test_parse_faults_refuses_a_page_size_that_is_not_a_power_of_two():
     with pytest.raises(ValueError):
         parse_faults(message(0x12, 0x1000), page_size=3000)
+
+
+def test_missing_pages_imports_no_trio():
+    # the engines call it from trio code, but it is synchronous and must stay importable alone
+    probe = "import sys, migrator.destination.faults; print('trio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          check=True).stdout.strip() == "False"
 
 
 # --- a real restore guest -------------------------------------------------------------------------
