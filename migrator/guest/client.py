@@ -21,7 +21,7 @@ from ..core.errors import GuestError
 from ..core.model import MemoryLayout, Region
 from ..tracker.handover import recv_fds
 from . import committed
-from .control import LineBuffer, encode, encode_pages, parse_reply
+from .control import MAX_CHECK_RUNS, LineBuffer, encode, encode_pages, parse_reply
 
 MAX_FDS = 4
 
@@ -101,6 +101,23 @@ class GuestClient:
         if pages is None:
             return self.request("check", deep=deep)
         return self.request("check", deep=deep, pages=encode_pages(pages))
+
+    def discard(self, pairs: bytes) -> dict:
+        """Post-copy: a restore guest that never resumed drops the pages of ``pairs`` (native
+        64-bit (first region page, count) pairs), so that touching one faults to the holder of
+        its uffd registered MISSING. Sent ``MAX_CHECK_RUNS`` runs a request; the totals
+        ``{"pages": N, "runs": R}`` (R: runs dropped, those of no pages left out)."""
+        if len(pairs) % 16:
+            raise GuestError(f"discard: {len(pairs)} bytes are not whole (first, count) pairs of 8 bytes")
+        chunk = 16 * MAX_CHECK_RUNS
+        totals = {"pages": 0, "runs": 0}
+        for at in range(0, max(len(pairs), 1), chunk):   # one request at least: a refusal is seen
+            reply = self.request("discard", pages=encode_pages(pairs[at : at + chunk]))
+            for key in totals:
+                if type(reply.get(key)) is not int:
+                    raise GuestError(f"guest {self.path}: malformed discard reply")
+                totals[key] += reply[key]
+        return totals
 
     def pause(self, at_step: int | None = None) -> int:
         """Pause at a step boundary (or once exactly ``at_step`` steps are done); the step count."""

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from ..core.errors import GuestError
 
-# A check of a migration's final pages carries their runs (16 bytes each, base64) on one line.
+# A check of a migration's final pages, or a post-copy discard, carries their runs (16 bytes
+# each, base64) on one line.
 MAX_LINE = 4 << 20
 MAX_CHECK_RUNS = (MAX_LINE - 4096) // 4 * 3 // 16
 
@@ -24,12 +25,13 @@ ARGUMENTS: dict[str, dict[str, type]] = {
     "stats": {},
     "digest": {},
     "check": {"deep": bool, "pages": str},
+    "discard": {"pages": str},
     "pause": {"at_step": int},
     "resume": {"until_step": int},
     "set-tag": {"tag": str},
     "quit": {},
 }
-REQUIRED: dict[str, tuple[str, ...]] = {"set-tag": ("tag",)}
+REQUIRED: dict[str, tuple[str, ...]] = {"set-tag": ("tag",), "discard": ("pages",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,20 +69,21 @@ def parse_request(line: bytes) -> Request:
 
 
 def encode_pages(pairs: bytes) -> str:
-    """Runs of region pages, native 64-bit (first, count) pairs, as ``check``'s ``pages``
-    argument: base64 (the control socket never leaves the host, so native order is fine)."""
+    """Runs of region pages, native 64-bit (first, count) pairs, as the ``pages`` argument of
+    ``check`` and ``discard``: base64 (the control socket never leaves the host, so native order
+    is fine)."""
     return base64.b64encode(pairs).decode("ascii")
 
 
-def decode_pages(text: str) -> bytes:
-    """``check``'s ``pages`` argument back to native 64-bit (first, count) pairs; GuestError if it
-    is not whole pairs of base64. Where the pages lie is the checker's to bound."""
+def decode_pages(text: str, cmd: str = "check") -> bytes:
+    """``cmd``'s ``pages`` argument back to native 64-bit (first, count) pairs; GuestError if it
+    is not whole pairs of base64. Where the pages lie is the C caller's to bound."""
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise GuestError("check: pages must be base64") from None
+        raise GuestError(f"{cmd}: pages must be base64") from None
     if len(raw) % 16:
-        raise GuestError(f"check: pages must be whole (first, count) pairs of 8 bytes, not {len(raw)} bytes")
+        raise GuestError(f"{cmd}: pages must be whole (first, count) pairs of 8 bytes, not {len(raw)} bytes")
     return raw
 
 

@@ -53,6 +53,12 @@ class RegionMapping:
         thread.start()
         return thread
 
+    def wait_populated(self, timeout: float) -> bool:
+        """Wait for the background fault-in (if any) to end; False if it is still running."""
+        if self._populating is not None:
+            self._populating.join(timeout)
+        return self.populated is not False
+
     @property
     def populated(self) -> bool | None:
         """None if nothing populates this mapping, else whether the background fault-in is done."""

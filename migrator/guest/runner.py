@@ -17,14 +17,16 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..core.errors import GuestError
 from .pacing import BatchSizer, Pacer, RateMeter, StopClock
 from .workload import Workload
 
 RESTORING, RUNNING, PAUSED = "restoring", "running", "paused"
+T = TypeVar("T")
 BOUNDARY_TIMEOUT = 5.0   # how long a request waits for the writer to reach a step boundary
 AT_STEP_TIMEOUT = 60.0   # how long ``pause`` with ``at_step`` waits for the writer to get there
 MAX_SLEEP = 0.01         # a throttled writer re-checks its state at least this often
@@ -96,6 +98,15 @@ class WorkloadRunner:
             if not self._cond.wait_for(lambda: self._state != RUNNING or self._quit, timeout):
                 raise GuestError(f"the guest did not reach step {at_step} within {timeout:g} s")
             return self.workload.steps
+
+    def while_restoring(self, action: Callable[[Workload], T], refusal: str) -> T:
+        """Run ``action`` on the workload if the guest was never resumed, and keep it so until
+        ``action`` returns (GuestError ``refusal`` otherwise). Reads nothing in the region: a
+        restore guest's pages may be missing, and a touch would wait for them."""
+        with self._cond:
+            if self._state != RESTORING:
+                raise GuestError(refusal)
+            return action(self.workload)
 
     @contextlib.contextmanager
     def exclusive(self, timeout: float = BOUNDARY_TIMEOUT) -> Iterator[Workload]:

@@ -30,6 +30,9 @@ from .workload import Workload
 
 ACCEPT_POLL = 0.2        # seconds between checks for quit / orphaning while idle
 MAX_CONNECTIONS = 64
+# discard waits this long for the background populate: it would fault the dropped pages back in
+POPULATE_WAIT = 60.0
+DISCARD_REFUSAL = "discard: only a restore guest that has not resumed may drop pages"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class GuestServer:
             "stats": self._stats,
             "digest": self._digest,
             "check": self._check,
+            "discard": self._discard,
             "pause": self._pause,
             "resume": self._resume,
             "set-tag": self._set_tag,
@@ -114,6 +118,16 @@ class GuestServer:
             steps = workload.steps
         return {"clean": result.clean, "first_bad_page": result.first_bad_page,
                 "problem": result.problem, "steps": steps}, []
+
+    def _discard(self, owner: object, pages: str):
+        runs = decode_pages(pages, "discard")
+        if self.mapping.memfd is not None:
+            raise GuestError("discard: a memfd guest's pages stay in its memfd; only private memory can be dropped")
+        self.runner.while_restoring(lambda _: None, DISCARD_REFUSAL)    # refuse before waiting
+        if not self.mapping.wait_populated(POPULATE_WAIT):
+            raise GuestError(f"discard: the region is still being populated after {POPULATE_WAIT:g} s")
+        dropped, advised = self.runner.while_restoring(lambda workload: workload.discard(runs), DISCARD_REFUSAL)
+        return {"pages": dropped, "runs": advised}, []
 
     def _pause(self, owner: object, at_step: int | None = None):
         return {"steps": self.runner.pause(at_step)}, []

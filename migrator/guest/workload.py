@@ -7,6 +7,7 @@ the layout and ``workload.c`` for the step protocol. The compiled calls release 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..core.errors import GuestError
@@ -221,6 +222,21 @@ class Workload:
 
     def digest(self) -> str:
         return region_digest(self.mapping.buffer)
+
+    def discard(self, runs: bytes) -> tuple[int, int]:
+        """Drop the pages of ``runs`` (native 64-bit (first region page, count) pairs) from the
+        mapping with MADV_DONTNEED, in C and batched (process_madvise on itself, 1024 runs a
+        call, one TLB flush each): a post-copy switch-over may drop 100k scattered runs.
+        Returns (pages, runs) dropped; GuestError if a run is outside the region (nothing
+        dropped), OSError if madvise fails."""
+        pairs = ffi.from_buffer("uint64_t[]", runs)
+        done = ffi.new("uint64_t[2]")
+        rc = lib.discard_pages(self._base, self.mapping.size, pairs, len(runs) // 16, done)
+        if rc == lib.DISCARD_OUTSIDE:
+            raise GuestError(f"discard: pages outside the region's {self.mapping.size // lib.GUEST_PAGE_SIZE} pages")
+        if rc < 0:
+            raise OSError(-rc, f"discard: madvise(MADV_DONTNEED) after {done[1]} runs: {os.strerror(-rc)}")
+        return done[0], done[1]
 
 
 def _checked(check) -> CheckResult:

@@ -8,10 +8,15 @@
    streams' worker threads queued behind each other. And the union of the last round's dirty runs
    with the final scan's, which sits inside the downtime: a linear merge here, where Python's
    sort of tuples cost milliseconds per ten thousand runs. And a shared guest's page runs copied
-   out of or into its mapping: a Python slice per run cost more than the copy of its page. */
+   out of or into its mapping: a Python slice per run cost more than the copy of its page.
+   And post-copy's page states: a switch-over marks and claims runs of 100k scattered pages, and
+   installs pages through the guest's userfaultfd in one ioctl per stretch of missing pages. */
 
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <linux/userfaultfd.h>
 
 #include "pages.h"
 
@@ -221,4 +226,196 @@ uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, con
         buf += length;
     }
     return nruns;
+}
+
+/* The first state index of a run (address, count) that lies in one region and the table, with
+   *hint the region of the previous run (runs come sorted, mostly in one region); UINT64_MAX when
+   it is refused. A run of no pages gives its would-be index unchecked (nothing reads it). */
+static uint64_t run_first(const uint64_t *regions, uint64_t nregions, uint64_t *hint, uint64_t page_size,
+                          uint64_t nstate, uint64_t address, uint64_t count)
+{
+    if (!count)
+        return 0;
+    if (!page_size || address % page_size || count > (UINT64_MAX - address) / page_size)
+        return UINT64_MAX;
+    uint64_t r = region_of(regions, nregions, *hint, address, count * page_size);
+    if (r == nregions)
+        return UINT64_MAX;
+    *hint = r;
+    uint64_t first = regions[3 * r + 2] + (address - regions[3 * r]) / page_size;
+    if (first < regions[3 * r + 2] || first > nstate || count > nstate - first)
+        return UINT64_MAX;
+    return first;
+}
+
+uint64_t runs_outside(const uint64_t *regions, uint64_t nregions, uint64_t page_size, uint64_t nstate,
+                      const uint64_t *runs, uint64_t nruns)
+{
+    uint64_t hint = 0;
+    for (uint64_t i = 0; i < nruns; i++)
+        if (run_first(regions, nregions, &hint, page_size, nstate, runs[2 * i], runs[2 * i + 1]) == UINT64_MAX)
+            return i;
+    return nruns;
+}
+
+uint64_t runs_set(uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions, uint64_t page_size,
+                  const uint64_t *runs, uint64_t nruns, uint8_t value)
+{
+    if (runs_outside(regions, nregions, page_size, nstate, runs, nruns) != nruns)
+        return RUNS_OUTSIDE;
+    uint64_t hint = 0, changed = 0;
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t count = runs[2 * i + 1];
+        uint8_t *at = state + run_first(regions, nregions, &hint, page_size, nstate, runs[2 * i], count);
+        for (uint64_t k = 0; k < count; k++) {
+            changed += at[k] != value;
+            at[k] = value;
+        }
+    }
+    return changed;
+}
+
+uint64_t runs_index(const uint64_t *regions, uint64_t nregions, uint64_t page_size, uint64_t nstate,
+                    const uint64_t *runs, uint64_t nruns, uint64_t *out)
+{
+    uint64_t hint = 0;
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t first = run_first(regions, nregions, &hint, page_size, nstate, runs[2 * i], runs[2 * i + 1]);
+        if (first == UINT64_MAX)
+            return i;
+        out[2 * i] = first;
+        out[2 * i + 1] = runs[2 * i + 1];
+    }
+    return nruns;
+}
+
+uint64_t runs_claim(uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions, uint64_t page_size,
+                    const uint64_t *runs, uint64_t nruns, uint8_t from, uint8_t to, uint64_t *out, uint64_t out_pairs)
+{
+    if (runs_outside(regions, nregions, page_size, nstate, runs, nruns) != nruns)
+        return RUNS_OUTSIDE;
+    uint64_t hint = 0, n = 0;
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t address = runs[2 * i], count = runs[2 * i + 1];
+        uint64_t first = run_first(regions, nregions, &hint, page_size, nstate, address, count);
+        for (uint64_t k = 0; k < count; k++) {
+            if (state[first + k] != from)
+                continue;
+            uint64_t at = address + k * page_size;
+            if (n && out[2 * n - 2] + out[2 * n - 1] * page_size == at) {
+                out[2 * n - 1]++;
+            } else {
+                if (n == out_pairs)
+                    return RUNS_NO_ROOM;
+                out[2 * n] = at;
+                out[2 * n + 1] = 1;
+                n++;
+            }
+            state[first + k] = to;
+        }
+    }
+    return n;
+}
+
+/* One UFFDIO_COPY (buf) or UFFDIO_ZEROPAGE (buf NULL) of [dst, dst + len): 0 or an errno, and
+   the bytes the kernel installed before it stopped in *done. */
+static int install_once(int uffd, uint64_t dst, const uint8_t *buf, uint64_t len, uint64_t *done)
+{
+    long rc;
+    int64_t moved;
+    if (buf) {
+        struct uffdio_copy copy = {.dst = dst, .src = (uint64_t)(uintptr_t)buf, .len = len, .mode = 0, .copy = 0};
+        rc = ioctl(uffd, UFFDIO_COPY, &copy);
+        moved = copy.copy;
+    } else {
+        struct uffdio_zeropage zero = {.range = {.start = dst, .len = len}, .mode = 0, .zeropage = 0};
+        rc = ioctl(uffd, UFFDIO_ZEROPAGE, &zero);
+        moved = zero.zeropage;
+    }
+    int err = rc ? errno : 0;
+    *done = rc == 0 ? len : moved > 0 ? (uint64_t)moved : 0;
+    return err;
+}
+
+/* Install the n consecutive pages at dst whose states are st (all non-zero), from buf or zero. */
+static int64_t install_stretch(int uffd, uint8_t *st, uint64_t dst, const uint8_t *buf, uint64_t n,
+                               uint64_t page_size, uint64_t out_counts[2])
+{
+    uint64_t k = 0;
+    while (k < n) {
+        uint64_t done;
+        int err = install_once(uffd, dst + k * page_size, buf ? buf + k * page_size : NULL, (n - k) * page_size, &done);
+        for (uint64_t end = k + done / page_size; k < end; k++) {
+            out_counts[0]++;
+            out_counts[1] += st[k] == 2;
+            st[k] = 0;
+        }
+        if (!err || err == EAGAIN || err == EINTR)
+            continue;
+        if (err != EEXIST)
+            return -err;
+        /* page k is present already: keep it, wake whoever waits on it, go on after it */
+        struct uffdio_range range = {.start = dst + k * page_size, .len = page_size};
+        ioctl(uffd, UFFDIO_WAKE, &range);
+        st[k++] = 0;
+    }
+    return 0;
+}
+
+int64_t uffd_install(int uffd, uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions,
+                     uint64_t page_size, const uint64_t *runs, uint64_t nruns, const uint8_t *buf, int zero,
+                     uint64_t out_counts[2])
+{
+    out_counts[0] = out_counts[1] = 0;
+    if (runs_outside(regions, nregions, page_size, nstate, runs, nruns) != nruns)
+        return INSTALL_OUTSIDE;
+    uint64_t hint = 0;
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t address = runs[2 * i], count = runs[2 * i + 1];
+        uint64_t first = run_first(regions, nregions, &hint, page_size, nstate, address, count);
+        uint64_t k = 0;
+        while (k < count) {
+            if (!state[first + k]) {     /* current: skipped here and in buf */
+                k++;
+                continue;
+            }
+            uint64_t start = k;
+            while (k < count && state[first + k])
+                k++;
+            int64_t rc = install_stretch(uffd, state + first + start, address + start * page_size,
+                                         zero ? NULL : buf + start * page_size, k - start, page_size, out_counts);
+            if (rc)
+                return rc;
+        }
+        if (!zero)
+            buf += count * page_size;
+    }
+    return 0;
+}
+
+int64_t uffd_zero_fill(int uffd, const uint64_t *addresses, uint64_t n, uint64_t page_size)
+{
+    int64_t filled = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t done;
+        int err;
+        while ((err = install_once(uffd, addresses[i], NULL, page_size, &done)) == EAGAIN || err == EINTR)
+            ;
+        if (!err) {
+            filled++;
+        } else if (err == EEXIST) {
+            struct uffdio_range range = {.start = addresses[i], .len = page_size};
+            ioctl(uffd, UFFDIO_WAKE, &range);
+        } else {
+            return -err;
+        }
+    }
+    return filled;
+}
+
+void uffd_ioctl_numbers(uint64_t out[3])
+{
+    out[0] = UFFDIO_COPY;
+    out[1] = UFFDIO_ZEROPAGE;
+    out[2] = UFFDIO_WAKE;
 }

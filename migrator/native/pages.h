@@ -43,3 +43,49 @@ uint64_t runs_union(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t 
    buf. Returns nruns, or the index of the first run not inside one region (copied up to it). */
 uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
                    uint64_t page_size, uint8_t *buf, int into_map);
+
+/* Page states for post-copy (migrator/core/pagestate.py): state is one byte per page of a layout,
+   nstate bytes, indexed as page_hashes_at indexes its table; regions are nregions (start, length,
+   first page index) triples and runs nruns (address, page count) pairs, as there. A run is
+   refused when its address is not page-aligned, it overflows, or its pages are not all inside
+   one region and the table; a run of no pages is accepted and does nothing. Every function
+   checks all the runs before it changes anything, so a refusal changes no state.
+   runs_outside returns the index of the first refused run, or nruns. */
+#define RUNS_OUTSIDE 0xFFFFFFFFFFFFFFFF
+#define RUNS_NO_ROOM 0xFFFFFFFFFFFFFFFE
+uint64_t runs_outside(const uint64_t *regions, uint64_t nregions, uint64_t page_size, uint64_t nstate,
+                      const uint64_t *runs, uint64_t nruns);
+/* Every page of runs gets state value; returns how many changed, or RUNS_OUTSIDE (nothing did). */
+uint64_t runs_set(uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions, uint64_t page_size,
+                  const uint64_t *runs, uint64_t nruns, uint8_t value);
+/* Each run as (first state index, count) in out (2 * nruns words; a run of no pages as (0, 0));
+   returns nruns, or the index of the first refused run (out is written up to it). */
+uint64_t runs_index(const uint64_t *regions, uint64_t nregions, uint64_t page_size, uint64_t nstate,
+                    const uint64_t *runs, uint64_t nruns, uint64_t *out);
+/* Every page of runs whose state is from becomes to; the pages that did are written to out as
+   sorted-as-visited, coalesced (address, count) pairs (room for out_pairs). Returns the number
+   of pairs, RUNS_OUTSIDE (nothing changed), or RUNS_NO_ROOM (out filled up: exactly the pages of
+   its out_pairs pairs were changed; room for min(pages of runs, nstate) pairs always suffices
+   when from != to). */
+uint64_t runs_claim(uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions, uint64_t page_size,
+                    const uint64_t *runs, uint64_t nruns, uint8_t from, uint8_t to, uint64_t *out, uint64_t out_pairs);
+/* Every page of runs whose state is not 0 is installed through uffd (addresses in the memory of
+   the uffd's owner): UFFDIO_COPY from buf, where the pages of the runs follow each other (a page
+   whose state is 0 is skipped there too), or UFFDIO_ZEROPAGE when zero (buf unread); one ioctl
+   per stretch of consecutive pages, retried on EAGAIN. Installed pages become state 0. A page
+   the kernel says is present (EEXIST) becomes state 0 too, is not counted, and its waiters are
+   woken (UFFDIO_WAKE). out_counts[0] = pages installed, out_counts[1] = those of them whose state
+   was 2. Returns 0, -errno of the first other failure (pages before it stay installed and
+   counted), or INSTALL_OUTSIDE (nothing done). */
+#define INSTALL_OUTSIDE 1
+int64_t uffd_install(int uffd, uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions,
+                     uint64_t page_size, const uint64_t *runs, uint64_t nruns, const uint8_t *buf, int zero,
+                     uint64_t out_counts[2]);
+/* Faults on pages that are current by the table but absent (never written, never populated:
+   zero): each of the n page-aligned addresses gets a zero page (UFFDIO_ZEROPAGE), or, when the
+   kernel says it is present already (EEXIST: installed meanwhile), its waiters are woken
+   (UFFDIO_WAKE). Returns the pages zero-filled, or -errno of the first other failure. */
+int64_t uffd_zero_fill(int uffd, const uint64_t *addresses, uint64_t n, uint64_t page_size);
+/* The ioctl numbers this file was compiled with, from <linux/userfaultfd.h>: UFFDIO_COPY,
+   UFFDIO_ZEROPAGE, UFFDIO_WAKE (tests compare them with migrator/tracker/_uapi.py). */
+void uffd_ioctl_numbers(uint64_t out[3]);

@@ -115,3 +115,12 @@ int64_t guest_check(const uint8_t *region, uint64_t region_bytes, int deep, int 
    control block: what a migration's final copy wrote, checked inside its downtime. */
 int64_t guest_check_pages(const uint8_t *region, uint64_t region_bytes, int deep, const uint64_t *runs,
                           uint64_t n_runs, int *problem, uint64_t detail[2]);
+/* A restore guest's post-copy discard: MADV_DONTNEED over each of n_runs runs (pairs of first
+   region page, count), so that the next touch of one of those pages faults to whoever holds the
+   region's userfaultfd (MISSING mode). Batched: process_madvise on the guest itself, up to 1024
+   runs a call, where the kernel allows it (Linux 6.13+), else one madvise per run. All runs are
+   checked against the region first: DISCARD_OUTSIDE, and nothing dropped, when one is not inside
+   it. done[0] = pages dropped, done[1] = runs of pages dropped. Returns 0, DISCARD_OUTSIDE, or
+   -errno of a failed madvise (the batches before it are dropped and counted). */
+#define DISCARD_OUTSIDE 1
+int64_t discard_pages(uint8_t *region, uint64_t region_bytes, const uint64_t *runs, uint64_t n_runs, uint64_t done[2]);

@@ -24,6 +24,8 @@ ffi.cdef(
     struct uffdio_range { uint64_t start; uint64_t len; };
     struct uffdio_register { struct uffdio_range range; uint64_t mode; uint64_t ioctls; };
     struct uffdio_writeprotect { struct uffdio_range range; uint64_t mode; };
+    struct uffdio_copy { uint64_t dst; uint64_t src; uint64_t len; uint64_t mode; int64_t copy; };
+    struct uffdio_zeropage { struct uffdio_range range; uint64_t mode; int64_t zeropage; };
     struct uffd_msg {
         uint8_t event; uint8_t reserved1; uint16_t reserved2; uint32_t reserved3;
         union {
@@ -90,6 +92,11 @@ UFFDIO = 0xAA
 
 UFFDIO_REGISTER = _IOWR(UFFDIO, 0x00, "struct uffdio_register")
 UFFDIO_UNREGISTER = _IOR(UFFDIO, 0x01, "struct uffdio_range")
+# Post-copy's installs (Linux 4.3): migrator/native/pages.c issues them from <linux/userfaultfd.h>,
+# and tests/tracker/test_uapi.py checks these numbers against the ones C compiled.
+UFFDIO_WAKE = _IOR(UFFDIO, 0x02, "struct uffdio_range")
+UFFDIO_COPY = _IOWR(UFFDIO, 0x03, "struct uffdio_copy")
+UFFDIO_ZEROPAGE = _IOWR(UFFDIO, 0x04, "struct uffdio_zeropage")
 UFFDIO_WRITEPROTECT = _IOWR(UFFDIO, 0x06, "struct uffdio_writeprotect")
 UFFDIO_API = _IOWR(UFFDIO, 0x3F, "struct uffdio_api")
 USERFAULTFD_IOC_NEW = _IO(UFFDIO, 0x00)

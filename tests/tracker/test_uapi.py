@@ -1,5 +1,6 @@
 """The hand-written kernel ABI must match the released kernel headers exactly."""
 
+from migrator.native import pages
 from migrator.tracker import _uapi as u
 
 
@@ -8,6 +9,8 @@ def test_struct_sizes_match_kernel_headers():
     assert u.ffi.sizeof("struct uffdio_range") == 16
     assert u.ffi.sizeof("struct uffdio_register") == 32
     assert u.ffi.sizeof("struct uffdio_writeprotect") == 24
+    assert u.ffi.sizeof("struct uffdio_copy") == 40
+    assert u.ffi.sizeof("struct uffdio_zeropage") == 32
     assert u.ffi.sizeof("struct uffd_msg") == 32
     assert u.ffi.sizeof("struct pm_scan_arg") == 96
     assert u.ffi.sizeof("struct page_region") == 24
@@ -22,6 +25,21 @@ def test_ioctl_numbers_match_kernel_headers():
     assert u.UFFDIO_WRITEPROTECT == 0xC018AA06
     assert u.PAGEMAP_SCAN == 0xC0606610
     assert u.USERFAULTFD_IOC_NEW == 0xAA00
+    assert u.UFFDIO_WAKE == 0x8010AA02
+    assert u.UFFDIO_COPY == 0xC028AA03
+    assert u.UFFDIO_ZEROPAGE == 0xC020AA04
+
+
+def test_python_numbers_are_the_ones_the_c_installs_compile_from_the_system_header():
+    # migrator/native/pages.c issues UFFDIO_COPY / ZEROPAGE / WAKE from <linux/userfaultfd.h>
+    compiled = pages.ffi.new("uint64_t[3]")
+    pages.lib.uffd_ioctl_numbers(compiled)
+    assert list(compiled) == [u.UFFDIO_COPY, u.UFFDIO_ZEROPAGE, u.UFFDIO_WAKE]
+
+
+def test_uffdio_copy_and_zeropage_field_offsets():
+    assert [u.ffi.offsetof("struct uffdio_copy", f) for f in ("dst", "src", "len", "mode", "copy")] == [0, 8, 16, 24, 32]
+    assert [u.ffi.offsetof("struct uffdio_zeropage", f) for f in ("range", "mode", "zeropage")] == [0, 16, 24]
 
 
 def test_wp_async_is_the_released_bit_not_the_seed_patch_bit():
