@@ -28,7 +28,7 @@ from migrator.transport import serve
 MiB = 1 << 20
 MODES = {
     "postcopy": {"postcopy_after": 0},
-    "after-2": {"postcopy_after": 2},
+    "after-2": {"postcopy_after": 2, "downtime_ms": 1},
     "auto": {"postcopy_auto": True, "downtime_ms": 1},
 }
 

@@ -32,10 +32,12 @@ from .model import MemoryLayout, Run
 class PageDigests:
     """One 64-bit hash per page of a layout, indexed by page number from the layout's start, and
     the table's digest, updated with every entry (in C), so ``value`` inside a downtime costs
-    the same for any region size."""
+    the same for any region size. Recording is thread-safe: the running sum is updated entry by
+    entry, so two unserialised recorders (post-copy's push and its requests) would corrupt it."""
 
     def __init__(self, total_pages: int, page_size: int = 4096) -> None:
         self.page_size = page_size
+        self._lock = threading.Lock()
         self._sum = ffi.new("uint64_t[2]")
         one, scratch = array.array("Q", [0]), ffi.new("uint64_t[2]")
         lib.page_hashes(ffi.from_buffer(bytes(page_size)), ffi.new("uint64_t[2]", [0, 1]), 1, page_size,
@@ -63,9 +65,11 @@ class PageDigests:
         if payload is not None and len(payload) != sum(n for _, n in runs) * self.page_size:
             raise ValueError(f"{len(payload)} bytes for {sum(n for _, n in runs)} pages")
         pairs = array.array("Q", chain.from_iterable(runs))
-        done = lib.page_hashes_at(ffi.from_buffer(payload if payload is not None else b""),
-                                  ffi.from_buffer("uint64_t[]", pairs), len(runs), _region_table(layout), len(layout.regions),
-                                  self.page_size, int(payload is None), self.zero, self._table(), len(self.table), self._sum)
+        with self._lock:
+            done = lib.page_hashes_at(ffi.from_buffer(payload if payload is not None else b""),
+                                      ffi.from_buffer("uint64_t[]", pairs), len(runs), _region_table(layout),
+                                      len(layout.regions), self.page_size, int(payload is None), self.zero,
+                                      self._table(), len(self.table), self._sum)
         if done != len(runs):
             address, count = runs[done]
             raise ValueError(f"pages {address:#x}+{count} lie outside the layout")

@@ -18,11 +18,9 @@ missing page, as a QEMU guest after a failed post-copy) instead of reading zeros
 
 from __future__ import annotations
 
-import array
 import os
 import statistics as stats_
 import time
-from itertools import chain
 from dataclasses import dataclass
 
 import trio
@@ -33,7 +31,7 @@ from ..core.errors import MigrationFailed, RemoteProtocolError
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from ..guest.client import GuestClient
-from .faults import MissingPages
+from .faults import MissingPages, guest_page_pairs
 
 FAULT_WINDOW = 16        # pages asked for per fault: the faulting page and the ones after it
 
@@ -86,14 +84,14 @@ class IncomingPostcopy:
             os.close(attachment.memfd)
         self.missing = MissingPages(attachment.uffd, self.dst)
         self.missing.register()
+        self._faults_scope = trio.CancelScope()
         nursery.start_soon(self._serve_faults)
 
     async def discard(self, runs: list[Run]) -> None:
         """Stale pages (source addresses): missing here from now on, until installed."""
         dst_runs = self.src.translate(runs, self.dst)
         self.missing.mark_missing(dst_runs)
-        pairs = array.array("Q", chain.from_iterable(self.dst.page_indices(dst_runs)))
-        await trio.to_thread.run_sync(self.client.discard, pairs.tobytes())
+        await trio.to_thread.run_sync(self.client.discard, guest_page_pairs(self.dst, dst_runs))
         self.discarded += count_pages(runs)
 
     def install(self, runs: list[Run], payload) -> None:
@@ -127,6 +125,7 @@ class IncomingPostcopy:
         if self.missing.missing:
             raise RemoteProtocolError(f"the source's page digest came with {self.missing.missing} pages still missing here")
         self.missing.finish()
+        self._faults_scope.cancel()
         if self.resumed_at is not None:
             self.duration_s = time.perf_counter() - self.resumed_at
             steps = await trio.to_thread.run_sync(self._steps)
@@ -140,22 +139,27 @@ class IncomingPostcopy:
     async def _serve_faults(self) -> None:
         """Read the guest's faults; ask the source for each faulting page not asked for yet."""
         missing = self.missing
-        while True:
-            await trio.lowlevel.wait_readable(missing.fileno())
-            addresses = missing.read_faults()
-            if not addresses:
-                continue
-            now = time.perf_counter()
-            runs = missing.claim(addresses, FAULT_WINDOW)
-            if not runs:
-                continue
-            firsts = {a for a, _ in runs}
-            for address in addresses:
-                if address in firsts and address not in self._waiting:
-                    self._waiting[address] = now
-                    self.faults += 1
-            await self.channel.send(p.Request(runs=tuple(self.dst.translate(runs, self.src))))
-            await self.channel.flush()
+        with self._faults_scope:
+            while True:
+                await self._serve_some_faults(missing)
+
+    async def _serve_some_faults(self, missing: MissingPages) -> None:
+        """Wait for faults; ask for the pages of those nobody asked for yet."""
+        await trio.lowlevel.wait_readable(missing.fileno())
+        addresses = missing.read_faults()
+        if not addresses:
+            return
+        now = time.perf_counter()
+        runs = missing.claim(addresses, FAULT_WINDOW)
+        if not runs:
+            return
+        firsts = {a for a, _ in runs}
+        for address in addresses:
+            if address in firsts and address not in self._waiting:
+                self._waiting[address] = now
+                self.faults += 1
+        await self.channel.send(p.Request(runs=tuple(self.dst.translate(runs, self.src))))
+        await self.channel.flush()
 
     def timings(self) -> dict[str, float]:
         """What the source reports of this side (Ack.timings_ms)."""

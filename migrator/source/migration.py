@@ -41,7 +41,7 @@ from .attach import AttachedGuest
 from .estimator import DowntimeEstimator, switchover_fixed_ms
 from .pages import PageStream
 from .policy import Action, PolicySettings
-from .postcopy import Delivery, PostcopyStats, discard_ahead, switch
+from .postcopy import Delivery, PostcopyStats, commit_switch, discard_ahead, switch
 from .progress import Progress, Sampler
 from .report import MigrationReport, PostcopyReport, RoundStats, report_of
 from .rounds import Precopy
@@ -308,18 +308,24 @@ class SourceMigration:
         state = self._switchover = Switchover(number=number)
         limit = s.switchover_timeout_s or switchover_deadline_s(s.downtime_ms, verify=s.verify,
                                                                  region_bytes=guest.layout.total_bytes)
-        with bounded(state, limit):
-            try:
-                stale = await switch(guest, sink, dirty, state, stats, migration=self.id, destination=self.address)
-            finally:
-                guest.committed = guest.committed or sink.committed
-        delivery = self._delivery = Delivery(sink, pages, digests, stale, number, stats)
         try:
-            with trio.fail_after(s.postcopy_timeout_s):
-                await delivery.run()
+            async with trio.open_nursery() as nursery:
+                with bounded(state, limit):
+                    try:
+                        stale = await switch(guest, sink, dirty, state, stats)
+                        delivery = self._delivery = Delivery(sink, pages, digests, stale, number, stats)
+                        nursery.start_soon(delivery.serve_requests)
+                        await commit_switch(guest, sink, state, stats, migration=self.id, destination=self.address)
+                    finally:
+                        guest.committed = guest.committed or sink.committed
+                with trio.fail_after(s.postcopy_timeout_s):
+                    await delivery.run()
+                nursery.cancel_scope.cancel()
         except trio.TooSlowError:
             raise MigrationFailed(self._interrupted(f"not done after {s.postcopy_timeout_s:g} s (--postcopy-timeout)")) from None
         except MigratorError as exc:
+            if not self.committed:
+                raise
             raise MigrationFailed(self._interrupted(describe(exc))) from exc
         state.verified = True
 

@@ -72,10 +72,10 @@ async def discard_ahead(sink: PeerSink, dirty: list[Run], number: int, stats: Po
     stats.discarded_ahead = count_pages(dirty)
 
 
-async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], state: Switchover, stats: PostcopyStats, *,
-                 migration: str, destination: str) -> list[Run]:
-    """Freeze, drop what the guest wrote since the last scan, switch and commit; returns every
-    stale page's runs. The downtime ends when the destination says its guest runs."""
+async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], state: Switchover,
+                 stats: PostcopyStats) -> list[Run]:
+    """Freeze, drop what the guest wrote since the last scan and switch; returns every stale
+    page's runs once the destination is armed (its Ack of the switch)."""
     layout = guest.layout
     stats.guest_rate_before = await trio.to_thread.run_sync(_write_rate, guest)
     state.freeze_at = time.perf_counter()
@@ -100,6 +100,14 @@ async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], state: 
         state.parts["dest_" + key] = value
     if not ack.ok:
         raise MigrationFailed(f"destination refused the post-copy switch: {ack.reason or '?'}")
+    return stale
+
+
+async def commit_switch(guest: AttachedGuest, sink: PeerSink, state: Switchover, stats: PostcopyStats, *,
+                        migration: str, destination: str) -> None:
+    """Cross the point of no return; the downtime ends when the destination says its guest runs.
+    Requests must be served meanwhile (``Delivery.serve_requests``): resuming, the guest may
+    touch a stale page before the destination answers."""
     # ---- point of no return: from here the source guest never resumes ----
     state.step = "commit"
     t = time.perf_counter()
@@ -113,7 +121,6 @@ async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], state: 
         raise MigrationFailed(f"destination failed to resume: {ack.reason or '?'}")
     stats.started = time.perf_counter()
     state.downtime_ms = ms(stats.started - state.freeze_at)
-    return stale
 
 
 def _write_rate(guest: AttachedGuest) -> float | None:
@@ -144,21 +151,20 @@ class Delivery:
         return self.states.count(STALE)
 
     async def run(self) -> None:
-        """Deliver, then the page digest; returns once the destination verified every page."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._serve_requests)
-            await self._push()
-            await self.sink.send(p.RoundEnd(round=self.number, pages=self.stats.stale_pages, final=True))
-            await self.sink.send(p.Digest(kind=p.DigestKind.PAGES, value=self.digests.value(), last=True))
-            await self.sink.flush()
-            ack = await self.sink.expect_ack(p.Acked.DIGEST)
-            nursery.cancel_scope.cancel()
+        """Push, then the page digest; returns once the destination verified every page. The
+        destination's requests are served by ``serve_requests``, running beside it."""
+        await self._push()
+        await self.sink.send(p.RoundEnd(round=self.number, pages=self.stats.stale_pages, final=True))
+        await self.sink.send(p.Digest(kind=p.DigestKind.PAGES, value=self.digests.value(), last=True))
+        await self.sink.flush()
+        ack = await self.sink.expect_ack(p.Acked.DIGEST)
         self.stats.duration_s = time.perf_counter() - self.stats.started
         self.stats.dest = dict(ack.timings_ms)
         if not ack.ok:
             raise MigrationFailed(f"destination's copy failed verification after post-copy: {ack.reason or '?'}")
 
-    async def _serve_requests(self) -> None:
+    async def serve_requests(self) -> None:
+        """Answer each Request with its pages not sent yet, ahead of the push."""
         ps = self.layout.page_size
         async for request in self.sink.requests:
             try:
