@@ -12,9 +12,9 @@ once nothing is missing, and the guest is trackable (WP_ASYNC) again, for a late
 
 Synchronous (the engines call it from worker threads); the page work is in C
 (``migrator.native.pages``), atomic per page and without a lock: the fault path (``read_faults``
-and ``claim``, one thread) and the push (``install``, any threads) run at once. A lock held
-around each install tripled a fault's mean round trip during a push (0.08 to 0.26 ms, p99 of
-the handler 0.15 to 0.9 ms, ``scripts/bench_faults.py --size 1G``).
+and ``claim``, one thread) and the push (``install``, any threads) run at once: a lock held
+around each install made a fault wait for the push's copy in progress, which tripled its round
+trip during a push (``scripts/bench_faults.py`` measures it).
 """
 
 from __future__ import annotations
