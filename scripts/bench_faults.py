@@ -12,6 +12,9 @@
               install): the mean round trip per fault is (check time - the same check with the
               pages present) / K; the handler's own share of each fault (read to installed) as
               p50 / p99
+  push        the same, for the faulted pages in the first half of the region, while a thread
+              installs the second half (1 MiB a call): what the lock shared by the fault path
+              and the push costs a fault
   discard     ``discard`` of up to 100k scattered one-page runs (every other data page): the
               time of the whole request, and of the guest's first touch on them afterwards
 
@@ -136,7 +139,7 @@ def main() -> int:
     parser.add_argument("--json", nargs="?", const="-", default=None)
     args = parser.parse_args()
     result: dict = {"size": args.size, "faults": args.faults, "install": [], "faults_round_trip_ms": [],
-                    "handler_ms": [], "discard": []}
+                    "handler_ms": [], "faults_with_push": [], "discard": []}
     with tempfile.TemporaryDirectory(prefix="bf-", dir="/tmp") as scratch:
         source = spawn_guest(os.path.join(scratch, "s.sock"), size=args.size, dirty_rate=None, fill="random",
                              extra_args=("--exit-with-parent",))
@@ -157,9 +160,16 @@ def main() -> int:
     handler = sorted(t for times in result["handler_ms"] for t in times)
     p50, p99 = handler[len(handler) // 2], handler[min(len(handler) - 1, int(len(handler) * 0.99))]
     discard = statistics.median(d["discard_ms"] for d in result["discard"])
+    pushed = result["faults_with_push"]
+    trip_push = statistics.median(r["round_trip_ms"] for r in pushed)
+    handler_push = sorted(t for r in pushed for t in r["handler_ms"])
+    p99_push = handler_push[min(len(handler_push) - 1, int(len(handler_push) * 0.99))]
     print(f"install into dropped pages: process_vm_writev {written:.2f} GB/s, UFFDIO_COPY {installed:.2f} GB/s "
           f"({ratio:.2f}x, median of the repeats' ratios); process_vm_writev into held pages {rates['write_populated_gb_s']:.2f} GB/s")
     print(f"faults: mean round trip {trip:.3f} ms per fault (window 1), handler p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    print(f"faults during a push of half the region: mean round trip {trip_push:.3f} ms, handler p99 "
+          f"{p99_push:.3f} ms (the push outlasted the faults in {sum(r['push_outlasted_the_faults'] for r in pushed)}"
+          f" of {len(pushed)} repeats)")
     print(f"discard: {result['discard'][0]['runs']} scattered runs in {discard:.1f} ms (median)")
     goals = [
         goal("fault round trip, mean ms (median of repeats; baseline: the check per page, pages present)", trip,
@@ -198,6 +208,24 @@ def run_once(scratch: str, repeat: int, args, data: bytes, result: dict) -> None
                 result["faults_round_trip_ms"].append((faulted - present) / len(chosen) * 1e3)
                 result.setdefault("check_present_ms_per_page", []).append(present / len(chosen) * 1e3)
                 result["handler_ms"].append([t * 1e3 for t in handler])
+
+                # the same faults while a push installs the second half of the region, 1 MiB a call
+                half = first + (total - first) // 2
+                early = [(a, n) for a, n in chosen if a < base + half * P]
+                rest = [(base + half * P, total - half)]
+                pages.mark_missing(early + rest)
+                dst.discard(guest_page_pairs(layout, early + rest))
+                work = batches(base, half, total)
+                push = threading.Thread(target=lambda: [pages.install(runs, data[runs[0][0] - base : runs[0][0] - base
+                                                                                 + runs[0][1] * P]) for runs in work])
+                pairs = guest_page_pairs(layout, early)
+                push.start()
+                faulted, handler = timed_check(reader, pairs, pages, data, base)
+                pushing = push.is_alive()
+                push.join(WAIT)
+                result["faults_with_push"].append({"round_trip_ms": (faulted - present * len(early) / len(chosen))
+                                                   / len(early) * 1e3, "handler_ms": [t * 1e3 for t in handler],
+                                                   "push_outlasted_the_faults": pushing})
 
                 # discard: every other data page, up to 100k runs
                 runs = [(base + (first + 2 * i) * P, 1) for i in range(min(100_000, (total - first) // 2))]

@@ -26,7 +26,8 @@ from .model import MemoryLayout, Run
 
 class PageStates:
     """The table (a ``bytearray``, every page 0 at first) and the operations over runs of it.
-    Not thread-safe: its owner serialises the calls (the C ones release the GIL)."""
+    The C calls release the GIL and change each state byte atomically, so claims and installs
+    may run at once from several threads; ``count`` is then a snapshot."""
 
     def __init__(self, layout: MemoryLayout) -> None:
         self.layout = layout

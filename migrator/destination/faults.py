@@ -11,7 +11,10 @@ answers and the background push may bring the same page in any order. ``finish``
 once nothing is missing, and the guest is trackable (WP_ASYNC) again, for a later migration.
 
 Synchronous (the engines call it from worker threads); the page work is in C
-(``migrator.native.pages``) and holds a lock, so the fault path and the push may share it.
+(``migrator.native.pages``), atomic per page and without a lock: the fault path (``read_faults``
+and ``claim``, one thread) and the push (``install``, any threads) run at once: a lock held
+around each install made a fault wait for the push's copy in progress, which tripled its round
+trip during a push (``scripts/bench_faults.py`` measures it).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import threading
 from collections.abc import Iterable, Sequence
 
 from ..core.errors import MigratorError, TrackerError
@@ -55,7 +57,6 @@ class MissingPages:
         self._fd: int | None = uffd
         self.layout = layout
         self.states = PageStates(layout)
-        self._lock = threading.Lock()
         self.zero_filled = 0             # faulted pages, current here, that were absent: zero pages
         os.set_blocking(uffd, False)      # read_faults never waits (the guest made it so already)
 
@@ -88,8 +89,7 @@ class MissingPages:
     def mark_missing(self, runs: Sequence[Run]) -> int:
         """The pages of ``runs`` (guest addresses) are not current: MISSING. Returns how many
         pages changed state (a REQUESTED page becomes MISSING again). EFAULT names a run outside."""
-        with self._lock:
-            return self.states.set(runs, MISSING)
+        return self.states.set(runs, MISSING)
 
     @property
     def missing(self) -> int:
@@ -108,9 +108,8 @@ class MissingPages:
             raise ValueError(f"install: {len(payload)} bytes for {pages} pages")
         counts = ffi.new("uint64_t[2]")
         buf = ffi.from_buffer(payload) if payload is not None else ffi.NULL
-        with self._lock:
-            rc = lib.uffd_install(self.fileno(), *self.states.c_arguments(), ffi.from_buffer("uint64_t[]", pairs),
-                                  len(runs), buf, int(payload is None), counts)
+        rc = lib.uffd_install(self.fileno(), *self.states.c_arguments(), ffi.from_buffer("uint64_t[]", pairs),
+                              len(runs), buf, int(payload is None), counts)
         if rc == lib.INSTALL_OUTSIDE:
             raise AssertionError("uffd_install refused runs that were checked")
         if rc < 0:
@@ -154,15 +153,14 @@ class MissingPages:
             if region is None:
                 raise OSError(errno.EFAULT, f"fault at {address:#x} lies outside the layout")
             runs.append((page, min(window, (region.end - page) // ps)))
-        with self._lock:
-            current = [page for page, _ in runs if self.states.value_at(page) == CURRENT]
-            if current:
-                filled = lib.uffd_zero_fill(self.fileno(), ffi.new("uint64_t[]", current), len(current), ps)
-                if filled < 0:
-                    raise OSError(-filled, f"UFFDIO_ZEROPAGE of {len(current)} faulted pages from {current[0]:#x}: "
-                                           f"{os.strerror(-filled)}")
-                self.zero_filled += filled
-            return self.states.claim(runs, MISSING, REQUESTED)
+        current = [page for page, _ in runs if self.states.value_at(page) == CURRENT]
+        if current:
+            filled = lib.uffd_zero_fill(self.fileno(), ffi.new("uint64_t[]", current), len(current), ps)
+            if filled < 0:
+                raise OSError(-filled, f"UFFDIO_ZEROPAGE of {len(current)} faulted pages from {current[0]:#x}: "
+                                       f"{os.strerror(-filled)}")
+            self.zero_filled += filled
+        return self.states.claim(runs, MISSING, REQUESTED)
 
     def finish(self) -> None:
         """Drop MISSING mode: every region registered MODE_WP alone, WP_ASYNC-trackable again.

@@ -267,10 +267,8 @@ uint64_t runs_set(uint8_t *state, uint64_t nstate, const uint64_t *regions, uint
     for (uint64_t i = 0; i < nruns; i++) {
         uint64_t count = runs[2 * i + 1];
         uint8_t *at = state + run_first(regions, nregions, &hint, page_size, nstate, runs[2 * i], count);
-        for (uint64_t k = 0; k < count; k++) {
-            changed += at[k] != value;
-            at[k] = value;
-        }
+        for (uint64_t k = 0; k < count; k++)
+            changed += __atomic_exchange_n(&at[k], value, __ATOMIC_RELAXED) != value;
     }
     return changed;
 }
@@ -297,21 +295,24 @@ uint64_t runs_claim(uint8_t *state, uint64_t nstate, const uint64_t *regions, ui
     uint64_t hint = 0, n = 0;
     for (uint64_t i = 0; i < nruns; i++) {
         uint64_t address = runs[2 * i], count = runs[2 * i + 1];
-        uint64_t first = run_first(regions, nregions, &hint, page_size, nstate, address, count);
+        uint8_t *st = state + run_first(regions, nregions, &hint, page_size, nstate, address, count);
         for (uint64_t k = 0; k < count; k++) {
-            if (state[first + k] != from)
+            if (__atomic_load_n(&st[k], __ATOMIC_RELAXED) != from)   /* the cheap test first */
                 continue;
             uint64_t at = address + k * page_size;
-            if (n && out[2 * n - 2] + out[2 * n - 1] * page_size == at) {
+            int extends = n && out[2 * n - 2] + out[2 * n - 1] * page_size == at;
+            if (!extends && n == out_pairs)
+                return RUNS_NO_ROOM;
+            uint8_t expected = from;     /* an install may take the page meanwhile: the exchange decides */
+            if (!__atomic_compare_exchange_n(&st[k], &expected, to, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                continue;
+            if (extends) {
                 out[2 * n - 1]++;
             } else {
-                if (n == out_pairs)
-                    return RUNS_NO_ROOM;
                 out[2 * n] = at;
                 out[2 * n + 1] = 1;
                 n++;
             }
-            state[first + k] = to;
         }
     }
     return n;
@@ -347,8 +348,7 @@ static int64_t install_stretch(int uffd, uint8_t *st, uint64_t dst, const uint8_
         int err = install_once(uffd, dst + k * page_size, buf ? buf + k * page_size : NULL, (n - k) * page_size, &done);
         for (uint64_t end = k + done / page_size; k < end; k++) {
             out_counts[0]++;
-            out_counts[1] += st[k] == 2;
-            st[k] = 0;
+            out_counts[1] += __atomic_exchange_n(&st[k], 0, __ATOMIC_RELAXED) == 2;
         }
         if (!err || err == EAGAIN || err == EINTR)
             continue;
@@ -357,7 +357,7 @@ static int64_t install_stretch(int uffd, uint8_t *st, uint64_t dst, const uint8_
         /* page k is present already: keep it, wake whoever waits on it, go on after it */
         struct uffdio_range range = {.start = dst + k * page_size, .len = page_size};
         ioctl(uffd, UFFDIO_WAKE, &range);
-        st[k++] = 0;
+        __atomic_store_n(&st[k++], 0, __ATOMIC_RELAXED);
     }
     return 0;
 }
@@ -375,12 +375,12 @@ int64_t uffd_install(int uffd, uint8_t *state, uint64_t nstate, const uint64_t *
         uint64_t first = run_first(regions, nregions, &hint, page_size, nstate, address, count);
         uint64_t k = 0;
         while (k < count) {
-            if (!state[first + k]) {     /* current: skipped here and in buf */
+            if (!__atomic_load_n(&state[first + k], __ATOMIC_RELAXED)) {   /* current: skipped here and in buf */
                 k++;
                 continue;
             }
             uint64_t start = k;
-            while (k < count && state[first + k])
+            while (k < count && __atomic_load_n(&state[first + k], __ATOMIC_RELAXED))
                 k++;
             int64_t rc = install_stretch(uffd, state + first + start, address + start * page_size,
                                          zero ? NULL : buf + start * page_size, k - start, page_size, out_counts);

@@ -49,7 +49,10 @@ uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, con
    first page index) triples and runs nruns (address, page count) pairs, as there. A run is
    refused when its address is not page-aligned, it overflows, or its pages are not all inside
    one region and the table; a run of no pages is accepted and does nothing. Every function
-   checks all the runs before it changes anything, so a refusal changes no state.
+   checks all the runs before it changes anything, so a refusal changes no state. Every state
+   byte is read and written atomically (relaxed): an install and a claim may run at once on one
+   table (the destination's push and its fault path), and a page claimed while it is installed
+   ends current, counted as requested.
    runs_outside returns the index of the first refused run, or nruns. */
 #define RUNS_OUTSIDE 0xFFFFFFFFFFFFFFFF
 #define RUNS_NO_ROOM 0xFFFFFFFFFFFFFFFE

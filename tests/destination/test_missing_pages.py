@@ -282,3 +282,39 @@ def test_a_touch_waits_through_a_lost_holder_until_a_new_one_installs_the_page(g
             thread.join(WAIT)
             assert outcome == [region_digest(data)]
             again.finish()
+
+
+def test_claims_racing_a_push_leave_every_page_installed_once_and_counted(guests):
+    target = guests("target", restore=True)
+    with target.client(timeout=WAIT) as dst:
+        pages, layout = missing_pages_of(dst)
+        with pages:
+            base, total = layout.regions[0].start, SIZE // P
+            data = os.urandom(SIZE)
+            everything = [(base, total)]
+            pages.mark_missing(everything)
+            dst.discard(guest_page_pairs(layout, everything))
+            claimed: list = []
+
+            def claims() -> None:          # the fault path, asking for pages all over the region
+                for i in range(total):
+                    claimed.extend(pages.claim([base + (i * 613 % total) * P], 3))
+
+            counts: list = []
+
+            def push() -> None:            # the background push, 16 pages a call
+                for first in range(0, total, 16):
+                    counts.append(pages.install([(base + first * P, 16)], data[first * P : (first + 16) * P]))
+
+            start = threading.Barrier(2)
+            threads = [threading.Thread(target=lambda: (start.wait(WAIT), claims())),
+                       threading.Thread(target=lambda: (start.wait(WAIT), push()))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(WAIT)
+            assert not any(thread.is_alive() for thread in threads)
+            assert pages.missing == 0 and pages.zero_filled == 0
+            assert sum(n for n, _ in counts) == total                       # each page installed once
+            assert sum(r for _, r in counts) == sum(n for _, n in claimed)  # every claimed page, counted once
+            assert dst.digest() == region_digest(data)
