@@ -261,6 +261,7 @@ class DestinationMigration:
                 self.parts[key] = self.parts.get(key, 0.0) + (time.perf_counter() - t) * 1000
             elif isinstance(event, p.Switch):
                 await self._arm_postcopy(queue)
+                self.postcopy.register()
                 if event.pages != self.postcopy.missing.missing:
                     raise RemoteProtocolError(f"Switch names {event.pages} stale pages; the Discards named "
                                               f"{self.postcopy.missing.missing}")

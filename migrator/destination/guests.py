@@ -38,6 +38,8 @@ from ..core.model import MemoryLayout
 from ..tracker.memory import MemfdMemory, ProcessMemory
 
 POPULATED_POLL_S = 0.05
+# restore guests' socket names, unique in this process: two RestoreGuests may share a control directory
+_NAMES = itertools.count()
 
 
 @dataclass
@@ -82,7 +84,6 @@ class RestoreGuests:
         self.memfd = memfd
         self.prepare = prepare
         self._log = log
-        self._names = itertools.count()
         self._prepared: RestoreTarget | None = None
         self._starting: trio.Event | None = None    # set when the prepared guest's start ended
         self._taken = trio.Event()
@@ -153,7 +154,7 @@ class RestoreGuests:
 
     def _open(self, size: int, prepared: bool) -> RestoreTarget:
         """Start a restore guest and open it for receiving (blocking: a worker thread)."""
-        control = os.path.join(self.control_dir, f"restore-{os.getpid()}-{next(self._names)}.sock")
+        control = os.path.join(self.control_dir, f"restore-{os.getpid()}-{next(_NAMES)}.sock")
         try:
             guest = spawn_guest(control, size=size, dirty_rate=None, restore=True, memfd=self.memfd)
         except GuestError as exc:

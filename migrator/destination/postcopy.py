@@ -83,16 +83,22 @@ class IncomingPostcopy:
         if attachment.memfd is not None:
             os.close(attachment.memfd)
         self.missing = MissingPages(attachment.uffd, self.dst)
-        self.missing.register()
         self._faults_scope = trio.CancelScope()
         nursery.start_soon(self._serve_faults)
 
     async def discard(self, runs: list[Run]) -> None:
-        """Stale pages (source addresses): missing here from now on, until installed."""
+        """Stale pages (source addresses): missing here from now on, until installed. MISSING
+        mode is registered after the guest's first discard, which waits for its background
+        populate: registered earlier, the populate would stop at the first absent page."""
         dst_runs = self.src.translate(runs, self.dst)
         self.missing.mark_missing(dst_runs)
         await trio.to_thread.run_sync(self.client.discard, guest_page_pairs(self.dst, dst_runs))
+        self.register()
         self.discarded += count_pages(runs)
+
+    def register(self) -> None:
+        """MISSING mode on the guest's region (again is harmless)."""
+        self.missing.register()
 
     def install(self, runs: list[Run], payload) -> None:
         """A Pages (payload) or Zero (None) event's pages after the switch, in place at once."""

@@ -329,6 +329,14 @@ class SourceMigration:
             raise MigrationFailed(self._interrupted(describe(exc))) from exc
         state.verified = True
 
+    def _describe(self, error: BaseException) -> str:
+        """One line for a failure; after a post-copy commit it says what was left where."""
+        text = describe(error)
+        delivery = self._delivery
+        if delivery is not None and self.committed and not self._switchover.verified and "post-copy interrupted" not in text:
+            return self._interrupted(text)
+        return text
+
     def _interrupted(self, why: str) -> str:
         delivery, pid = self._delivery, self._guest.layout.pid
         return (f"post-copy interrupted with {delivery.owed} of {delivery.stats.stale_pages} stale pages never sent: "
@@ -354,7 +362,7 @@ class SourceMigration:
         return report_of(
             self.settings, layout=getattr(guest, "layout", None), precopy=self._precopy, switchover=self._switchover,
             wire_bytes=self._sink.statistics().bytes_wire if self._sink else 0, rule=self._rule,
-            error=None if error is None else describe(error), total_s=total_s,
+            error=None if error is None else self._describe(error), total_s=total_s,
             result="committed" if error is None else "failed", committed=self.committed,
             tls=self.settings.tls is not None, id=self.id, peer=self.address, started_at=self.started_at,
             control=self.control_path,
