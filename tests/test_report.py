@@ -34,7 +34,7 @@ REPORT = {
     "kind": "migration",
     "settings": {"downtime_ms": 50, "max_rounds": 30, "tracker": "wp-async", "compress": "zstd:1",
                  "streams": 1, "bandwidth": None, "verify": "pages", "tls": False,
-                 "size_bytes": 512 * MiB, "pages": 131072, "frame_macs": False},
+                 "size_bytes": 512 * MiB, "pages": 131072, "frame_macs": False, "mode": "precopy"},
     "rounds": [
         ROUND,
         dict(ROUND, round=1, dirty_pages=24000, zero_pages=0, bytes_raw=24000 * 4096, bytes_wire=30720000,
@@ -50,7 +50,7 @@ REPORT = {
     "downtime_parts_ms": {"freeze": 0.1, "final_scan": 0.3, "final_send": 2.0, "verify": 0.5,
                           "region_digest": 0.0, "commit": 0.8, "resume": 0.5},
     "total_s": 1.5, "pages_sent": 160072, "bytes_raw": 655654912, "bytes_wire": 173862912,
-    "verified": True, "result": "committed", "committed": True, "error": None, "control": None,
+    "verified": True, "result": "committed", "committed": True, "error": None, "control": None, "postcopy": None,
 }
 
 

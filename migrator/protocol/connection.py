@@ -53,8 +53,8 @@ from ._payload import ZERO_PAGES, Compression, as_bytes_view, decode_payload, en
 from ._state import DATA_STATES, LIVE, RECORDED, Role, State, symbol, transition
 from ._wire import decode_fields, encode_meta, hello_version
 from .events import (
-    DATA_EVENTS, NONCE_SIZE, PROTOCOL_VERSION, SESSION_ID_SIZE, Abort, Auth, Commit, ConnectionClosed,
-    Event, Fence, Hello, Index, Layout, Pages, _int, _runs,
+    DATA_EVENTS, NONCE_SIZE, PROTOCOL_VERSION, SESSION_ID_SIZE, Abort, Auth, Commit, ConnectionClosed, Digest,
+    Discard, Event, Fence, Hello, Index, Layout, Pages, Request, _int, _runs,
 )
 
 MIN_TOKEN = 16
@@ -631,8 +631,14 @@ class Connection:
             frames = self._recv_seq - 1 if received else self._send_seq
             if len(event.entries) != frames:
                 raise LocalProtocolError(f"Index lists {len(event.entries)} frames, the stream had {frames}")
-        if kind in (Commit, Abort) and sender is Role.SOURCE and self._data_limit is None:
-            # data frames of parallel streams sent before this are counted by the last Fence
+        if kind in (Discard, Request):
+            self._require_bounds().check(event.runs)    # stale or requested pages lie in the Layout
+        # Data ends at an Abort, at a pre-copy Commit, or (post-copy: pages follow the Commit) at the
+        # source's page digest after it. Frames of parallel streams sent before are counted by the
+        # last Fence.
+        ends_data = kind is Abort or (kind is Commit and self._state is not State.SWITCHED) or (
+            kind is Digest and self._state is State.POSTCOPY)
+        if ends_data and sender is Role.SOURCE and self._data_limit is None:
             self._data_limit = self._fence or (0,) * self._streams
 
     def _check_version(self, version: int | None) -> None:

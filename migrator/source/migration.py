@@ -263,7 +263,8 @@ class SourceMigration:
     async def _migrate(self, guest: AttachedGuest) -> None:
         s, layout = self.settings, guest.layout
         async with PeerSink.open(self.address, token=s.token, compress=s.compress, streams=s.streams,
-                                 bandwidth=s.bandwidth, tls=s.tls, frame_macs=s.frame_macs) as sink:
+                                 bandwidth=s.bandwidth, tls=s.tls, frame_macs=s.frame_macs,
+                                 urgent=s.postcopy) as sink:
             self._sink = sink
             if s.postcopy and p.POSTCOPY_FEATURE not in sink.channel.peer.features:
                 raise MigrationFailed(f"the receiver at {self.address} does not offer post-copy: upgrade it, "

@@ -13,9 +13,9 @@ pre-copy. From Commit on the destination's guest runs and the source never resum
 memory is the only copy of the pages not yet delivered, so a failure keeps it frozen (never
 killed) and says how many pages were still owed.
 
-QEMU's postcopy-preempt keeps requested pages off the bulk channel. Here both share the link,
-so the push goes in small frames and a requested page waits for at most the few frames the
-sender has outstanding, never for the rest of the push.
+Requested pages go on a connection of their own (the sink's urgent link, as QEMU's
+postcopy-preempt channel), written the moment they are read: they never wait behind the push's
+queued frames or its full socket buffers.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .. import protocol as p
+from ..core.buffers import BufferPool
 from ..core.digest import PageDigests
 from ..core.errors import MigrationFailed
 from ..core.model import Run
@@ -145,6 +146,13 @@ class Delivery:
         self.stats = stats
         self.states = PageStates(self.layout)
         self.states.set(stale, STALE)
+        # held from claiming a request's pages until they are written: the page digest, a
+        # barrier, must not overtake pages the push skipped because a request claimed them
+        self._answering = trio.Lock()
+        # requested pages are read into buffers of their own size: taking one of the push's
+        # large pooled buffers, or a fresh one when the push holds them all, would fault in
+        # megabytes on the request's path
+        self._request_buffers = BufferPool(PUSH_FRAME_PAGES * self.layout.page_size)
 
     @property
     def owed(self) -> int:
@@ -154,7 +162,8 @@ class Delivery:
         """Push, then the page digest; returns once the destination verified every page. The
         destination's requests are served by ``serve_requests``, running beside it."""
         await self._push()
-        await self.sink.send(p.RoundEnd(round=self.number, pages=self.stats.stale_pages, final=True))
+        async with self._answering:
+            await self.sink.send(p.RoundEnd(round=self.number, pages=self.stats.stale_pages, final=True))
         await self.sink.send(p.Digest(kind=p.DigestKind.PAGES, value=self.digests.value(), last=True))
         await self.sink.flush()
         ack = await self.sink.expect_ack(p.Acked.DIGEST)
@@ -167,18 +176,25 @@ class Delivery:
         """Answer each Request with its pages not sent yet, ahead of the push."""
         ps = self.layout.page_size
         async for request in self.sink.requests:
-            try:
-                runs = self.states.claim(list(request.runs), STALE, SENT)
-            except OSError as exc:
-                raise MigrationFailed(f"destination requested pages outside the guest's layout: {exc}") from None
-            self.stats.requests += 1
-            if not runs:
-                continue    # pushed already, or on its way
-            for batch in split_runs(runs, PUSH_FRAME_PAGES, MAX_RUNS_PER_EVENT, ps):
-                data, _ = self.pages.read_chunk(batch)    # a few pages: no thread hop on this path
-                await self.sink.send(p.Pages(round=self.number, runs=tuple(batch), payload=data))
-            await self.sink.flush()
-            self.stats.requested_pages += count_pages(runs)
+            async with self._answering:
+                try:
+                    runs = self.states.claim(list(request.runs), STALE, SENT)
+                except OSError as exc:
+                    raise MigrationFailed(f"destination requested pages outside the guest's layout: {exc}") from None
+                self.stats.requests += 1
+                if not runs:
+                    continue    # pushed already, or on its way
+                for batch in split_runs(runs, PUSH_FRAME_PAGES, MAX_RUNS_PER_EVENT, ps):
+                    data = self._read_requested(batch)
+                    await self.sink.send(p.Pages(round=self.number, runs=tuple(batch), payload=data), urgent=True)
+                self.stats.requested_pages += count_pages(runs)
+
+    def _read_requested(self, runs: list[Run]) -> memoryview:
+        """A few pages, read and hashed on this thread: no thread hop on the request's path."""
+        data = memoryview(self._request_buffers.take())[: count_pages(runs) * self.layout.page_size]
+        self.pages.memory.read_runs(runs, data)
+        self.digests.record_runs(self.layout, runs, data)
+        return data
 
     async def _push(self) -> None:
         ps = self.layout.page_size

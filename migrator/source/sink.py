@@ -38,8 +38,12 @@ class Sink:
     def __init__(self, channel) -> None:
         self.channel = channel
 
-    async def send(self, event: p.Event) -> None:
-        await self.channel.send(event)
+    async def send(self, event: p.Event, *, urgent: bool = False) -> None:
+        """``urgent``: on a live peer's urgent link (post-copy's requested pages)."""
+        if urgent:
+            await self.channel.send(event, urgent=True)
+        else:
+            await self.channel.send(event)
 
     async def flush(self) -> None:
         await self.channel.flush()
@@ -65,12 +69,13 @@ class PeerSink(Sink):
     @asynccontextmanager
     async def open(cls, address: str, *, token: bytes | None, compress: str, streams: int,
                    bandwidth: float | None, tls: ssl.SSLContext | None,
-                   frame_macs: bool = False) -> AsyncIterator[PeerSink]:
+                   frame_macs: bool = False, urgent: bool = False) -> AsyncIterator[PeerSink]:
         """Connect; while the block runs a task reads the peer. Leaving on a failure before the
-        commit tells the peer to discard its copy."""
+        commit tells the peer to discard its copy. ``urgent``: one more connection, for
+        post-copy's requested pages."""
         with deadline(HANDSHAKE_TIMEOUT_S, f"connecting to {address} (handshake)"):
             channel = await connect(address, token=token, compress=compress, streams=streams,
-                                    bandwidth=bandwidth, tls=tls, frame_macs=frame_macs)
+                                    bandwidth=bandwidth, tls=tls, frame_macs=frame_macs, urgent=urgent)
         sink = cls(channel)
         try:
             async with trio.open_nursery() as nursery:

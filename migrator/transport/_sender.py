@@ -14,7 +14,10 @@ megabyte (~20-90 us) costs less than handing it to a worker and back (two cross-
 ~64 us each). Only frames worth compressing, or MACing, go to worker threads.
 
 With several links (parallel streams), Pages and Zero go to the link with the fewest frames
-outstanding. Every other event is a barrier: it goes on link 0. If data moved since the last
+outstanding. With ``urgent`` the last link is kept for ``send(..., urgent=True)``: post-copy's
+requested pages, written at once under that link's own lock, so they never wait behind the bulk
+links' queues, socket buffers or the lock a bulk send holds while its socket is full (QEMU's
+postcopy-preempt channel). Every other event is a barrier: it goes on link 0. If data moved since the last
 barrier, a ``Fence`` listing how many data frames each link has carried goes first on every
 link: the receiver delivers those frames before the barrier, and nothing that follows a Fence
 on another link before the barrier (multifd's sync packets, in effect).
@@ -66,8 +69,14 @@ class Sender:
         threads: int,
         bandwidth: float | None = None,
         on_written: FrameHook | None = None,
+        urgent: bool = False,
     ) -> None:
+        if urgent and len(links) < 2:
+            raise TransportError("an urgent link needs a second link beside the bulk one")
         self._links = links
+        self._urgent = links[-1] if urgent else None
+        self._bulk = links[:-1] if urgent else links
+        self._urgent_lock = trio.Lock()
         self._counters = counters
         self._queues: list[deque[_Outgoing]] = [deque() for _ in links]
         self._order: deque[_Outgoing] = deque()
@@ -97,20 +106,47 @@ class Sender:
             self._failure = next((link.broken for link in self._links if link.broken), None)
         return self._failure
 
-    async def send(self, event: Event) -> None:
+    async def send(self, event: Event, *, urgent: bool = False) -> None:
+        if urgent:
+            await self._send_urgent(event)
+            return
         async with self._lock:
             self._check()
             if type(event) in DATA_EVENTS:
                 self._queue(self._pick(), event)
             else:
                 if len(self._links) > 1:
-                    counts = tuple(link.conn.data_frames for link in self._links)
-                    if counts != self._fenced:
-                        for link in self._links:
-                            self._queue(link, Fence(frames=counts))
-                        self._fenced = counts
+                    async with self._urgent_lock:   # the urgent link's count and Fence, unraced
+                        counts = tuple(link.conn.data_frames for link in self._links)
+                        if counts != self._fenced:
+                            for link in self._links:
+                                if link is self._urgent:
+                                    await self._write_now(link, Fence(frames=counts))
+                                else:
+                                    self._queue(link, Fence(frames=counts))
+                            self._fenced = counts
                 self._queue(self._links[0], event)
             await self._drain(self._max_outstanding if type(event) in DATA_EVENTS else 0)
+
+    async def _send_urgent(self, event: Event) -> None:
+        """Write a data event on the urgent link now, sealed on this thread (it is small)."""
+        if self._urgent is None:
+            raise TransportError("this channel has no urgent link (connect with urgent=True)")
+        if type(event) not in DATA_EVENTS:
+            raise TransportError(f"only Pages and Zero go on the urgent link, not {type(event).__name__}")
+        async with self._urgent_lock:
+            self._check()
+            await self._write_now(self._urgent, event)
+
+    async def _write_now(self, link: Link, event: Event) -> None:
+        pending = link.conn.send_deferred(event)
+        out = _Outgoing(link, pending, event)
+        out.data, out.seconds = finish_frame(pending)
+        try:
+            await self._write(out)
+        except TransportError as exc:
+            self._failure = exc
+            raise
 
     async def flush(self) -> None:
         async with self._lock:
@@ -122,13 +158,14 @@ class Sender:
             raise self.failure
 
     def _pick(self) -> Link:
-        n = len(self._links)
+        links = self._bulk
+        n = len(links)
         if n == 1:
-            return self._links[0]
-        shift = min(range(n), key=lambda i: len(self._queues[(self._next + i) % n]))
+            return links[0]
+        shift = min(range(n), key=lambda i: len(self._queues[links[(self._next + i) % n].index]))
         index = (self._next + shift) % n
         self._next = index + 1
-        return self._links[index]
+        return links[index]
 
     def _queue(self, link: Link, event: Event) -> None:
         pending = link.conn.send_deferred(event)       # LocalProtocolError: the caller's mistake

@@ -30,12 +30,14 @@ class Channel:
         *,
         threads: int = 1,
         bandwidth: float | None = None,
+        urgent: bool = False,
     ) -> None:
         self.role = role
         self._links = links
         self._counters = counters
+        self.urgent = urgent
         if role is Role.SOURCE:
-            self._sender = Sender(links, counters, threads=threads, bandwidth=bandwidth)
+            self._sender = Sender(links, counters, threads=threads, bandwidth=bandwidth, urgent=urgent)
             self._receiver: DirectReceiver | GatheringReceiver = DirectReceiver(links[0], counters)
         else:
             self._sender = Sender(links[:1], counters, threads=1, bandwidth=bandwidth)
@@ -81,16 +83,18 @@ class Channel:
 
     # --- moving events ---------------------------------------------------------------------
 
-    async def send(self, event: Event) -> None:
+    async def send(self, event: Event, *, urgent: bool = False) -> None:
         """Send ``event``. Pages and Zero may return before they are compressed and written
         (``flush`` waits for them); any other event returns once it and everything before it
-        is written.
+        is written. ``urgent`` (a source connected with ``urgent=True``; Pages and Zero only)
+        writes it at once on the link kept for that, ahead of anything queued on the others;
+        it is ordered before the next barrier, like any data event.
 
         Raises LocalProtocolError if the event is not allowed now, TransportError if the
         connection failed."""
         self._check_open()
         try:
-            await self._sender.send(event)
+            await self._sender.send(event, urgent=urgent)
         except LocalProtocolError:
             self._raise_receive_failure()   # bad data from the peer broke the connection first
             raise

@@ -88,28 +88,30 @@ async def connect(
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
     tls: ssl.SSLContext | None = None,
     frame_macs: bool = False,
+    urgent: bool = False,
 ) -> Channel:
     """Open a session to ``address`` ("HOST:PORT", "tcp:HOST:PORT", "unix:/path") as the source.
 
     ``streams`` connections (and as many compression threads); ``bandwidth`` caps wire bytes/s;
     ``tls`` (a client context) encrypts every connection, the server's certificate checked
     against the address's host; ``frame_macs`` keeps MACs on every frame however protected the
-    link looks (``link_features``).
+    link looks (``link_features``); ``urgent`` opens one connection more, kept for urgent data
+    (``Channel.send(..., urgent=True)``: post-copy's requested pages).
     """
     target = parse_address(address)
-    if type(streams) is not int or not 1 <= streams <= MAX_STREAMS:
-        raise TransportError(f"streams must be 1..{MAX_STREAMS}, not {streams!r}")
+    if type(streams) is not int or not 1 <= streams <= MAX_STREAMS - urgent:
+        raise TransportError(f"streams must be 1..{MAX_STREAMS - urgent}, not {streams!r}")
     check_tls_address(target, tls)
     opened: list[trio.abc.Stream] = []
     try:
         with trio.fail_after(handshake_timeout):
-            for _ in range(streams):
+            for _ in range(streams + urgent):
                 opened.append(await _open_stream(target))
                 if tls is not None:
                     opened[-1] = TLSStream(opened[-1], tls, server_hostname=target.host)
                     await tls_handshake(opened[-1], str(target))
             return await open_source(opened, token=token, compress=compress, bandwidth=bandwidth, name=str(target),
-                                     frame_macs=frame_macs)
+                                     frame_macs=frame_macs, urgent=urgent)
     except trio.TooSlowError:
         raise TransportError(f"{target}: no handshake within {handshake_timeout:g} s") from None
     except BaseException:
@@ -135,8 +137,10 @@ async def open_source(
     bandwidth: float | None = None,
     name: str = "peer",
     frame_macs: bool = False,
+    urgent: bool = False,
 ) -> Channel:
-    """Run the source's handshake over already-open ``streams`` (the first is the primary)."""
+    """Run the source's handshake over already-open ``streams`` (the first is the primary; with
+    ``urgent`` the last is kept for urgent data)."""
     counters = Counters(len(streams))
     primary = Connection(Role.SOURCE, token=token, compress=compress)
     links = [Link(0, streams[0], primary, name, counters)]
@@ -145,7 +149,7 @@ async def open_source(
         conn = Connection(Role.SOURCE, token=token, compress=compress, join=primary, stream=index)
         links.append(Link(index, stream, conn, f"{name} stream {index}", counters))
         await _source_handshake(links[-1], Hello(features=link_features(stream, frame_macs=frame_macs)))
-    return Channel(Role.SOURCE, links, counters, threads=len(streams), bandwidth=bandwidth)
+    return Channel(Role.SOURCE, links, counters, threads=len(streams) - urgent, bandwidth=bandwidth, urgent=urgent)
 
 
 async def _source_handshake(link: Link, hello: Hello) -> None:
