@@ -129,8 +129,7 @@ def main() -> int:
                "pages_sent": r["pages_sent"], "bytes_wire": r["bytes_wire"]}
         for mode, r in reports.items()
     }
-    print("
-mode        downtime ms   total s   total/push   max throttle   rule")
+    print("\nmode        downtime ms   total s   total/push   max throttle   rule")
     for mode, c in out["comparison"].items():
         print(f"{mode:10} {c['downtime_ms'] or 0:12.1f} {c['total_s']:9.2f} {c['total_over_push']:12.2f} "
               f"{c['throttle_max']:14.0%}   {c['rule']}")

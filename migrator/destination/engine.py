@@ -244,7 +244,7 @@ class DestinationMigration:
                 event = await self.channel.receive()
             if isinstance(event, (p.Pages, p.Zero)) and self.postcopy is not None:
                 # post-copy: straight into place, where a faulting guest thread may be waiting
-                self.postcopy.install(list(event.runs), event.payload if isinstance(event, p.Pages) else None)
+                await self.postcopy.deliver(list(event.runs), event.payload if isinstance(event, p.Pages) else None)
             elif isinstance(event, p.Pages):
                 await queue.send((event.round, list(event.runs), event.payload))
                 if freeze_at is not None:
@@ -327,6 +327,7 @@ class DestinationMigration:
         if digest.kind is not p.DigestKind.PAGES or not digest.last:
             raise RemoteProtocolError("post-copy ends with one page digest")
         t = time.perf_counter()
+        await self.postcopy.drained()
         await self.postcopy.finish()
         if digest.value != self.digests.value():
             self.failure = "page digests differ after post-copy: a page was corrupted or misapplied"

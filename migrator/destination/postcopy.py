@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import statistics as stats_
+import threading
 import time
 from dataclasses import dataclass
 
@@ -31,9 +32,11 @@ from ..core.errors import MigrationFailed, RemoteProtocolError
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from ..guest.client import GuestClient
-from .faults import MissingPages, guest_page_pairs
+from .faults import REQUESTED, MissingPages, guest_page_pairs
 
 FAULT_WINDOW = 16        # pages asked for per fault: the faulting page and the ones after it
+BULK_QUEUE = 32          # pushed events waiting for the installer thread (the receive loop never does)
+BULK_BATCH = 4           # pushed events installed per worker-thread call
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +56,12 @@ class ReceivedPostcopy:
 
 
 class IncomingPostcopy:
-    """Armed at the first Discard; used by the destination's engine from its receive loop."""
+    """Armed at the first Discard; used by the destination's engine from its receive loop.
+
+    ``deliver`` installs an event that answers a fault at once, on the receive loop, and hands
+    pushed ones to an installer task (a worker thread per batch), so that neither the receive
+    loop nor the fault task ever waits behind the push.
+    """
 
     def __init__(self, channel, client: GuestClient, src: MemoryLayout, dst: MemoryLayout,
                  digests: PageDigests) -> None:
@@ -68,6 +76,7 @@ class IncomingPostcopy:
         self.requested = 0
         self.pushed = 0
         self._waiting: dict[int, float] = {}    # faulting page address -> when its fault was read
+        self._counting = threading.Lock()        # the installer thread and the receive loop count
         self._latencies: list[float] = []
         self.resumed_at: float | None = None
         self._steps_at_resume: int | None = None
@@ -85,6 +94,8 @@ class IncomingPostcopy:
         self.missing = MissingPages(attachment.uffd, self.dst)
         self._faults_scope = trio.CancelScope()
         nursery.start_soon(self._serve_faults)
+        self._bulk_in, bulk_out = trio.open_memory_channel(BULK_QUEUE)
+        nursery.start_soon(self._install_bulk, bulk_out)
 
     async def discard(self, runs: list[Run]) -> None:
         """Stale pages (source addresses): missing here from now on, until installed. MISSING
@@ -100,12 +111,50 @@ class IncomingPostcopy:
         """MISSING mode on the guest's region (again is harmless)."""
         self.missing.register()
 
-    def install(self, runs: list[Run], payload) -> None:
-        """A Pages (payload) or Zero (None) event's pages after the switch, in place at once."""
+    async def deliver(self, runs: list[Run], payload) -> None:
+        """A Pages (payload) or Zero (None) event's pages after the switch: at once if a fault
+        asked for one of them, else through the installer (in order, after those before)."""
         dst_runs = self.src.translate(runs, self.dst)
+        states = self.missing.states
+        if any(states.value_at(address) == REQUESTED for address, _ in dst_runs):
+            self.install(runs, payload, dst_runs)
+        else:
+            await self._bulk_in.send((runs, payload, dst_runs))
+
+    async def drained(self) -> None:
+        """Wait until every pushed event handed over so far is installed."""
+        done = trio.Event()
+        await self._bulk_in.send(done)
+        await done.wait()
+
+    async def _install_bulk(self, queue: trio.MemoryReceiveChannel) -> None:
+        async with queue:
+            async for item in queue:
+                batch = [item]
+                while len(batch) < BULK_BATCH:
+                    try:
+                        batch.append(queue.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                events = [i for i in batch if not isinstance(i, trio.Event)]
+                if events:
+                    await trio.to_thread.run_sync(self._install_all, events)
+                for marker in batch:
+                    if isinstance(marker, trio.Event):
+                        marker.set()
+
+    def _install_all(self, events) -> None:
+        for runs, payload, dst_runs in events:
+            self.install(runs, payload, dst_runs)
+
+    def install(self, runs: list[Run], payload, dst_runs: list[Run] | None = None) -> None:
+        """Install an event's pages (any thread) and record their digests."""
+        if dst_runs is None:
+            dst_runs = self.src.translate(runs, self.dst)
         installed, requested = self.missing.install(dst_runs, payload)
-        self.requested += requested
-        self.pushed += installed - requested
+        with self._counting:
+            self.requested += requested
+            self.pushed += installed - requested
         if payload is None:
             self.digests.record_runs(self.src, runs)
         else:
@@ -113,8 +162,9 @@ class IncomingPostcopy:
         if self._waiting:
             now = time.perf_counter()
             ps = self.dst.page_size
-            for address in [a for a in self._waiting if any(s <= a < s + n * ps for s, n in dst_runs)]:
-                self._latencies.append(now - self._waiting.pop(address))
+            with self._counting:
+                for address in [a for a in self._waiting if any(s <= a < s + n * ps for s, n in dst_runs)]:
+                    self._latencies.append(now - self._waiting.pop(address))
 
     async def resumed(self) -> None:
         self.resumed_at = time.perf_counter()
@@ -132,6 +182,7 @@ class IncomingPostcopy:
             raise RemoteProtocolError(f"the source's page digest came with {self.missing.missing} pages still missing here")
         self.missing.finish()
         self._faults_scope.cancel()
+        self._bulk_in.close()          # the installer task ends
         if self.resumed_at is not None:
             self.duration_s = time.perf_counter() - self.resumed_at
             steps = await trio.to_thread.run_sync(self._steps)
@@ -160,10 +211,11 @@ class IncomingPostcopy:
         if not runs:
             return
         firsts = {a for a, _ in runs}
-        for address in addresses:
-            if address in firsts and address not in self._waiting:
-                self._waiting[address] = now
-                self.faults += 1
+        with self._counting:
+            for address in addresses:
+                if address in firsts and address not in self._waiting:
+                    self._waiting[address] = now
+                    self.faults += 1
         await self.channel.send(p.Request(runs=tuple(self.dst.translate(runs, self.src))))
         await self.channel.flush()
 
