@@ -302,7 +302,7 @@ class DestinationMigration:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} from the source")
 
     async def _resume_postcopy(self, freeze_at: float | None) -> None:
-        t = time.perf_counter()
+        self.postcopy.resumed_at = t = time.perf_counter()    # pushed pages go to the installer from now on
         await trio.to_thread.run_sync(self.client.resume)
         self.resumed = True
         self.parts["resume"] = (time.perf_counter() - t) * 1000

@@ -116,8 +116,8 @@ class IncomingPostcopy:
         asked for one of them, else through the installer (in order, after those before)."""
         dst_runs = self.src.translate(runs, self.dst)
         states = self.missing.states
-        if any(states.value_at(address) == REQUESTED for address, _ in dst_runs):
-            self.install(runs, payload, dst_runs)
+        if self.resumed_at is None or any(states.value_at(address) == REQUESTED for address, _ in dst_runs):
+            self.install(runs, payload, dst_runs)    # before the resume: what the guest's first steps touch
         else:
             await self._bulk_in.send((runs, payload, dst_runs))
 
@@ -167,7 +167,8 @@ class IncomingPostcopy:
                     self._latencies.append(now - self._waiting.pop(address))
 
     async def resumed(self) -> None:
-        self.resumed_at = time.perf_counter()
+        if self.resumed_at is None:
+            self.resumed_at = time.perf_counter()
         self._steps_at_resume = await trio.to_thread.run_sync(self._steps)
 
     def _steps(self) -> int | None:

@@ -10,7 +10,7 @@ from ._payload import ZERO_PAGES, Compression, decode_payload, encode_payload
 from ._state import Role, State
 from .connection import NEED_DATA, Connection, ConnectionStats, PendingFrame, PendingPages
 from .events import (
-    DATA_EVENTS, EVENT_TYPES, POSTCOPY_FEATURE, PROTOCOL_VERSION, Abort, Ack, Acked, Auth, Commit, ConnectionClosed, Digest, DigestKind,
+    DATA_EVENTS, EVENT_TYPES, POSTCOPY_FEATURE, PROTOCOL_VERSION, URGENT_STREAM, Abort, Ack, Acked, Auth, Commit, ConnectionClosed, Digest, DigestKind,
     Discard, Event, Fence, Freeze, Hello, Index, IndexEntry, Layout, Pages, Request, RoundEnd, Scalar, Switch, Zero,
 )
 
@@ -18,6 +18,6 @@ __all__ = [
     "CHECKSUM_FRAMES", "DATA_EVENTS", "DEFAULT_MAX_FRAME", "EVENT_TYPES", "NEED_DATA", "POSTCOPY_FEATURE", "PROTOCOL_VERSION",
     "Abort", "Ack", "Acked", "Auth", "Commit", "Compression", "Connection", "ConnectionClosed", "ConnectionStats",
     "Digest", "DigestKind", "Discard", "Event", "Fence", "Freeze", "Hello", "Index", "IndexEntry", "Layout", "Pages",
-    "PendingFrame", "PendingPages", "Request", "Role", "RoundEnd", "Scalar", "State", "Switch", "Zero",
+    "PendingFrame", "PendingPages", "Request", "URGENT_STREAM", "Role", "RoundEnd", "Scalar", "State", "Switch", "Zero",
     "ZERO_PAGES", "decode_payload", "encode_payload",
 ]

@@ -35,6 +35,7 @@ from ..core.model import PAGE_SIZE, Region, Run
 
 PROTOCOL_VERSION = 2    # 2: typed control fields (RoundEnd.final, Digest.last, Ack.of …)
 POSTCOPY_FEATURE = "postcopy"   # Hello feature: this receiver takes Discard, Switch and sends Request
+URGENT_STREAM = "urgent"        # a joining stream's Hello feature: it carries urgent data only
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1

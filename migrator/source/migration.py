@@ -316,6 +316,7 @@ class SourceMigration:
                         stale = await switch(guest, sink, dirty, state, stats)
                         delivery = self._delivery = Delivery(sink, pages, digests, stale, number, stats)
                         nursery.start_soon(delivery.serve_requests)
+                        await delivery.send_head()
                         await commit_switch(guest, sink, state, stats, migration=self.id, destination=self.address)
                     finally:
                         guest.committed = guest.committed or sink.committed

@@ -86,14 +86,15 @@ async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], state: 
     state.step = "final scan"
     t = time.perf_counter()
     late = await trio.to_thread.run_sync(guest.tracker.collect)
-    stale = union(dirty, late, layout.page_size)
+    fresh = _not_in(layout, late, dirty)     # the destination dropped the rest before the freeze
+    stale = union(dirty, fresh, layout.page_size)
     state.parts["final_scan"] = ms(time.perf_counter() - t)
     state.step = "switch"
     t = time.perf_counter()
-    for first in range(0, len(late), DISCARD_RUNS_PER_EVENT):
-        await sink.send(p.Discard(round=state.number, runs=tuple(late[first : first + DISCARD_RUNS_PER_EVENT])))
+    for first in range(0, len(fresh), DISCARD_RUNS_PER_EVENT):
+        await sink.send(p.Discard(round=state.number, runs=tuple(fresh[first : first + DISCARD_RUNS_PER_EVENT])))
     stats.stale_pages = count_pages(stale)
-    state.final_pages = count_pages(late)
+    state.final_pages = count_pages(fresh)
     await sink.send(p.Switch(round=state.number, pages=stats.stale_pages))
     ack = await sink.expect_ack(p.Acked.SWITCH)
     state.parts["switch"] = ms(time.perf_counter() - t)
@@ -122,6 +123,15 @@ async def commit_switch(guest: AttachedGuest, sink: PeerSink, state: Switchover,
         raise MigrationFailed(f"destination failed to resume: {ack.reason or '?'}")
     stats.started = time.perf_counter()
     state.downtime_ms = ms(stats.started - state.freeze_at)
+
+
+def _not_in(layout, runs: list[Run], dropped: list[Run]) -> list[Run]:
+    """The pages of ``runs`` not in ``dropped`` (one native pass over a page table)."""
+    if not dropped:
+        return runs
+    states = PageStates(layout)
+    states.set(dropped, 1)
+    return states.claim(runs, 0, 1)
 
 
 def _write_rate(guest: AttachedGuest) -> float | None:
@@ -188,6 +198,16 @@ class Delivery:
                     data = self._read_requested(batch)
                     await self.sink.send(p.Pages(round=self.number, runs=tuple(batch), payload=data), urgent=True)
                 self.stats.requested_pages += count_pages(runs)
+
+    async def send_head(self) -> None:
+        """Before the commit: the first stale pages (a guest's control block sits at the start
+        of its region, touched by its first step), so resuming does not wait on a fault."""
+        head = next(split_runs(self.stale, PUSH_FRAME_PAGES, MAX_RUNS_PER_EVENT, self.layout.page_size), [])
+        async with self._answering:
+            runs = self.states.claim(head, STALE, SENT) if head else []
+            if runs:
+                await self.sink.send(p.Pages(round=self.number, runs=tuple(runs), payload=self._read_requested(runs)))
+                self.stats.pushed_pages += count_pages(runs)
 
     def _read_requested(self, runs: list[Run]) -> memoryview:
         """A few pages, read and hashed on this thread: no thread hop on the request's path."""

@@ -13,10 +13,16 @@ At each barrier the source sends a ``Fence`` on every link: on link 0 it holds t
 every other link has delivered the data frames it counts; on another link it holds that link
 until the barrier is delivered. So ``receive`` returns the data sent between two barriers
 between them, in any order.
+
+A link the source marked urgent (its Hello's ``URGENT_STREAM``: post-copy's requested pages)
+is delivered first: ``receive`` takes its events ahead of everything queued from the others,
+so a requested page never waits behind a backlog of pushed ones. Data sent before a barrier
+still comes before it; urgent data sent after a barrier may come before that barrier's event.
 """
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import trio
@@ -103,11 +109,16 @@ class DirectReceiver:
         pass
 
 
+_POKE = object()     # put in the shared queue when an urgent event waits: wakes a blocked receive
+
+
 class GatheringReceiver:
-    def __init__(self, links: list[Link], counters: Counters) -> None:
+    def __init__(self, links: list[Link], counters: Counters, *, urgent: int | None = None) -> None:
         self._links = links
         self._counters = counters
         self._send, self._recv = trio.open_memory_channel(OUT_QUEUE)
+        self._urgent = urgent
+        self._urgent_send, self._urgent_recv = trio.open_memory_channel(OUT_QUEUE)
         self._delivered = [0] * len(links)
         self._barriers = 0            # Fences of link 0 whose barrier has been delivered
         self._ended = [False] * len(links)
@@ -126,7 +137,10 @@ class GatheringReceiver:
                     for link in self._links:
                         items_in, items_out = trio.open_memory_channel(DECODE_AHEAD)
                         nursery.start_soon(self._read_loop, link, items_in)
-                        nursery.start_soon(self._deliver_loop, link, items_out, self._send.clone())
+                        urgent = link.index == self._urgent
+                        out = self._urgent_send.clone() if urgent else self._send.clone()
+                        nursery.start_soon(self._deliver_loop, link, items_out, out, self._send.clone() if urgent else None)
+                    self._urgent_send.close()
 
     @property
     def failure(self) -> Exception | None:
@@ -139,15 +153,24 @@ class GatheringReceiver:
     async def receive(self) -> Event:
         if self._failure is not None:
             try:
-                return self._recv.receive_nowait()   # what was delivered before the failure
+                while (event := self._recv.receive_nowait()) is _POKE:   # what was delivered before the failure
+                    pass
+                return event
             except (trio.WouldBlock, trio.EndOfChannel):
                 raise self._failure from None
-        try:
-            return await self._recv.receive()
-        except trio.EndOfChannel:
-            if self._failure is not None:
-                raise self._failure from None
-            return ConnectionClosed()
+        while True:
+            try:
+                return self._urgent_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                pass
+            try:
+                event = await self._recv.receive()
+            except trio.EndOfChannel:
+                if self._failure is not None:
+                    raise self._failure from None
+                return ConnectionClosed()
+            if event is not _POKE:
+                return event
 
     def _fail(self, error: Exception) -> None:
         if self._failure is None:
@@ -184,8 +207,10 @@ class GatheringReceiver:
                     await failed.reached.wait()
                 self._fail(exc)
 
-    async def _deliver_loop(self, link: Link, items: trio.MemoryReceiveChannel, out: trio.MemorySendChannel) -> None:
-        async with items, out:
+    async def _deliver_loop(self, link: Link, items: trio.MemoryReceiveChannel, out: trio.MemorySendChannel,
+                            poke: trio.MemorySendChannel | None = None) -> None:
+        """``poke``: the urgent link's handle on the shared queue, to wake a receive blocked on it."""
+        async with items, out, poke or contextlib.nullcontext():
             try:
                 fences, after_fence = 0, False
                 async for event in items:
@@ -211,6 +236,9 @@ class GatheringReceiver:
                             after_fence = True
                         continue
                     await out.send(event)
+                    if poke is not None:
+                        with contextlib.suppress(trio.WouldBlock):
+                            poke.send_nowait(_POKE)    # a receive blocked on the shared queue looks again
                     if kind in DATA_EVENTS:
                         self._delivered[link.index] += 1
                         if self._waiting:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import trio
 
 from ..core.errors import LocalProtocolError, TransportError
-from ..protocol import ConnectionClosed, Event, Hello, Role
+from ..protocol import URGENT_STREAM, ConnectionClosed, Event, Hello, Role
 from ._link import ChannelStats, Counters, Link
 from ._receivers import DirectReceiver, GatheringReceiver
 from ._sender import Sender
@@ -41,7 +41,9 @@ class Channel:
             self._receiver: DirectReceiver | GatheringReceiver = DirectReceiver(links[0], counters)
         else:
             self._sender = Sender(links[:1], counters, threads=1, bandwidth=bandwidth)
-            self._receiver = GatheringReceiver(links, counters)
+            urgent_links = [link.index for link in links[1:]
+                            if link.conn.peer_hello is not None and URGENT_STREAM in link.conn.peer_hello.features]
+            self._receiver = GatheringReceiver(links, counters, urgent=urgent_links[-1] if urgent_links else None)
         self._closed = False
 
     # --- what the session is ---------------------------------------------------------------

@@ -27,7 +27,7 @@ import trio
 from ..core.errors import MigratorError, RemoteProtocolError, TransportError
 from ..core.failures import leaf_exceptions
 from ..core.heap import release_free_memory, use_main_arena_only
-from ..protocol import CHECKSUM_FRAMES, POSTCOPY_FEATURE, PROTOCOL_VERSION, ZERO_PAGES, Auth, Connection, Hello, Role
+from ..protocol import CHECKSUM_FRAMES, POSTCOPY_FEATURE, PROTOCOL_VERSION, URGENT_STREAM, ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._gate import Burst, HandshakeGate, HandshakeLimits, Pending, accept_connections
 from ._link import Counters, Link
@@ -148,7 +148,10 @@ async def open_source(
     for index, stream in enumerate(streams[1:], 1):
         conn = Connection(Role.SOURCE, token=token, compress=compress, join=primary, stream=index)
         links.append(Link(index, stream, conn, f"{name} stream {index}", counters))
-        await _source_handshake(links[-1], Hello(features=link_features(stream, frame_macs=frame_macs)))
+        features = link_features(stream, frame_macs=frame_macs)
+        if urgent and index == len(streams) - 1:
+            features = (*features, URGENT_STREAM)     # the receiver delivers its frames first
+        await _source_handshake(links[-1], Hello(features=features))
     return Channel(Role.SOURCE, links, counters, threads=len(streams) - urgent, bandwidth=bandwidth, urgent=urgent)
 
 
