@@ -27,6 +27,10 @@ import xxhash
 
 from ..native.pages import ffi, lib
 from .model import MemoryLayout, Run
+from .runs import split_runs
+
+
+LOCKED_PAGES = 128     # pages hashed per hold of a PageDigests' lock
 
 
 class PageDigests:
@@ -64,6 +68,17 @@ class PageDigests:
             return
         if payload is not None and len(payload) != sum(n for _, n in runs) * self.page_size:
             raise ValueError(f"{len(payload)} bytes for {sum(n for _, n in runs)} pages")
+        if payload is not None and sum(n for _, n in runs) > LOCKED_PAGES:
+            # hashed a piece at a time, so another recorder never waits long for the lock
+            view, offset = memoryview(payload), 0
+            for piece in split_runs(runs, LOCKED_PAGES, len(runs), self.page_size):
+                size = sum(n for _, n in piece) * self.page_size
+                self._record(layout, piece, view[offset : offset + size])
+                offset += size
+            return
+        self._record(layout, runs, payload)
+
+    def _record(self, layout: MemoryLayout, runs: list[Run], payload) -> None:
         pairs = array.array("Q", chain.from_iterable(runs))
         with self._lock:
             done = lib.page_hashes_at(ffi.from_buffer(payload if payload is not None else b""),

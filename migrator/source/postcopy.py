@@ -34,14 +34,18 @@ from ..core.model import Run
 from ..core.pagestate import PageStates
 from ..core.runs import count_pages, split_runs, union
 from .attach import AttachedGuest
-from .pages import MAX_RUNS_PER_EVENT, PageStream
+from .pages import CHUNKS_AHEAD, MAX_RUNS_PER_EVENT, PageStream
 from .rounds import ms
 from .sink import PeerSink
 from .switchover import Switchover
 
 DISCARD_RUNS_PER_EVENT = 1 << 16
-PUSH_READ_PAGES = 256        # pages read per worker-thread call of the push
-PUSH_FRAME_PAGES = 64        # pages per pushed Pages event: what a requested page may wait behind
+SETTLE_SCANS = 3             # scans after the first drop, before the freeze, while they find much
+SETTLE_PAGES = 1024          # a scan finding at most this many written pages ends them
+PUSH_PAGES = 1024            # pages read per worker-thread call of the push
+PUSH_FRAME_PAGES = 256       # pages per pushed event: requested pages have a link of their own, but
+                             # each end checks or hashes an event at a time on the thread that serves them
+REQUEST_PAGES = 64           # pages per answered event; also the head sent before the commit
 STALE, SENT = 1, 0           # page states: still owed to the destination, or delivered
 
 
@@ -51,6 +55,7 @@ class PostcopyStats:
 
     stale_pages: int = 0
     discarded_ahead: int = 0         # stale pages dropped before the freeze
+    settle_scans: int = 0            # scans between the first drop and the freeze
     pushed_pages: int = 0
     requested_pages: int = 0         # pages sent because the destination's guest faulted on them
     requests: int = 0
@@ -60,20 +65,39 @@ class PostcopyStats:
     dest: dict[str, float] = field(default_factory=dict)   # the destination's measurements
 
 
-async def discard_ahead(sink: PeerSink, dirty: list[Run], number: int, stats: PostcopyStats) -> None:
+async def discard_ahead(sink: PeerSink, guest: AttachedGuest, dirty: list[Run], number: int,
+                        stats: PostcopyStats) -> tuple[list[Run], list[Run]]:
     """Before the freeze: the pages the last scan found are stale already; the destination drops
-    them now, outside the downtime, and acknowledges (a RoundEnd of no pages)."""
-    for first in range(0, len(dirty), DISCARD_RUNS_PER_EVENT):
-        await sink.send(p.Discard(round=number, runs=tuple(dirty[first : first + DISCARD_RUNS_PER_EVENT])))
-    await sink.send(p.RoundEnd(round=number, pages=0))
-    await sink.flush()
-    ack = await sink.expect_ack(p.Acked.ROUND)
-    if ack.round != number:
-        raise MigrationFailed(f"destination acknowledged round {ack.round} while discarding for round {number}")
-    stats.discarded_ahead = count_pages(dirty)
+    them now, outside the downtime, and acknowledges (a RoundEnd of no pages). Then scan again,
+    up to ``SETTLE_SCANS`` times while a scan still finds more than ``SETTLE_PAGES`` written
+    pages, dropping the new ones too: the final scan inside the downtime then covers only the
+    moments since the last of these, not the whole exchange. Returns every stale page so far,
+    and the pages dropped."""
+    layout = guest.layout
+    fresh, dropped = dirty, []
+    for scan in range(SETTLE_SCANS + 1):
+        if fresh:
+            for first in range(0, len(fresh), DISCARD_RUNS_PER_EVENT):
+                await sink.send(p.Discard(round=number, runs=tuple(fresh[first : first + DISCARD_RUNS_PER_EVENT])))
+            await sink.send(p.RoundEnd(round=number, pages=0))
+            await sink.flush()
+            ack = await sink.expect_ack(p.Acked.ROUND)
+            if ack.round != number:
+                raise MigrationFailed(f"destination acknowledged round {ack.round} while discarding for round {number}")
+            stats.discarded_ahead += count_pages(fresh)
+            dropped = union(dropped, fresh, layout.page_size)
+        if scan == SETTLE_SCANS:
+            break
+        late = await trio.to_thread.run_sync(guest.tracker.collect)
+        fresh = _not_in(layout, late, dirty)
+        dirty = union(dirty, late, layout.page_size)
+        stats.settle_scans += 1
+        if count_pages(late) <= SETTLE_PAGES:
+            break
+    return dirty, dropped
 
 
-async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], state: Switchover,
+async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], dropped: list[Run], state: Switchover,
                  stats: PostcopyStats) -> list[Run]:
     """Freeze, drop what the guest wrote since the last scan and switch; returns every stale
     page's runs once the destination is armed (its Ack of the switch)."""
@@ -86,8 +110,8 @@ async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], state: 
     state.step = "final scan"
     t = time.perf_counter()
     late = await trio.to_thread.run_sync(guest.tracker.collect)
-    fresh = _not_in(layout, late, dirty)     # the destination dropped the rest before the freeze
-    stale = union(dirty, fresh, layout.page_size)
+    stale = union(dirty, late, layout.page_size)
+    fresh = _not_in(layout, stale, dropped)     # the destination dropped the rest before the freeze
     state.parts["final_scan"] = ms(time.perf_counter() - t)
     state.step = "switch"
     t = time.perf_counter()
@@ -162,7 +186,7 @@ class Delivery:
         # requested pages are read into buffers of their own size: taking one of the push's
         # large pooled buffers, or a fresh one when the push holds them all, would fault in
         # megabytes on the request's path
-        self._request_buffers = BufferPool(PUSH_FRAME_PAGES * self.layout.page_size)
+        self._request_buffers = BufferPool(REQUEST_PAGES * self.layout.page_size)
 
     @property
     def owed(self) -> int:
@@ -194,7 +218,7 @@ class Delivery:
                 self.stats.requests += 1
                 if not runs:
                     continue    # pushed already, or on its way
-                for batch in split_runs(runs, PUSH_FRAME_PAGES, MAX_RUNS_PER_EVENT, ps):
+                for batch in split_runs(runs, REQUEST_PAGES, MAX_RUNS_PER_EVENT, ps):
                     data = self._read_requested(batch)
                     await self.sink.send(p.Pages(round=self.number, runs=tuple(batch), payload=data), urgent=True)
                 self.stats.requested_pages += count_pages(runs)
@@ -202,7 +226,7 @@ class Delivery:
     async def send_head(self) -> None:
         """Before the commit: the first stale pages (a guest's control block sits at the start
         of its region, touched by its first step), so resuming does not wait on a fault."""
-        head = next(split_runs(self.stale, PUSH_FRAME_PAGES, MAX_RUNS_PER_EVENT, self.layout.page_size), [])
+        head = next(split_runs(self.stale, REQUEST_PAGES, MAX_RUNS_PER_EVENT, self.layout.page_size), [])
         async with self._answering:
             runs = self.states.claim(head, STALE, SENT) if head else []
             if runs:
@@ -217,16 +241,28 @@ class Delivery:
         return data
 
     async def _push(self) -> None:
+        """Every stale page not claimed by a request, in address order: a reader task claims and
+        reads chunks ahead (on worker threads) while this one sends them."""
         ps = self.layout.page_size
-        for chunk in split_runs(self.stale, PUSH_READ_PAGES, MAX_RUNS_PER_EVENT, ps):
-            runs = self.states.claim(chunk, STALE, SENT)
-            if not runs:
-                continue
-            data, _ = await trio.to_thread.run_sync(self.pages.read_chunk, runs)
-            offset = 0
-            for batch in split_runs(runs, PUSH_FRAME_PAGES, MAX_RUNS_PER_EVENT, ps):
-                size = count_pages(batch) * ps
-                await self.sink.send(p.Pages(round=self.number, runs=tuple(batch), payload=data[offset : offset + size]))
-                offset += size
-            self.stats.pushed_pages += count_pages(runs)
+        send_chunks, recv_chunks = trio.open_memory_channel(CHUNKS_AHEAD)
+
+        async def reader() -> None:
+            async with send_chunks:
+                for chunk in split_runs(self.stale, PUSH_PAGES, MAX_RUNS_PER_EVENT, ps):
+                    runs = self.states.claim(chunk, STALE, SENT)
+                    if runs:
+                        data, _ = await trio.to_thread.run_sync(self.pages.read_chunk, runs)
+                        await send_chunks.send((runs, data))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            async with recv_chunks:
+                async for runs, data in recv_chunks:
+                    offset = 0
+                    for batch in split_runs(runs, PUSH_FRAME_PAGES, MAX_RUNS_PER_EVENT, ps):
+                        size = count_pages(batch) * ps
+                        await self.sink.send(p.Pages(round=self.number, runs=tuple(batch),
+                                                     payload=data[offset : offset + size]))
+                        offset += size
+                    self.stats.pushed_pages += count_pages(runs)
         await self.sink.flush()

@@ -18,13 +18,14 @@ from migrator.source.policy import (
 C, S, T, P = Action.CONTINUE, Action.SWITCHOVER, Action.THROTTLE, Action.POSTCOPY
 
 
-def rounds(rows):
-    """(dirty_pages, expected_downtime_ms, throttle) rows -> RoundStats history."""
+def rounds(rows, dirty_rate: float = 20000.0):
+    """(dirty_pages, expected_downtime_ms, throttle) rows -> RoundStats history; every round
+    moves 1e9 bytes/s (244,140 pages/s)."""
     return [
         RoundStats(
             round=i, dirty_pages=dirty, zero_pages=0, bytes_raw=dirty * 4096, bytes_wire=dirty * 4096,
             scan_s=0.001, read_s=0.01, compress_s=0.0, send_s=0.02, duration_s=0.05,
-            dirty_rate=20000.0, bandwidth=1e9, expected_downtime_ms=expected, throttle=throttle,
+            dirty_rate=dirty_rate, bandwidth=1e9, expected_downtime_ms=expected, throttle=throttle,
         )
         for i, (dirty, expected, throttle) in enumerate(rows)
     ]
@@ -139,6 +140,20 @@ def test_recorded_runaway_guest_is_throttled_until_it_converges():
         assert (d.action, d.rule, d.throttle) == (action, rule, throttle), f"after round {i}"
         if i + 1 < len(RUNAWAY):
             assert RUNAWAY[i + 1][2] == d.throttle, "the next round runs with the decided duty"
+
+
+@pytest.mark.parametrize("dirty_rate, auto, expected", [
+    (230000.0, True, (P, Rule.OUTPACED)),     # 94 % of the 244k pages/s the round moved
+    (219727.0, True, (P, Rule.OUTPACED)),     # 90 %: no 10 % shrink possible
+    (219000.0, True, (C, Rule.CONVERGING)),   # just under: the next round may still shrink it
+    (230000.0, False, (C, Rule.CONVERGING)),  # pre-copy alone does not judge the pace
+])
+def test_a_guest_outpacing_the_round_switches_to_postcopy_at_once(dirty_rate, auto, expected):
+    """Right after round 0: a guest dirtying pages about as fast as they move would only have
+    its region sent again; the hybrid switches without waiting for a stall over rounds."""
+    d = decide(rounds([(262144, 900.0, 0.0)], dirty_rate=dirty_rate), PolicySettings(postcopy_auto=auto))
+    assert (d.action, d.rule) == expected
+    assert d.throttle == 0.0
 
 
 def test_the_recorded_runaway_guest_switches_to_postcopy_where_it_would_be_throttled():
