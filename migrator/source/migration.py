@@ -303,10 +303,8 @@ class SourceMigration:
         """Switch to post-copy (``source.postcopy``) and deliver every stale page."""
         s, number = self.settings, len(self._precopy.rounds)
         stats = self._postcopy = PostcopyStats()
-        dropped: list = []
-        if dirty:
-            with trio.fail_after(s.round_timeout_s):
-                dirty, dropped = await discard_ahead(sink, guest, dirty, number, stats)
+        with trio.fail_after(s.round_timeout_s):
+            stale = await discard_ahead(sink, guest, dirty, number, stats)
         state = self._switchover = Switchover(number=number)
         limit = s.switchover_timeout_s or switchover_deadline_s(s.downtime_ms, verify=s.verify,
                                                                  region_bytes=guest.layout.total_bytes)
@@ -314,7 +312,7 @@ class SourceMigration:
             async with trio.open_nursery() as nursery:
                 with bounded(state, limit):
                     try:
-                        stale = await switch(guest, sink, dirty, dropped, state, stats)
+                        await switch(guest, sink, stale, state, stats)
                         delivery = self._delivery = Delivery(sink, pages, digests, stale, number, stats)
                         nursery.start_soon(delivery.serve_requests)
                         await delivery.send_head()

@@ -65,42 +65,64 @@ class PostcopyStats:
     dest: dict[str, float] = field(default_factory=dict)   # the destination's measurements
 
 
+class StalePages:
+    """Which pages the destination lacks, in one page-state table that the delivery takes over:
+    CURRENT (it has them), STALE (dropped there, owed), or, inside ``settle`` only, claimed for
+    a drop not yet acknowledged. Nothing here walks run lists in Python: the downtime only ever
+    adds what the final scan found."""
+
+    def __init__(self, layout) -> None:
+        self.layout = layout
+        self.states = PageStates(layout)
+        self.undropped: list[Run] = []   # stale, not yet dropped there (the last settle scan's)
+
+    def mark(self, runs: list[Run]) -> list[Run]:
+        """``runs`` are stale; returns those that were not already (to be dropped there)."""
+        return self.states.claim(runs, SENT, STALE) if runs else []
+
+    @property
+    def count(self) -> int:
+        return self.states.count(STALE)
+
+
+async def _drop(sink: PeerSink, runs: list[Run], number: int) -> None:
+    """Discard ``runs`` there, acknowledged (a RoundEnd of no pages): outside the downtime."""
+    for first in range(0, len(runs), DISCARD_RUNS_PER_EVENT):
+        await sink.send(p.Discard(round=number, runs=tuple(runs[first : first + DISCARD_RUNS_PER_EVENT])))
+    await sink.send(p.RoundEnd(round=number, pages=0))
+    await sink.flush()
+    ack = await sink.expect_ack(p.Acked.ROUND)
+    if ack.round != number:
+        raise MigrationFailed(f"destination acknowledged round {ack.round} while discarding for round {number}")
+
+
 async def discard_ahead(sink: PeerSink, guest: AttachedGuest, dirty: list[Run], number: int,
-                        stats: PostcopyStats) -> tuple[list[Run], list[Run]]:
+                        stats: PostcopyStats) -> StalePages:
     """Before the freeze: the pages the last scan found are stale already; the destination drops
-    them now, outside the downtime, and acknowledges (a RoundEnd of no pages). Then scan again,
-    up to ``SETTLE_SCANS`` times while a scan still finds more than ``SETTLE_PAGES`` written
-    pages, dropping the new ones too: the final scan inside the downtime then covers only the
-    moments since the last of these, not the whole exchange. Returns every stale page so far,
-    and the pages dropped."""
-    layout = guest.layout
-    fresh, dropped = dirty, []
+    them now, outside the downtime. Then scan again, up to ``SETTLE_SCANS`` times while a scan
+    still finds more than ``SETTLE_PAGES`` written pages, dropping the new ones too: the final
+    scan inside the downtime then covers only the moments since the last of these."""
+    stale = StalePages(guest.layout)
+    fresh = stale.mark(dirty)
     for scan in range(SETTLE_SCANS + 1):
         if fresh:
-            for first in range(0, len(fresh), DISCARD_RUNS_PER_EVENT):
-                await sink.send(p.Discard(round=number, runs=tuple(fresh[first : first + DISCARD_RUNS_PER_EVENT])))
-            await sink.send(p.RoundEnd(round=number, pages=0))
-            await sink.flush()
-            ack = await sink.expect_ack(p.Acked.ROUND)
-            if ack.round != number:
-                raise MigrationFailed(f"destination acknowledged round {ack.round} while discarding for round {number}")
+            await _drop(sink, fresh, number)
             stats.discarded_ahead += count_pages(fresh)
-            dropped = union(dropped, fresh, layout.page_size)
         if scan == SETTLE_SCANS:
-            break
+            return stale
         late = await trio.to_thread.run_sync(guest.tracker.collect)
-        fresh = _not_in(layout, late, dirty)
-        dirty = union(dirty, late, layout.page_size)
+        fresh = stale.mark(late)
         stats.settle_scans += 1
         if count_pages(late) <= SETTLE_PAGES:
-            break
-    return dirty, dropped
+            stale.undropped = fresh          # few: dropped with the final scan's
+            return stale
+    return stale
 
 
-async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], dropped: list[Run], state: Switchover,
-                 stats: PostcopyStats) -> list[Run]:
-    """Freeze, drop what the guest wrote since the last scan and switch; returns every stale
-    page's runs once the destination is armed (its Ack of the switch)."""
+async def switch(guest: AttachedGuest, sink: PeerSink, stale: StalePages, state: Switchover,
+                 stats: PostcopyStats) -> None:
+    """Freeze, drop what the guest wrote since the last scan and switch; returns once the
+    destination is armed (its Ack of the switch)."""
     layout = guest.layout
     stats.guest_rate_before = await trio.to_thread.run_sync(_write_rate, guest)
     state.freeze_at = time.perf_counter()
@@ -110,14 +132,13 @@ async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], dropped
     state.step = "final scan"
     t = time.perf_counter()
     late = await trio.to_thread.run_sync(guest.tracker.collect)
-    stale = union(dirty, late, layout.page_size)
-    fresh = _not_in(layout, stale, dropped)     # the destination dropped the rest before the freeze
+    fresh = union(stale.undropped, stale.mark(late), layout.page_size)
     state.parts["final_scan"] = ms(time.perf_counter() - t)
     state.step = "switch"
     t = time.perf_counter()
     for first in range(0, len(fresh), DISCARD_RUNS_PER_EVENT):
         await sink.send(p.Discard(round=state.number, runs=tuple(fresh[first : first + DISCARD_RUNS_PER_EVENT])))
-    stats.stale_pages = count_pages(stale)
+    stats.stale_pages = stale.count
     state.final_pages = count_pages(fresh)
     await sink.send(p.Switch(round=state.number, pages=stats.stale_pages))
     ack = await sink.expect_ack(p.Acked.SWITCH)
@@ -126,7 +147,6 @@ async def switch(guest: AttachedGuest, sink: PeerSink, dirty: list[Run], dropped
         state.parts["dest_" + key] = value
     if not ack.ok:
         raise MigrationFailed(f"destination refused the post-copy switch: {ack.reason or '?'}")
-    return stale
 
 
 async def commit_switch(guest: AttachedGuest, sink: PeerSink, state: Switchover, stats: PostcopyStats, *,
@@ -149,13 +169,12 @@ async def commit_switch(guest: AttachedGuest, sink: PeerSink, state: Switchover,
     state.downtime_ms = ms(stats.started - state.freeze_at)
 
 
-def _not_in(layout, runs: list[Run], dropped: list[Run]) -> list[Run]:
-    """The pages of ``runs`` not in ``dropped`` (one native pass over a page table)."""
-    if not dropped:
-        return runs
-    states = PageStates(layout)
-    states.set(dropped, 1)
-    return states.claim(runs, 0, 1)
+def _slices(layout, pages: int):
+    """The layout's regions in slices of ``pages`` pages, in address order, one run each."""
+    ps = layout.page_size
+    for region in layout.regions:
+        for start in range(region.start, region.end, pages * ps):
+            yield [(start, min(pages, (region.end - start) // ps))]
 
 
 def _write_rate(guest: AttachedGuest) -> float | None:
@@ -169,17 +188,15 @@ def _write_rate(guest: AttachedGuest) -> float | None:
 class Delivery:
     """After the commit: every stale page exactly once, the destination's requests first."""
 
-    def __init__(self, sink: PeerSink, pages: PageStream, digests: PageDigests, stale: list[Run], number: int,
+    def __init__(self, sink: PeerSink, pages: PageStream, digests: PageDigests, stale: StalePages, number: int,
                  stats: PostcopyStats) -> None:
         self.sink = sink
         self.pages = pages
         self.digests = digests
         self.layout = pages.layout
-        self.stale = stale
         self.number = number
         self.stats = stats
-        self.states = PageStates(self.layout)
-        self.states.set(stale, STALE)
+        self.states = stale.states       # STALE -> SENT as pages go
         # held from claiming a request's pages until they are written: the page digest, a
         # barrier, must not overtake pages the push skipped because a request claimed them
         self._answering = trio.Lock()
@@ -224,11 +241,12 @@ class Delivery:
                 self.stats.requested_pages += count_pages(runs)
 
     async def send_head(self) -> None:
-        """Before the commit: the first stale pages (a guest's control block sits at the start
-        of its region, touched by its first step), so resuming does not wait on a fault."""
-        head = next(split_runs(self.stale, REQUEST_PAGES, MAX_RUNS_PER_EVENT, self.layout.page_size), [])
+        """Before the commit: the stale pages among the first of the region (a guest's control
+        block sits at its start, touched by its first step), so resuming does not wait on a fault."""
+        region = self.layout.regions[0]
         async with self._answering:
-            runs = self.states.claim(head, STALE, SENT) if head else []
+            runs = self.states.claim([(region.start, min(REQUEST_PAGES, region.length // self.layout.page_size))],
+                                     STALE, SENT)
             if runs:
                 await self.sink.send(p.Pages(round=self.number, runs=tuple(runs), payload=self._read_requested(runs)))
                 self.stats.pushed_pages += count_pages(runs)
@@ -248,7 +266,7 @@ class Delivery:
 
         async def reader() -> None:
             async with send_chunks:
-                for chunk in split_runs(self.stale, PUSH_PAGES, MAX_RUNS_PER_EVENT, ps):
+                for chunk in _slices(self.layout, PUSH_PAGES):
                     runs = self.states.claim(chunk, STALE, SENT)
                     if runs:
                         data, _ = await trio.to_thread.run_sync(self.pages.read_chunk, runs)
