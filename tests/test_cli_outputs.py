@@ -131,3 +131,15 @@ def test_a_bad_option_value_is_one_line_naming_the_option(command, option, value
     assert exit_.value.code == 2
     assert err.splitlines()[-1].startswith(f"migrator {command}: error: argument {option}: "), err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--postcopy-after", "x"], "argument --postcopy-after: expected a number of rounds (at least 1) or auto, not 'x'"),
+    (["--postcopy-after", "0"], "argument --postcopy-after: expected a number of rounds (at least 1) or auto, not '0'"),
+    (["--postcopy", "--postcopy-after", "2"], "argument --postcopy-after: not allowed with argument --postcopy"),
+    (["--postcopy", "--verify", "full"], "--verify full compares frozen regions"),
+])
+def test_bad_postcopy_options_are_one_line_before_anything_runs(args, line, tmp_path):
+    result = migrator("migrate", "--guest", f"{tmp_path}/none.sock", "--to", "127.0.0.1:9", *args)
+    assert result.returncode == 2, result.stderr
+    assert line in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr   # after argparse's usage

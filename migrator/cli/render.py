@@ -205,8 +205,9 @@ def format_summary(report: dict) -> str:
     ]
     pc = report.get("postcopy")
     if pc:
-        lines.insert(2, ("mode", f"{report['settings'].get('mode', 'precopy')}: switched to post-copy after round "
-                                 f"{pc['switch_round']}'s scan"))
+        rounds = pc["switch_round"]
+        lines.insert(2, ("mode", f"{report['settings'].get('mode', 'precopy')}: post-copy after {rounds} pre-copy "
+                                 f"round{'s' if rounds != 1 else ''}"))
         lines.append(("postcopy", f"{pc['stale_pages']} stale pages ({pc['discarded_ahead']} dropped before the freeze): "
                                   f"{pc['requested_pages']} requested by {_fmt(pc['faults'])} faults, "
                                   f"{pc['pushed_pages']} pushed, in {_fmt(pc['duration_s'], '.2f')} s"))
@@ -233,6 +234,11 @@ def format_receive_summary(report: dict) -> str:
     ]
     if report.get("chain"):
         lines.append(("chain", " <- ".join(report["chain"])))
+    pc = report.get("postcopy")
+    if pc:
+        lines.append(("postcopy", f"{pc['stale_pages']} stale pages: {pc['requested_pages']} requested by {pc['faults']} "
+                                  f"faults (p50 {_fmt(pc['fault_p50_ms'], '.3f')} ms, p99 {_fmt(pc['fault_p99_ms'], '.3f')} ms), "
+                                  f"{pc['pushed_pages']} pushed, in {_fmt(pc['duration_s'], '.2f')} s"))
     if report["error"]:
         lines.append(("error", report["error"]))
     return "\n".join(f"{label:<9} {text}" for label, text in lines)
