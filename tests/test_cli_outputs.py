@@ -137,7 +137,7 @@ def test_a_bad_option_value_is_one_line_naming_the_option(command, option, value
     (["--postcopy-after", "x"], "argument --postcopy-after: expected a number of rounds (at least 1) or auto, not 'x'"),
     (["--postcopy-after", "0"], "argument --postcopy-after: expected a number of rounds (at least 1) or auto, not '0'"),
     (["--postcopy", "--postcopy-after", "2"], "argument --postcopy-after: not allowed with argument --postcopy"),
-    (["--postcopy", "--verify", "full"], "--verify full compares frozen regions"),
+    (["--postcopy", "--verify", "full", "--insecure"], "--verify full compares frozen regions"),
 ])
 def test_bad_postcopy_options_are_one_line_before_anything_runs(args, line, tmp_path):
     result = migrator("migrate", "--guest", f"{tmp_path}/none.sock", "--to", "127.0.0.1:9", *args)
