@@ -202,7 +202,6 @@ def run_grid(args, size: int, rates: list[float | None], bandwidths: list[float 
     is recorded with its one-line error and the grid goes on; guests a cell left are killed."""
     work = tempfile.mkdtemp(prefix="bench-postcopy-grid-")
     settings = MigrateSettings(downtime_ms=args.downtime_ms, compress=args.compress)
-    theirs = guest_pids()          # guests this run did not start: never touched
     out: dict = {"size": size, "settings": vars(args)}
 
     push_s: dict[str, float] = {}
@@ -231,7 +230,7 @@ def run_grid(args, size: int, rates: list[float | None], bandwidths: list[float 
                     report, cell = None, {"result": "failed", "verified": False, "error": one_line(exc)}
                 cell = {"link": link_label(bw), "bandwidth": bw, "rate": rate, "mode": mode, **cell,
                         "wall_s": round(time.perf_counter() - started, 2)}
-                left = kill_guests(guest_pids() - theirs)
+                left = kill_leftovers(work)
                 if left:
                     cell["killed_guests"] = left
                 cells.append(cell)
@@ -258,18 +257,22 @@ def grid_migration(work: str, name: str, size: int, rate: float | None, fill: st
     with spawn_guest(os.path.join(work, f"{name}.sock"), size=size, dirty_rate=rate, fill=fill) as guest:
         time.sleep(WARM_S)
         receiver = Receiver(work, name, size, memfd=False, prepare=True)
+        deadline = time.monotonic() + timeout_s
 
         async def run():
-            with trio.fail_after(timeout_s):
+            with trio.move_on_after(timeout_s):
                 return await SourceMigration(guest.control, receiver.address,
                                              replace(settings, token=receiver.token)).run()
+            raise TimeoutError(f"no result within --cell-timeout {timeout_s:g} s")
 
         try:
             report = trio.run(run).to_dict()
-        except BaseException:
+        except BaseException as exc:
             if receiver.popen.poll() is None:
                 receiver.popen.kill()
             receiver.popen.wait()
+            if isinstance(exc, Exception) and time.monotonic() >= deadline:
+                raise TimeoutError(f"stopped at --cell-timeout {timeout_s:g} s: {one_line(exc)}") from exc
             raise
         try:
             dest = receiver.finish()
@@ -314,19 +317,29 @@ def cell_of(report: dict, dest: dict | None, push_s: float) -> dict:
     }
 
 
-def guest_pids() -> set[int]:
-    """Processes running ``migrator guest`` (the source guests and the receivers' restore guests)."""
+def guest_pids(work: str) -> dict[int, str]:
+    """The ``migrator guest`` processes whose control socket is under ``work``, this grid's own
+    (its source guests and its receivers' restore guests), with their command lines."""
     ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
-    return {int(line.split(None, 1)[0]) for line in ps.splitlines() if "migrator guest" in line}
+    found = {}
+    for line in ps.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if "migrator guest" in args and f"--control {work}/" in args:
+            found[int(pid)] = args
+    return found
 
 
-def kill_guests(pids: set[int]) -> list[int]:
-    """SIGKILL each of ``pids`` (guests this run started that a cell left behind); the ones killed."""
+def kill_leftovers(work: str, grace_s: float = 3.0) -> list[str]:
+    """SIGKILL this grid's guests still running ``grace_s`` after a cell (a guest exits by itself
+    after a migration; one a failed cell left would not); the command lines of those killed."""
+    deadline = time.monotonic() + grace_s
+    while (left := guest_pids(work)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     killed = []
-    for pid in sorted(pids):
+    for pid, args in sorted(left.items()):
         try:
             os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            killed.append(f"{pid} {args}")
         except ProcessLookupError:
             pass
     return killed
@@ -349,7 +362,7 @@ def slowdown(c: dict) -> str:
     """The guest's slowdown: its writes/s during post-copy against before; a run that never
     switched (pre-copy, a hybrid that converged): the max throttle duty over its rounds."""
     if c.get("guest_during_over_before") is not None:
-        return f"{c['guest_rate_during']:,.0f}/{c['guest_rate_before']:,.0f} = {c['guest_during_over_before']:.2f}x"
+        return f"{c['guest_rate_during']:,.0f}/{c['guest_rate_before']:,.0f} = {c['guest_during_over_before']:.2f}×"
     return f"throttle max {c['throttle_max']:.0%}"
 
 
