@@ -285,32 +285,30 @@ class DestinationMigration:
                 await self._verify(event)
             elif isinstance(event, p.Commit) and self.postcopy is not None:
                 # resuming, the guest may fault on a stale page: the pages keep coming meanwhile
-                self._nursery.start_soon(self._resume_postcopy, freeze_at)
+                self.postcopy.resumed_at = time.perf_counter()   # pushed pages go to the installer now
+                self._nursery.start_soon(self._resume, freeze_at)
             elif isinstance(event, p.Commit):
-                t = time.perf_counter()
-                await trio.to_thread.run_sync(self.client.resume)
-                self.resumed = True
-                self.parts["resume"] = (time.perf_counter() - t) * 1000
-                if freeze_at is not None:
-                    self.parts["since_freeze"] = (time.perf_counter() - freeze_at) * 1000
-                await self._reply(p.Ack(of=p.Acked.COMMIT, ok=True, timings_ms={"resume": self.parts["resume"]}))
-                self.log(f"resumed guest pid {self.dst.pid}, control {self.guest.control}")
+                await self._resume(freeze_at)
                 return
             elif isinstance(event, p.Abort):
                 raise MigrationFailed(f"source aborted: {event.reason}")
             else:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} from the source")
 
-    async def _resume_postcopy(self, freeze_at: float | None) -> None:
-        self.postcopy.resumed_at = t = time.perf_counter()    # pushed pages go to the installer from now on
+    async def _resume(self, freeze_at: float | None) -> None:
+        """Resume the guest (the source committed) and say so; after a post-copy switch its
+        stale pages follow."""
+        t = time.perf_counter()
         await trio.to_thread.run_sync(self.client.resume)
         self.resumed = True
         self.parts["resume"] = (time.perf_counter() - t) * 1000
         if freeze_at is not None:
             self.parts["since_freeze"] = (time.perf_counter() - freeze_at) * 1000
         await self._reply(p.Ack(of=p.Acked.COMMIT, ok=True, timings_ms={"resume": self.parts["resume"]}))
-        self.log(f"resumed guest pid {self.dst.pid} (post-copy: its stale pages follow), control {self.guest.control}")
-        await self.postcopy.resumed()
+        follow = " (post-copy: its stale pages follow)" if self.postcopy is not None else ""
+        self.log(f"resumed guest pid {self.dst.pid}{follow}, control {self.guest.control}")
+        if self.postcopy is not None:
+            await self.postcopy.resumed()
 
     async def _arm_postcopy(self, queue: trio.MemorySendChannel) -> None:
         """At the first Discard: every page of earlier rounds applied, then faults armed."""

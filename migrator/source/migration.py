@@ -41,12 +41,12 @@ from .attach import AttachedGuest
 from .estimator import DowntimeEstimator, switchover_fixed_ms
 from .pages import PageStream
 from .policy import Action, PolicySettings
-from .postcopy import Delivery, PostcopyStats, commit_switch, discard_ahead, switch
+from .postcopy import Delivery, PostcopyStats, discard_ahead, switch
 from .progress import Progress, Sampler
 from .report import MigrationReport, PostcopyReport, RoundStats, report_of
 from .rounds import Precopy
 from .sink import PeerSink
-from .switchover import Switchover, bounded, commit, final_copy, switchover_deadline_s
+from .switchover import Switchover, bounded, commit, cross_point_of_no_return, final_copy, switchover_deadline_s
 
 WATCH_BUFFER = 64        # snapshots buffered for each ``watch`` reader (13 s of them)
 
@@ -316,7 +316,9 @@ class SourceMigration:
                         delivery = self._delivery = Delivery(sink, pages, digests, stale, number, stats)
                         nursery.start_soon(delivery.serve_requests)
                         await delivery.send_head()
-                        await commit_switch(guest, sink, state, stats, migration=self.id, destination=self.address)
+                        # resuming, the guest may touch a stale page: requests are served from here on
+                        await cross_point_of_no_return(sink, guest, state, migration=self.id, destination=self.address)
+                        stats.started = time.perf_counter()
                     finally:
                         guest.committed = guest.committed or sink.committed
                 with trio.fail_after(s.postcopy_timeout_s):

@@ -20,7 +20,6 @@ queued frames or its full socket buffers.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 
@@ -147,26 +146,6 @@ async def switch(guest: AttachedGuest, sink: PeerSink, stale: StalePages, state:
         state.parts["dest_" + key] = value
     if not ack.ok:
         raise MigrationFailed(f"destination refused the post-copy switch: {ack.reason or '?'}")
-
-
-async def commit_switch(guest: AttachedGuest, sink: PeerSink, state: Switchover, stats: PostcopyStats, *,
-                        migration: str, destination: str) -> None:
-    """Cross the point of no return; the downtime ends when the destination says its guest runs.
-    Requests must be served meanwhile (``Delivery.serve_requests``): resuming, the guest may
-    touch a stale page before the destination answers."""
-    # ---- point of no return: from here the source guest never resumes ----
-    state.step = "commit"
-    t = time.perf_counter()
-    await trio.to_thread.run_sync(
-        functools.partial(guest.throttle.commit, migration, control=guest.guest_control, destination=destination)
-    )
-    guest.committed = True
-    ack = await sink.commit()
-    state.parts["commit"] = ms(time.perf_counter() - t)
-    if not ack.ok:
-        raise MigrationFailed(f"destination failed to resume: {ack.reason or '?'}")
-    stats.started = time.perf_counter()
-    state.downtime_ms = ms(stats.started - state.freeze_at)
 
 
 def _slices(layout, pages: int):

@@ -120,6 +120,13 @@ async def commit(sink: PeerSink, guest: AttachedGuest, state: Switchover, digest
     if not ack.ok:
         raise MigrationFailed(f"destination refused the copy: {ack.reason or 'verification failed'}")
     state.verified = True
+    await cross_point_of_no_return(sink, guest, state, migration=migration, destination=destination)
+
+
+async def cross_point_of_no_return(sink: PeerSink, guest: AttachedGuest, state: Switchover, *, migration: str,
+                                   destination: str) -> None:
+    """Make the guest's stop permanent (its state file says so), send Commit and wait for the
+    destination's guest to run; the downtime ends there. From here the source never resumes."""
     # ---- point of no return: from here the source guest never resumes ----
     state.step = "commit"
     t = time.perf_counter()
