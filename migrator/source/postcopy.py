@@ -36,7 +36,7 @@ from .attach import AttachedGuest
 from .pages import CHUNKS_AHEAD, MAX_RUNS_PER_EVENT, PageStream
 from .rounds import ms
 from .sink import PeerSink
-from .switchover import Switchover
+from .switchover import Switchover, freeze_and_scan
 
 DISCARD_RUNS_PER_EVENT = 1 << 16
 SETTLE_SCANS = 3             # scans after the first drop, before the freeze, while they find much
@@ -124,13 +124,7 @@ async def switch(guest: AttachedGuest, sink: PeerSink, stale: StalePages, state:
     destination is armed (its Ack of the switch)."""
     layout = guest.layout
     stats.guest_rate_before = await trio.to_thread.run_sync(_write_rate, guest)
-    state.freeze_at = time.perf_counter()
-    await trio.to_thread.run_sync(guest.throttle.freeze)
-    state.parts["freeze"] = ms(time.perf_counter() - state.freeze_at)
-    await sink.send(p.Freeze(round=state.number))
-    state.step = "final scan"
-    t = time.perf_counter()
-    late = await trio.to_thread.run_sync(guest.tracker.collect)
+    late, t = await freeze_and_scan(guest, sink, state)
     fresh = union(stale.undropped, stale.mark(late), layout.page_size)
     state.parts["final_scan"] = ms(time.perf_counter() - t)
     state.step = "switch"

@@ -73,17 +73,23 @@ class Switchover:
     step: str = "freeze"                         # what it is doing now, for a stall's message
 
 
-async def final_copy(guest: AttachedGuest, sink: Sink, pages: PageStream, digests: PageDigests,
-                     dirty: list[Run], state: Switchover, *, verify: str) -> float:
-    """Freeze, send the last pages and the digests; returns when the digests were sent."""
-    layout = guest.layout
+async def freeze_and_scan(guest: AttachedGuest, sink: Sink, state: Switchover) -> tuple[list[Run], float]:
+    """Freeze the guest (the downtime starts), say so, and collect what it wrote since the last
+    scan; returns the runs and when the scan began (``final_scan`` is the caller's to close)."""
     state.freeze_at = time.perf_counter()
     await trio.to_thread.run_sync(guest.throttle.freeze)
     state.parts["freeze"] = ms(time.perf_counter() - state.freeze_at)
     await sink.send(p.Freeze(round=state.number))
     state.step = "final scan"
     t = time.perf_counter()
-    late = await trio.to_thread.run_sync(guest.tracker.collect)
+    return await trio.to_thread.run_sync(guest.tracker.collect), t
+
+
+async def final_copy(guest: AttachedGuest, sink: Sink, pages: PageStream, digests: PageDigests,
+                     dirty: list[Run], state: Switchover, *, verify: str) -> float:
+    """Freeze, send the last pages and the digests; returns when the digests were sent."""
+    layout = guest.layout
+    late, t = await freeze_and_scan(guest, sink, state)
     final = union(dirty, late, layout.page_size)
     state.parts["final_scan"] = ms(time.perf_counter() - t)
     timer = RoundTimer(state.number, count_pages(final))

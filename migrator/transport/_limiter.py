@@ -34,6 +34,15 @@ class TokenBucket:
         self.burst = max(64 * 1024, int(rate * 0.005))
         self._free_at = max(self._free_at or 0.0, trio.current_time())
 
+    def debit(self, size: int) -> None:
+        """Let ``size`` bytes go now, ahead of the reservations made: the frames after them wait
+        the longer, so the cap holds over time (post-copy's urgent pages)."""
+        now = trio.current_time()
+        earliest = now - max(self.burst, size) / self.rate
+        if self._free_at is None or self._free_at < earliest:
+            self._free_at = earliest
+        self._free_at += size / self.rate
+
     async def consume(self, size: int) -> None:
         """Sleep until ``size`` more bytes fit under the cap, then let them go."""
         now = trio.current_time()

@@ -210,7 +210,9 @@ class Sender:
             out.data, out.seconds = out.job.result()
             out.job = None
         data = out.data
-        if self._bucket is not None:
+        if self._bucket is not None and out.link is self._urgent:
+            self._bucket.debit(sum(map(len, data)))    # never behind a bulk frame's reservation
+        elif self._bucket is not None:
             await self._bucket.consume(sum(map(len, data)))
             self._counters.throttle_seconds = self._bucket.waited
         await out.link.write(data)

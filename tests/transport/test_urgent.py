@@ -82,3 +82,17 @@ async def test_only_a_channel_connected_for_it_sends_urgent_data_and_only_data()
                 with pytest.raises(TransportError, match="only Pages and Zero"):
                     await urgent.send(LAYOUT, urgent=True)
             nursery.cancel_scope.cancel()
+
+
+async def test_an_urgent_debit_goes_at_once_and_the_bulk_pays_for_it(autojump_clock):
+    """Under --bandwidth an urgent frame never waits for the bucket, and the cap still holds:
+    the next bulk frame waits for the bytes it let go."""
+    from migrator.transport._limiter import TokenBucket
+
+    bucket = TokenBucket(1e6, burst=1)
+    start = trio.current_time()
+    await bucket.consume(100_000)           # the first frame goes at once
+    bucket.debit(500_000)                   # so does the urgent one
+    assert trio.current_time() == start
+    await bucket.consume(100_000)
+    assert trio.current_time() - start == pytest.approx(0.6)
