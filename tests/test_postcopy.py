@@ -35,9 +35,9 @@ MODES = {
 }
 
 
-async def _receiver(nursery, outcomes, sockdir):
+async def _receiver(nursery, outcomes, sockdir, **settings):
     async def handle(channel):
-        migration = DestinationMigration(channel, ReceiveSettings(control_dir=sockdir), log=lambda line: None)
+        migration = DestinationMigration(channel, ReceiveSettings(control_dir=sockdir, **settings), log=lambda line: None)
         try:
             outcomes.append((await migration.run()).to_dict())
         except MigrationFailed:
@@ -129,21 +129,49 @@ async def test_postcopy_switches_delivers_every_page_and_the_guest_runs_on(sockd
             final.quit()
 
 
-async def test_a_link_cut_during_postcopy_keeps_the_source_frozen_and_the_destination_paused(sockdir):
-    """Cut after the commit: the source never resumes (stopped, the failure says how many pages
-    it still owed), the destination's guest waits on its next missing page instead of running on
-    zeros."""
+async def test_a_link_cut_during_postcopy_is_recovered_and_the_guest_is_intact(sockdir):
+    """Cut after the commit: the source reconnects (--recover-timeout), the destination lists
+    what it lacks, and the migration finishes verified with a guest that runs and checks clean."""
     with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=5000, fill="random") as guest:
         await trio.sleep(0.3)
         outcomes: list[dict] = []
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
                 address = await _receiver(nursery, outcomes, sockdir)
+                proxy = FaultProxy("127.0.0.1", int(address.rsplit(":", 1)[1]), Faults(cut_at=32 * MiB))
+                port = await nursery.start(proxy.serve)
+                report = await _migrate(guest, f"127.0.0.1:{port}", compress="none", postcopy_after=0)
+                while not outcomes:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        assert proxy.statistics().cut
+        assert report["result"] == "committed" and report["verified"]
+        pc = report["postcopy"]
+        assert pc["recoveries"] >= 1 and pc["resent_pages"] > 0
+        dest = outcomes[-1]
+        assert dest["result"] == "resumed" and dest["error"] is None
+        client = GuestClient(dest["guest_control"])
+        try:
+            assert _advances(client) and client.check()["clean"]
+        finally:
+            client.quit()
+
+
+async def test_a_link_cut_during_postcopy_keeps_the_source_frozen_and_the_destination_paused(sockdir):
+    """Cut after the commit, and no reconnecting (--recover-timeout 0): the source never resumes
+    (stopped, the failure says how many pages it still owed), the destination's guest waits on
+    its next missing page instead of running on zeros."""
+    with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=5000, fill="random") as guest:
+        await trio.sleep(0.3)
+        outcomes: list[dict] = []
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                address = await _receiver(nursery, outcomes, sockdir, recover_timeout_s=0)
                 # post-copy from the start: nearly every byte of the stream is the post-copy push
                 proxy = FaultProxy("127.0.0.1", int(address.rsplit(":", 1)[1]), Faults(cut_at=32 * MiB))
                 port = await nursery.start(proxy.serve)
                 with pytest.raises(MigrationFailed) as failure:
-                    await _migrate(guest, f"127.0.0.1:{port}", compress="none", postcopy_after=0)
+                    await _migrate(guest, f"127.0.0.1:{port}", compress="none", postcopy_after=0, recover_timeout_s=0)
                 while not outcomes:
                     await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
@@ -174,7 +202,7 @@ async def test_the_receiver_killed_during_postcopy_leaves_the_source_frozen(sock
         with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=5000, fill="random") as guest:
             await trio.sleep(0.3)
             migration = SourceMigration(guest.control, address, MigrateSettings(
-                compress="none", postcopy_after=0, bandwidth=16 * MiB, token=load_default_token()))
+                compress="none", postcopy_after=0, bandwidth=16 * MiB, token=load_default_token(), recover_timeout_s=1))
 
             async def kill_once_committed():
                 while not migration.committed:
@@ -223,3 +251,23 @@ def _control_of(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         args = f.read().split(b"\0")
     return os.path.basename(args[args.index(b"--control") + 1].decode())
+
+
+async def test_resuming_a_migration_nobody_waits_for_is_refused(sockdir):
+    from migrator import protocol as p
+    from migrator.transport import connect
+
+    outcomes: list[dict] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await _receiver(nursery, outcomes, sockdir)
+            channel = await connect(address, token=None, compress="none")
+            async with channel:
+                await channel.send(p.Resume(migration="no-such-migration"))
+                await channel.flush()
+                event = await channel.receive()
+            while not outcomes:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    assert isinstance(event, p.Abort) and "no interrupted post-copy" in event.reason
+    assert outcomes[0]["result"] == "discarded" and "no post-copy here waits" in outcomes[0]["error"]

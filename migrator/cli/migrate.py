@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "would start throttling the guest; a pre-copy that converges still ends in stop-and-copy")
     parser.add_argument("--postcopy-timeout", type=options.positive, default=300.0, metavar="S",
                         help="fail (keeping the source frozen) if delivering the pages after a post-copy switch takes longer (default 300)")
+    parser.add_argument("--recover-timeout", type=options.non_negative, default=30.0, metavar="S",
+                        help="after a post-copy switch, reconnect this long when the link breaks, then finish (0: fail at once, "
+                             "the source kept frozen; default 30)")
     parser.add_argument("--keep-source", action="store_true", help="keep the source guest frozen after commit instead of killing it")
     options.add_token_options(parser, receiver=False)
     tls = parser.add_mutually_exclusive_group()
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None, frame_macs=args.frame_macs,
             postcopy_after=0 if args.postcopy else None if args.postcopy_after in (None, "auto") else args.postcopy_after,
             postcopy_auto=args.postcopy_after == "auto", postcopy_timeout_s=args.postcopy_timeout,
+            recover_timeout_s=args.recover_timeout,
         )
         check_tls_address(parse_address(args.to), settings.tls)
         if args.control is None:

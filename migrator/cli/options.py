@@ -70,6 +70,19 @@ def _streams(text: str) -> int:
 
 
 positive = option_type(_positive_number)          # milliseconds, seconds, rates: > 0 and finite
+
+
+def _non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"expected a number >= 0, not {text!r}")
+    return value
+
+
+non_negative = option_type(_non_negative_number)  # seconds that may be 0 (off)
 count = option_type(_count)                       # rounds, images, repeats: 1 or more
 streams = option_type(_streams)                   # parallel connections: 1..MAX_STREAMS
 

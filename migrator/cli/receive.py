@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "removed at exit unless a resumed guest's socket is still in it)")
     parser.add_argument("--prepare", type=options.guest_size, metavar="SIZE",
                         help="keep a restore guest of SIZE (e.g. 1G) started and populated ahead of the migration")
+    parser.add_argument("--recover-timeout", type=options.non_negative, default=30.0, metavar="S",
+                        help="a post-copy whose link broke after its commit waits this long for its source to reconnect "
+                             "(its guest waits on its missing pages meanwhile; default 30)")
     parser.add_argument("--idle-timeout", type=options.positive, default=120.0, metavar="S", help="fail a migration whose source is silent this long (default 120)")
 
 
@@ -107,7 +110,7 @@ def _token(args: argparse.Namespace) -> tuple[bytes | None, str | None]:
 def run(args: argparse.Namespace) -> int:
     with exits.preflight():
         check_outputs(report=args.report)
-    settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout,
+    settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout, recover_timeout_s=args.recover_timeout,
                                max_bytes=args.max_size)
     limits = HandshakeLimits(total=args.max_handshakes, per_peer=args.max_handshakes_per_peer)
     if (args.tls_cert is None) != (args.tls_key is None):

@@ -24,15 +24,16 @@ from .. import protocol as p
 from ..core.deadlines import deadline
 from ..core.digest import PageDigests
 from ..core.documents import header, utc_now
-from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolError
+from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolError, TransportError
 from ..core.failures import describe
 from ..core.meminfo import mem_available
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from .guests import MAX_CHECK_RUNS, RestoreGuests, RestoreTarget
-from .postcopy import IncomingPostcopy
+from .postcopy import IncomingPostcopy, hand_over, wait_for_resume
 from .report import ReceivedRound, ReceiveReport
 
+LACKING_RUNS_PER_EVENT = 1 << 16
 APPLY_QUEUE = 4          # Pages events (up to 4 MiB each) buffered between receiving and applying
 APPLY_BATCH = 2          # events applied per worker-thread call
 LAYOUT_TIMEOUT_S = 30.0
@@ -45,6 +46,7 @@ class ReceiveSettings:
     memfd: bool = False             # restore guest on a shared memfd (one copy fewer)
     control_dir: str | None = None  # where restore guests' control sockets go
     idle_timeout_s: float = 120.0   # silence from the source longer than this fails the migration
+    recover_timeout_s: float = 30.0 # a post-copy cut off after its commit waits this long for its source
     deep_check: bool = False        # always run the deep self-check (restoring an image: no downtime to save)
 
 
@@ -78,6 +80,9 @@ class DestinationMigration:
         self._final_pages_listed = array.array("Q")  # the final copy's (first page, count) pairs, as they arrive
         self.self_check = "none"             # then what the restore guest's check covered
         self.postcopy: IncomingPostcopy | None = None   # armed by the source's first Discard
+        self.recoveries = 0
+        self.finished = trio.Event()        # run() is over (a session that resumed this one waits for it)
+        self._handed_to: DestinationMigration | None = None   # the interrupted migration this session resumed
 
     async def run(self) -> ReceiveReport:
         started = time.perf_counter()
@@ -110,6 +115,14 @@ class DestinationMigration:
             result="resumed" if self.resumed else "discarded",
             error=None if error is None else describe(error),
         )
+        self.finished.set()
+        if self._handed_to is not None and error is None:
+            resumed = self._handed_to        # this session carried another migration's end
+            await resumed.finished.wait()
+            self.report = resumed.report
+            if resumed.report.error is not None:
+                raise MigrationFailed(resumed.report.error, committed=True)
+            return resumed.report
         if error is not None:
             raise MigrationFailed(report.error, committed=self.resumed) from error
         return report
@@ -117,6 +130,9 @@ class DestinationMigration:
     async def _run(self) -> None:
         with deadline(LAYOUT_TIMEOUT_S, "waiting for the source's Layout"):
             event = await self.channel.receive()
+        if isinstance(event, p.Resume):
+            self._handed_to = await hand_over(event.migration, self.channel)
+            return
         if not isinstance(event, p.Layout):
             raise RemoteProtocolError(f"expected Layout first, got {type(event).__name__}")
         id = event.meta.get("id")
@@ -240,8 +256,14 @@ class DestinationMigration:
     async def _receive_loop(self, queue: trio.MemorySendChannel) -> None:
         freeze_at = None
         while True:
-            with deadline(self.settings.idle_timeout_s, "waiting for the source (it sent nothing; --idle-timeout)"):
-                event = await self.channel.receive()
+            try:
+                with deadline(self.settings.idle_timeout_s, "waiting for the source (it sent nothing; --idle-timeout)"):
+                    event = await self.channel.receive()
+            except TransportError as exc:
+                if not (self.resumed and self.postcopy is not None and self.settings.recover_timeout_s > 0):
+                    raise
+                await self._wait_for_source(exc)
+                continue
             if isinstance(event, (p.Pages, p.Zero)) and self.postcopy is not None:
                 # post-copy: straight into place, where a faulting guest thread may be waiting
                 await self.postcopy.deliver(list(event.runs), event.payload if isinstance(event, p.Pages) else None)
@@ -309,6 +331,30 @@ class DestinationMigration:
         self.log(f"resumed guest pid {self.dst.pid}{follow}, control {self.guest.control}")
         if self.postcopy is not None:
             await self.postcopy.resumed()
+
+    async def _wait_for_source(self, lost: TransportError) -> None:
+        """The link broke after a post-copy commit: the guest waits on its missing pages while a
+        new session of the same migration may take over (``hand_over``) within the recover
+        timeout; it then learns which pages this side still lacks."""
+        self.log(f"post-copy of {self.id}: the source is gone ({lost}); {self.postcopy.missing.missing} pages "
+                 f"missing, waiting {self.settings.recover_timeout_s:g} s for it to reconnect")
+        channel = await wait_for_resume(self.id, self, self.settings.recover_timeout_s)
+        if channel is None:
+            raise MigrationFailed(f"post-copy interrupted: the source did not reconnect within "
+                                  f"{self.settings.recover_timeout_s:g} s (--recover-timeout; {lost}); the guest "
+                                  f"waits on {self.postcopy.missing.missing} missing pages") from lost
+        self.channel = self.postcopy.channel = channel
+        with deadline(LAYOUT_TIMEOUT_S, "waiting for the resumed session's Layout"):
+            layout = await channel.receive()
+        if not (isinstance(layout, p.Layout) and tuple(layout.regions) == self.src.regions):
+            await self._reply(p.Ack(of=p.Acked.RESUME, ok=False, reason="the resumed session's Layout differs"))
+            raise RemoteProtocolError("the resumed session's Layout differs from the interrupted one's")
+        lacking = self.dst.translate(self.postcopy.lacking(), self.src)
+        for first in range(0, len(lacking), LACKING_RUNS_PER_EVENT):
+            await channel.send(p.Lacking(runs=tuple(lacking[first : first + LACKING_RUNS_PER_EVENT])))
+        await self._reply(p.Ack(of=p.Acked.RESUME, ok=True))
+        self.recoveries += 1
+        self.log(f"post-copy of {self.id} resumed: {count_pages(lacking)} pages still lacking")
 
     async def _arm_postcopy(self, queue: trio.MemorySendChannel) -> None:
         """At the first Discard: every page of earlier rounds applied, then faults armed."""

@@ -28,11 +28,15 @@ import trio
 
 from .. import protocol as p
 from ..core.digest import PageDigests
-from ..core.errors import MigrationFailed, RemoteProtocolError
+from ..core.errors import MigrationFailed, RemoteProtocolError, TransportError
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from ..guest.client import GuestClient
-from .faults import REQUESTED, MissingPages, guest_page_pairs
+from .faults import MISSING, REQUESTED, MissingPages, guest_page_pairs
+
+# interrupted post-copies waiting for their source, by migration id (one receiver process):
+# (where a resuming session's channel goes, the migration that waits for it)
+_WAITING: dict[str, tuple[trio.MemorySendChannel, object]] = {}
 
 FAULT_WINDOW = 16        # pages asked for per fault: the faulting page and the ones after it
 BULK_QUEUE = 32          # pushed events waiting for the installer thread (the receive loop never does)
@@ -53,6 +57,34 @@ class ReceivedPostcopy:
     fault_max_ms: float | None
     duration_s: float | None         # resume to the last page installed and verified
     guest_write_rate: float | None   # the guest's writes/s while post-copy ran
+
+
+async def wait_for_resume(migration: str, owner, timeout_s: float):
+    """``owner`` (a destination migration) waits up to ``timeout_s`` for a session resuming
+    ``migration``; returns its channel, or None."""
+    send, receive = trio.open_memory_channel(1)
+    _WAITING[migration] = (send, owner)
+    try:
+        with trio.move_on_after(timeout_s):
+            return await receive.receive()
+        return None
+    finally:
+        if _WAITING.get(migration, (None,))[0] is send:
+            del _WAITING[migration]
+
+
+async def hand_over(migration: str, channel):
+    """A session that began with Resume: give its channel to the interrupted migration waiting
+    for it and return that migration (its ``finished`` says when the session is over)."""
+    waiting = _WAITING.pop(migration, None)
+    if waiting is None:
+        with trio.move_on_after(2):
+            await channel.send(p.Abort(reason=f"no interrupted post-copy of migration {migration!r} waits here"))
+            await channel.flush()
+        raise MigrationFailed(f"a source asked to resume migration {migration!r}, which no post-copy here waits for")
+    send, owner = waiting
+    await send.send(channel)
+    return owner
 
 
 class IncomingPostcopy:
@@ -217,8 +249,19 @@ class IncomingPostcopy:
                 if address in firsts and address not in self._waiting:
                     self._waiting[address] = now
                     self.faults += 1
-        await self.channel.send(p.Request(runs=tuple(self.dst.translate(runs, self.src))))
-        await self.channel.flush()
+        try:
+            await self.channel.send(p.Request(runs=tuple(self.dst.translate(runs, self.src))))
+            await self.channel.flush()
+        except TransportError:
+            pass    # the link is down: a resumed session is told of every page still lacking
+
+    def lacking(self) -> list[Run]:
+        """Every page not current here (restore-guest addresses), now REQUESTED: a resumed
+        session's source sends each again, whatever it sent before the cut."""
+        states, ps = self.missing.states, self.dst.page_size
+        whole = [(r.start, r.length // ps) for r in self.dst.regions]
+        states.claim(whole, REQUESTED, MISSING)
+        return states.claim(whole, MISSING, REQUESTED)
 
     def timings(self) -> dict[str, float]:
         """What the source reports of this side (Ack.timings_ms)."""

@@ -31,8 +31,8 @@ import xxhash
 
 from ..core.errors import LocalProtocolError
 from .events import (
-    Abort, Ack, Auth, Commit, Digest, Discard, Event, Fence, Freeze, Hello, Index, Layout, Pages, Request, RoundEnd,
-    Switch, Zero,
+    Abort, Ack, Auth, Commit, Digest, Discard, Event, Fence, Freeze, Hello, Index, Lacking, Layout, Pages, Request,
+    Resume, RoundEnd, Switch, Zero,
 )
 
 MAGIC = b"MGRT"
@@ -52,6 +52,7 @@ HANDSHAKE_MAX_FRAME = 64 << 10   # nothing large is accepted before the peer is 
 TYPE_CODES: dict[type[Event], int] = {
     Hello: 1, Auth: 2, Layout: 3, Pages: 4, Zero: 5, RoundEnd: 6, Freeze: 7, Digest: 8,
     Commit: 9, Ack: 10, Abort: 11, Fence: 12, Index: 13, Discard: 14, Switch: 15, Request: 16,
+    Resume: 17, Lacking: 18,
 }
 TYPES: dict[int, type[Event]] = {code: kind for kind, code in TYPE_CODES.items()}
 

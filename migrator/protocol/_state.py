@@ -43,6 +43,8 @@ class State(enum.Enum):
     SWITCHED = "SWITCHED"                # the destination is armed: the source commits next
     POSTCOPY_COMMITTING = "POSTCOPY_COMMITTING"  # Commit sent after a Switch: waiting for Ack(commit)
     POSTCOPY = "POSTCOPY"                # the destination's guest runs; its stale pages arrive
+    RESUMING = "RESUMING"                # a session continuing an interrupted post-copy: Layout next
+    RESUMED = "RESUMED"                  # the destination lists what it lacks, then acknowledges
     DONE = "DONE"
     ABORTED_BY_SOURCE = "ABORTED_BY_SOURCE"
     ABORTED_BY_DEST = "ABORTED_BY_DEST"
@@ -82,7 +84,7 @@ _SENT = _DATA + ("Digest", "Fence")                         # the source, in rou
 # The destination, after Layout: answers to the source's Layout, RoundEnd and Digest (an answer may
 # cross the source's Freeze), and digests of its own. An Ack of commit only after Commit, of a
 # switch only after Switch.
-_NOTES = tuple(ack(of) for of in Acked if of not in (Acked.COMMIT, Acked.SWITCH)) + ("Digest",)
+_NOTES = tuple(ack(of) for of in Acked if of not in (Acked.COMMIT, Acked.SWITCH, Acked.RESUME)) + ("Digest",)
 
 
 def _loop(sender: Role, symbols: tuple[str, ...], state: State) -> dict:
@@ -98,7 +100,9 @@ LIVE: Table = {
     State.START: {(S, "Hello"): State.SOURCE_HELLO, (S, "JoinHello"): State.JOIN_SOURCE_HELLO},
     State.SOURCE_HELLO: {(D, "Hello"): State.DEST_HELLO},
     State.DEST_HELLO: {(S, "Auth"): State.READY},
-    State.READY: {(S, "Layout"): State.PRECOPY, **_ABORTS},
+    State.READY: {(S, "Layout"): State.PRECOPY, (S, "Resume"): State.RESUMING, **_ABORTS},
+    State.RESUMING: {(S, "Layout"): State.RESUMED, **_ABORTS},
+    State.RESUMED: {(D, "Lacking"): State.RESUMED, (D, ack(Acked.RESUME)): State.POSTCOPY, **_ABORTS},
     State.PRECOPY: {
         **_loop(S, _SENT + ("RoundEnd", "Discard"), State.PRECOPY), (S, "Freeze"): State.FROZEN,
         **_loop(D, _NOTES, State.PRECOPY), **_ABORTS,

@@ -22,8 +22,8 @@ from ..core.errors import LocalProtocolError
 from ..core.model import Region
 from ._frames import TYPE_CODES, TYPES
 from .events import (
-    Abort, Ack, Acked, Auth, Commit, Digest, DigestKind, Discard, Event, Fence, Freeze, Hello, Index, IndexEntry, Layout,
-    Pages, Request, RoundEnd, Switch, Zero,
+    Abort, Ack, Acked, Auth, Commit, Digest, DigestKind, Discard, Event, Fence, Freeze, Hello, Index, IndexEntry, Lacking,
+    Layout, Pages, Request, Resume, RoundEnd, Switch, Zero,
 )
 
 _ENTRY = struct.Struct("<QIIIB")   # offset, length, round, pages, type code
@@ -129,6 +129,8 @@ FIELDS: dict[type[Event], tuple[tuple[str, str], ...]] = {
     Discard: (("round", "int"), ("runs", "runs")),
     Switch: (("round", "int"), ("pages", "int")),
     Request: (("runs", "runs"),),
+    Resume: (("migration", "str"),),
+    Lacking: (("runs", "runs"),),
 }
 
 

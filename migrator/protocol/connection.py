@@ -54,7 +54,7 @@ from ._state import DATA_STATES, LIVE, RECORDED, Role, State, symbol, transition
 from ._wire import decode_fields, encode_meta, hello_version
 from .events import (
     DATA_EVENTS, NONCE_SIZE, PROTOCOL_VERSION, SESSION_ID_SIZE, Abort, Auth, Commit, ConnectionClosed, Digest,
-    Discard, Event, Fence, Hello, Index, Layout, Pages, Request, _int, _runs,
+    Discard, Event, Fence, Hello, Index, Lacking, Layout, Pages, Request, _int, _runs,
 )
 
 MIN_TOKEN = 16
@@ -631,7 +631,7 @@ class Connection:
             frames = self._recv_seq - 1 if received else self._send_seq
             if len(event.entries) != frames:
                 raise LocalProtocolError(f"Index lists {len(event.entries)} frames, the stream had {frames}")
-        if kind in (Discard, Request):
+        if kind in (Discard, Request, Lacking):
             self._require_bounds().check(event.runs)    # stale or requested pages lie in the Layout
         # Data ends at an Abort, at a pre-copy Commit, or (post-copy: pages follow the Commit) at the
         # source's page digest after it. Frames of parallel streams sent before are counted by the

@@ -58,6 +58,7 @@ class Acked(enum.Enum):
     DIGEST = "digest"    # the verdict on the last Digest (and the self-check)
     COMMIT = "commit"    # the destination guest runs: the session is done (post-copy: its pages follow)
     SWITCH = "switch"    # post-copy: stale pages dropped, faults armed; the source may commit
+    RESUME = "resume"    # an interrupted post-copy goes on: the Lacking list before it is complete
 
 
 class DigestKind(enum.Enum):
@@ -431,6 +432,31 @@ class Request(Event):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Resume(Event):
+    """First after the handshake of a session that continues migration ``migration``'s post-copy,
+    cut off after its commit: the Layout follows (the same), then the destination lists what it
+    still lacks (``Lacking``) and acknowledges (``Ack(of=Acked.RESUME)``)."""
+
+    migration: str
+
+    def __post_init__(self) -> None:
+        _str("Resume", "migration", self.migration)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Lacking(Event):
+    """A resumed post-copy: pages the destination does not have, whatever was sent before the
+    cut; the source sends each again."""
+
+    runs: tuple[Run, ...]
+
+    def __post_init__(self) -> None:
+        runs = _runs("Lacking", self.runs)
+        if runs is not self.runs:
+            _freeze(self, "runs", runs)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Digest(Event):
     """A digest of what was sent, for the other side to compare.
 
@@ -560,6 +586,6 @@ class ConnectionClosed(Event):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     Hello, Auth, Layout, Pages, Zero, RoundEnd, Freeze, Digest, Commit, Ack, Abort, Fence, Index,
-    Discard, Switch, Request,
+    Discard, Switch, Request, Resume, Lacking,
 )
 DATA_EVENTS = (Pages, Zero)   # may be spread over parallel streams; everything else is a barrier

@@ -34,7 +34,7 @@ from .. import protocol as p
 from ..core.documents import utc_now
 from ..core.digest import PageDigests
 from ..core.documents import to_data
-from ..core.errors import MigrationFailed, MigratorError
+from ..core.errors import MigrationFailed, MigratorError, TransportError
 from ..transport.control import Request, control_path, serve_control
 from ..core.failures import describe
 from .attach import AttachedGuest
@@ -48,7 +48,27 @@ from .rounds import Precopy
 from .sink import PeerSink
 from .switchover import Switchover, bounded, commit, cross_point_of_no_return, final_copy, switchover_deadline_s
 
+RECONNECT_PAUSE_S = 0.2  # between attempts to reach the destination again (post-copy recovery)
 WATCH_BUFFER = 64        # snapshots buffered for each ``watch`` reader (13 s of them)
+
+
+def _lost_link(error: BaseException) -> bool:
+    """Whether a lost or broken connection is behind ``error`` (groups and causes searched)."""
+    seen = set()
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, TransportError):
+            return True
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(e.exceptions)
+        for nxt in (e.__cause__, e.__context__):
+            if nxt is not None:
+                stack.append(nxt)
+    return False
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,7 @@ class MigrateSettings:
     postcopy_after: int | None = None   # post-copy after this many pre-copy rounds (0: --postcopy)
     postcopy_auto: bool = False         # post-copy instead of auto-converge once pre-copy stalls
     postcopy_timeout_s: float = 300.0   # how long delivering the stale pages after the switch may take
+    recover_timeout_s: float = 30.0     # a post-copy whose link broke reconnects for this long (0: never)
 
     def __post_init__(self) -> None:
         if self.verify not in ("pages", "full"):
@@ -261,6 +282,60 @@ class SourceMigration:
         self._apply_pending()
 
     async def _migrate(self, guest: AttachedGuest) -> None:
+        try:
+            await self._migrate_once(guest)
+        except BaseException as exc:
+            if not self._recoverable(exc):
+                raise
+            await self._recover(guest, exc)
+            if not self.settings.keep_source:
+                guest.terminate()
+
+    def _recoverable(self, error: BaseException) -> bool:
+        """A post-copy past its commit that lost its link (not a refusal, not a timeout)."""
+        return (self._delivery is not None and self.committed and not self._switchover.verified
+                and self.settings.recover_timeout_s > 0 and _lost_link(error))
+
+    async def _recover(self, guest: AttachedGuest, lost: BaseException) -> None:
+        """Reconnect until ``recover_timeout_s`` has passed, and finish the post-copy over the new
+        session: the destination lists what it lacks, and each of those pages is sent again."""
+        s, layout, delivery = self.settings, guest.layout, self._delivery
+        deadline = trio.current_time() + s.recover_timeout_s
+        last = lost
+        while trio.current_time() < deadline:
+            try:
+                with trio.fail_after(max(deadline - trio.current_time(), 0.01)):
+                    async with PeerSink.open(self.address, token=s.token, compress=s.compress, streams=s.streams,
+                                             bandwidth=s.bandwidth, tls=s.tls, frame_macs=s.frame_macs,
+                                             urgent=True) as sink:
+                        sink.committed = True      # past the point of no return: never an Abort from here
+                        self._sink = sink
+                        await sink.send(p.Resume(migration=self.id))
+                        await sink.send(p.Layout(regions=layout.regions, page_size=layout.page_size,
+                                                 meta={"id": self.id}))
+                        await sink.flush()
+                        ack = await sink.expect_ack(p.Acked.RESUME)
+                        if not ack.ok:
+                            raise MigrationFailed(self._interrupted(f"the destination refused to resume: {ack.reason}"))
+                        delivery.resume_with(sink, sink.lacking)
+                        self._postcopy.recoveries += 1
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(delivery.serve_requests)
+                            with trio.fail_after(s.postcopy_timeout_s):
+                                await delivery.run()
+                            nursery.cancel_scope.cancel()
+                self._switchover.verified = True
+                return
+            except BaseException as exc:
+                if not _lost_link(exc) or isinstance(exc, trio.TooSlowError):
+                    raise
+                last = exc
+            await trio.sleep(RECONNECT_PAUSE_S)
+        raise MigrationFailed(self._interrupted(
+            f"the link broke ({describe(lost)}) and did not come back within {s.recover_timeout_s:g} s "
+            f"(--recover-timeout; last: {describe(last)})"))
+
+    async def _migrate_once(self, guest: AttachedGuest) -> None:
         s, layout = self.settings, guest.layout
         async with PeerSink.open(self.address, token=s.token, compress=s.compress, streams=s.streams,
                                  bandwidth=s.bandwidth, tls=s.tls, frame_macs=s.frame_macs,
@@ -358,6 +433,7 @@ class SourceMigration:
             faults=int(dest["faults"]) if "faults" in dest else None,
             fault_p50_ms=dest.get("fault_p50"), fault_p99_ms=dest.get("fault_p99"), fault_max_ms=dest.get("fault_max"),
             guest_rate_before=stats.guest_rate_before, guest_rate_after=dest.get("guest_write_rate"),
+            recoveries=stats.recoveries, resent_pages=stats.resent_pages,
         )
 
     def _report(self, total_s: float, error: BaseException | None) -> MigrationReport:

@@ -55,6 +55,8 @@ class PostcopyStats:
     stale_pages: int = 0
     discarded_ahead: int = 0         # stale pages dropped before the freeze
     settle_scans: int = 0            # scans between the first drop and the freeze
+    recoveries: int = 0              # sessions that took over after the link broke
+    resent_pages: int = 0            # pages sent again after such a break
     pushed_pages: int = 0
     requested_pages: int = 0         # pages sent because the destination's guest faulted on them
     requests: int = 0
@@ -177,6 +179,13 @@ class Delivery:
         # large pooled buffers, or a fresh one when the push holds them all, would fault in
         # megabytes on the request's path
         self._request_buffers = BufferPool(REQUEST_PAGES * self.layout.page_size)
+
+    def resume_with(self, sink: PeerSink, lacking: list[Run]) -> None:
+        """A new session after a cut: every page the destination lacks is owed again, whether or
+        not it was sent before (those sent were lost with the link)."""
+        self.sink = sink
+        if lacking:
+            self.stats.resent_pages += self.states.set(lacking, STALE)
 
     @property
     def owed(self) -> int:

@@ -65,6 +65,8 @@ class PostcopyReport:
     fault_max_ms: float | None = None
     guest_rate_before: float | None = None
     guest_rate_after: float | None = None
+    recoveries: int = 0              # sessions that took over after the link broke (--recover-timeout)
+    resent_pages: int = 0            # pages sent again after such a break
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,7 @@ class PeerSink(Sink):
         self._acks_in, self._acks = trio.open_memory_channel(4)
         # post-copy: the destination's page requests, apart from its Acks (they never wait behind one)
         self._requests_in, self.requests = trio.open_memory_channel(REQUESTS_QUEUED)
+        self.lacking: list[p.Run] = []   # a resumed post-copy: what the destination still lacks
 
     @classmethod
     @asynccontextmanager
@@ -107,6 +108,9 @@ class PeerSink(Sink):
                 raise MigrationFailed(f"destination aborted: {event.reason}")
             if isinstance(event, p.Request):
                 await self._requests_in.send(event)
+                continue
+            if isinstance(event, p.Lacking):
+                self.lacking.extend(event.runs)
                 continue
             await self._acks_in.send(event)
 

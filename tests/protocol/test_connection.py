@@ -103,7 +103,7 @@ def in_state(state: State, **kwargs) -> ConnectionPair:
 def test_the_table_acts_on_what_an_ack_answers(state, of):
     """Answers to Layout, RoundEnd and Digest before Commit; an Ack of commit, and only that, after
     it, where it completes the session. An Ack of a switch only after a Switch."""
-    allowed = of is Acked.COMMIT if state is State.COMMITTING else of not in (Acked.COMMIT, Acked.SWITCH)
+    allowed = of is Acked.COMMIT if state is State.COMMITTING else of not in (Acked.COMMIT, Acked.SWITCH, Acked.RESUME)
     event = Ack(of=of, ok=True)
     p = in_state(state)
     if allowed:

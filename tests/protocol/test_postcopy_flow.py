@@ -5,7 +5,8 @@ import pytest
 
 from migrator.core.errors import LocalProtocolError
 from migrator.protocol import (
-    Abort, Ack, Acked, Commit, Digest, DigestKind, Discard, Freeze, Pages, Request, RoundEnd, State, Switch,
+    Abort, Ack, Acked, Commit, Digest, DigestKind, Discard, Freeze, Lacking, Pages, Request, Resume, RoundEnd, State,
+    Switch,
 )
 from migrator.protocol._wire import decode_fields, encode_meta
 
@@ -81,3 +82,32 @@ def test_postcopy_events_round_trip_their_fields(event):
 def test_bad_postcopy_events_are_refused(make):
     with pytest.raises(LocalProtocolError):
         make()
+
+
+def test_a_resumed_session_lists_what_is_lacking_then_goes_on_as_postcopy():
+    p = ConnectionPair()
+    p.handshake()
+    p.send(S, [Resume(migration="m-1"), LAYOUT])
+    assert p.conn[S].state is p.conn[D].state is State.RESUMED
+    p.send(D, [Lacking(runs=((BASE, 2),)), Ack(of=Acked.RESUME, ok=True)])
+    assert p.conn[S].state is State.POSTCOPY
+    p.send(S, [Pages(round=1, runs=((BASE, 2),), payload=PAGE * 2), RoundEnd(round=1, pages=2, final=True),
+               Digest(kind=DigestKind.PAGES, value=b"d" * 16)])
+    p.send(D, Ack(of=Acked.DIGEST, ok=True))
+    assert p.conn[S].state is p.conn[D].state is State.DONE
+
+
+def test_no_pages_before_the_destination_said_what_it_lacks():
+    p = ConnectionPair()
+    p.handshake()
+    p.send(S, [Resume(migration="m-1"), LAYOUT])
+    with pytest.raises(LocalProtocolError, match="Pages from source is not allowed in state RESUMED"):
+        p.conn[S].send(Pages(round=1, runs=((BASE, 1),), payload=PAGE))
+
+
+def test_lacking_runs_outside_the_layout_are_refused():
+    p = ConnectionPair()
+    p.handshake()
+    p.send(S, [Resume(migration="m-1"), LAYOUT])
+    with pytest.raises(LocalProtocolError, match="outside layout"):
+        p.conn[D].send(Lacking(runs=((BASE - 4096, 1),)))

@@ -31,7 +31,7 @@ digests = st.builds(Digest, kind=st.sampled_from(DigestKind), value=st.binary(ma
 
 
 @st.composite
-def acks(draw, of=st.sampled_from([a for a in Acked if a not in (Acked.COMMIT, Acked.SWITCH)])):
+def acks(draw, of=st.sampled_from([a for a in Acked if a not in (Acked.COMMIT, Acked.SWITCH, Acked.RESUME)])):
     """Acks with every field their ``of`` allows."""
     of = draw(of)
     ok = draw(st.booleans())
