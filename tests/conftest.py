@@ -38,6 +38,26 @@ def sockdir():
 GUEST_EXIT_GRACE_S = 3.0
 
 
+@pytest.fixture
+def guests(sockdir, request):
+    """Factory of guest children that die with the test process and are killed at the end (also
+    if stopped); ``size`` defaults to the test module's ``SIZE``."""
+    from migrator.guest.spawn import spawn_guest
+
+    started = []
+
+    def start(name: str = "guest", paused: bool = False, **options):
+        options.setdefault("size", getattr(request.module, "SIZE", 16 << 20))
+        extra = ("--exit-with-parent",) + (("--paused",) if paused else ())
+        guest = spawn_guest(os.path.join(sockdir, name + ".sock"), extra_args=extra, **options)
+        started.append(guest)
+        return guest
+
+    yield start
+    for guest in started:
+        guest.kill()
+
+
 def _guests_under(directory: str) -> list[int]:
     """Processes of ``migrator guest`` whose arguments name a path in ``directory``."""
     found = []

@@ -19,7 +19,6 @@ from migrator.core.errors import MigratorError, TrackerError, TrackerUnavailable
 from migrator.core.model import MemoryLayout, Region
 from migrator.destination.faults import CURRENT, MISSING, REQUESTED, MissingPages, guest_page_pairs, parse_faults
 from migrator.guest.layout import region_digest
-from migrator.guest.spawn import spawn_guest
 from migrator.tracker import features, open_tracker
 from migrator.tracker.memory import ProcessMemory
 
@@ -61,21 +60,6 @@ def test_missing_pages_imports_no_trio():
 
 
 # --- a real restore guest -------------------------------------------------------------------------
-
-@pytest.fixture
-def guests(sockdir):
-    started = []
-
-    def start(name: str, **options):
-        options.setdefault("size", SIZE)
-        guest = spawn_guest(os.path.join(sockdir, name + ".sock"), extra_args=("--exit-with-parent",), **options)
-        started.append(guest)
-        return guest
-
-    yield start
-    for guest in started:
-        guest.kill()
-
 
 def wait_populated(client) -> None:
     deadline = time.monotonic() + WAIT

@@ -11,27 +11,11 @@ import pytest
 
 from migrator.core.errors import GuestError
 from migrator.guest import client as client_module
-from migrator.guest.spawn import spawn_guest
 from migrator.tracker._uapi import PM_ENTRY_PRESENT
 from migrator.tracker.memory import ProcessMemory
 
 SIZE = 4 << 20
 PAGES = SIZE // 4096
-
-
-@pytest.fixture
-def guests(sockdir):
-    started = []
-
-    def start(name: str = "guest", **options):
-        options.setdefault("size", SIZE)
-        guest = spawn_guest(os.path.join(sockdir, name + ".sock"), extra_args=("--exit-with-parent",), **options)
-        started.append(guest)
-        return guest
-
-    yield start
-    for guest in started:
-        guest.kill()
 
 
 def wait_populated(client, timeout: float = 30.0) -> None:

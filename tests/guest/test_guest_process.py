@@ -25,24 +25,6 @@ from migrator.tracker.memory import ProcessMemory
 SIZE = 16 << 20
 
 
-@pytest.fixture
-def guests(sockdir):
-    """Factory of guest children (killed at the end, also if stopped)."""
-    started = []
-
-    def start(name: str = "guest", paused: bool = False, **options):
-        options.setdefault("size", SIZE)
-        options.setdefault("dirty_rate", None)
-        extra = ("--exit-with-parent",) + (("--paused",) if paused else ())
-        guest = spawn_guest(os.path.join(sockdir, name + ".sock"), extra_args=extra, **options)
-        started.append(guest)
-        return guest
-
-    yield start
-    for guest in started:
-        guest.kill()
-
-
 def raw_exchange(path: str, payload: bytes) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
