@@ -201,6 +201,13 @@ def _freeze(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)
 
 
+def _own_runs(event: Event, name: str) -> None:
+    """Check ``event.runs`` (``_runs``) and keep them as the tuple of tuples it returns."""
+    runs = _runs(name, event.runs)
+    if runs is not event.runs:
+        _freeze(event, "runs", runs)
+
+
 # --- the events --------------------------------------------------------------------------------
 
 
@@ -340,9 +347,7 @@ class Zero(Event):
 
     def __post_init__(self) -> None:
         _int("Zero", "round", self.round, 0, U32)
-        runs = _runs("Zero", self.runs)
-        if runs is not self.runs:
-            _freeze(self, "runs", runs)
+        _own_runs(self, "Zero")
 
     @property
     def pages(self) -> int:
@@ -390,9 +395,7 @@ class Discard(Event):
 
     def __post_init__(self) -> None:
         _int("Discard", "round", self.round, 0, U32)
-        runs = _runs("Discard", self.runs)
-        if runs is not self.runs:
-            _freeze(self, "runs", runs)
+        _own_runs(self, "Discard")
 
     @property
     def pages(self) -> int:
@@ -422,9 +425,7 @@ class Request(Event):
     runs: tuple[Run, ...]
 
     def __post_init__(self) -> None:
-        runs = _runs("Request", self.runs)
-        if runs is not self.runs:
-            _freeze(self, "runs", runs)
+        _own_runs(self, "Request")
 
     @property
     def pages(self) -> int:
@@ -451,9 +452,7 @@ class Lacking(Event):
     runs: tuple[Run, ...]
 
     def __post_init__(self) -> None:
-        runs = _runs("Lacking", self.runs)
-        if runs is not self.runs:
-            _freeze(self, "runs", runs)
+        _own_runs(self, "Lacking")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
