@@ -29,6 +29,7 @@ from ..core.failures import describe
 from ..core.meminfo import mem_available
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
+from .batches import apply_in_batches, drained
 from .guests import MAX_CHECK_RUNS, RestoreGuests, RestoreTarget
 from .postcopy import IncomingPostcopy, hand_over, wait_for_resume
 from .report import ReceivedRound, ReceiveReport
@@ -48,13 +49,6 @@ class ReceiveSettings:
     idle_timeout_s: float = 120.0   # silence from the source longer than this fails the migration
     recover_timeout_s: float = 30.0 # a post-copy cut off after its commit waits this long for its source
     deep_check: bool = False        # always run the deep self-check (restoring an image: no downtime to save)
-
-
-class _Flush:
-    """A marker sent down the apply queue; set once everything before it is applied."""
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
 
 
 class DestinationMigration:
@@ -80,7 +74,6 @@ class DestinationMigration:
         self._final_pages_listed = array.array("Q")  # the final copy's (first page, count) pairs, as they arrive
         self.self_check = "none"             # then what the restore guest's check covered
         self.postcopy: IncomingPostcopy | None = None   # armed by the source's first Discard
-        self.recoveries = 0
         self.finished = trio.Event()        # run() is over (a session that resumed this one waits for it)
         self._handed_to: DestinationMigration | None = None   # the interrupted migration this session resumed
 
@@ -147,7 +140,7 @@ class DestinationMigration:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._apply_loop, recv_q)
+                nursery.start_soon(apply_in_batches, recv_q, APPLY_BATCH, self._apply)
                 async with send_q:
                     await self._receive_loop(send_q)
         except BaseException as exc:
@@ -227,32 +220,6 @@ class DestinationMigration:
                 self.pages_applied += count_pages(runs)
         self.apply_s += time.perf_counter() - started
 
-    async def _apply_loop(self, queue: trio.MemoryReceiveChannel) -> None:
-        async with queue:
-            async for item in queue:
-                if isinstance(item, _Flush):
-                    item.done.set()
-                    continue
-                batch = [item]
-                flush = None
-                while len(batch) < APPLY_BATCH:
-                    try:
-                        nxt = queue.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    if isinstance(nxt, _Flush):
-                        flush = nxt
-                        break
-                    batch.append(nxt)
-                await trio.to_thread.run_sync(self._apply, batch)
-                if flush is not None:
-                    flush.done.set()
-
-    async def _drain(self, queue: trio.MemorySendChannel) -> None:
-        marker = _Flush()
-        await queue.send(marker)
-        await marker.done.wait()
-
     async def _receive_loop(self, queue: trio.MemorySendChannel) -> None:
         freeze_at = None
         while True:
@@ -296,13 +263,13 @@ class DestinationMigration:
             elif isinstance(event, p.RoundEnd):
                 self.rounds.append(ReceivedRound(round=event.round, pages=event.pages, final=event.final))
                 if not event.final:  # the source waits until the round is applied
-                    await self._drain(queue)
+                    await drained(queue)
                     await self._reply(p.Ack(of=p.Acked.ROUND, ok=True, round=event.round))
             elif isinstance(event, p.Freeze):
                 freeze_at = time.perf_counter()
             elif isinstance(event, p.Digest):
                 t = time.perf_counter()
-                await self._drain(queue)     # the final copy's pages still being applied
+                await drained(queue)     # the final copy's pages still being applied
                 self.parts.setdefault("final_apply", (time.perf_counter() - t) * 1000)
                 await self._verify(event)
             elif isinstance(event, p.Commit) and self.postcopy is not None:
@@ -353,7 +320,6 @@ class DestinationMigration:
         for first in range(0, len(lacking), LACKING_RUNS_PER_EVENT):
             await channel.send(p.Lacking(runs=tuple(lacking[first : first + LACKING_RUNS_PER_EVENT])))
         await self._reply(p.Ack(of=p.Acked.RESUME, ok=True))
-        self.recoveries += 1
         self.log(f"post-copy of {self.id} resumed: {count_pages(lacking)} pages still lacking")
 
     async def _arm_postcopy(self, queue: trio.MemorySendChannel) -> None:
@@ -362,7 +328,7 @@ class DestinationMigration:
             return
         if self.settings.memfd:
             raise MigrationFailed("post-copy needs a private restore guest: this receiver runs with --memfd")
-        await self._drain(queue)
+        await drained(queue)
         self.postcopy = IncomingPostcopy(self.channel, self.client, self.src, self.dst, self.digests)
         await self.postcopy.arm(self._nursery)
 

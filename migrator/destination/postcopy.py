@@ -32,6 +32,7 @@ from ..core.errors import MigrationFailed, RemoteProtocolError, TransportError
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from ..guest.client import GuestClient
+from .batches import apply_in_batches, drained
 from .faults import MISSING, REQUESTED, MissingPages, guest_page_pairs
 
 # interrupted post-copies waiting for their source, by migration id (one receiver process):
@@ -127,7 +128,7 @@ class IncomingPostcopy:
         self._faults_scope = trio.CancelScope()
         nursery.start_soon(self._serve_faults)
         self._bulk_in, bulk_out = trio.open_memory_channel(BULK_QUEUE)
-        nursery.start_soon(self._install_bulk, bulk_out)
+        nursery.start_soon(apply_in_batches, bulk_out, BULK_BATCH, self._install_all)
 
     async def discard(self, runs: list[Run]) -> None:
         """Stale pages (source addresses): missing here from now on, until installed. MISSING
@@ -155,25 +156,7 @@ class IncomingPostcopy:
 
     async def drained(self) -> None:
         """Wait until every pushed event handed over so far is installed."""
-        done = trio.Event()
-        await self._bulk_in.send(done)
-        await done.wait()
-
-    async def _install_bulk(self, queue: trio.MemoryReceiveChannel) -> None:
-        async with queue:
-            async for item in queue:
-                batch = [item]
-                while len(batch) < BULK_BATCH:
-                    try:
-                        batch.append(queue.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                events = [i for i in batch if not isinstance(i, trio.Event)]
-                if events:
-                    await trio.to_thread.run_sync(self._install_all, events)
-                for marker in batch:
-                    if isinstance(marker, trio.Event):
-                        marker.set()
+        await drained(self._bulk_in)
 
     def _install_all(self, events) -> None:
         for runs, payload, dst_runs in events:
@@ -187,10 +170,7 @@ class IncomingPostcopy:
         with self._counting:
             self.requested += requested
             self.pushed += installed - requested
-        if payload is None:
-            self.digests.record_runs(self.src, runs)
-        else:
-            self.digests.record_runs(self.src, runs, payload)
+        self.digests.record_runs(self.src, runs, payload)
         if self._waiting:
             now = time.perf_counter()
             ps = self.dst.page_size
@@ -284,7 +264,7 @@ class IncomingPostcopy:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)
 
         return ReceivedPostcopy(
-            stale_pages=self.missing.missing + self.requested + self.pushed if self.missing else 0,
+            stale_pages=self.missing.missing + self.requested + self.pushed if self.missing is not None else 0,
             discarded_pages=self.discarded, faults=self.faults, requested_pages=self.requested,
             pushed_pages=self.pushed, fault_p50_ms=round(stats_.median(lat) * 1000, 3) if lat else None,
             fault_p99_ms=quantile(0.99), fault_max_ms=quantile(1.0),
