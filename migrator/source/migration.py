@@ -288,8 +288,8 @@ class SourceMigration:
             if not self._recoverable(exc):
                 raise
             await self._recover(guest, exc)
-            if not self.settings.keep_source:
-                guest.terminate()
+        if not self.settings.keep_source:
+            guest.terminate()
 
     def _recoverable(self, error: BaseException) -> bool:
         """A post-copy past its commit that lost its link (not a refusal, not a timeout)."""
@@ -316,7 +316,7 @@ class SourceMigration:
                         await sink.flush()
                         ack = await sink.expect_ack(p.Acked.RESUME)
                         if not ack.ok:
-                            raise MigrationFailed(self._interrupted(f"the destination refused to resume: {ack.reason}"))
+                            raise MigrationFailed(f"the destination refused to resume: {ack.reason}")
                         delivery.resume_with(sink, sink.lacking)
                         self._postcopy.recoveries += 1
                         async with trio.open_nursery() as nursery:
@@ -331,9 +331,8 @@ class SourceMigration:
                     raise
                 last = exc
             await trio.sleep(RECONNECT_PAUSE_S)
-        raise MigrationFailed(self._interrupted(
-            f"the link broke ({describe(lost)}) and did not come back within {s.recover_timeout_s:g} s "
-            f"(--recover-timeout; last: {describe(last)})"))
+        raise MigrationFailed(f"the link broke ({describe(lost)}) and did not come back within "
+                              f"{s.recover_timeout_s:g} s (--recover-timeout; last: {describe(last)})")
 
     async def _migrate_once(self, guest: AttachedGuest) -> None:
         s, layout = self.settings, guest.layout
@@ -358,8 +357,6 @@ class SourceMigration:
             self._rule = (str(decision.rule), decision.reason)
             if decision.action is Action.POSTCOPY:
                 await self._postcopy_phase(guest, sink, pages, digests, dirty)
-                if not s.keep_source:
-                    guest.terminate()
                 return
             state = self._switchover = Switchover(number=len(precopy.rounds))
             limit = s.switchover_timeout_s or switchover_deadline_s(s.downtime_ms, verify=s.verify,
@@ -370,8 +367,6 @@ class SourceMigration:
                     await commit(sink, guest, state, sent_at, migration=self.id, destination=self.address)
                 finally:
                     guest.committed = guest.committed or sink.committed
-            if not s.keep_source:
-                guest.terminate()
 
     async def _postcopy_phase(self, guest: AttachedGuest, sink: PeerSink, pages: PageStream, digests: PageDigests,
                               dirty: list) -> None:
@@ -400,25 +395,17 @@ class SourceMigration:
                     await delivery.run()
                 nursery.cancel_scope.cancel()
         except trio.TooSlowError:
-            raise MigrationFailed(self._interrupted(f"not done after {s.postcopy_timeout_s:g} s (--postcopy-timeout)")) from None
-        except MigratorError as exc:
-            if not self.committed:
-                raise
-            raise MigrationFailed(self._interrupted(describe(exc))) from exc
+            raise MigrationFailed(f"not done after {s.postcopy_timeout_s:g} s (--postcopy-timeout)") from None
         state.verified = True
 
     def _describe(self, error: BaseException) -> str:
-        """One line for a failure; after a post-copy commit it says what was left where."""
-        text = describe(error)
-        delivery = self._delivery
-        if delivery is not None and self.committed and not self._switchover.verified and "post-copy interrupted" not in text:
-            return self._interrupted(text)
-        return text
-
-    def _interrupted(self, why: str) -> str:
-        delivery, pid = self._delivery, self._guest.layout.pid
+        """One line for a failure; after a post-copy commit it also says what was left where."""
+        text, delivery = describe(error), self._delivery
+        if delivery is None or not self.committed or self._switchover.verified:
+            return text
         return (f"post-copy interrupted with {delivery.owed} of {delivery.stats.stale_pages} stale pages never sent: "
-                f"{why}; the source guest stays frozen (pid {pid}), the destination's guest waits on its missing pages")
+                f"{text}; the source guest stays frozen (pid {self._guest.layout.pid}), the destination's guest "
+                f"waits on its missing pages")
 
     def _postcopy_report(self) -> PostcopyReport | None:
         stats = self._postcopy

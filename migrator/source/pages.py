@@ -9,6 +9,7 @@ own worker threads. So a slow link slows the reader instead of filling memory.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -54,10 +55,11 @@ class PageStream:
         self.sent: list[list[Run]] | None = [] if keep_sent else None
         self._buffers = BufferPool(READ_CHUNK_PAGES * layout.page_size)
 
-    def read_chunk(self, chunk: list[Run]) -> tuple[memoryview, float]:
-        """Worker thread: the chunk's pages into a pooled buffer, digests recorded."""
+    def read_chunk(self, chunk: list[Run], buffers: BufferPool | None = None) -> tuple[memoryview, float]:
+        """The chunk's pages into a buffer of ``buffers`` (default: this stream's, a chunk's
+        size), digests recorded; a worker thread's work, or a few pages' on any thread."""
         t = time.perf_counter()
-        data = memoryview(self._buffers.take())[: count_pages(chunk) * self.layout.page_size]
+        data = memoryview((buffers or self._buffers).take())[: count_pages(chunk) * self.layout.page_size]
         self.memory.read_runs(chunk, data)
         self.digests.record_runs(self.layout, chunk, data)
         return data, time.perf_counter() - t
@@ -65,14 +67,23 @@ class PageStream:
     async def send(self, timer: RoundTimer, runs: list[Run]) -> None:
         if self.sent is not None:
             self.sent.append(runs)
+        await self.stream(timer.number, split_runs(runs, READ_CHUNK_PAGES, 1 << 30, self.layout.page_size), timer=timer)
+
+    async def stream(self, number: int, chunks: Iterable[list[Run]], *, batch_pages: int = BATCH_PAGES,
+                     timer: RoundTimer | None = None) -> int:
+        """Read each chunk of ``chunks`` (runs of at most READ_CHUNK_PAGES pages, taken one at a
+        time by a reader task, so a generator may decide them as it goes) and send its pages as
+        Pages events of at most ``batch_pages``; returns the pages sent. ``timer`` gets the
+        read and send times and the bytes."""
         send_chunks, recv_chunks = trio.open_memory_channel(CHUNKS_AHEAD)
-        ps = self.layout.page_size
+        ps, sent = self.layout.page_size, 0
 
         async def reader() -> None:
             async with send_chunks:
-                for chunk in split_runs(runs, READ_CHUNK_PAGES, 1 << 30, ps):
+                for chunk in chunks:
                     data, seconds = await trio.to_thread.run_sync(self.read_chunk, chunk)
-                    timer.read_s += seconds
+                    if timer is not None:
+                        timer.read_s += seconds
                     await send_chunks.send((chunk, data))
 
         async with trio.open_nursery() as nursery:
@@ -80,12 +91,16 @@ class PageStream:
             async with recv_chunks:
                 async for chunk, view in recv_chunks:
                     offset = 0
-                    for batch in split_runs(chunk, BATCH_PAGES, MAX_RUNS_PER_EVENT, ps):
+                    for batch in split_runs(chunk, batch_pages, MAX_RUNS_PER_EVENT, ps):
                         size = count_pages(batch) * ps
                         t = time.perf_counter()
                         await self.sink.send(
-                            p.Pages(round=timer.number, runs=tuple(batch), payload=view[offset : offset + size])
+                            p.Pages(round=number, runs=tuple(batch), payload=view[offset : offset + size])
                         )
-                        timer.send_s += time.perf_counter() - t
+                        if timer is not None:
+                            timer.send_s += time.perf_counter() - t
                         offset += size
-                    timer.bytes_raw += offset
+                    sent += offset // ps
+                    if timer is not None:
+                        timer.bytes_raw += offset
+        return sent

@@ -33,7 +33,7 @@ from ..core.model import Run
 from ..core.pagestate import PageStates
 from ..core.runs import count_pages, split_runs, union
 from .attach import AttachedGuest
-from .pages import CHUNKS_AHEAD, MAX_RUNS_PER_EVENT, PageStream
+from .pages import MAX_RUNS_PER_EVENT, READ_CHUNK_PAGES, PageStream
 from .rounds import ms
 from .sink import PeerSink
 from .switchover import Switchover, freeze_and_scan
@@ -41,7 +41,6 @@ from .switchover import Switchover, freeze_and_scan
 DISCARD_RUNS_PER_EVENT = 1 << 16
 SETTLE_SCANS = 3             # scans after the first drop, before the freeze, while they find much
 SETTLE_PAGES = 1024          # a scan finding at most this many written pages ends them
-PUSH_PAGES = 1024            # pages read per worker-thread call of the push
 PUSH_FRAME_PAGES = 256       # pages per pushed event: requested pages have a link of their own, but
                              # each end checks or hashes an event at a time on the thread that serves them
 REQUEST_PAGES = 64           # pages per answered event; also the head sent before the commit
@@ -68,9 +67,8 @@ class PostcopyStats:
 
 class StalePages:
     """Which pages the destination lacks, in one page-state table that the delivery takes over:
-    CURRENT (it has them), STALE (dropped there, owed), or, inside ``settle`` only, claimed for
-    a drop not yet acknowledged. Nothing here walks run lists in Python: the downtime only ever
-    adds what the final scan found."""
+    SENT (it has them) or STALE (owed: dropped there, or in ``undropped``). Nothing here walks
+    run lists in Python: the downtime only ever adds what the final scan found."""
 
     def __init__(self, layout) -> None:
         self.layout = layout
@@ -86,10 +84,14 @@ class StalePages:
         return self.states.count(STALE)
 
 
-async def _drop(sink: PeerSink, runs: list[Run], number: int) -> None:
-    """Discard ``runs`` there, acknowledged (a RoundEnd of no pages): outside the downtime."""
+async def _send_discards(sink: PeerSink, runs: list[Run], number: int) -> None:
     for first in range(0, len(runs), DISCARD_RUNS_PER_EVENT):
         await sink.send(p.Discard(round=number, runs=tuple(runs[first : first + DISCARD_RUNS_PER_EVENT])))
+
+
+async def _drop(sink: PeerSink, runs: list[Run], number: int) -> None:
+    """Discard ``runs`` there, acknowledged (a RoundEnd of no pages): outside the downtime."""
+    await _send_discards(sink, runs, number)
     await sink.send(p.RoundEnd(round=number, pages=0))
     await sink.flush()
     ack = await sink.expect_ack(p.Acked.ROUND)
@@ -104,19 +106,22 @@ async def discard_ahead(sink: PeerSink, guest: AttachedGuest, dirty: list[Run], 
     still finds more than ``SETTLE_PAGES`` written pages, dropping the new ones too: the final
     scan inside the downtime then covers only the moments since the last of these."""
     stale = StalePages(guest.layout)
+
+    async def drop(runs: list[Run]) -> None:
+        if runs:
+            await _drop(sink, runs, number)
+            stats.discarded_ahead += count_pages(runs)
+
     fresh = stale.mark(dirty)
-    for scan in range(SETTLE_SCANS + 1):
-        if fresh:
-            await _drop(sink, fresh, number)
-            stats.discarded_ahead += count_pages(fresh)
-        if scan == SETTLE_SCANS:
-            return stale
+    for _ in range(SETTLE_SCANS):
+        await drop(fresh)
         late = await trio.to_thread.run_sync(guest.tracker.collect)
         fresh = stale.mark(late)
         stats.settle_scans += 1
         if count_pages(late) <= SETTLE_PAGES:
             stale.undropped = fresh          # few: dropped with the final scan's
             return stale
+    await drop(fresh)
     return stale
 
 
@@ -131,8 +136,7 @@ async def switch(guest: AttachedGuest, sink: PeerSink, stale: StalePages, state:
     state.parts["final_scan"] = ms(time.perf_counter() - t)
     state.step = "switch"
     t = time.perf_counter()
-    for first in range(0, len(fresh), DISCARD_RUNS_PER_EVENT):
-        await sink.send(p.Discard(round=state.number, runs=tuple(fresh[first : first + DISCARD_RUNS_PER_EVENT])))
+    await _send_discards(sink, fresh, state.number)
     stats.stale_pages = stale.count
     state.final_pages = count_pages(fresh)
     await sink.send(p.Switch(round=state.number, pages=stats.stale_pages))
@@ -142,14 +146,6 @@ async def switch(guest: AttachedGuest, sink: PeerSink, stale: StalePages, state:
         state.parts["dest_" + key] = value
     if not ack.ok:
         raise MigrationFailed(f"destination refused the post-copy switch: {ack.reason or '?'}")
-
-
-def _slices(layout, pages: int):
-    """The layout's regions in slices of ``pages`` pages, in address order, one run each."""
-    ps = layout.page_size
-    for region in layout.regions:
-        for start in range(region.start, region.end, pages * ps):
-            yield [(start, min(pages, (region.end - start) // ps))]
 
 
 def _write_rate(guest: AttachedGuest) -> float | None:
@@ -165,7 +161,7 @@ class Delivery:
 
     def __init__(self, sink: PeerSink, pages: PageStream, digests: PageDigests, stale: StalePages, number: int,
                  stats: PostcopyStats) -> None:
-        self.sink = sink
+        pages.sink = sink
         self.pages = pages
         self.digests = digests
         self.layout = pages.layout
@@ -183,9 +179,14 @@ class Delivery:
     def resume_with(self, sink: PeerSink, lacking: list[Run]) -> None:
         """A new session after a cut: every page the destination lacks is owed again, whether or
         not it was sent before (those sent were lost with the link)."""
-        self.sink = sink
+        self.pages.sink = sink
         if lacking:
             self.stats.resent_pages += self.states.set(lacking, STALE)
+
+    @property
+    def sink(self) -> PeerSink:
+        """Where pages go: the stream's sink (a resumed session replaces it)."""
+        return self.pages.sink
 
     @property
     def owed(self) -> int:
@@ -235,34 +236,20 @@ class Delivery:
 
     def _read_requested(self, runs: list[Run]) -> memoryview:
         """A few pages, read and hashed on this thread: no thread hop on the request's path."""
-        data = memoryview(self._request_buffers.take())[: count_pages(runs) * self.layout.page_size]
-        self.pages.memory.read_runs(runs, data)
-        self.digests.record_runs(self.layout, runs, data)
-        return data
+        return self.pages.read_chunk(runs, self._request_buffers)[0]
 
     async def _push(self) -> None:
-        """Every stale page not claimed by a request, in address order: a reader task claims and
-        reads chunks ahead (on worker threads) while this one sends them."""
+        """Every stale page not claimed by a request, in address order: each chunk is claimed as
+        the stream's reader comes to it (ahead of the sends), so a request meanwhile wins."""
+
         ps = self.layout.page_size
-        send_chunks, recv_chunks = trio.open_memory_channel(CHUNKS_AHEAD)
+        whole = [(region.start, region.length // ps) for region in self.layout.regions]
 
-        async def reader() -> None:
-            async with send_chunks:
-                for chunk in _slices(self.layout, PUSH_PAGES):
-                    runs = self.states.claim(chunk, STALE, SENT)
-                    if runs:
-                        data, _ = await trio.to_thread.run_sync(self.pages.read_chunk, runs)
-                        await send_chunks.send((runs, data))
+        def claimed():
+            for chunk in split_runs(whole, READ_CHUNK_PAGES, MAX_RUNS_PER_EVENT, ps):
+                runs = self.states.claim(chunk, STALE, SENT)
+                if runs:
+                    yield runs
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            async with recv_chunks:
-                async for runs, data in recv_chunks:
-                    offset = 0
-                    for batch in split_runs(runs, PUSH_FRAME_PAGES, MAX_RUNS_PER_EVENT, ps):
-                        size = count_pages(batch) * ps
-                        await self.sink.send(p.Pages(round=self.number, runs=tuple(batch),
-                                                     payload=data[offset : offset + size]))
-                        offset += size
-                    self.stats.pushed_pages += count_pages(runs)
+        self.stats.pushed_pages += await self.pages.stream(self.number, claimed(), batch_pages=PUSH_FRAME_PAGES)
         await self.sink.flush()
