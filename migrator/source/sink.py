@@ -38,12 +38,8 @@ class Sink:
     def __init__(self, channel) -> None:
         self.channel = channel
 
-    async def send(self, event: p.Event, *, urgent: bool = False) -> None:
-        """``urgent``: on a live peer's urgent link (post-copy's requested pages)."""
-        if urgent:
-            await self.channel.send(event, urgent=True)
-        else:
-            await self.channel.send(event)
+    async def send(self, event: p.Event) -> None:
+        await self.channel.send(event)
 
     async def flush(self) -> None:
         await self.channel.flush()
@@ -92,6 +88,10 @@ class PeerSink(Sink):
         finally:
             with trio.move_on_after(CLOSE_S, shield=True):
                 await channel.aclose()
+
+    async def send(self, event: p.Event, *, urgent: bool = False) -> None:
+        """``urgent``: on the urgent link (post-copy's requested pages; see ``transport.connect``)."""
+        await self.channel.send(event, urgent=urgent)
 
     async def _send_abort(self, reason: str) -> None:
         try:

@@ -34,23 +34,20 @@ class TokenBucket:
         self.burst = max(64 * 1024, int(rate * 0.005))
         self._free_at = max(self._free_at or 0.0, trio.current_time())
 
-    def debit(self, size: int) -> None:
-        """Let ``size`` bytes go now, ahead of the reservations made: the frames after them wait
-        the longer, so the cap holds over time (post-copy's urgent pages)."""
+    def debit(self, size: int) -> float:
+        """Reserve ``size`` bytes after those reserved so far; returns how long until they fit
+        under the cap. Letting them go at once (post-copy's urgent pages) makes the frames after
+        them wait the longer, so the cap holds over time."""
         now = trio.current_time()
         earliest = now - max(self.burst, size) / self.rate
         if self._free_at is None or self._free_at < earliest:
             self._free_at = earliest
         self._free_at += size / self.rate
+        return self._free_at - now
 
     async def consume(self, size: int) -> None:
         """Sleep until ``size`` more bytes fit under the cap, then let them go."""
-        now = trio.current_time()
-        earliest = now - max(self.burst, size) / self.rate
-        if self._free_at is None or self._free_at < earliest:
-            self._free_at = earliest
-        self._free_at += size / self.rate
-        delay = self._free_at - now
+        delay = self.debit(size)
         if delay > 0:
             self.waited += delay
             await trio.sleep(delay)

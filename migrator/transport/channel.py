@@ -35,7 +35,6 @@ class Channel:
         self.role = role
         self._links = links
         self._counters = counters
-        self.urgent = urgent
         if role is Role.SOURCE:
             self._sender = Sender(links, counters, threads=threads, bandwidth=bandwidth, urgent=urgent)
             self._receiver: DirectReceiver | GatheringReceiver = DirectReceiver(links[0], counters)
