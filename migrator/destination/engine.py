@@ -30,7 +30,8 @@ from ..core.meminfo import mem_available
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from .batches import apply_in_batches, drained
-from .guests import MAX_CHECK_RUNS, RestoreGuests, RestoreTarget
+from ..guest.control import MAX_CHECK_RUNS
+from .guests import RestoreGuests, RestoreTarget
 from .postcopy import IncomingPostcopy, hand_over, wait_for_resume
 from .report import ReceivedRound, ReceiveReport
 

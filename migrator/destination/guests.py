@@ -32,7 +32,6 @@ import trio
 
 from ..core.errors import GuestError
 from ..guest.client import GuestClient
-from ..guest.control import MAX_CHECK_RUNS
 from ..guest.spawn import GuestProcess, spawn_guest
 from ..core.model import MemoryLayout
 from ..tracker.memory import MemfdMemory, ProcessMemory

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from migrator.core.errors import MigratorError, TrackerError, TrackerUnavailable
-from migrator.core.model import MemoryLayout, Region
+from migrator.core.model import MemoryLayout
 from migrator.destination.faults import CURRENT, MISSING, REQUESTED, MissingPages, guest_page_pairs, parse_faults
 from migrator.guest.layout import region_digest
 from migrator.tracker import features, open_tracker
