@@ -23,6 +23,7 @@ import time
 
 from ..core.errors import OutputError
 from ..core.files import check_output, write_file
+from ..core.runs import count_pages
 from ..tracker import TRACKERS, choose_tracker, open_tracker, required_uffd_mode
 from ..tracker.scratch import ScratchProcess
 from . import interrupts, options
@@ -163,7 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with ScratchProcess(args.size, mode, populate=True) as scratch:
         tracker = open_tracker(kind, pid=scratch.pid, regions=[scratch.region], uffd=scratch.take_uffd())
         with tracker:
-            pages = sum(n for _, n in tracker.populated())
+            pages = count_pages(tracker.populated())
             print(f"tracker {kind}: scratch process {scratch.pid}, {args.size >> 20} MiB, "
                   f"{pages} pages populated; writing {args.rate:g} random pages/s")
             tracker.arm()

@@ -21,13 +21,12 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from itertools import chain
 
 import xxhash
 
 from ..native.pages import ffi, lib
 from .model import MemoryLayout, Run
-from .runs import split_runs
+from .runs import count_pages, split_runs, words
 
 
 LOCKED_PAGES = 128     # pages hashed per hold of a PageDigests' lock
@@ -66,20 +65,21 @@ class PageDigests:
         run outside the layout."""
         if not runs:
             return
-        if payload is not None and len(payload) != sum(n for _, n in runs) * self.page_size:
-            raise ValueError(f"{len(payload)} bytes for {sum(n for _, n in runs)} pages")
-        if payload is not None and sum(n for _, n in runs) > LOCKED_PAGES:
+        pages = count_pages(runs)
+        if payload is not None and len(payload) != pages * self.page_size:
+            raise ValueError(f"{len(payload)} bytes for {pages} pages")
+        if payload is not None and pages > LOCKED_PAGES:
             # hashed a piece at a time, so another recorder never waits long for the lock
             view, offset = memoryview(payload), 0
             for piece in split_runs(runs, LOCKED_PAGES, len(runs), self.page_size):
-                size = sum(n for _, n in piece) * self.page_size
+                size = count_pages(piece) * self.page_size
                 self._record(layout, piece, view[offset : offset + size])
                 offset += size
             return
         self._record(layout, runs, payload)
 
     def _record(self, layout: MemoryLayout, runs: list[Run], payload) -> None:
-        pairs = array.array("Q", chain.from_iterable(runs))
+        pairs = words(runs)
         with self._lock:
             done = lib.page_hashes_at(ffi.from_buffer(payload if payload is not None else b""),
                                       ffi.from_buffer("uint64_t[]", pairs), len(runs), _region_table(layout),

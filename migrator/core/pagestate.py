@@ -22,6 +22,7 @@ from itertools import chain
 from ..native.pages import ffi, lib
 from .digest import _region_table
 from .model import MemoryLayout, Run
+from .runs import Runs
 
 
 class PageStates:
@@ -105,6 +106,8 @@ def page_index_pairs(layout: MemoryLayout, runs: Sequence[Run]) -> bytes:
 
 def _pairs(runs: Sequence[Run]) -> array:
     """Runs as native (address, count) pairs; EFAULT names one that is not two 64-bit integers."""
+    if type(runs) is Runs:
+        return runs.packed
     try:
         pairs = array("Q", chain.from_iterable(runs))
     except (OverflowError, TypeError):        # negative, past 64 bits, not an integer

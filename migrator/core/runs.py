@@ -4,8 +4,10 @@ merge is native: ``migrator.native.pages``)."""
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Iterator, Sequence
 from itertools import accumulate, chain
+from operator import itemgetter
 
 from ..native.pages import ffi, lib
 from .model import Region, Run
@@ -20,7 +22,7 @@ def split_runs(runs: Sequence[Run], max_pages: int, max_runs: int, page_size: in
     thousands of one-page runs, and a per-run Python loop would cost more than moving them.
     """
     runs = runs if isinstance(runs, list) else list(runs)
-    cum = list(accumulate(n for _, n in runs))
+    cum = list(accumulate(map(itemgetter(1), runs)))
     i = 0          # next run to place
     done = 0       # pages of runs[i] already placed (a run cut across batches)
     placed = 0     # pages placed so far, all runs
@@ -94,4 +96,41 @@ def _sorted_union(a: Sequence[Run], b: Sequence[Run], page_size: int) -> list[Ru
 
 
 def count_pages(runs: Sequence[Run]) -> int:
-    return sum(n for _, n in runs)
+    return sum(map(itemgetter(1), runs))
+
+
+class Runs(tuple):
+    """Page runs on the data path: a tuple of ``(address, page_count)`` pairs that also holds the
+    same pairs as native 64-bit words (``packed``), made once per batch.
+
+    Every native pass over a batch (reading and writing it across processes, hashing its pages,
+    checking it against the Layout, putting it on the wire) takes those words. Packing a tuple of
+    tuples costs more per run than some of those passes, and a batch went through five of them;
+    now it is packed once on the source (``pack``) and never on the destination, which reads the
+    words off the wire (``from_words``). Make them with those two only.
+    """
+
+    packed: array
+
+    @classmethod
+    def pack(cls, runs: Sequence[Run]) -> Runs:
+        if type(runs) is cls:
+            return runs
+        made = cls(runs)
+        made.packed = array("Q", chain.from_iterable(made))
+        return made
+
+    @classmethod
+    def from_words(cls, words: array) -> Runs:
+        """Runs of ``words`` (an ``array('Q')`` of address, count, address, count...)."""
+        made = cls(zip(words[0::2], words[1::2]))
+        made.packed = words
+        return made
+
+
+def words(runs: Sequence[Run]) -> array:
+    """The runs as native 64-bit words: a ``Runs``' own, else packed now (``OverflowError`` or
+    ``TypeError`` for a value that is not a 64-bit unsigned integer)."""
+    if type(runs) is Runs:
+        return runs.packed
+    return array("Q", chain.from_iterable(runs))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import array
 import tempfile
 import time
-from itertools import chain
 from dataclasses import dataclass
 
 import trio
@@ -28,6 +27,7 @@ from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolErr
 from ..core.failures import describe
 from ..core.meminfo import mem_available
 from ..core.model import MemoryLayout, Run
+from ..core.pagestate import page_index_pairs
 from ..core.runs import count_pages
 from .batches import apply_in_batches, drained
 from ..guest.control import MAX_CHECK_RUNS
@@ -198,25 +198,27 @@ class DestinationMigration:
         t = time.perf_counter()
         self.target = target = await self.guests.take(total)
         self.parts["spawn_guest"] = (time.perf_counter() - t) * 1000
-        self.guest, self.client, self.dst, self.memory = target.guest, target.client, target.layout, target.memory
+        self.guest, self.client, self.dst = target.guest, target.client, target.layout
         self.prepared = target.prepared
         if not self.src.same_shape(self.dst):
             raise MigrationFailed("restore guest's layout does not match the source's")
+        # the restore guest's memory, taking the source's addresses at the same offsets
+        self.memory = target.memory.translated(self.src, self.dst)
         self.digests = PageDigests(self.dst.total_pages, self.dst.page_size)
         self.log(f"receiving {total >> 20} MiB into restore guest pid {self.dst.pid}")
 
-    def _apply(self, batch: list[tuple[int, list[Run], object]]) -> None:
+    def _apply(self, batch: list[tuple[int, tuple[Run, ...], object]]) -> None:
         """Worker thread: write a batch of page events into the restore guest and hash them."""
         started = time.perf_counter()
+        # the layouts have the same shape: a page's index is the same in either
+        memory = self.memory
         for round_no, runs, payload in batch:
-            dst_runs = self.src.translate(runs, self.dst)
-            # the layouts have the same shape: a page's index is the same in either
             if payload is None:  # a Zero event
                 if round_no > 0:
-                    self.memory.write_runs(dst_runs, bytes(count_pages(runs) * self.dst.page_size))
+                    memory.write_runs(runs, bytes(count_pages(runs) * self.dst.page_size))
                 self.digests.record_runs(self.src, runs)
             else:
-                self.memory.write_runs(dst_runs, payload)
+                memory.write_runs(runs, payload)
                 self.digests.record_runs(self.src, runs, payload)
                 self.pages_applied += count_pages(runs)
         self.apply_s += time.perf_counter() - started
@@ -236,11 +238,11 @@ class DestinationMigration:
                 # post-copy: straight into place, where a faulting guest thread may be waiting
                 await self.postcopy.deliver(list(event.runs), event.payload if isinstance(event, p.Pages) else None)
             elif isinstance(event, p.Pages):
-                await queue.send((event.round, list(event.runs), event.payload))
+                await queue.send((event.round, event.runs, event.payload))
                 if freeze_at is not None:
                     self._list_final(event.runs)
             elif isinstance(event, p.Zero):
-                await queue.send((event.round, list(event.runs), None))
+                await queue.send((event.round, event.runs, None))
                 if freeze_at is not None:
                     self._list_final(event.runs)
             elif isinstance(event, p.Discard):
@@ -401,7 +403,7 @@ class DestinationMigration:
     def _list_final(self, runs) -> None:
         """Note a final-copy event's pages for the self-check, while the rest still arrives."""
         if len(self._final_pages_listed) <= 2 * MAX_CHECK_RUNS:
-            self._final_pages_listed.extend(chain.from_iterable(self.src.page_indices(runs)))
+            self._final_pages_listed.frombytes(page_index_pairs(self.src, runs))
 
     def _final_pages(self, whole: bool) -> bytes | None:
         """What the self-check inside the downtime covers: the pages the final copy wrote (runs

@@ -25,6 +25,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from ..core.runs import count_pages
 from ..guest.client import GuestClient
 from ..source.attach import attach_mode
 from ..tracker import open_tracker
@@ -80,7 +81,7 @@ def _timed(probe: GuestClient, tracker: str, repeat: int, window_s: float, inter
     while (now := time.perf_counter()) < deadline:
         time.sleep(min(interval_s, deadline - now))
         if collect is not None:
-            pages += sum(n for _, n in collect())
+            pages += count_pages(collect())
             collects += 1
     steps = probe.stats()["steps"] - steps
     seconds = time.perf_counter() - started

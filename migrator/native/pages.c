@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/uio.h>
 #include <linux/userfaultfd.h>
 
 #include "pages.h"
@@ -258,6 +259,22 @@ uint64_t runs_outside(const uint64_t *regions, uint64_t nregions, uint64_t page_
     return nruns;
 }
 
+uint64_t runs_check(const uint64_t *regions, uint64_t nregions, uint64_t page_size, uint64_t nstate,
+                    uint64_t max_count, const uint64_t *runs, uint64_t nruns, uint64_t *pages)
+{
+    uint64_t hint = 0, total = 0;
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t count = runs[2 * i + 1];
+        if (!count || count > max_count)
+            return i;
+        if (nregions && run_first(regions, nregions, &hint, page_size, nstate, runs[2 * i], count) == UINT64_MAX)
+            return i;
+        total += count;
+    }
+    *pages = total;
+    return nruns;
+}
+
 uint64_t runs_set(uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions, uint64_t page_size,
                   const uint64_t *runs, uint64_t nruns, uint8_t value)
 {
@@ -418,4 +435,60 @@ void uffd_ioctl_numbers(uint64_t out[3])
     out[0] = UFFDIO_COPY;
     out[1] = UFFDIO_ZEROPAGE;
     out[2] = UFFDIO_WAKE;
+}
+
+/* The run's address in the target: its offset in the region of triples (start, length, target)
+   that holds it; UINT64_MAX when none does. */
+static uint64_t target_of(const uint64_t *regions, uint64_t nregions, uint64_t *hint, uint64_t address, uint64_t length)
+{
+    if (!nregions)
+        return address;
+    uint64_t r = region_of(regions, nregions, *hint, address, length);
+    if (r == nregions)
+        return UINT64_MAX;
+    *hint = r;
+    return regions[3 * r + 2] + (address - regions[3 * r]);
+}
+
+int64_t vm_transfer(int pid, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
+                    uint64_t page_size, uint8_t *buf, int write, uint64_t call_bytes)
+{
+    struct iovec local[IOV_BATCH], remote[IOV_BATCH];
+    uint64_t moved = 0, hint = 0, i = 0, offset = 0;   /* offset: of run i's pages not yet moved */
+    while (i < nruns) {
+        uint64_t n = 0, want = 0;
+        while (i < nruns && n < IOV_BATCH && want < call_bytes) {
+            uint64_t count = runs[2 * i + 1];
+            if (!page_size || count > (UINT64_MAX - runs[2 * i]) / page_size)
+                return (int64_t)moved;
+            uint64_t length = count * page_size;
+            uint64_t at = target_of(regions, nregions, &hint, runs[2 * i], length);
+            if (at == UINT64_MAX)
+                break;
+            uint64_t take = length - offset;
+            if (take > call_bytes - want)
+                take = call_bytes - want;
+            local[n].iov_base = buf + moved + want;
+            local[n].iov_len = take;
+            remote[n].iov_base = (void *)(uintptr_t)(at + offset);
+            remote[n].iov_len = take;
+            n++;
+            want += take;
+            offset += take;
+            if (offset == length) {
+                i++;
+                offset = 0;
+            }
+        }
+        if (!n)
+            return (int64_t)moved;     /* a run outside every region */
+        ssize_t done = write ? process_vm_writev(pid, local, n, remote, n, 0)
+                             : process_vm_readv(pid, local, n, remote, n, 0);
+        if (done < 0)
+            return -errno;
+        moved += (uint64_t)done;
+        if ((uint64_t)done != want)
+            return (int64_t)moved;     /* part of a span is not mapped */
+    }
+    return (int64_t)moved;
 }

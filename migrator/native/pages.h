@@ -58,6 +58,13 @@ uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, con
 #define RUNS_NO_ROOM 0xFFFFFFFFFFFFFFFE
 uint64_t runs_outside(const uint64_t *regions, uint64_t nregions, uint64_t page_size, uint64_t nstate,
                       const uint64_t *runs, uint64_t nruns);
+/* A batch of runs named by a peer: nruns (address, page count) pairs checked against regions,
+   nregions (start, length, first page index) triples as in page_hashes_at, nstate pages in all.
+   Returns nruns with *pages set to their total, or the index of the first run that has no pages
+   or more than max_count, is not page-aligned, or does not lie inside one region (with no
+   regions, only the page counts are checked). */
+uint64_t runs_check(const uint64_t *regions, uint64_t nregions, uint64_t page_size, uint64_t nstate,
+                    uint64_t max_count, const uint64_t *runs, uint64_t nruns, uint64_t *pages);
 /* Every page of runs gets state value; returns how many changed, or RUNS_OUTSIDE (nothing did). */
 uint64_t runs_set(uint8_t *state, uint64_t nstate, const uint64_t *regions, uint64_t nregions, uint64_t page_size,
                   const uint64_t *runs, uint64_t nruns, uint8_t value);
@@ -92,3 +99,15 @@ int64_t uffd_zero_fill(int uffd, const uint64_t *addresses, uint64_t n, uint64_t
 /* The ioctl numbers this file was compiled with, from <linux/userfaultfd.h>: UFFDIO_COPY,
    UFFDIO_ZEROPAGE, UFFDIO_WAKE (tests compare them with migrator/tracker/_uapi.py). */
 void uffd_ioctl_numbers(uint64_t out[3]);
+
+/* Page runs moved between buf and the memory of process pid (process_vm_readv, or
+   process_vm_writev with write): nruns (address, page count) pairs whose pages follow each other
+   in buf. With nregions > 0, regions are (start, length, target start) triples and each run is
+   moved at its offset in the target of the region that holds it; a run outside every region
+   moves nothing (the result falls short). Up to IOV_BATCH spans and at most call_bytes bytes per
+   system call (the kernel moves at most MAX_RW_COUNT, just under 2 GiB, and reports the rest as
+   not mapped). Returns the bytes moved (short of the runs' total when part of a run is not
+   mapped in pid, or lies outside the regions), or -errno. */
+#define IOV_BATCH 1024
+int64_t vm_transfer(int pid, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
+                    uint64_t page_size, uint8_t *buf, int write, uint64_t call_bytes);

@@ -20,6 +20,7 @@ import msgpack
 
 from ..core.errors import LocalProtocolError
 from ..core.model import Region
+from ..core.runs import Runs
 from ._frames import TYPE_CODES, TYPES
 from .events import (
     Abort, Ack, Acked, Auth, Commit, Digest, DigestKind, Discard, Event, Fence, Freeze, Hello, Index, IndexEntry, Lacking,
@@ -30,20 +31,22 @@ _ENTRY = struct.Struct("<QIIIB")   # offset, length, round, pages, type code
 
 
 def _pack_pairs(pairs) -> bytes:
-    packed = array.array("Q", chain.from_iterable(pairs))
+    packed = pairs.packed if type(pairs) is Runs else array.array("Q", chain.from_iterable(pairs))
     if sys.byteorder == "big":
+        packed = array.array("Q", packed)
         packed.byteswap()
     return packed.tobytes()
 
 
-def _unpack_pairs(data: bytes) -> tuple[tuple[int, int], ...]:
+def _unpack_pairs(data: bytes) -> Runs:
+    """Pairs off the wire, as ``Runs`` whose words are the ones received (no packing again)."""
     if len(data) % 16:
         raise LocalProtocolError(f"{len(data)} bytes is not a whole number of 16-byte pairs")
     values = array.array("Q")
     values.frombytes(data)
     if sys.byteorder == "big":
         values.byteswap()
-    return tuple(zip(values[0::2], values[1::2]))
+    return Runs.from_words(values)
 
 
 def _pack_entries(entries: tuple[IndexEntry, ...]) -> bytes:

@@ -32,13 +32,14 @@ from types import MappingProxyType
 
 from ..core.errors import LocalProtocolError
 from ..core.model import PAGE_SIZE, Region, Run
+from ..core.runs import Runs, count_pages
+from ._bounds import U32, check_runs
 
 PROTOCOL_VERSION = 2    # 2: typed control fields (RoundEnd.final, Digest.last, Ack.of …)
 POSTCOPY_FEATURE = "postcopy"   # Hello feature: this receiver takes Discard, Switch and sends Request
 URGENT_STREAM = "urgent"        # a joining stream's Hello feature: it carries urgent data only
 
 U64 = (1 << 64) - 1
-U32 = (1 << 32) - 1
 MAX_NAME = 256          # event kinds, feature names, mapping keys
 MAX_TEXT = 64 * 1024    # reasons, string values
 MAX_ENTRIES = 4096      # entries of a scalar mapping
@@ -169,9 +170,18 @@ def _timings(event: str, name: str, value: object) -> Mapping[str, float]:
     return MappingProxyType(timings)
 
 
-def _runs(event: str, value: object, *, empty: bool = False) -> tuple[Run, ...]:
-    """Runs as a tuple of ``(address, page_count)`` tuples; checked with C-level passes, no per-run
+def _runs(event: str, value: object, *, empty: bool = False) -> Runs:
+    """Runs as ``Runs`` (a tuple of ``(address, page_count)`` tuples and their packed words);
+    ``Runs`` are checked in one native pass, anything else with C-level passes first, no per-run
     Python loop (a batch holds thousands of runs)."""
+    if type(value) is Runs:
+        if not value and not empty:
+            raise _fail(event, "runs", "must not be empty")
+        try:
+            check_runs(value)
+        except LocalProtocolError as exc:
+            raise _fail(event, "runs", str(exc)) from None
+        return value
     if not isinstance(value, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
             raise _fail(event, "runs", f"expected a sequence of (address, pages), got {type(value).__name__}")
@@ -194,7 +204,7 @@ def _runs(event: str, value: object, *, empty: bool = False) -> tuple[Run, ...]:
         raise _fail(event, "runs", "an address is outside the 64-bit range")
     if min(counts) < 1 or max(counts) > U32:
         raise _fail(event, "runs", f"page counts must be in [1, {U32}]")
-    return value
+    return Runs.pack(value)
 
 
 def _freeze(obj: object, name: str, value: object) -> None:
@@ -335,7 +345,7 @@ class Pages(Event):
 
     @property
     def pages(self) -> int:
-        return sum(n for _, n in self.runs)
+        return count_pages(self.runs)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -351,7 +361,7 @@ class Zero(Event):
 
     @property
     def pages(self) -> int:
-        return sum(n for _, n in self.runs)
+        return count_pages(self.runs)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -399,7 +409,7 @@ class Discard(Event):
 
     @property
     def pages(self) -> int:
-        return sum(n for _, n in self.runs)
+        return count_pages(self.runs)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -429,7 +439,7 @@ class Request(Event):
 
     @property
     def pages(self) -> int:
-        return sum(n for _, n in self.runs)
+        return count_pages(self.runs)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

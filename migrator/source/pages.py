@@ -18,7 +18,7 @@ from .. import protocol as p
 from ..core.buffers import BufferPool
 from ..core.digest import PageDigests
 from ..core.model import MemoryLayout, Run
-from ..core.runs import count_pages, split_runs
+from ..core.runs import Runs, count_pages, split_runs
 from .sink import Sink
 
 BATCH_PAGES = 1024       # pages per Pages event (4 MiB raw): one frame, one compression job; 4x fewer
@@ -78,24 +78,29 @@ class PageStream:
         send_chunks, recv_chunks = trio.open_memory_channel(CHUNKS_AHEAD)
         ps, sent = self.layout.page_size, 0
 
+        def read(chunk: list[Run]) -> tuple[Runs, memoryview, float]:
+            runs = Runs.pack(chunk)    # packed once: the read, the digests and the event share it
+            return runs, *self.read_chunk(runs)
+
         async def reader() -> None:
             async with send_chunks:
                 for chunk in chunks:
-                    data, seconds = await trio.to_thread.run_sync(self.read_chunk, chunk)
+                    runs, data, seconds = await trio.to_thread.run_sync(read, chunk)
                     if timer is not None:
                         timer.read_s += seconds
-                    await send_chunks.send((chunk, data))
+                    await send_chunks.send((runs, data))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
             async with recv_chunks:
                 async for chunk, view in recv_chunks:
                     offset = 0
-                    for batch in split_runs(chunk, batch_pages, MAX_RUNS_PER_EVENT, ps):
+                    whole = len(chunk) <= MAX_RUNS_PER_EVENT and count_pages(chunk) <= batch_pages
+                    for batch in [chunk] if whole else split_runs(chunk, batch_pages, MAX_RUNS_PER_EVENT, ps):
                         size = count_pages(batch) * ps
                         t = time.perf_counter()
                         await self.sink.send(
-                            p.Pages(round=number, runs=tuple(batch), payload=view[offset : offset + size])
+                            p.Pages(round=number, runs=Runs.pack(batch), payload=view[offset : offset + size])
                         )
                         if timer is not None:
                             timer.send_s += time.perf_counter() - t

@@ -2,7 +2,9 @@
 
 Every part of the downtime is timed under its own name in ``parts`` (ms): ``freeze``,
 ``final_scan``, ``final_send``, ``region_digest`` (``--verify full``), ``verify`` (waiting for the
-destination's verdict), the destination's own parts (``dest_*``) and ``commit``.
+destination's verdict), the destination's own parts (``dest_*``), ``commit_record`` (making the
+stop permanent and recording it, the point of no return) and ``commit`` (Commit to the
+destination guest's resume).
 
 **The point of no return** is ``commit``: the source sends Commit only after the destination has
 acknowledged the digests and its guest's self-check. From that moment the source guest never
@@ -140,8 +142,10 @@ async def cross_point_of_no_return(sink: PeerSink, guest: AttachedGuest, state: 
         functools.partial(guest.throttle.commit, migration, control=guest.guest_control, destination=destination)
     )
     guest.committed = True
+    recorded = time.perf_counter()
+    state.parts["commit_record"] = ms(recorded - t)
     ack = await sink.commit()
-    state.parts["commit"] = ms(time.perf_counter() - t)
+    state.parts["commit"] = ms(time.perf_counter() - recorded)
     if not ack.ok:
         raise MigrationFailed(f"destination failed to resume: {ack.reason or '?'}")
     state.downtime_ms = ms(time.perf_counter() - state.freeze_at)

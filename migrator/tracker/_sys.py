@@ -38,7 +38,7 @@ from ._uapi import (
 )
 
 
-def _os_error(err: int, what: str) -> OSError:
+def os_error(err: int, what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
@@ -49,7 +49,7 @@ def _span(start: int, length: int) -> str:
 def check(rc: int, what: str) -> int:
     """The one place that turns a C return code into ``OSError`` (errno read right away)."""
     if rc == -1:
-        raise _os_error(ffi.errno, what)
+        raise os_error(ffi.errno, what)
     return rc
 
 
@@ -62,13 +62,13 @@ def _ioctl(fd: int, request: int, arg, what: str) -> None:
         except InterruptedError:
             continue
         except OSError as exc:
-            raise _os_error(exc.errno, what) from None
+            raise os_error(exc.errno, what) from None
 
 
 def _syscall(name: str, *args: int, what: str | None = None) -> int:
     number = SYSCALLS.get(name)
     if number is None:
-        raise _os_error(_errno.ENOSYS, f"{name} (syscall number unknown on this architecture)")
+        raise os_error(_errno.ENOSYS, f"{name} (syscall number unknown on this architecture)")
     c_args = [ffi.cast("long", a) for a in args]
     while True:
         rc = libc.syscall(number, *c_args)
@@ -105,7 +105,7 @@ def userfaultfd(flags: int) -> tuple[int, str]:
         try:
             fd = fcntl.ioctl(dev, USERFAULTFD_IOC_NEW, flags)
         except OSError as exc:
-            raise _os_error(exc.errno, "USERFAULTFD_IOC_NEW on /dev/userfaultfd") from None
+            raise os_error(exc.errno, "USERFAULTFD_IOC_NEW on /dev/userfaultfd") from None
         finally:
             os.close(dev)
         return fd, "/dev/userfaultfd"
@@ -187,7 +187,7 @@ def pagemap_scan_with(pagemap_fd: int, arg, start: int, end: int) -> tuple[int, 
             return rc, arg.walk_end
         err = ffi.errno
         if err != _errno.EINTR:
-            raise _os_error(err, f"PAGEMAP_SCAN {_span(start, end - start)} flags={arg.flags:#x}")
+            raise os_error(err, f"PAGEMAP_SCAN {_span(start, end - start)} flags={arg.flags:#x}")
 
 
 def pagemap_scan(pagemap_fd: int, start: int, end: int, vec, vec_len: int, **masks) -> tuple[int, int]:
@@ -209,17 +209,6 @@ def pidfd_open(pid: int) -> int:
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
     """Duplicate file descriptor ``target_fd`` of the process behind ``pidfd`` (needs ptrace rights)."""
     return _syscall("pidfd_getfd", pidfd, target_fd, 0)
-
-
-def process_vm_readv(pid: int, local_iov, remote_iov, count: int, *, what: str = "process_vm_readv") -> int:
-    """Read ``count`` remote iovecs into ``count`` local iovecs (cffi ``struct iovec[]``)."""
-    rc = libc.process_vm_readv(pid, local_iov, count, remote_iov, count, 0)
-    return check(rc, what)
-
-
-def process_vm_writev(pid: int, local_iov, remote_iov, count: int, *, what: str = "process_vm_writev") -> int:
-    rc = libc.process_vm_writev(pid, local_iov, count, remote_iov, count, 0)
-    return check(rc, what)
 
 
 # --- ptrace ---------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ synchronous and the guest's first write blocks forever.
 
 from __future__ import annotations
 
-import os
 import platform
 
 import cffi
@@ -48,12 +47,6 @@ ffi.cdef(
 
     long syscall(long number, ...);
     int ioctl(int fd, unsigned long request, ...);
-    ssize_t process_vm_readv(int pid, const struct iovec *local_iov, unsigned long liovcnt,
-                             const struct iovec *remote_iov, unsigned long riovcnt,
-                             unsigned long flags);
-    ssize_t process_vm_writev(int pid, const struct iovec *local_iov, unsigned long liovcnt,
-                              const struct iovec *remote_iov, unsigned long riovcnt,
-                              unsigned long flags);
     """
 )
 libc = ffi.dlopen(None)
@@ -186,9 +179,6 @@ WAIT_NOTHREAD = 0x20000000   # __WNOTHREAD: only the calling thread's children a
 # What ``inject`` runs inside a stopped thread (x86-64 numbers; the instruction is ``syscall``).
 INJECT_SYSCALLS = {"userfaultfd": 323, "close": 3}
 SYSCALL_INSTRUCTION = b"\x0f\x05"
-
-# --- process_vm_readv / writev ------------------------------------------------------------------
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 # madvise advice that faults pages in without changing them (include/uapi/asm-generic/mman-common.h,
 # Linux 5.14+): restore guests pre-fault their region, receivers the mapping of a guest's memfd.

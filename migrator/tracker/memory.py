@@ -8,112 +8,84 @@ and a parent or PR_SET_PTRACER, or CAP_SYS_PTRACE); without them the kernel answ
 from __future__ import annotations
 
 import errno
-from array import array
-from itertools import accumulate, chain
 
 from ..core.model import Run
+from ..core.runs import count_pages, words
 from ..native.pages import ffi as pages_ffi
 from ..native.pages import lib as pages_lib
 from . import _sys
-from ._uapi import IOV_MAX, MADV_POPULATE_READ, MADV_POPULATE_WRITE, ffi
+from ._uapi import MADV_POPULATE_READ, MADV_POPULATE_WRITE
 
 
 class ProcessMemory:
-    """Read and write page runs of process ``pid``. Thread-safe: it keeps no per-call state."""
+    """Read and write page runs of process ``pid``. Thread-safe: it keeps no per-call state.
 
-    def __init__(self, pid: int, page_size: int = 4096) -> None:
+    The iovec arrays are built and the calls made in one native pass (``vm_transfer``): late
+    rounds hold tens of thousands of one-page runs, and building their iovecs in Python cost
+    more than moving their pages. With ``remap`` ((start, length, target start) triples, see
+    ``translated``) run addresses are taken in another layout's terms and moved at the same
+    offsets of this process's regions.
+    """
+
+    def __init__(self, pid: int, page_size: int = 4096, *, remap: list[tuple[int, int, int]] | None = None) -> None:
         self.pid = pid
         self.page_size = page_size
+        self._remap = remap or []
+        self._regions = pages_ffi.new("uint64_t[]", [n for triple in self._remap for n in triple] or [0])
+
+    def translated(self, layout, onto) -> ProcessMemory:
+        """The same process's memory, with run addresses of ``layout`` moved at the same offsets
+        of ``onto`` (this process's layout, of the same shape)."""
+        if [r.length for r in layout.regions] != [r.length for r in onto.regions]:
+            raise ValueError("translated: the layouts differ in shape")
+        return ProcessMemory(self.pid, self.page_size,
+                             remap=[(r.start, r.length, o.start) for r, o in zip(layout.regions, onto.regions)])
 
     def read_runs(self, runs: list[Run], out: bytearray | memoryview | None = None) -> bytearray | memoryview:
         """Return the bytes of ``runs``, concatenated in order (into ``out`` when given)."""
-        total = sum(n for _, n in runs) * self.page_size
+        total = count_pages(runs) * self.page_size
         if out is None:
             out = bytearray(total)
-        self._transfer(runs, out, total, write=False)
+        self._transfer(runs, out, total, self.page_size, write=False)
         return out
 
     def write_runs(self, runs: list[Run], data) -> None:
         """Write ``data`` (the concatenated pages of ``runs``) into the process."""
-        total = sum(n for _, n in runs) * self.page_size
+        total = count_pages(runs) * self.page_size
         if len(data) != total:
             raise ValueError(f"write_runs: {len(data)} bytes for {total // self.page_size} pages")
-        self._transfer(runs, data, total, write=True)
+        self._transfer(runs, data, total, self.page_size, write=True)
 
     def read(self, address: int, length: int) -> bytearray:
         """Read one contiguous range (a region digest, a control block)."""
         out = bytearray(length)
-        self._transfer_iov([address], [length], out, length, write=False)
+        self._transfer([(address, length)], out, length, 1, write=False)
         return out
 
     def write(self, address: int, data) -> None:
-        self._transfer_iov([address], [len(data)], data, len(data), write=True)
+        self._transfer([(address, len(data))], data, len(data), 1, write=True)
 
-    def _transfer(self, runs: list[Run], buf, total: int, *, write: bool) -> None:
-        ps = self.page_size
-        self._transfer_iov([a for a, _ in runs], [n * ps for _, n in runs], buf, total, write=write)
-
-    def _transfer_iov(self, addresses: list[int], lengths: list[int], buf, total: int, *, write: bool) -> None:
-        """Move ``buf`` to/from the spans (addresses[i], lengths[i]), IOV_MAX spans per call.
-
-        The iovec arrays are filled from interleaved ``array('Q')`` copies, not field by field:
-        scattered rounds hold tens of thousands of one-page spans. A call moves at most
-        MAX_CALL_BYTES (the kernel stops at MAX_RW_COUNT, just under 2 GiB, as if the rest were
-        not mapped), so larger transfers are cut into spans and calls below it.
-        """
+    def _transfer(self, runs, buf, total: int, unit: int, *, write: bool) -> None:
+        """Move ``total`` bytes of ``buf`` to/from the runs (address, count of ``unit`` bytes)."""
         if total == 0:
             return
-        if total > MAX_CALL_BYTES:
-            addresses, lengths = _cut(addresses, lengths)
-        local_base = int(ffi.cast("uintptr_t", ffi.from_buffer(buf, require_writable=not write)))
-        locals_ = array("Q", accumulate(lengths[:-1], initial=local_base))
-        call = _sys.process_vm_writev if write else _sys.process_vm_readv
+        if len(buf) < total:
+            raise ValueError(f"{len(buf)} bytes for {total}")
+        pairs = words(runs)
+        done = pages_lib.vm_transfer(self.pid, self._regions, len(self._remap), pages_ffi.from_buffer("uint64_t[]", pairs),
+                                     len(pairs) // 2, unit, pages_ffi.from_buffer(buf, require_writable=not write),
+                                     int(write), MAX_CALL_BYTES)
         verb = "process_vm_writev" if write else "process_vm_readv"
-        count = min(len(addresses), IOV_MAX)
-        local = ffi.new("struct iovec[]", count)
-        remote = ffi.new("struct iovec[]", count)
-        pairs = array("Q", bytes(16 * count))
-        first = 0
-        while first < len(addresses):
-            n = min(IOV_MAX, len(addresses) - first)
-            if total > MAX_CALL_BYTES:
-                n = _fitting(lengths, first, n)
-            span_lengths = array("Q", lengths[first : first + n])
-            pairs[0 : 2 * n : 2] = locals_[first : first + n]
-            pairs[1 : 2 * n : 2] = span_lengths
-            ffi.memmove(local, pairs, 16 * n)
-            pairs[0 : 2 * n : 2] = array("Q", addresses[first : first + n])
-            ffi.memmove(remote, pairs, 16 * n)
-            want = sum(span_lengths)
-            what = f"{verb} pid {self.pid} [{addresses[first]:#x}.., {n} spans, {want} bytes]"
-            done = call(self.pid, local, remote, n, what=what)
-            if done != want:
-                # A partial transfer means part of a span is not mapped in the target.
-                raise OSError(errno.EFAULT, f"{what}: moved {done} of {want} bytes (range not mapped)")
-            first += n
+        what = f"{verb} pid {self.pid} [{runs[0][0]:#x}.., {len(runs)} runs, {total} bytes]"
+        if done < 0:
+            raise _sys.os_error(-done, what)
+        if done != total:
+            # A short transfer means part of a run is not mapped in the target (or, remapped,
+            # lies outside the regions).
+            raise OSError(errno.EFAULT, f"{what}: moved {done} of {total} bytes (range not mapped)")
 
 
-MAX_CALL_BYTES = 1 << 30
-
-
-def _cut(addresses: list[int], lengths: list[int]) -> tuple[list[int], list[int]]:
-    """The same spans, none longer than MAX_CALL_BYTES."""
-    cut_addresses, cut_lengths = [], []
-    for address, length in zip(addresses, lengths):
-        for offset in range(0, length, MAX_CALL_BYTES):
-            cut_addresses.append(address + offset)
-            cut_lengths.append(min(MAX_CALL_BYTES, length - offset))
-    return cut_addresses, cut_lengths
-
-
-def _fitting(lengths: list[int], first: int, n: int) -> int:
-    """How many of the ``n`` spans from ``first`` one call moves within MAX_CALL_BYTES (at least one)."""
-    moved = 0
-    for k, length in enumerate(lengths[first : first + n]):
-        moved += length
-        if moved > MAX_CALL_BYTES:
-            return max(k, 1)
-    return n
+MAX_CALL_BYTES = 1 << 30   # per call: the kernel stops at MAX_RW_COUNT, just under 2 GiB
 
 
 class MemfdMemory:
@@ -141,6 +113,21 @@ class MemfdMemory:
                                                           for n in (r.start, r.length, o)])
         self._mapped = pages_ffi.from_buffer(self._map, require_writable=writable)   # released by close()
         self._base = pages_ffi.cast("uint8_t *", self._mapped)
+        self._owner = True
+
+    def translated(self, layout, onto) -> MemfdMemory:
+        """The same mapping, with run addresses of ``layout`` taken at the same offsets of
+        ``onto`` (the guest's own layout, whose regions this view was made with). It shares the
+        mapping: only the original's ``close`` releases it."""
+        if [r.length for r in layout.regions] != [r.length for r in onto.regions]:
+            raise ValueError("translated: the layouts differ in shape")
+        view = object.__new__(MemfdMemory)
+        view.__dict__.update(self.__dict__)
+        view._regions = list(layout.regions)
+        view._region_table = pages_ffi.new("uint64_t[]", [n for r, o in zip(layout.regions, self._offsets)
+                                                          for n in (r.start, r.length, o)])
+        view._owner = False
+        return view
 
     def _offset(self, address: int) -> int:
         for region, offset in zip(self._regions, self._offsets):
@@ -149,7 +136,7 @@ class MemfdMemory:
         raise OSError(errno.EFAULT, f"memfd: address {address:#x} outside the guest's regions")
 
     def read_runs(self, runs: list[Run], out=None):
-        total = sum(n for _, n in runs) * self.page_size
+        total = count_pages(runs) * self.page_size
         if out is None:
             out = bytearray(total)
         self._copy(runs, out, total, into_map=False)
@@ -158,7 +145,7 @@ class MemfdMemory:
     def write_runs(self, runs: list[Run], data) -> None:
         if not self._writable:
             raise OSError(errno.EACCES, "memfd: this view of the guest's memory is read-only")
-        self._copy(runs, data, sum(n for _, n in runs) * self.page_size, into_map=True)
+        self._copy(runs, data, count_pages(runs) * self.page_size, into_map=True)
 
     def _copy(self, runs: list[Run], buf, total: int, *, into_map: bool) -> None:
         """One native pass over the runs (a Python slice per run cost more than its page)."""
@@ -166,7 +153,7 @@ class MemfdMemory:
             raise ValueError(f"{len(buf)} bytes for {total}")
         if not runs:
             return
-        pairs = array("Q", chain.from_iterable(runs))
+        pairs = words(runs)
         done = pages_lib.copy_runs(self._base, self._region_table, len(self._regions), pages_ffi.from_buffer("uint64_t[]", pairs),
                                    len(runs), self.page_size, pages_ffi.from_buffer(buf, require_writable=not into_map),
                                    int(into_map))
@@ -192,6 +179,8 @@ class MemfdMemory:
             pass
 
     def close(self) -> None:
+        if not self._owner:
+            return
         pages_ffi.release(self._mapped)
         self._view.release()
         self._map.close()

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from migrator.core.model import Region
-from migrator.tracker._uapi import IOV_MAX, ffi
+from migrator.native.pages import lib as pages_lib
+from migrator.tracker._uapi import ffi
 from migrator.tracker.memory import MemfdMemory, ProcessMemory
 
 P = 4096
@@ -19,8 +20,8 @@ def _mapping(pages: int):
     return m, int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
 
 
-def test_read_runs_concatenates_scattered_runs_beyond_iov_max():
-    pages = 3 * IOV_MAX
+def test_read_runs_concatenates_scattered_runs_beyond_one_calls_iovecs():
+    pages = 3 * pages_lib.IOV_BATCH
     m, base = _mapping(pages)
     runs = [(base + i * P, 1) for i in range(0, pages, 2)] + [(base + (pages - 1) * P, 1)]
     data = ProcessMemory(os.getpid()).read_runs(runs)
@@ -77,8 +78,28 @@ def test_transfers_past_one_call_are_cut_into_calls_the_kernel_moves_whole(monke
     payload = os.urandom(20 * P)
     memory.write_runs(runs, payload)
     assert memory.read_runs(runs) == payload
-    assert module._cut([base], [7 * P]) == ([base, base + 3 * P, base + 6 * P], [3 * P, 3 * P, P])
-    assert module._fitting([P, P, 2 * P, P], 0, 4) == 2 and module._fitting([4 * P], 0, 1) == 1
+    assert memory.read(base + P, 5 * P + 7) == m[P : 6 * P + 7]
+
+
+def test_translated_memory_moves_runs_of_another_layout_at_the_same_offsets():
+    """The destination writes the source's runs straight into the restore guest: each run's
+    address is taken in the source layout and moved at its offset in the same region here. A
+    run outside the source layout's regions moves nothing past it and is an EFAULT."""
+    from migrator.core.model import MemoryLayout
+
+    m, base = _mapping(16)
+    here = MemoryLayout(pid=os.getpid(), page_size=P, regions=(Region(base, 8 * P), Region(base + 8 * P, 8 * P)))
+    there = MemoryLayout(pid=1, page_size=P, regions=(Region(0x100000, 8 * P), Region(0x900000, 8 * P)))
+    memory = ProcessMemory(os.getpid()).translated(there, here)
+    runs = [(0x100000 + 2 * P, 2), (0x900000 + 7 * P, 1)]
+    payload = os.urandom(3 * P)
+    memory.write_runs(runs, payload)
+    assert m[2 * P : 4 * P] == payload[: 2 * P] and m[15 * P : 16 * P] == payload[2 * P :]
+    assert memory.read_runs(runs) == payload
+    for bad in ([(0x100000 + 7 * P, 2)], [(base, 1)]):
+        with pytest.raises(OSError, match="range not mapped") as info:
+            memory.read_runs(bad)
+        assert info.value.errno == errno.EFAULT
 
 
 def test_memfd_copies_runs_across_regions_and_refuses_pages_outside_them():
