@@ -13,6 +13,7 @@ thread call, so receiving, decompressing and applying overlap.
 from __future__ import annotations
 
 import array
+import functools
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from .report import ReceivedRound, ReceiveReport
 LACKING_RUNS_PER_EVENT = 1 << 16
 APPLY_QUEUE = 4          # Pages events (up to 4 MiB each) buffered between receiving and applying
 APPLY_BATCH = 2          # events applied per worker-thread call
+INLINE_PAGES = 512       # a batch of at most this many pages is applied on the event loop
 LAYOUT_TIMEOUT_S = 30.0
 ABORT_LOOKUP_S = 2.0     # how long a refused reply looks for the source's Abort among queued events
 
@@ -141,7 +143,8 @@ class DestinationMigration:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(apply_in_batches, recv_q, APPLY_BATCH, self._apply)
+                nursery.start_soon(functools.partial(apply_in_batches, recv_q, APPLY_BATCH, self._apply,
+                                                     small=_small_batch))
                 async with send_q:
                     await self._receive_loop(send_q)
         except BaseException as exc:
@@ -415,6 +418,10 @@ class DestinationMigration:
         if whole or self.settings.deep_check or len(self.dst.regions) != 1 or len(listed) > 2 * MAX_CHECK_RUNS:
             return None
         return listed.tobytes()
+
+
+def _small_batch(batch: list[tuple[int, tuple[Run, ...], object]]) -> bool:
+    return sum(count_pages(runs) for _, runs, _ in batch) <= INLINE_PAGES
 
 
 class _Job:

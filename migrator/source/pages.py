@@ -3,7 +3,9 @@
 Reading and sending overlap: a reader task reads chunks of runs on a worker thread into pooled
 buffers (and records each page's digest there, in C without the GIL) and feeds a bounded channel;
 this task cuts each chunk into Pages events for the sink, whose transport compresses them in its
-own worker threads. So a slow link slows the reader instead of filling memory.
+own worker threads. So a slow link slows the reader instead of filling memory. A small chunk
+(a late round's few hundred pages) is read on the event loop: there is nothing to overlap it
+with, and the hand-over to a worker and back would cost more than the read.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ BATCH_PAGES = 1024       # pages per Pages event (4 MiB raw): one frame, one com
 READ_CHUNK_PAGES = 1024  # pages read per worker-thread call: one event's worth, about what L2 holds
 MAX_RUNS_PER_EVENT = 1024  # IOV_MAX: one process_vm_readv per Pages event at most
 CHUNKS_AHEAD = 2         # chunks read ahead of the sender
+INLINE_PAGES = 512       # a chunk of at most this many pages is read on the event loop: handing it
+                         # to a worker and back costs more than reading it while both CPUs are busy
 
 
 @dataclass
@@ -85,7 +89,11 @@ class PageStream:
         async def reader() -> None:
             async with send_chunks:
                 for chunk in chunks:
-                    runs, data, seconds = await trio.to_thread.run_sync(read, chunk)
+                    if count_pages(chunk) <= INLINE_PAGES:
+                        runs, data, seconds = read(chunk)
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        runs, data, seconds = await trio.to_thread.run_sync(read, chunk)
                     if timer is not None:
                         timer.read_s += seconds
                     await send_chunks.send((runs, data))
