@@ -48,7 +48,7 @@ import trio
 from .checkpoint.engine import CheckpointReport, CheckpointSettings, take_checkpoint
 from .checkpoint.restore import RestoreReport, RestoreSettings, restore_chain
 from .core.errors import MigrationFailed, MigratorError
-from .destination.engine import DestinationMigration, ReceiveSettings
+from .destination.engine import RECEIVE_BUFFERS, DestinationMigration, ReceiveSettings
 from .destination.guests import RestoreGuests
 from .destination.report import ReceiveReport
 from .destination.status import Receiving
@@ -83,7 +83,8 @@ async def receive(listen: str, settings: ReceiveSettings = ReceiveSettings(), *,
     ``on_report`` gets each migration's report (resumed or not), ``on_failure`` the error of each
     one that failed (after ``log`` said so); ``log`` gets the engines' lines. ``prepare`` (bytes)
     keeps a restore guest of that size started and faulted in ahead, as QEMU's ``-incoming`` with
-    ``-mem-prealloc``, so a migration of that size waits for neither. ``control`` opens a control
+    ``-mem-prealloc``, so a migration of that size waits for neither; the receive buffers of a
+    session's first frames are faulted in ahead too. ``control`` opens a control
     socket at that path answering ``status`` (migrations in progress, guests resumed);
     ``control_path("receive-NAME")`` puts it where ``migrator status`` finds it. ``limits`` and
     ``handshake_timeout`` bound the connections still authenticating; ``frame_macs`` keeps MACs on
@@ -114,8 +115,9 @@ async def receive(listen: str, settings: ReceiveSettings = ReceiveSettings(), *,
                     if once:
                         nursery.cancel_scope.cancel()
 
-            address = await nursery.start(functools.partial(serve, listen, handle, token=token, tls=tls, limits=limits,
-                                                            handshake_timeout=handshake_timeout, frame_macs=frame_macs))
+            address = await nursery.start(functools.partial(
+                serve, listen, handle, token=token, tls=tls, limits=limits, handshake_timeout=handshake_timeout,
+                frame_macs=frame_macs, receive_buffers=RECEIVE_BUFFERS if prepare else 0))
             if control is not None:
                 await nursery.start(serve_control, control, receiving.answer)
             await nursery.start(functools.partial(guests.keep_prepared, again=not once))

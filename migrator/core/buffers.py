@@ -57,9 +57,12 @@ class SizedBufferPool:
     """Writable views of exactly the size asked for (received frames vary in size), cut from
     buffers that are reused once no view of them is alive, like ``BufferPool``'s.
 
-    A free buffer serves a request it fits, unless it is over twice as large. When none fits, a
-    new one (rounded up to ``granule``) is made; it takes the place of a free buffer once
-    ``keep`` are held, so the pool follows a change of sizes instead of clinging to old ones.
+    The smallest free buffer that holds a request serves it, however much larger: a late
+    round's frames vary in size from round to round, and a fresh buffer costs its page faults on
+    the receive path (on this VM more than the frame's transfer), so a free one is always
+    better. When none is large enough, a new one (rounded up to ``granule``) is made; it takes
+    the place of the smallest free buffer once ``keep`` are held, so the pool grows with the
+    frames instead of clinging to small buffers.
     """
 
     def __init__(self, *, keep: int = 24, granule: int = 64 << 10) -> None:
@@ -68,21 +71,27 @@ class SizedBufferPool:
         self._buffers: list[bytearray] = []
         self.allocated = 0
 
+    def warm(self, count: int, size: int) -> None:
+        """Hold ``count`` free buffers of ``size`` bytes now (their page faults taken here), so
+        that the first frames of a session are received at full speed."""
+        views = [self.take(size) for _ in range(min(count, self.keep))]   # all taken at once: distinct
+        del views
+
     def take(self, size: int) -> memoryview:
         fit = spare = None
         if _REFS_FREE is not None:
-            for buf in self._buffers:
+            for index in range(len(self._buffers)):   # (enumerate's cached tuple would hold a reference)
+                buf = self._buffers[index]
                 if sys.getrefcount(buf) == _REFS_FREE:
-                    if size <= len(buf) <= 2 * size:
+                    if len(buf) >= size and (fit is None or len(buf) < len(fit)):
                         fit = buf
-                        break
-                    spare = buf
+                    elif len(buf) < size and (spare is None or len(buf) < len(self._buffers[spare])):
+                        spare = index
         if fit is None:
             fit = bytearray(-(-size // self.granule) * self.granule)
             self.allocated += 1
             if len(self._buffers) < self.keep:
                 self._buffers.append(fit)
             elif spare is not None:
-                index = next(i for i, buf in enumerate(self._buffers) if buf is spare)
-                self._buffers[index] = fit
+                self._buffers[spare] = fit
         return memoryview(fit)[:size]

@@ -39,6 +39,9 @@ from .report import ReceivedRound, ReceiveReport
 LACKING_RUNS_PER_EVENT = 1 << 16
 APPLY_QUEUE = 4          # Pages events (up to 4 MiB each) buffered between receiving and applying
 APPLY_BATCH = 2          # events applied per worker-thread call
+# Receive buffers a prepared receiver faults in ahead (``serve(receive_buffers=)``): the Pages
+# frames a session holds at once, decoding, queued for the apply and being applied, with slack.
+RECEIVE_BUFFERS = 16
 INLINE_PAGES = 512       # a batch of at most this many pages is applied on the event loop
 LAYOUT_TIMEOUT_S = 30.0
 ABORT_LOOKUP_S = 2.0     # how long a refused reply looks for the source's Abort among queued events

@@ -16,7 +16,11 @@ handshake every frame carries HMAC-SHA256/128 tags (T = 16, flag MAC) under dire
 keys, unless both Hellos list ``CHECKSUM_FRAMES``: each end says so only of a link that nobody
 but root can write into (loopback, a unix socket) or that TLS protects, where a MAC would guard
 against nobody and cost a third of both ends' CPU; the token is still proven in the handshake.
-Recorded streams (images at rest) always carry MACs. The payload tag is separate so the expensive
+On such a link the payload tag is left zero (``PROTECTED``): the link cannot corrupt a payload
+(TLS checks every record; loopback has no wire), hashing every payload cost each end's event
+loop a tenth of a round's time, and the page digests still compare every page end to end. The
+frame tag (header, meta, sequence number) stays. Recorded streams (images at rest) always carry
+MACs. The payload tag is separate so the expensive
 part (hashing megabytes) can run in a worker thread while the frame tag, which covers the
 sequence number, is checked in order, cheaply.
 """
@@ -71,6 +75,17 @@ class Checksum:
         return xxhash.xxh3_64_digest(header + meta + payload_tag)
 
 
+class Protected(Checksum):
+    """A protected link's tags (see the module's docstring): the payload tag is zero, the frame
+    tag an xxh3-64 of the header, meta and that zero tag."""
+
+    name = "checksum"
+    _ZERO = bytes(Checksum.tag_size)
+
+    def payload_tag(self, body) -> bytes:
+        return self._ZERO
+
+
 class Mac:
     """HMAC-SHA256 truncated to 128 bits (SHA-NI makes it ~2 GB/s here, twice keyed blake2b)."""
 
@@ -91,6 +106,7 @@ class Mac:
 
 Integrity = Checksum | Mac
 CHECKSUM = Checksum()
+PROTECTED = Protected()
 
 
 @dataclass(frozen=True, slots=True)

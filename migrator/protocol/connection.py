@@ -46,7 +46,7 @@ from . import _handshake as hs
 from ._bounds import LayoutBounds
 from ._buffer import ReceiveBuffer
 from ._frames import (
-    CHECKSUM, CHECKSUM_FRAMES, DEFAULT_MAX_FRAME, F_MAC, F_ZEROS, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
+    CHECKSUM, CHECKSUM_FRAMES, DEFAULT_MAX_FRAME, PROTECTED, Checksum, F_MAC, F_ZEROS, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
     Mac, assemble, assemble_parts, frame_size, parse_header,
 )
 from ._payload import ZERO_PAGES, Compression, as_bytes_view, decode_payload, encode_payload, worth_compressing
@@ -402,11 +402,12 @@ class Connection:
     def _session_tags(self, mac: Integrity, source: Hello, dest: Hello) -> Integrity:
         """An authenticated session's frame tags in one direction: ``mac``, unless both ends said
         their link is one nobody but root can write into, or TLS (``CHECKSUM_FRAMES``): then
-        checksums. The Hellos are in the handshake's transcript, so the feature cannot be added
-        on the way. Images always carry MACs."""
+        checksums of the frames' headers and meta only (``PROTECTED``: the link cannot corrupt a
+        payload, and the page digests compare every page). The Hellos are in the handshake's
+        transcript, so the feature cannot be added on the way. Images always carry MACs."""
         if self.recorded or not (CHECKSUM_FRAMES in source.features and CHECKSUM_FRAMES in dest.features):
             return mac
-        return CHECKSUM
+        return PROTECTED
 
     def _fill_auth(self, auth: Auth) -> Auth:
         if auth.proof:
@@ -543,11 +544,11 @@ class Connection:
     def _verify(self, header: Header, head: bytes, meta: bytes, payload_tag: bytes, frame_tag: bytes, where: str) -> None:
         integrity = self._in
         if header.flags & F_MAC != integrity.flag:
-            if integrity is CHECKSUM:
-                raise LocalProtocolError(f"frame at {where} carries a MAC, but no authenticated session is established")
+            if isinstance(integrity, Checksum):
+                raise LocalProtocolError(f"frame at {where} carries a MAC, but no MAC session is established")
             raise LocalProtocolError(f"frame at {where} has no MAC in an authenticated session (injected or downgraded)")
         if not hmac.compare_digest(integrity.frame_tag(head, meta, payload_tag), frame_tag):
-            if integrity is CHECKSUM:
+            if isinstance(integrity, Checksum):
                 raise LocalProtocolError(f"frame at {where} fails its checksum (corrupted)")
             raise LocalProtocolError(f"frame at {where} fails its MAC (forged, corrupted, or from another session)")
         expected = self._recv_seq

@@ -31,6 +31,8 @@ from ._tls_stream import TLSStream
 READ_SIZE = 1 << 20
 GATHER_MIN = 128 << 10   # frames at least this large are received into a buffer of their own
 LOOKAHEAD = 4 << 10      # read after a gathered frame: the next header, not the next payload
+WARM_BUFFER_BYTES = (4 << 20) + (64 << 10)   # a warmed receive buffer: a 4 MiB Pages frame, its header
+                                             # and LOOKAHEAD (the largest batch a source sends)
 NOTSENT_LOWAT = 4 << 20  # unsent bytes the kernel may hold for a TCP link (see _tune_tcp)
 LOOPBACK_CONGESTION = b"reno"   # allowed to unprivileged users by default (tcp_allowed_congestion_control)
 # A peer that vanishes without a FIN or RST (a host that died, a cut cable) is noticed within
@@ -95,7 +97,11 @@ _LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class Link:
-    def __init__(self, index: int, stream: trio.abc.Stream, conn: Connection, name: str, counters: Counters) -> None:
+    """``pool``: where gathered frames are received (default: a pool of this link's own); a
+    receiver shares one, warmed ahead, between its links."""
+
+    def __init__(self, index: int, stream: trio.abc.Stream, conn: Connection, name: str, counters: Counters, *,
+                 pool: SizedBufferPool | None = None) -> None:
         self.index = index
         self.stream = stream
         self.conn = conn
@@ -110,7 +116,7 @@ class Link:
             self._recv_into = stream.receive_into
             if isinstance(stream.transport_stream, trio.SocketStream):
                 _tune_tcp(stream.transport_stream.socket)
-        self._pool = SizedBufferPool() if self._recv_into is not None else None
+        self._pool = (pool or SizedBufferPool()) if self._recv_into is not None else None
         self._read_size = READ_SIZE
 
     async def read(self) -> Event | PendingPages:

@@ -30,7 +30,8 @@ from ..core.heap import release_free_memory, use_main_arena_only
 from ..protocol import CHECKSUM_FRAMES, POSTCOPY_FEATURE, PROTOCOL_VERSION, URGENT_STREAM, ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._gate import Burst, HandshakeGate, HandshakeLimits, Pending, accept_connections
-from ._link import Counters, Link
+from ..core.buffers import SizedBufferPool
+from ._link import WARM_BUFFER_BYTES, Counters, Link
 from ._tls_stream import TLSStream
 from .channel import Channel
 from .tls import check_tls_address
@@ -219,9 +220,15 @@ class Acceptor:
 
     def __init__(
         self, *, token: bytes | None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S, tls: ssl.SSLContext | None = None,
-        frame_macs: bool = False,
+        frame_macs: bool = False, receive_buffers: int = 0,
     ) -> None:
         Connection(Role.DEST, token=token)   # validate the token once, here
+        # ``receive_buffers`` > 0: the links of every session share one receive pool, that many
+        # buffers warmed now (see ``serve``); else each link has its own, filled as frames come
+        self._pool = None
+        if receive_buffers:
+            self._pool = SizedBufferPool()
+            self._pool.warm(receive_buffers, WARM_BUFFER_BYTES)
         self._token = token
         self._frame_macs = frame_macs
         self._timeout = handshake_timeout
@@ -263,7 +270,7 @@ class Acceptor:
                 if self._tls is not None:
                     stream = TLSStream(stream, self._tls, server_side=True)
                     await tls_handshake(stream, peer)
-                link = Link(0, stream, conn, peer, counters)
+                link = Link(0, stream, conn, peer, counters, pool=self._pool)
                 try:
                     await _expect(link, Hello)
                 except RemoteProtocolError:
@@ -344,6 +351,7 @@ async def serve(
     tls: ssl.SSLContext | None = None,
     limits: HandshakeLimits = HandshakeLimits(),
     frame_macs: bool = False,
+    receive_buffers: int = 0,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept sessions on ``address`` and run ``handler(channel)`` for each (role DEST).
@@ -353,7 +361,10 @@ async def serve(
     could inject pages (TLS does not change that: it does not say who the source is). ``tls``
     (a server context) makes every connection TLS; plain-text peers then fail their handshake.
     ``limits`` caps the connections still in their handshake (see ``_gate``); ``frame_macs`` as
-    ``connect``'s. A server runs for
+    ``connect``'s. ``receive_buffers``: receive buffers of a full Pages frame to fault in before
+    listening and keep for the server's life, shared by its sessions (fresh memory costs page
+    faults on the receive path: a session's first frames, before its buffers are reused, went
+    several times slower than the rest). A server runs for
     long: its threads allocate from the one malloc arena that can be trimmed after each session
     (``core.heap``).
     """
@@ -365,7 +376,8 @@ async def serve(
             f"refusing to listen on {target} without a token: anyone who can reach it could send pages; "
             "use a token (receive without --insecure), or listen on 127.0.0.1, ::1 or a unix socket"
         )
-    acceptor = Acceptor(token=token, handshake_timeout=handshake_timeout, tls=tls, frame_macs=frame_macs)
+    acceptor = Acceptor(token=token, handshake_timeout=handshake_timeout, tls=tls, frame_macs=frame_macs,
+                        receive_buffers=receive_buffers)
     gate = HandshakeGate(limits)
     listeners, bound = await _listen(target)
 

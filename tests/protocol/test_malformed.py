@@ -341,10 +341,14 @@ def checksum_session(source_features, dest_features) -> ConnectionPair:
 def test_frames_carry_checksums_only_when_both_ends_say_their_link_needs_no_mac():
     both = checksum_session((CHECKSUM_FRAMES,), (CHECKSUM_FRAMES,))
     assert all(c.authenticated and not c.frame_macs for c in both.conn.values())
-    both.send(S, PAGES)                               # pages flow, under xxh3 tags
+    both.send(S, PAGES)                               # pages flow, under xxh3 tags of headers and meta
     frame = bytearray(both.conn[S].send(PAGES))
+    assert frame[-16:-8] == bytes(8), "the payload tag is left zero: the link cannot corrupt a payload"
     frame[-3] ^= 0x01
     refuses(both.conn[D], bytes(frame), "fails its checksum")   # corruption is still caught
+    frame = bytearray(both.conn[S].send(PAGES))
+    frame[HEADER.size + 1] ^= 0x01                    # the meta (the runs): still under the frame tag
+    refuses(checksum_session((CHECKSUM_FRAMES,), (CHECKSUM_FRAMES,)).conn[D], bytes(frame), "fails its checksum")
     for source, dest in (((CHECKSUM_FRAMES,), ()), ((), (CHECKSUM_FRAMES,)), ((), ())):
         one = checksum_session(source, dest)
         assert all(c.authenticated and c.frame_macs for c in one.conn.values())

@@ -95,6 +95,20 @@ async def test_large_frames_are_gathered_and_kept_payloads_stay_intact(address, 
         assert stats.receive_buffers <= 8, "buffers whose payloads were dropped are reused"
 
 
+async def test_a_server_with_warmed_receive_buffers_allocates_none_for_a_session():
+    events = [batch(i) for i in range(FRAMES)]
+    destination = Destination(keep=False)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(functools.partial(serve, "127.0.0.1:0", destination, token=None,
+                                                          receive_buffers=8))
+            await send_round(bound, events)
+            await destination.done.wait()
+            nursery.cancel_scope.cancel()
+    assert destination.stats.frames_gathered >= FRAMES // 2 - 1
+    assert destination.stats.receive_buffers == 0, "every frame went into a buffer faulted in before the session"
+
+
 async def test_parallel_streams_gather_too():
     events = [batch(i) for i in range(FRAMES)]
     destination = Destination(keep=True)
@@ -155,10 +169,36 @@ def test_sized_pool_reuses_only_buffers_nobody_views():
     del first
     second = pool.take(5000)
     assert id(second.obj) != first_id
+    second_id = id(second.obj)
     del kept
     third = pool.take(6000)                # fits the freed buffer again
     assert id(third.obj) == first_id and pool.allocated == 2
     del second, third
-    assert id(pool.take(20000).obj) != first_id, "a buffer much too small is not handed out"
-    assert id(pool.take(4096).obj) == first_id
+    assert pool.allocated == 2
+
+
+def test_sized_pool_serves_from_the_smallest_free_buffer_that_holds_the_request():
+    pool = SizedBufferPool(keep=3, granule=4096)
+    big, small = pool.take(40000), pool.take(5000)
+    big_id, small_id = id(big.obj), id(small.obj)
+    del big, small
+    assert id(pool.take(3000).obj) == small_id, "the smallest that fits"
+    kept = pool.take(9000)                 # only the big one holds it, however much larger
+    assert id(kept.obj) == big_id and pool.allocated == 2
+    grown = pool.take(100000)              # nothing free fits: a new buffer
+    assert len(grown.obj) == 102400 and pool.allocated == 3
+    del grown
+    assert id(pool.take(90000).obj) != small_id and pool.allocated == 3
+
+
+def test_a_full_sized_pool_replaces_its_smallest_free_buffer():
+    pool = SizedBufferPool(keep=2, granule=4096)
+    a, b = pool.take(4096), pool.take(8192)
+    a_id, b_id = id(a.obj), id(b.obj)
+    del a, b
+    assert pool.allocated == 2
+    big = pool.take(65536)                 # too big for either: replaces the 4 KiB one
     assert pool.allocated == 3
+    del big
+    assert id(pool.take(8000).obj) == b_id
+    assert id(pool.take(60000).obj) not in (a_id, b_id) and pool.allocated == 3
