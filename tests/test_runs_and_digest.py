@@ -8,7 +8,10 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from migrator.core.digest import REGION_PIECE, PageDigests, hash_region, region_digest, region_digest_read, region_pieces
+from migrator.core.digest import (
+    REGION_PIECE, PageDigests, hash_region, new_hashes, region_digest, region_digest_read, region_pieces,
+)
+from migrator.native.pages import ffi, lib
 from migrator.core.model import MemoryLayout, Region
 from migrator.core.runs import complement, count_pages, split_runs, union
 
@@ -104,6 +107,20 @@ def test_page_digests_equal_iff_same_pages_at_same_indices():
     d = PageDigests(64)
     d.load(b.table)                        # a parent's table: the same digest as the table's owner
     assert d.value() == b.value() and d.table == b.table
+
+
+def test_hashes_computed_while_moving_pages_record_like_the_pages_themselves():
+    data = os.urandom(5 * P)
+    a, b = PageDigests(64), PageDigests(64)
+    a.record_runs(FLAT, at(2, 3) + at(9, 2), data)
+    hashes = new_hashes(5)
+    lib.hash_pages(ffi.from_buffer(data), 5, P, ffi.from_buffer("uint64_t[]", hashes))
+    b.record_hashes(FLAT, at(2, 3) + at(9, 2), hashes)
+    assert a.value() == b.value() and a.table == b.table
+    with pytest.raises(ValueError, match="4 hashes for 5 pages"):
+        b.record_hashes(FLAT, at(2, 3) + at(9, 2), hashes[:4])
+    with pytest.raises(ValueError, match="outside the layout"):
+        b.record_hashes(FLAT, at(63, 2), hashes[:2])
 
 
 def test_the_running_digest_equals_the_digest_of_the_table_from_scratch():

@@ -26,10 +26,12 @@ import xxhash
 
 from ..native.pages import ffi, lib
 from .model import MemoryLayout, Run
-from .runs import count_pages, split_runs, words
+from .runs import count_pages, words
 
 
-LOCKED_PAGES = 128     # pages hashed per hold of a PageDigests' lock
+def new_hashes(pages: int) -> array.array:
+    """Room for ``pages`` page hashes, as ``hash_pages`` and hashing transfers fill it."""
+    return array.array("Q", bytes(8 * pages))
 
 
 class PageDigests:
@@ -61,29 +63,36 @@ class PageDigests:
 
     def record_runs(self, layout: MemoryLayout, runs: list[Run], payload=None) -> None:
         """Hash the pages of ``runs`` (address, count) of ``layout``, taken from ``payload`` in
-        order, or record them as zero pages without one. One native pass; ValueError names a
-        run outside the layout."""
+        order, or record them as zero pages without one. Native passes; ValueError names a run
+        outside the layout. The pages are hashed before the lock is taken, so another recorder
+        waits only for the entries to be set."""
         if not runs:
             return
         pages = count_pages(runs)
-        if payload is not None and len(payload) != pages * self.page_size:
-            raise ValueError(f"{len(payload)} bytes for {pages} pages")
-        if payload is not None and pages > LOCKED_PAGES:
-            # hashed a piece at a time, so another recorder never waits long for the lock
-            view, offset = memoryview(payload), 0
-            for piece in split_runs(runs, LOCKED_PAGES, len(runs), self.page_size):
-                size = count_pages(piece) * self.page_size
-                self._record(layout, piece, view[offset : offset + size])
-                offset += size
+        if payload is None:
+            self._record(layout, runs, None)
             return
-        self._record(layout, runs, payload)
+        if len(payload) != pages * self.page_size:
+            raise ValueError(f"{len(payload)} bytes for {pages} pages")
+        hashes = new_hashes(pages)
+        lib.hash_pages(ffi.from_buffer(payload), pages, self.page_size, ffi.from_buffer("uint64_t[]", hashes))
+        self._record(layout, runs, hashes)
 
-    def _record(self, layout: MemoryLayout, runs: list[Run], payload) -> None:
+    def record_hashes(self, layout: MemoryLayout, runs: list[Run], hashes: array.array) -> None:
+        """Record the pages of ``runs`` with their ``hashes`` (one per page, in order), as a
+        transfer that hashed them while it moved them computed them (``tracker.memory``)."""
+        if len(hashes) != count_pages(runs):
+            raise ValueError(f"{len(hashes)} hashes for {count_pages(runs)} pages")
+        if runs:
+            self._record(layout, runs, hashes)
+
+    def _record(self, layout: MemoryLayout, runs: list[Run], hashes: array.array | None) -> None:
+        """Set the entries of ``runs``: from ``hashes``, or (None) as zero pages."""
         pairs = words(runs)
+        given = ffi.from_buffer("uint64_t[]", hashes) if hashes is not None else ffi.NULL
         with self._lock:
-            done = lib.page_hashes_at(ffi.from_buffer(payload if payload is not None else b""),
-                                      ffi.from_buffer("uint64_t[]", pairs), len(runs), _region_table(layout),
-                                      len(layout.regions), self.page_size, int(payload is None), self.zero,
+            done = lib.page_hashes_at(ffi.NULL, ffi.from_buffer("uint64_t[]", pairs), len(runs), _region_table(layout),
+                                      len(layout.regions), self.page_size, int(hashes is None), self.zero, given,
                                       self._table(), len(self.table), self._sum)
         if done != len(runs):
             address, count = runs[done]

@@ -22,7 +22,7 @@ import trio
 
 from .. import protocol as p
 from ..core.deadlines import deadline
-from ..core.digest import PageDigests
+from ..core.digest import PageDigests, new_hashes
 from ..core.documents import header, utc_now
 from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolError, TransportError
 from ..core.failures import describe
@@ -224,9 +224,11 @@ class DestinationMigration:
                     memory.write_runs(runs, bytes(count_pages(runs) * self.dst.page_size))
                 self.digests.record_runs(self.src, runs)
             else:
-                memory.write_runs(runs, payload)
-                self.digests.record_runs(self.src, runs, payload)
-                self.pages_applied += count_pages(runs)
+                pages = count_pages(runs)
+                hashes = new_hashes(pages)    # each page hashed just before it is written, in the cache
+                memory.write_runs(runs, payload, hashes=hashes)
+                self.digests.record_hashes(self.src, runs, hashes)
+                self.pages_applied += pages
         self.apply_s += time.perf_counter() - started
 
     async def _receive_loop(self, queue: trio.MemorySendChannel) -> None:

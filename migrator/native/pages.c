@@ -89,8 +89,8 @@ static uint64_t region_of(const uint64_t *regions, uint64_t nregions, uint64_t h
 }
 
 uint64_t page_hashes_at(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, const uint64_t *regions,
-                        uint64_t nregions, uint64_t page_size, int zero, uint64_t zero_hash, uint64_t *table,
-                        uint64_t table_len, uint64_t sum[2])
+                        uint64_t nregions, uint64_t page_size, int zero, uint64_t zero_hash, const uint64_t *given,
+                        uint64_t *table, uint64_t table_len, uint64_t sum[2])
 {
     uint64_t r = 0;
     for (uint64_t i = 0; i < nruns; i++) {
@@ -104,12 +104,18 @@ uint64_t page_hashes_at(const uint8_t *buf, const uint64_t *runs, uint64_t nruns
         if (first + count > table_len || first + count < first)
             return i;
         for (uint64_t k = 0; k < count; k++) {
-            set_entry(table, first + k, zero ? zero_hash : hash_page(buf, page_size), sum);
-            if (!zero)
+            set_entry(table, first + k, zero ? zero_hash : given ? *given++ : hash_page(buf, page_size), sum);
+            if (!zero && !given)
                 buf += page_size;
         }
     }
     return nruns;
+}
+
+void hash_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint64_t *out)
+{
+    for (uint64_t i = 0; i < npages; i++, buf += page_size)
+        out[i] = hash_page(buf, page_size);
 }
 
 void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2])
@@ -451,10 +457,16 @@ static uint64_t target_of(const uint64_t *regions, uint64_t nregions, uint64_t *
 }
 
 int64_t vm_transfer(int pid, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
-                    uint64_t page_size, uint8_t *buf, int write, uint64_t call_bytes)
+                    uint64_t page_size, uint8_t *buf, int write, uint64_t call_bytes, uint64_t *hashes)
 {
     struct iovec local[IOV_BATCH], remote[IOV_BATCH];
     uint64_t moved = 0, hint = 0, i = 0, offset = 0;   /* offset: of run i's pages not yet moved */
+    if (hashes) {
+        if (!page_size || HASHED_CALL_BYTES % page_size)
+            return -EINVAL;
+        if (call_bytes > HASHED_CALL_BYTES)
+            call_bytes = HASHED_CALL_BYTES;
+    }
     while (i < nruns) {
         uint64_t n = 0, want = 0;
         while (i < nruns && n < IOV_BATCH && want < call_bytes) {
@@ -482,10 +494,14 @@ int64_t vm_transfer(int pid, const uint64_t *regions, uint64_t nregions, const u
         }
         if (!n)
             return (int64_t)moved;     /* a run outside every region */
+        if (hashes && write)           /* hashed while in the cache, then written */
+            hash_pages(buf + moved, want / page_size, page_size, hashes + moved / page_size);
         ssize_t done = write ? process_vm_writev(pid, local, n, remote, n, 0)
                              : process_vm_readv(pid, local, n, remote, n, 0);
         if (done < 0)
             return -errno;
+        if (hashes && !write)          /* read, then hashed while in the cache */
+            hash_pages(buf + moved, (uint64_t)done / page_size, page_size, hashes + moved / page_size);
         moved += (uint64_t)done;
         if ((uint64_t)done != want)
             return (int64_t)moved;     /* part of a span is not mapped */

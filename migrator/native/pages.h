@@ -14,12 +14,15 @@ void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint6
                  uint64_t *table, uint64_t table_len, uint64_t sum[2]);
 void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2]);
 /* The same by address: runs are nruns (address, page count) pairs in regions, nregions (start,
-   length, first page index) triples; with zero, every page's entry is zero_hash and buf is not
-   read. Returns nruns, or the index of the first run outside the regions or the table (the
-   entries before it are set). */
+   length, first page index) triples; with zero, every page's entry is zero_hash, with given
+   (not NULL) the next of given's hashes (one per page of the runs, as hash_pages computes them),
+   and buf is not read in either case. Returns nruns, or the index of the first run outside the
+   regions or the table (the entries before it are set). */
 uint64_t page_hashes_at(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, const uint64_t *regions,
-                        uint64_t nregions, uint64_t page_size, int zero, uint64_t zero_hash, uint64_t *table,
-                        uint64_t table_len, uint64_t sum[2]);
+                        uint64_t nregions, uint64_t page_size, int zero, uint64_t zero_hash, const uint64_t *given,
+                        uint64_t *table, uint64_t table_len, uint64_t sum[2]);
+/* out[i] = the hash of buf's page i, as the tables hold it. */
+void hash_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint64_t *out);
 
 /* Zero-page bitmaps: bit i (byte i / 8, least significant bit first) is set when page i is all
    zero. find_zero_pages fills bitmap ((npages + 7) / 8 bytes) and returns the number of zero
@@ -106,8 +109,13 @@ void uffd_ioctl_numbers(uint64_t out[3]);
    moved at its offset in the target of the region that holds it; a run outside every region
    moves nothing (the result falls short). Up to IOV_BATCH spans and at most call_bytes bytes per
    system call (the kernel moves at most MAX_RW_COUNT, just under 2 GiB, and reports the rest as
-   not mapped). Returns the bytes moved (short of the runs' total when part of a run is not
-   mapped in pid, or lies outside the regions), or -errno. */
+   not mapped). With hashes (not NULL), hashes[i] gets the hash of the runs' page i (as
+   hash_pages computes it) and a call moves at most HASHED_CALL_BYTES (a multiple of page_size,
+   else -EINVAL): each page is hashed right after it is read or right before it is written,
+   while it is in the cache, instead of in a second pass over a buffer the cache no longer
+   holds. Returns the bytes moved (short of the runs' total when part of a run is not mapped in
+   pid, or lies outside the regions: the hashes are then not all set), or -errno. */
 #define IOV_BATCH 1024
+#define HASHED_CALL_BYTES 262144
 int64_t vm_transfer(int pid, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
-                    uint64_t page_size, uint8_t *buf, int write, uint64_t call_bytes);
+                    uint64_t page_size, uint8_t *buf, int write, uint64_t call_bytes, uint64_t *hashes);

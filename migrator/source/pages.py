@@ -18,7 +18,7 @@ import trio
 
 from .. import protocol as p
 from ..core.buffers import BufferPool
-from ..core.digest import PageDigests
+from ..core.digest import PageDigests, new_hashes
 from ..core.model import MemoryLayout, Run
 from ..core.runs import Runs, count_pages, split_runs
 from .sink import Sink
@@ -63,9 +63,11 @@ class PageStream:
         """The chunk's pages into a buffer of ``buffers`` (default: this stream's, a chunk's
         size), digests recorded; a worker thread's work, or a few pages' on any thread."""
         t = time.perf_counter()
-        data = memoryview((buffers or self._buffers).take())[: count_pages(chunk) * self.layout.page_size]
-        self.memory.read_runs(chunk, data)
-        self.digests.record_runs(self.layout, chunk, data)
+        pages = count_pages(chunk)
+        data = memoryview((buffers or self._buffers).take())[: pages * self.layout.page_size]
+        hashes = new_hashes(pages)    # each page hashed as it is read, while in the cache
+        self.memory.read_runs(chunk, data, hashes=hashes)
+        self.digests.record_hashes(self.layout, chunk, hashes)
         return data, time.perf_counter() - t
 
     async def send(self, timer: RoundTimer, runs: list[Run]) -> None:

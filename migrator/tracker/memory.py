@@ -8,6 +8,7 @@ and a parent or PR_SET_PTRACER, or CAP_SYS_PTRACE); without them the kernel answ
 from __future__ import annotations
 
 import errno
+from array import array
 
 from ..core.model import Run
 from ..core.runs import count_pages, words
@@ -41,20 +42,24 @@ class ProcessMemory:
         return ProcessMemory(self.pid, self.page_size,
                              remap=[(r.start, r.length, o.start) for r, o in zip(layout.regions, onto.regions)])
 
-    def read_runs(self, runs: list[Run], out: bytearray | memoryview | None = None) -> bytearray | memoryview:
-        """Return the bytes of ``runs``, concatenated in order (into ``out`` when given)."""
+    def read_runs(self, runs: list[Run], out: bytearray | memoryview | None = None, *,
+                  hashes: array | None = None) -> bytearray | memoryview:
+        """Return the bytes of ``runs``, concatenated in order (into ``out`` when given). With
+        ``hashes`` (``core.digest.new_hashes``), each page is hashed into it as it is read, while
+        it is in the cache (for ``PageDigests.record_hashes``)."""
         total = count_pages(runs) * self.page_size
         if out is None:
             out = bytearray(total)
-        self._transfer(runs, out, total, self.page_size, write=False)
+        self._transfer(runs, out, total, self.page_size, write=False, hashes=hashes)
         return out
 
-    def write_runs(self, runs: list[Run], data) -> None:
-        """Write ``data`` (the concatenated pages of ``runs``) into the process."""
+    def write_runs(self, runs: list[Run], data, *, hashes: array | None = None) -> None:
+        """Write ``data`` (the concatenated pages of ``runs``) into the process; ``hashes`` as
+        ``read_runs``' (each page hashed just before it is written)."""
         total = count_pages(runs) * self.page_size
         if len(data) != total:
             raise ValueError(f"write_runs: {len(data)} bytes for {total // self.page_size} pages")
-        self._transfer(runs, data, total, self.page_size, write=True)
+        self._transfer(runs, data, total, self.page_size, write=True, hashes=hashes)
 
     def read(self, address: int, length: int) -> bytearray:
         """Read one contiguous range (a region digest, a control block)."""
@@ -65,16 +70,19 @@ class ProcessMemory:
     def write(self, address: int, data) -> None:
         self._transfer([(address, len(data))], data, len(data), 1, write=True)
 
-    def _transfer(self, runs, buf, total: int, unit: int, *, write: bool) -> None:
+    def _transfer(self, runs, buf, total: int, unit: int, *, write: bool, hashes: array | None = None) -> None:
         """Move ``total`` bytes of ``buf`` to/from the runs (address, count of ``unit`` bytes)."""
         if total == 0:
             return
         if len(buf) < total:
             raise ValueError(f"{len(buf)} bytes for {total}")
         pairs = words(runs)
+        if hashes is not None and len(hashes) != total // unit:
+            raise ValueError(f"{len(hashes)} hashes for {total // unit} pages")
         done = pages_lib.vm_transfer(self.pid, self._regions, len(self._remap), pages_ffi.from_buffer("uint64_t[]", pairs),
                                      len(pairs) // 2, unit, pages_ffi.from_buffer(buf, require_writable=not write),
-                                     int(write), MAX_CALL_BYTES)
+                                     int(write), MAX_CALL_BYTES,
+                                     pages_ffi.from_buffer("uint64_t[]", hashes) if hashes is not None else pages_ffi.NULL)
         verb = "process_vm_writev" if write else "process_vm_readv"
         what = f"{verb} pid {self.pid} [{runs[0][0]:#x}.., {len(runs)} runs, {total} bytes]"
         if done < 0:
@@ -86,6 +94,12 @@ class ProcessMemory:
 
 
 MAX_CALL_BYTES = 1 << 30   # per call: the kernel stops at MAX_RW_COUNT, just under 2 GiB
+
+
+def _hash_into(buf, pages: int, page_size: int, hashes: array) -> None:
+    if len(hashes) != pages or len(buf) < pages * page_size:
+        raise ValueError(f"{len(hashes)} hashes for {pages} pages")
+    pages_lib.hash_pages(pages_ffi.from_buffer(buf), pages, page_size, pages_ffi.from_buffer("uint64_t[]", hashes))
 
 
 class MemfdMemory:
@@ -135,17 +149,23 @@ class MemfdMemory:
                 return offset + address - region.start
         raise OSError(errno.EFAULT, f"memfd: address {address:#x} outside the guest's regions")
 
-    def read_runs(self, runs: list[Run], out=None):
+    def read_runs(self, runs: list[Run], out=None, *, hashes: array | None = None):
+        """As ``ProcessMemory.read_runs`` (the pages hashed from ``out`` after the copy)."""
         total = count_pages(runs) * self.page_size
         if out is None:
             out = bytearray(total)
         self._copy(runs, out, total, into_map=False)
+        if hashes is not None:
+            _hash_into(out, total // self.page_size, self.page_size, hashes)
         return out
 
-    def write_runs(self, runs: list[Run], data) -> None:
+    def write_runs(self, runs: list[Run], data, *, hashes: array | None = None) -> None:
         if not self._writable:
             raise OSError(errno.EACCES, "memfd: this view of the guest's memory is read-only")
-        self._copy(runs, data, count_pages(runs) * self.page_size, into_map=True)
+        pages = count_pages(runs)
+        if hashes is not None:
+            _hash_into(data, pages, self.page_size, hashes)
+        self._copy(runs, data, pages * self.page_size, into_map=True)
 
     def _copy(self, runs: list[Run], buf, total: int, *, into_map: bool) -> None:
         """One native pass over the runs (a Python slice per run cost more than its page)."""

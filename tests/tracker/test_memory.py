@@ -130,3 +130,50 @@ def test_memfd_copies_runs_across_regions_and_refuses_pages_outside_them():
     reader.close()
     memory.close()
     os.close(fd)
+
+
+def _hashes_of(data: bytes):
+    from migrator.core.digest import new_hashes
+    from migrator.native.pages import ffi as pages_ffi
+
+    hashes = new_hashes(len(data) // P)
+    pages_lib.hash_pages(pages_ffi.from_buffer(data), len(hashes), P, pages_ffi.from_buffer("uint64_t[]", hashes))
+    return hashes
+
+
+def test_transfers_hash_each_page_as_it_moves_across_call_boundaries():
+    from migrator.core.digest import new_hashes
+
+    per_call = pages_lib.HASHED_CALL_BYTES // P
+    m, base = _mapping(4 * per_call)
+    # one-page runs, then a run longer than one hashed call: cut across calls mid-run
+    runs = [(base + i * P, 1) for i in range(0, per_call, 3)] + [(base + per_call * P, 2 * per_call + 5)]
+    memory = ProcessMemory(os.getpid())
+    hashes = new_hashes(sum(n for _, n in runs))
+    data = memory.read_runs(runs, hashes=hashes)
+    assert data == memory.read_runs(runs) and hashes == _hashes_of(data)
+    assert len(set(hashes)) == len(hashes), "every page hashed, none left zero"
+
+    payload = os.urandom(len(data))
+    written = new_hashes(len(hashes))
+    memory.write_runs(runs, payload, hashes=written)
+    assert memory.read_runs(runs) == payload and written == _hashes_of(payload)
+    with pytest.raises(ValueError, match="hashes for"):
+        memory.read_runs(runs, hashes=new_hashes(len(hashes) - 1))
+
+
+def test_memfd_memory_hashes_like_process_memory():
+    from migrator.core.digest import new_hashes
+
+    fd = os.memfd_create("t")
+    os.ftruncate(fd, 16 * P)
+    m = mmap.mmap(fd, 16 * P)
+    m[:] = os.urandom(16 * P)
+    base = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+    runs = [(base + 2 * P, 2), (base + 9 * P, 1)]
+    via_fd, via_pid = MemfdMemory(fd, [Region(base, 16 * P)], writable=True), ProcessMemory(os.getpid())
+    a, b = new_hashes(3), new_hashes(3)
+    assert via_fd.read_runs(runs, hashes=a) == via_pid.read_runs(runs, hashes=b) and a == b
+    payload, written = os.urandom(3 * P), new_hashes(3)
+    via_fd.write_runs(runs, payload, hashes=written)
+    assert written == _hashes_of(payload) and via_pid.read_runs(runs) == payload
