@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", choices=("pages", "full"), default="pages",
                         help="pages: compare per-page digests; full: also a digest of the whole frozen region (default pages)")
     parser.add_argument("--force-switchover", action="store_true", help="switch over instead of throttling when not converging")
+    parser.add_argument("--switch-asap", action="store_true",
+                        help="switch over as soon as the expected downtime fits the target (default: one more round "
+                             "while each still halves it)")
     postcopy = parser.add_mutually_exclusive_group()
     postcopy.add_argument("--postcopy", action="store_true",
                           help="post-copy from the start: resume at the destination right after the first scan, "
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         settings = MigrateSettings(
             downtime_ms=args.downtime_ms, max_rounds=args.max_rounds, bandwidth=args.bandwidth,
             compress=args.compress, streams=args.streams, tracker=args.tracker, verify=args.verify,
-            force_switchover=args.force_switchover, keep_source=args.keep_source,
+            force_switchover=args.force_switchover, switch_asap=args.switch_asap, keep_source=args.keep_source,
             token=options.source_token(args), round_timeout_s=args.round_timeout,
             switchover_timeout_s=args.switchover_timeout,
             tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None, frame_macs=args.frame_macs,

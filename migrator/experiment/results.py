@@ -187,7 +187,7 @@ def trace_prediction(result: CellResult, grid: Grid, inputs: ModelInputs | None)
         return None
     fixed_ms = fixed_downtime_ms(cell.size)
     stop_at = model.stop_pages(grid.downtime_ms / 1e3, bandwidth, fixed_ms / 1e3)
-    policy = PolicySettings(downtime_ms=grid.downtime_ms, force_switchover=not cell.auto_converge)
+    policy = PolicySettings(downtime_ms=grid.downtime_ms, force_switchover=not cell.auto_converge, settle=False)
     return bandwidth, simulate(trace, bandwidth, stop_at=stop_at, max_rounds=grid.max_rounds, volume=cell.pages,
                                start=result.replay_at_s or 0.0, policy=policy, fixed_ms=fixed_ms)
 

@@ -115,10 +115,12 @@ def _unlink(path: str) -> None:
 
 
 def migrate_settings(cell: Cell, grid: Grid, token: bytes | None) -> MigrateSettings:
+    """A cell's migration: it switches over as soon as the target is met (``switch_asap``), the
+    stop rule of the classic model it is compared with."""
     return MigrateSettings(
         downtime_ms=grid.downtime_ms, max_rounds=grid.max_rounds, bandwidth=cell.bandwidth,
         compress=grid.compress, tracker=cell.tracker, verify="pages", force_switchover=not cell.auto_converge,
-        token=token,
+        switch_asap=True, token=token,
     )
 
 

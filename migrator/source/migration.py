@@ -81,6 +81,7 @@ class MigrateSettings:
     tracker: str = "wp-async"
     verify: str = "pages"               # "pages" or "full"
     force_switchover: bool = False
+    switch_asap: bool = False           # switch as soon as the target is met (no settling rounds)
     keep_source: bool = False
     token: bytes | None = None
     round_timeout_s: float = 300.0
@@ -100,6 +101,10 @@ class MigrateSettings:
                              "before its last page arrives (use --verify pages)")
         if self.postcopy_after is not None and self.postcopy_after < 0:
             raise MigratorError("postcopy_after must be >= 0")
+        if self.downtime_ms <= 0 or self.max_rounds < 1 or self.streams < 1:
+            raise ValueError("downtime_ms, max_rounds and streams must be positive")
+        if self.switchover_timeout_s is not None and not self.switchover_timeout_s > 0:
+            raise ValueError("switchover_timeout_s must be positive")
 
     @property
     def postcopy(self) -> bool:
@@ -111,15 +116,11 @@ class MigrateSettings:
         if self.postcopy_after == 0:
             return "postcopy"
         return "hybrid" if self.postcopy else "precopy"
-        if self.downtime_ms <= 0 or self.max_rounds < 1 or self.streams < 1:
-            raise ValueError("downtime_ms, max_rounds and streams must be positive")
-        if self.switchover_timeout_s is not None and not self.switchover_timeout_s > 0:
-            raise ValueError("switchover_timeout_s must be positive")
 
     def policy(self) -> PolicySettings:
         return PolicySettings(downtime_ms=self.downtime_ms, max_rounds=self.max_rounds,
                               force_switchover=self.force_switchover, postcopy_after=self.postcopy_after,
-                              postcopy_auto=self.postcopy_auto)
+                              postcopy_auto=self.postcopy_auto, settle=not self.switch_asap)
 
 
 class SourceMigration:

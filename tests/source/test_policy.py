@@ -104,6 +104,18 @@ CASES = [
     ("auto: converging continues", {"postcopy_auto": True}, START, (C, Rule.CONVERGING, 0.0)),
     ("auto: the target still comes first", {"postcopy_auto": True}, START + [(14000, 45.0, 0.0)],
      (S, Rule.DOWNTIME_TARGET, 0.0)),
+    # settling: the target is met, but the expected downtime halved since the last round
+    ("target met, halved: one more round", {}, START + [(9000, 35.0, 0.0)], (C, Rule.SETTLING, 0.0)),
+    ("target met, not halved: switch over", {}, START + [(9000, 35.1, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("settling off (--switch-asap)", {"settle": False}, START + [(9000, 35.0, 0.0)],
+     (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("no settling on the last round allowed", {"max_rounds": 4}, START + [(9000, 35.0, 0.0)],
+     (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("no settling under throttle", {}, START + [(9000, 35.0, 0.2)], (S, Rule.DOWNTIME_TARGET, 0.2)),
+    ("no settling with few pages left", {}, START + [(64, 2.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("round 0 within target: nothing to compare", {}, [(65536, 1.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("round 0 far over, round 1 within: settle", {}, [(262144, 900.0, 0.0), (3000, 20.0, 0.0)],
+     (C, Rule.SETTLING, 0.0)),
 ]
 
 
