@@ -6,7 +6,9 @@ import os
 
 import pytest
 
+from migrator.core.digest import new_hashes
 from migrator.core.model import Region
+from migrator.native.pages import ffi as pages_ffi
 from migrator.native.pages import lib as pages_lib
 from migrator.tracker._uapi import ffi
 from migrator.tracker.memory import MemfdMemory, ProcessMemory
@@ -49,12 +51,17 @@ def test_unmapped_span_is_an_oserror_naming_the_call():
     assert info.value.errno in (errno.EFAULT, errno.ENOMEM) and "process_vm_readv" in str(info.value)
 
 
-def test_memfd_memory_matches_process_memory():
+def _memfd_mapping(pages: int = 16):
+    """A memfd of random pages mapped here: (fd, mapping, its address)."""
     fd = os.memfd_create("t")
-    os.ftruncate(fd, 16 * P)
-    m = mmap.mmap(fd, 16 * P)
-    m[:] = os.urandom(16 * P)
-    base = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+    os.ftruncate(fd, pages * P)
+    m = mmap.mmap(fd, pages * P)
+    m[:] = os.urandom(pages * P)
+    return fd, m, int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+
+
+def test_memfd_memory_matches_process_memory():
+    fd, m, base = _memfd_mapping()
     runs = [(base + 2 * P, 2), (base + 9 * P, 1)]
     via_fd = MemfdMemory(fd, [Region(base, 16 * P)], writable=True)
     assert via_fd.read_runs(runs) == ProcessMemory(os.getpid()).read_runs(runs)
@@ -133,17 +140,12 @@ def test_memfd_copies_runs_across_regions_and_refuses_pages_outside_them():
 
 
 def _hashes_of(data: bytes):
-    from migrator.core.digest import new_hashes
-    from migrator.native.pages import ffi as pages_ffi
-
     hashes = new_hashes(len(data) // P)
     pages_lib.hash_pages(pages_ffi.from_buffer(data), len(hashes), P, pages_ffi.from_buffer("uint64_t[]", hashes))
     return hashes
 
 
 def test_transfers_hash_each_page_as_it_moves_across_call_boundaries():
-    from migrator.core.digest import new_hashes
-
     per_call = pages_lib.HASHED_CALL_BYTES // P
     m, base = _mapping(4 * per_call)
     # one-page runs, then a run longer than one hashed call: cut across calls mid-run
@@ -163,13 +165,7 @@ def test_transfers_hash_each_page_as_it_moves_across_call_boundaries():
 
 
 def test_memfd_memory_hashes_like_process_memory():
-    from migrator.core.digest import new_hashes
-
-    fd = os.memfd_create("t")
-    os.ftruncate(fd, 16 * P)
-    m = mmap.mmap(fd, 16 * P)
-    m[:] = os.urandom(16 * P)
-    base = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+    fd, m, base = _memfd_mapping()
     runs = [(base + 2 * P, 2), (base + 9 * P, 1)]
     via_fd, via_pid = MemfdMemory(fd, [Region(base, 16 * P)], writable=True), ProcessMemory(os.getpid())
     a, b = new_hashes(3), new_hashes(3)
