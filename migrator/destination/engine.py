@@ -225,7 +225,7 @@ class DestinationMigration:
                 self.digests.record_runs(self.src, runs)
             else:
                 pages = count_pages(runs)
-                hashes = new_hashes(pages)    # each page hashed just before it is written, in the cache
+                hashes = new_hashes(pages)    # each page hashed as it is written, while in the cache
                 memory.write_runs(runs, payload, hashes=hashes)
                 self.digests.record_hashes(self.src, runs, hashes)
                 self.pages_applied += pages

@@ -494,13 +494,11 @@ int64_t vm_transfer(int pid, const uint64_t *regions, uint64_t nregions, const u
         }
         if (!n)
             return (int64_t)moved;     /* a run outside every region */
-        if (hashes && write)           /* hashed while in the cache, then written */
-            hash_pages(buf + moved, want / page_size, page_size, hashes + moved / page_size);
         ssize_t done = write ? process_vm_writev(pid, local, n, remote, n, 0)
                              : process_vm_readv(pid, local, n, remote, n, 0);
         if (done < 0)
             return -errno;
-        if (hashes && !write)          /* read, then hashed while in the cache */
+        if (hashes)   /* the copy just brought buf's pages into the cache: hashed while there */
             hash_pages(buf + moved, (uint64_t)done / page_size, page_size, hashes + moved / page_size);
         moved += (uint64_t)done;
         if ((uint64_t)done != want)

@@ -111,9 +111,9 @@ void uffd_ioctl_numbers(uint64_t out[3]);
    system call (the kernel moves at most MAX_RW_COUNT, just under 2 GiB, and reports the rest as
    not mapped). With hashes (not NULL), hashes[i] gets the hash of the runs' page i (as
    hash_pages computes it) and a call moves at most HASHED_CALL_BYTES (a multiple of page_size,
-   else -EINVAL): each page is hashed right after it is read or right before it is written,
-   while it is in the cache, instead of in a second pass over a buffer the cache no longer
-   holds. Returns the bytes moved (short of the runs' total when part of a run is not mapped in
+   else -EINVAL): each call's pages are hashed in buf right after the call copied them (read or
+   written), while the copy has them in the cache, instead of in a second pass over a buffer the
+   cache no longer holds. Returns the bytes moved (short of the runs' total when part of a run is not mapped in
    pid, or lies outside the regions: the hashes are then not all set), or -errno. */
 #define IOV_BATCH 1024
 #define HASHED_CALL_BYTES 262144

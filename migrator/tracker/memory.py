@@ -55,7 +55,7 @@ class ProcessMemory:
 
     def write_runs(self, runs: list[Run], data, *, hashes: array | None = None) -> None:
         """Write ``data`` (the concatenated pages of ``runs``) into the process; ``hashes`` as
-        ``read_runs``' (each page hashed just before it is written)."""
+        ``read_runs``' (each page hashed right after it is written)."""
         total = count_pages(runs) * self.page_size
         if len(data) != total:
             raise ValueError(f"write_runs: {len(data)} bytes for {total // self.page_size} pages")
