@@ -57,3 +57,41 @@ def test_without_it_a_thread_arena_keeps_the_session():
     """The case the module exists for: if this ever stops holding, glibc trims thread arenas
     itself and ``use_main_arena_only`` may go."""
     assert kept_after_session("thread-arena") > 6 * MiB
+
+
+COLLECTOR = r"""
+import gc, json, time
+from migrator.core import heap
+import migrator.cli.main, migrator.source.migration, migrator.destination.engine   # a command's startup
+
+def full_collection_ms():
+    t = time.perf_counter()
+    gc.collect()
+    return (time.perf_counter() - t) * 1000
+
+before = min(full_collection_ms() for _ in range(3))
+heap.settle_heap()
+frozen = gc.get_freeze_count()
+after = min(full_collection_ms() for _ in range(3))
+states = []
+with heap.collector_paused():
+    states.append(gc.isenabled())
+    with heap.collector_paused():
+        states.append(gc.isenabled())
+    states.append(gc.isenabled())
+states.append(gc.isenabled())
+gc.disable()
+with heap.collector_paused():
+    pass
+states.append(gc.isenabled())
+print(json.dumps({"before": before, "after": after, "frozen": frozen, "states": states}))
+"""
+
+
+def test_a_settled_heap_keeps_full_collections_short_and_the_downtime_pauses_the_collector():
+    out = subprocess.run([sys.executable, "-c", COLLECTOR], capture_output=True, text=True, timeout=60, check=True)
+    result = json.loads(out.stdout)
+    assert result["frozen"] > 10_000, "the startup's objects are out of the collector's reach"
+    assert result["after"] < result["before"] / 5, result
+    # off inside (nested too), back on after; a collector that was off stays off
+    assert result["states"] == [False, False, False, True, False]

@@ -13,6 +13,7 @@ thread call, so receiving, decompressing and applying overlap.
 from __future__ import annotations
 
 import array
+import contextlib
 import functools
 import tempfile
 import time
@@ -26,6 +27,7 @@ from ..core.digest import PageDigests, new_hashes
 from ..core.documents import header, utc_now
 from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolError, TransportError
 from ..core.failures import describe
+from ..core.heap import collector_paused
 from ..core.meminfo import mem_available
 from ..core.model import MemoryLayout, Run
 from ..core.pagestate import page_index_pairs
@@ -78,6 +80,7 @@ class DestinationMigration:
         self.failure: str | None = None
         self._inspection: _Job | None = None
         self._final_pages_listed = array.array("Q")  # the final copy's (first page, count) pairs, as they arrive
+        self._downtime = contextlib.ExitStack()      # what holds from the Freeze to the resume
         self.self_check = "none"             # then what the restore guest's check covered
         self.postcopy: IncomingPostcopy | None = None   # armed by the source's first Discard
         self.finished = trio.Event()        # run() is over (a session that resumed this one waits for it)
@@ -144,12 +147,13 @@ class DestinationMigration:
         await self._reply(p.Ack(of=p.Acked.LAYOUT, ok=True, ready_ms=ready_ms))
         send_q, recv_q = trio.open_memory_channel(APPLY_QUEUE)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(functools.partial(apply_in_batches, recv_q, APPLY_BATCH, self._apply,
-                                                     small=_small_batch))
-                async with send_q:
-                    await self._receive_loop(send_q)
+            with self._downtime:   # the collector, paused at the Freeze, is back on by the end
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(functools.partial(apply_in_batches, recv_q, APPLY_BATCH, self._apply,
+                                                         small=_small_batch))
+                    async with send_q:
+                        await self._receive_loop(send_q)
         except BaseException as exc:
             if not self.resumed:
                 with trio.move_on_after(2, shield=True):
@@ -278,6 +282,7 @@ class DestinationMigration:
                     await self._reply(p.Ack(of=p.Acked.ROUND, ok=True, round=event.round))
             elif isinstance(event, p.Freeze):
                 freeze_at = time.perf_counter()
+                self._downtime.enter_context(collector_paused())   # no collection inside the downtime
             elif isinstance(event, p.Digest):
                 t = time.perf_counter()
                 await drained(queue)     # the final copy's pages still being applied
@@ -305,6 +310,7 @@ class DestinationMigration:
         if freeze_at is not None:
             self.parts["since_freeze"] = (time.perf_counter() - freeze_at) * 1000
         await self._reply(p.Ack(of=p.Acked.COMMIT, ok=True, timings_ms={"resume": self.parts["resume"]}))
+        self._downtime.close()
         follow = " (post-copy: its stale pages follow)" if self.postcopy is not None else ""
         self.log(f"resumed guest pid {self.dst.pid}{follow}, control {self.guest.control}")
         if self.postcopy is not None:

@@ -37,6 +37,7 @@ from ..core.documents import to_data
 from ..core.errors import MigrationFailed, MigratorError, TransportError
 from ..transport.control import Request, control_path, serve_control
 from ..core.failures import describe
+from ..core.heap import collector_paused
 from .attach import AttachedGuest
 from .estimator import DowntimeEstimator, switchover_fixed_ms
 from .pages import PageStream
@@ -362,7 +363,7 @@ class SourceMigration:
             state = self._switchover = Switchover(number=len(precopy.rounds))
             limit = s.switchover_timeout_s or switchover_deadline_s(s.downtime_ms, verify=s.verify,
                                                                      region_bytes=layout.total_bytes)
-            with bounded(state, limit):
+            with bounded(state, limit), collector_paused():   # no collection inside the downtime
                 sent_at = await final_copy(guest, sink, pages, digests, dirty, state, verify=s.verify)
                 try:
                     await commit(sink, guest, state, sent_at, migration=self.id, destination=self.address)
@@ -381,7 +382,7 @@ class SourceMigration:
                                                                  region_bytes=guest.layout.total_bytes)
         try:
             async with trio.open_nursery() as nursery:
-                with bounded(state, limit):
+                with bounded(state, limit), collector_paused():
                     try:
                         await switch(guest, sink, stale, state, stats)
                         delivery = self._delivery = Delivery(sink, pages, digests, stale, number, stats)
