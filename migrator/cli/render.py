@@ -210,7 +210,8 @@ def format_summary(report: dict) -> str:
                                  f"round{'s' if rounds != 1 else ''}"))
         lines.append(("postcopy", f"{pc['stale_pages']} stale pages ({pc['discarded_ahead']} dropped before the freeze): "
                                   f"{pc['requested_pages']} requested by {_fmt(pc['faults'])} faults, "
-                                  f"{pc['pushed_pages']} pushed, in {_fmt(pc['duration_s'], '.2f')} s"))
+                                  f"{pc['pushed_pages']} pushed ({pc.get('duplicate_pages', 0)} of them sent again "
+                                  f"for a fault), in {_fmt(pc['duration_s'], '.2f')} s"))
         lines.append(("faults", f"p50 {_fmt(pc['fault_p50_ms'], '.3f')} ms, p99 {_fmt(pc['fault_p99_ms'], '.3f')} ms, "
                                 f"max {_fmt(pc['fault_max_ms'], '.3f')} ms (fault to page installed, at the destination)"))
         lines.append(("guest", f"{_fmt(pc['guest_rate_before'], '.0f')} writes/s before the switch, "

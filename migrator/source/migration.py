@@ -422,7 +422,7 @@ class SourceMigration:
             faults=int(dest["faults"]) if "faults" in dest else None,
             fault_p50_ms=dest.get("fault_p50"), fault_p99_ms=dest.get("fault_p99"), fault_max_ms=dest.get("fault_max"),
             guest_rate_before=stats.guest_rate_before, guest_rate_after=dest.get("guest_write_rate"),
-            recoveries=stats.recoveries, resent_pages=stats.resent_pages,
+            recoveries=stats.recoveries, resent_pages=stats.resent_pages, duplicate_pages=stats.duplicate_pages,
         )
 
     def _report(self, total_s: float, error: BaseException | None) -> MigrationReport:

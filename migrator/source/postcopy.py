@@ -58,6 +58,7 @@ class PostcopyStats:
     resent_pages: int = 0            # pages sent again after such a break
     pushed_pages: int = 0
     requested_pages: int = 0         # pages sent because the destination's guest faulted on them
+    duplicate_pages: int = 0         # pages a request named after the push had sent them: sent again
     requests: int = 0
     started: float = 0.0             # when the commit was acknowledged: the guest runs there
     duration_s: float | None = None  # from then until the destination verified every page
@@ -216,12 +217,17 @@ class Delivery:
                 except OSError as exc:
                     raise MigrationFailed(f"destination requested pages outside the guest's layout: {exc}") from None
                 self.stats.requests += 1
-                if not runs:
-                    continue    # pushed already, or on its way
-                for batch in split_runs(runs, REQUEST_PAGES, MAX_RUNS_PER_EVENT, ps):
+                # every page asked for goes now, also those the push sent already: they may be in
+                # the socket buffers or in the destination's install queue behind megabytes of
+                # the push, which the fault would wait for (the destination installs the first
+                # copy that comes and skips the other)
+                asked = list(request.runs)
+                for batch in split_runs(asked, REQUEST_PAGES, MAX_RUNS_PER_EVENT, ps):
                     data = self._read_requested(batch)
                     await self.sink.send(p.Pages(round=self.number, runs=tuple(batch), payload=data), urgent=True)
-                self.stats.requested_pages += count_pages(runs)
+                claimed = count_pages(runs)
+                self.stats.requested_pages += claimed
+                self.stats.duplicate_pages += count_pages(asked) - claimed
 
     async def send_head(self) -> None:
         """Before the commit: the stale pages among the first of the region (a guest's control

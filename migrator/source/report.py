@@ -48,7 +48,8 @@ class PostcopyReport:
     """The post-copy phase: when it switched, how its pages arrived, what the guest felt.
 
     ``switch_round`` is the round whose scan ended pre-copy (0 with ``--postcopy``). Pages
-    reached the destination pushed in the background or requested by its guest's faults;
+    reached the destination pushed in the background or requested by its guest's faults (a
+    page requested after the push had sent it goes again: ``duplicate_pages``);
     ``fault_*_ms`` run from the fault's message to the page's install, measured there.
     ``guest_rate_*`` are the guest's writes/s before the freeze and while post-copy ran."""
 
@@ -67,6 +68,7 @@ class PostcopyReport:
     guest_rate_after: float | None = None
     recoveries: int = 0              # sessions that took over after the link broke (--recover-timeout)
     resent_pages: int = 0            # pages sent again after such a break
+    duplicate_pages: int = 0         # pages a fault asked for after the push had sent them, sent again
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +170,8 @@ def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: t
         downtime_parts_ms=switchover.parts if switchover else {},
         bytes_wire=wire_bytes,
         pages_sent=sum(r.dirty_pages - r.zero_pages for r in rounds)
-        + (postcopy.pushed_pages + postcopy.requested_pages if postcopy else final_pages or 0),
+        + (postcopy.pushed_pages + postcopy.requested_pages + postcopy.duplicate_pages if postcopy
+           else final_pages or 0),
         bytes_raw=sum(r.bytes_raw for r in rounds),
         control=control,
         postcopy=postcopy,
