@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from migrator.core.digest import (
-    REGION_PIECE, PageDigests, hash_region, new_hashes, region_digest, region_digest_read, region_pieces,
+    REGION_PIECE, PageDigests, hash_pages_into, hash_region, new_hashes, region_digest, region_digest_read,
+    region_pieces,
 )
-from migrator.native.pages import ffi, lib
 from migrator.core.model import MemoryLayout, Region
 from migrator.core.runs import complement, count_pages, split_runs, union
 
@@ -114,7 +114,7 @@ def test_hashes_computed_while_moving_pages_record_like_the_pages_themselves():
     a, b = PageDigests(64), PageDigests(64)
     a.record_runs(FLAT, at(2, 3) + at(9, 2), data)
     hashes = new_hashes(5)
-    lib.hash_pages(ffi.from_buffer(data), 5, P, ffi.from_buffer("uint64_t[]", hashes))
+    hash_pages_into(data, 5, P, hashes)
     b.record_hashes(FLAT, at(2, 3) + at(9, 2), hashes)
     assert a.value() == b.value() and a.table == b.table
     with pytest.raises(ValueError, match="4 hashes for 5 pages"):

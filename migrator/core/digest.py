@@ -30,8 +30,16 @@ from .runs import count_pages, words
 
 
 def new_hashes(pages: int) -> array.array:
-    """Room for ``pages`` page hashes, as ``hash_pages`` and hashing transfers fill it."""
+    """Room for ``pages`` page hashes, as ``hash_pages_into`` and hashing transfers fill it."""
     return array.array("Q", bytes(8 * pages))
+
+
+def hash_pages_into(buf, pages: int, page_size: int, hashes: array.array) -> None:
+    """``hashes[i]`` = the digest table's hash of ``buf``'s page ``i``, for ``pages`` pages (one
+    native pass without the GIL); ValueError when ``hashes`` or ``buf`` is too short or long."""
+    if len(hashes) != pages or len(buf) < pages * page_size:
+        raise ValueError(f"{len(hashes)} hashes for {pages} pages")
+    lib.hash_pages(ffi.from_buffer(buf), pages, page_size, ffi.from_buffer("uint64_t[]", hashes))
 
 
 class PageDigests:
@@ -44,9 +52,8 @@ class PageDigests:
         self.page_size = page_size
         self._lock = threading.Lock()
         self._sum = ffi.new("uint64_t[2]")
-        one, scratch = array.array("Q", [0]), ffi.new("uint64_t[2]")
-        lib.page_hashes(ffi.from_buffer(bytes(page_size)), ffi.new("uint64_t[2]", [0, 1]), 1, page_size,
-                        ffi.from_buffer("uint64_t[]", one), 1, scratch)
+        one = new_hashes(1)
+        hash_pages_into(bytes(page_size), 1, page_size, one)
         self.zero = one[0]
         self.table = one * total_pages
         lib.page_hashes_sum(self._table(), total_pages, self._sum)
@@ -75,7 +82,7 @@ class PageDigests:
         if len(payload) != pages * self.page_size:
             raise ValueError(f"{len(payload)} bytes for {pages} pages")
         hashes = new_hashes(pages)
-        lib.hash_pages(ffi.from_buffer(payload), pages, self.page_size, ffi.from_buffer("uint64_t[]", hashes))
+        hash_pages_into(payload, pages, self.page_size, hashes)
         self._record(layout, runs, hashes)
 
     def record_hashes(self, layout: MemoryLayout, runs: list[Run], hashes: array.array) -> None:
@@ -91,8 +98,8 @@ class PageDigests:
         pairs = words(runs)
         given = ffi.from_buffer("uint64_t[]", hashes) if hashes is not None else ffi.NULL
         with self._lock:
-            done = lib.page_hashes_at(ffi.NULL, ffi.from_buffer("uint64_t[]", pairs), len(runs), _region_table(layout),
-                                      len(layout.regions), self.page_size, int(hashes is None), self.zero, given,
+            done = lib.page_hashes_at(ffi.from_buffer("uint64_t[]", pairs), len(runs), _region_table(layout),
+                                      len(layout.regions), self.page_size, self.zero, given,
                                       self._table(), len(self.table), self._sum)
         if done != len(runs):
             address, count = runs[done]

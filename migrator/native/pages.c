@@ -66,17 +66,6 @@ static inline void set_entry(uint64_t *table, uint64_t i, uint64_t h, uint64_t s
     sum_entry(sum, i, h, 1);
 }
 
-void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint64_t page_size,
-                 uint64_t *table, uint64_t table_len, uint64_t sum[2])
-{
-    for (uint64_t r = 0; r < nruns; r++) {
-        uint64_t first = runs[2 * r], count = runs[2 * r + 1];
-        for (uint64_t i = 0; i < count; i++, buf += page_size)
-            if (first + i < table_len)
-                set_entry(table, first + i, hash_page(buf, page_size), sum);
-    }
-}
-
 /* The region (of nregions (start, length, first page index) triples) holding the whole run, or nregions. */
 static uint64_t region_of(const uint64_t *regions, uint64_t nregions, uint64_t hint, uint64_t address, uint64_t length)
 {
@@ -88,9 +77,9 @@ static uint64_t region_of(const uint64_t *regions, uint64_t nregions, uint64_t h
     return nregions;
 }
 
-uint64_t page_hashes_at(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, const uint64_t *regions,
-                        uint64_t nregions, uint64_t page_size, int zero, uint64_t zero_hash, const uint64_t *given,
-                        uint64_t *table, uint64_t table_len, uint64_t sum[2])
+uint64_t page_hashes_at(const uint64_t *runs, uint64_t nruns, const uint64_t *regions, uint64_t nregions,
+                        uint64_t page_size, uint64_t zero_hash, const uint64_t *given, uint64_t *table,
+                        uint64_t table_len, uint64_t sum[2])
 {
     uint64_t r = 0;
     for (uint64_t i = 0; i < nruns; i++) {
@@ -103,11 +92,8 @@ uint64_t page_hashes_at(const uint8_t *buf, const uint64_t *runs, uint64_t nruns
         uint64_t first = regions[3 * r + 2] + (address - regions[3 * r]) / page_size;
         if (first + count > table_len || first + count < first)
             return i;
-        for (uint64_t k = 0; k < count; k++) {
-            set_entry(table, first + k, zero ? zero_hash : given ? *given++ : hash_page(buf, page_size), sum);
-            if (!zero && !given)
-                buf += page_size;
-        }
+        for (uint64_t k = 0; k < count; k++)
+            set_entry(table, first + k, given ? *given++ : zero_hash, sum);
     }
     return nruns;
 }

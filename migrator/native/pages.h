@@ -7,22 +7,18 @@
    of it (migrator/protocol/_payload.py checks before calling). */
 #define ZERO_SCAN_BYTES 32
 
-/* runs: nruns (first table index, page count) pairs; the pages of buf follow the runs in order.
-   table[first + i] = hash of the run's i-th page, for indices below table_len; sum is the
-   table's digest (two words), kept current. page_hashes_sum computes sum from scratch. */
-void page_hashes(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, uint64_t page_size,
-                 uint64_t *table, uint64_t table_len, uint64_t sum[2]);
-void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2]);
-/* The same by address: runs are nruns (address, page count) pairs in regions, nregions (start,
-   length, first page index) triples; with zero, every page's entry is zero_hash, with given
-   (not NULL) the next of given's hashes (one per page of the runs, as hash_pages computes them),
-   and buf is not read in either case. Returns nruns, or the index of the first run outside the
-   regions or the table (the entries before it are set). */
-uint64_t page_hashes_at(const uint8_t *buf, const uint64_t *runs, uint64_t nruns, const uint64_t *regions,
-                        uint64_t nregions, uint64_t page_size, int zero, uint64_t zero_hash, const uint64_t *given,
-                        uint64_t *table, uint64_t table_len, uint64_t sum[2]);
-/* out[i] = the hash of buf's page i, as the tables hold it. */
+/* Page digest tables: one hash per page (hash_pages computes them: out[i] = the hash of buf's
+   page i), and the table's digest sum (two words), kept current as entries change;
+   page_hashes_sum computes sum from scratch. page_hashes_at sets the entries of runs, nruns
+   (address, page count) pairs in regions, nregions (start, length, first page index) triples:
+   the next of given's hashes (one per page of the runs, in order), or zero_hash for every page
+   when given is NULL. Returns nruns, or the index of the first run outside the regions or the
+   table (the entries before it are set). */
 void hash_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint64_t *out);
+void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2]);
+uint64_t page_hashes_at(const uint64_t *runs, uint64_t nruns, const uint64_t *regions, uint64_t nregions,
+                        uint64_t page_size, uint64_t zero_hash, const uint64_t *given, uint64_t *table,
+                        uint64_t table_len, uint64_t sum[2]);
 
 /* Zero-page bitmaps: bit i (byte i / 8, least significant bit first) is set when page i is all
    zero. find_zero_pages fills bitmap ((npages + 7) / 8 bytes) and returns the number of zero

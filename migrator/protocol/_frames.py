@@ -79,7 +79,6 @@ class Protected(Checksum):
     """A protected link's tags (see the module's docstring): the payload tag is zero, the frame
     tag an xxh3-64 of the header, meta and that zero tag."""
 
-    name = "checksum"
     _ZERO = bytes(Checksum.tag_size)
 
     def payload_tag(self, body) -> bytes:

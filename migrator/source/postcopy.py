@@ -212,8 +212,9 @@ class Delivery:
         ps = self.layout.page_size
         async for request in self.sink.requests:
             async with self._answering:
+                asked = list(request.runs)
                 try:
-                    runs = self.states.claim(list(request.runs), STALE, SENT)
+                    runs = self.states.claim(asked, STALE, SENT)
                 except OSError as exc:
                     raise MigrationFailed(f"destination requested pages outside the guest's layout: {exc}") from None
                 self.stats.requests += 1
@@ -221,7 +222,6 @@ class Delivery:
                 # the socket buffers or in the destination's install queue behind megabytes of
                 # the push, which the fault would wait for (the destination installs the first
                 # copy that comes and skips the other)
-                asked = list(request.runs)
                 for batch in split_runs(asked, REQUEST_PAGES, MAX_RUNS_PER_EVENT, ps):
                     data = self._read_requested(batch)
                     await self.sink.send(p.Pages(round=self.number, runs=tuple(batch), payload=data), urgent=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 from array import array
 
+from ..core.digest import hash_pages_into
 from ..core.model import Run
 from ..core.runs import count_pages, words
 from ..native.pages import ffi as pages_ffi
@@ -96,12 +97,6 @@ class ProcessMemory:
 MAX_CALL_BYTES = 1 << 30   # per call: the kernel stops at MAX_RW_COUNT, just under 2 GiB
 
 
-def _hash_into(buf, pages: int, page_size: int, hashes: array) -> None:
-    if len(hashes) != pages or len(buf) < pages * page_size:
-        raise ValueError(f"{len(hashes)} hashes for {pages} pages")
-    pages_lib.hash_pages(pages_ffi.from_buffer(buf), pages, page_size, pages_ffi.from_buffer("uint64_t[]", hashes))
-
-
 class MemfdMemory:
     """The same interface over a guest's shared memfd, mapped here: one copy, no syscalls.
 
@@ -156,7 +151,7 @@ class MemfdMemory:
             out = bytearray(total)
         self._copy(runs, out, total, into_map=False)
         if hashes is not None:
-            _hash_into(out, total // self.page_size, self.page_size, hashes)
+            hash_pages_into(out, total // self.page_size, self.page_size, hashes)
         return out
 
     def write_runs(self, runs: list[Run], data, *, hashes: array | None = None) -> None:
@@ -164,7 +159,7 @@ class MemfdMemory:
             raise OSError(errno.EACCES, "memfd: this view of the guest's memory is read-only")
         pages = count_pages(runs)
         if hashes is not None:
-            _hash_into(data, pages, self.page_size, hashes)
+            hash_pages_into(data, pages, self.page_size, hashes)
         self._copy(runs, data, pages * self.page_size, into_map=True)
 
     def _copy(self, runs: list[Run], buf, total: int, *, into_map: bool) -> None:

@@ -6,9 +6,8 @@ import os
 
 import pytest
 
-from migrator.core.digest import new_hashes
+from migrator.core.digest import hash_pages_into, new_hashes
 from migrator.core.model import Region
-from migrator.native.pages import ffi as pages_ffi
 from migrator.native.pages import lib as pages_lib
 from migrator.tracker._uapi import ffi
 from migrator.tracker.memory import MemfdMemory, ProcessMemory
@@ -141,7 +140,7 @@ def test_memfd_copies_runs_across_regions_and_refuses_pages_outside_them():
 
 def _hashes_of(data: bytes):
     hashes = new_hashes(len(data) // P)
-    pages_lib.hash_pages(pages_ffi.from_buffer(data), len(hashes), P, pages_ffi.from_buffer("uint64_t[]", hashes))
+    hash_pages_into(data, len(hashes), P, hashes)
     return hashes
 
 

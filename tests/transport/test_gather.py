@@ -169,7 +169,6 @@ def test_sized_pool_reuses_only_buffers_nobody_views():
     del first
     second = pool.take(5000)
     assert id(second.obj) != first_id
-    second_id = id(second.obj)
     del kept
     third = pool.take(6000)                # fits the freed buffer again
     assert id(third.obj) == first_id and pool.allocated == 2
