@@ -23,7 +23,7 @@ for the scattered rounds after it. The issue's cases: ``--size 1G --rate 20000 -
 ``--rate 200000 --downtime-ms 50``, ``--size 4G --downtime-ms 50`` (with ``--compress none``
 ``--fill random`` every page costs its 4 KiB on the wire).
 
-    .venv/bin/python scripts/bench_migrate.py --size 1G --rate 20000 [--memfd] [--cold] [--bandwidth 1G] [--json out.json]
+    .venv/bin/python scripts/bench_migrate.py --size 1G --rate 20000 [--memfd] [--private] [--cold] [--bandwidth 1G] [--json out.json]
 
 Uncapped, everything (the guest, both ends, both transports) shares this machine's CPUs and the
 migration's extra work (reading the guest, writing the restore guest, page digests) competes
@@ -140,7 +140,7 @@ class Receiver:
         self.report_path = os.path.join(work, f"{name}-dest.json")
         argv = [sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0", "--once",
                 "--control-dir", work, "--report", self.report_path]
-        argv += ["--memfd"] if memfd else []
+        argv += [] if memfd else ["--private"]
         argv += ["--prepare", str(size)] if prepare else []
         self.popen = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
         self.address = self._line("listening on").rsplit(" ", 1)[-1]
@@ -224,7 +224,9 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--bandwidth", type=parse_rate, default=None, metavar="RATE",
                     help="cap the transport (push and migrations alike), e.g. 1G bytes/s or 1gbit")
-    ap.add_argument("--memfd", action="store_true", help="guests on a shared memfd (the migrator maps it)")
+    ap.add_argument("--memfd", action="store_true", help="the source guest on a shared memfd (the migrator maps it)")
+    ap.add_argument("--private", action="store_true",
+                    help="restore guests on private memory (receive --private), not the receiver's default memfd")
     ap.add_argument("--cold", action="store_true", help="start the restore guest when the migration arrives")
     ap.add_argument("--json", metavar="PATH", help="write results here ('-' for stdout)")
     ap.add_argument("--_sink", action="store_true", help=argparse.SUPPRESS)
@@ -279,7 +281,7 @@ def main() -> int:
     reports, dests, cpus = {}, {}, {}
     for verify in ("pages", "full"):
         with new_guest(f"src-{verify}.sock") as guest:
-            receiver = Receiver(work, verify, size, memfd=args.memfd, prepare=not args.cold)
+            receiver = Receiver(work, verify, size, memfd=not args.private, prepare=not args.cold)
             s = MigrateSettings(**{**settings.__dict__, "verify": verify})
             reports[verify], dests[verify], cpus[verify] = migrate(guest, s, receiver)
         print(f"\n--verify {verify}" + (f" ({receiver.prepared.split(': ', 1)[-1]})" if receiver.prepared else " (cold)"))

@@ -39,6 +39,11 @@ class ChainStats:
 class ChainChannel:
     """The Channel surface ``DestinationMigration`` uses (receive/send/flush/aclose)."""
 
+    peer = None              # no source's Hello: an image never switches to post-copy
+
+    def place_pages(self, placer) -> None:
+        """Images are read from files into buffers: nothing is received in place."""
+
     def __init__(self, chain: list[ImageInfo], *, token: bytes | None) -> None:
         self.chain = chain
         self.token = token

@@ -59,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM, unencrypted)")
     parser.add_argument("--report", metavar="dest.json", help="write each migration's destination report here")
     parser.add_argument("--once", action="store_true", help="exit after the first migration (status says how it went)")
-    parser.add_argument("--memfd", action="store_true", help="restore guests on a shared memfd (one copy fewer)")
+    parser.add_argument("--private", action="store_true",
+                        help="restore guests on private memory, written across processes (one copy more); by default "
+                             "they are on a shared memfd and pages are received in place (post-copy always gets a private one)")
     parser.add_argument("--control-dir", metavar="DIR",
                         help="where restore guests' control sockets are made (default: a new temporary directory, "
                              "removed at exit unless a resumed guest's socket is still in it)")
@@ -110,7 +112,7 @@ def _token(args: argparse.Namespace) -> tuple[bytes | None, str | None]:
 def run(args: argparse.Namespace) -> int:
     with exits.preflight():
         check_outputs(report=args.report)
-    settings = ReceiveSettings(memfd=args.memfd, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout, recover_timeout_s=args.recover_timeout,
+    settings = ReceiveSettings(memfd=not args.private, control_dir=args.control_dir, idle_timeout_s=args.idle_timeout, recover_timeout_s=args.recover_timeout,
                                max_bytes=args.max_size)
     limits = HandshakeLimits(total=args.max_handshakes, per_peer=args.max_handshakes_per_peer)
     if (args.tls_cert is None) != (args.tls_key is None):

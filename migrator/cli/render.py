@@ -230,7 +230,8 @@ def format_receive_summary(report: dict) -> str:
         ("id", f"{report['id'] or '-'} from {_fmt(report['peer'])}"),
         ("guest", f"pid {_fmt(report['guest_pid'])}, control {_fmt(report['guest_control'])}"),
         ("rounds", f"{len(report['rounds']) - final} pre-copy + {final} final in {report['total_s']:.2f} s"),
-        ("applied", f"{report['pages_applied']} pages in {report['apply_s']:.2f} s of worker time"),
+        ("applied", f"{report['pages_applied']} pages ({report['pages_placed']} received in place) in "
+                    f"{report['apply_s']:.2f} s of worker time"),
         ("parts ms", parts or "-"),
     ]
     if report.get("chain"):

@@ -34,7 +34,9 @@ from ..core.pagestate import page_index_pairs
 from ..core.runs import count_pages
 from .batches import apply_in_batches, drained
 from ..guest.control import MAX_CHECK_RUNS
+from ..tracker.memory import MemfdMemory
 from .guests import RestoreGuests, RestoreTarget
+from .placement import Placement, placer
 from .postcopy import IncomingPostcopy, hand_over, wait_for_resume
 from .report import ReceivedRound, ReceiveReport
 
@@ -52,7 +54,7 @@ ABORT_LOOKUP_S = 2.0     # how long a refused reply looks for the source's Abort
 @dataclass(frozen=True)
 class ReceiveSettings:
     max_bytes: int = 64 << 30       # refuse layouts larger than this (bounds what a peer can make us map)
-    memfd: bool = False             # restore guest on a shared memfd (one copy fewer)
+    memfd: bool = True              # restore guests on a shared memfd, pages received in place (post-copy: private)
     control_dir: str | None = None  # where restore guests' control sockets go
     idle_timeout_s: float = 120.0   # silence from the source longer than this fails the migration
     recover_timeout_s: float = 30.0 # a post-copy cut off after its commit waits this long for its source
@@ -76,6 +78,7 @@ class DestinationMigration:
         self.rounds: list[ReceivedRound] = []
         self.id = ""                    # the source's migration id, from its Layout
         self.pages_applied = 0
+        self.pages_placed = 0
         self.apply_s = 0.0              # worker-thread time writing pages and hashing them
         self.failure: str | None = None
         self._inspection: _Job | None = None
@@ -109,6 +112,7 @@ class DestinationMigration:
             restore_guest="prepared" if self.prepared else "started",
             rounds=tuple(self.rounds),
             pages_applied=self.pages_applied,
+            pages_placed=self.pages_placed,
             apply_s=round(self.apply_s, 4),
             parts_ms=self.parts,
             self_check=self.self_check,
@@ -205,8 +209,11 @@ class DestinationMigration:
         if self.guests is None:
             control_dir = self.settings.control_dir or tempfile.mkdtemp(prefix="migrator-")
             self.guests = RestoreGuests(control_dir, memfd=self.settings.memfd)
+        # a post-copy faults pages into a private guest (userfaultfd MISSING on anonymous memory)
+        peer = self.channel.peer     # None: an image's chain
+        postcopy = peer is not None and p.POSTCOPY_SESSION in peer.features
         t = time.perf_counter()
-        self.target = target = await self.guests.take(total)
+        self.target = target = await self.guests.take(total, memfd=self.guests.memfd and not postcopy)
         self.parts["spawn_guest"] = (time.perf_counter() - t) * 1000
         self.guest, self.client, self.dst = target.guest, target.client, target.layout
         self.prepared = target.prepared
@@ -215,6 +222,8 @@ class DestinationMigration:
         # the restore guest's memory, taking the source's addresses at the same offsets
         self.memory = target.memory.translated(self.src, self.dst)
         self.digests = PageDigests(self.dst.total_pages, self.dst.page_size)
+        if isinstance(self.memory, MemfdMemory):
+            self.channel.place_pages(placer(self.memory, self.dst.page_size))
         self.log(f"receiving {total >> 20} MiB into restore guest pid {self.dst.pid}")
 
     def _apply(self, batch: list[tuple[int, tuple[Run, ...], object]]) -> None:
@@ -223,7 +232,12 @@ class DestinationMigration:
         # the layouts have the same shape: a page's index is the same in either
         memory = self.memory
         for round_no, runs, payload in batch:
-            if payload is None:  # a Zero event
+            if type(payload) is Placement:    # received in place: only hashed here
+                payload.hash()
+                self.digests.record_hashes(self.src, runs, payload.hashes)
+                self.pages_applied += len(payload.hashes)
+                self.pages_placed += len(payload.hashes)
+            elif payload is None:  # a Zero event
                 if round_no > 0:
                     memory.write_runs(runs, bytes(count_pages(runs) * self.dst.page_size))
                 self.digests.record_runs(self.src, runs)
@@ -251,6 +265,10 @@ class DestinationMigration:
                 await self.postcopy.deliver(list(event.runs), event.payload if isinstance(event, p.Pages) else None)
             elif isinstance(event, p.Pages):
                 await queue.send((event.round, event.runs, event.payload))
+                if freeze_at is not None:
+                    self._list_final(event.runs)
+            elif type(event) is p.PlacedPages:
+                await queue.send((event.round, event.runs, event.owner))
                 if freeze_at is not None:
                     self._list_final(event.runs)
             elif isinstance(event, p.Zero):
@@ -343,8 +361,9 @@ class DestinationMigration:
         """At the first Discard: every page of earlier rounds applied, then faults armed."""
         if self.postcopy is not None:
             return
-        if self.settings.memfd:
-            raise MigrationFailed("post-copy needs a private restore guest: this receiver runs with --memfd")
+        if isinstance(self.target.memory, MemfdMemory):
+            raise MigrationFailed("post-copy needs a private restore guest: the source's Hello did not "
+                                  f"say {p.POSTCOPY_SESSION!r}")
         await drained(queue)
         self.postcopy = IncomingPostcopy(self.channel, self.client, self.src, self.dst, self.digests)
         await self.postcopy.arm(self._nursery)

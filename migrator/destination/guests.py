@@ -75,7 +75,7 @@ class RestoreGuests:
         self,
         control_dir: str,
         *,
-        memfd: bool = False,
+        memfd: bool = True,
         prepare: int | None = None,
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
@@ -97,16 +97,19 @@ class RestoreGuests:
             if not target.settled:
                 target.close()
 
-    async def take(self, size: int) -> RestoreTarget:
-        """A restore target of ``size`` bytes (``prepared`` says whether it was made ahead)."""
-        if size == self.prepare:
+    async def take(self, size: int, *, memfd: bool | None = None) -> RestoreTarget:
+        """A restore target of ``size`` bytes (``prepared`` says whether it was made ahead), on a
+        memfd or not (default: as this receiver's guests are); the prepared guest serves only a
+        take of its size and kind."""
+        memfd = self.memfd if memfd is None else memfd
+        if size == self.prepare and memfd == self.memfd:
             if self._starting is not None:
                 await self._starting.wait()
             target, self._prepared = self._prepared, None
             if target is not None and target.guest.alive():
                 self._taken.set()
                 return target
-        return await trio.to_thread.run_sync(self._open, size, False)
+        return await trio.to_thread.run_sync(self._open, size, False, memfd)
 
     async def keep_prepared(self, *, again: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Task: keep one guest of ``prepare`` bytes ready; once taken, prepare the next if
@@ -151,11 +154,12 @@ class RestoreGuests:
                 await self._taken.wait()
         return False
 
-    def _open(self, size: int, prepared: bool) -> RestoreTarget:
+    def _open(self, size: int, prepared: bool, memfd: bool | None = None) -> RestoreTarget:
         """Start a restore guest and open it for receiving (blocking: a worker thread)."""
+        memfd = self.memfd if memfd is None else memfd
         control = os.path.join(self.control_dir, f"restore-{os.getpid()}-{next(_NAMES)}.sock")
         try:
-            guest = spawn_guest(control, size=size, dirty_rate=None, restore=True, memfd=self.memfd)
+            guest = spawn_guest(control, size=size, dirty_rate=None, restore=True, memfd=memfd)
         except GuestError as exc:
             raise GuestError(f"cannot start a restore guest of {size >> 20} MiB: {exc}") from exc
         try:

@@ -45,6 +45,7 @@ class ReceiveReport:
     restore_guest: Literal["prepared", "started"]
     rounds: tuple[ReceivedRound, ...]
     pages_applied: int
+    pages_placed: int                # of those, received straight into the guest's memory (a memfd guest)
     apply_s: float                   # worker-thread time writing pages and hashing them
     parts_ms: Mapping[str, float]    # spawn_guest, page_digest, check, resume, since_freeze …
     self_check: Literal["final copy", "region", "none"]   # what the guest's check inside the downtime covered

@@ -69,7 +69,13 @@ class Checksum:
     name = "checksum"
 
     def payload_tag(self, body) -> bytes:
-        return xxhash.xxh3_64_digest(body)
+        """``body``: the payload, or the views it was received into (a placed frame), in order."""
+        if type(body) is not tuple:
+            return xxhash.xxh3_64_digest(body)
+        tag = xxhash.xxh3_64()
+        for part in body:
+            tag.update(part)
+        return tag.digest()
 
     def frame_tag(self, header: bytes, meta: bytes, payload_tag: bytes) -> bytes:
         return xxhash.xxh3_64_digest(header + meta + payload_tag)
@@ -97,7 +103,12 @@ class Mac:
         self._payload_key = payload_key
 
     def payload_tag(self, body) -> bytes:
-        return hmac.digest(self._payload_key, body, "sha256")[:16]
+        if type(body) is not tuple:
+            return hmac.digest(self._payload_key, body, "sha256")[:16]
+        tag = hmac.new(self._payload_key, digestmod="sha256")
+        for part in body:
+            tag.update(part)
+        return tag.digest()[:16]
 
     def frame_tag(self, header: bytes, meta: bytes, payload_tag: bytes) -> bytes:
         return hmac.digest(self._frame_key, header + meta + payload_tag, "sha256")[:16]

@@ -17,6 +17,11 @@ Large frames need not be copied: when ``next_event`` says NEED_DATA and ``incomp
 names the size of the frame it waits for, a transport may hand over one buffer of exactly that
 size with ``gather_frame`` (it returns the part still to fill, for ``recv_into``), report what it
 wrote with ``gathered``, and get the frame's raw payload back as a read-only view of that buffer.
+A transport that maps the memory the pages belong to can do better for a raw Pages frame:
+``incoming_pages()`` names its runs once its meta is buffered (checked as the frame will be),
+``place_frame(views, owner)`` takes the views the payload is to land in, and the frame comes back
+as ``PlacedPages`` once its tags are checked. Until then nothing vouches for those bytes: a
+transport may place only into memory that a failed session throws away.
 
 Heavy work can leave the event loop's thread: ``send_deferred`` settles state and sequence number
 at once and returns a ``PendingFrame`` whose ``finish(compressor)`` (compression, MAC) may run in
@@ -49,6 +54,7 @@ from ._frames import (
     CHECKSUM, CHECKSUM_FRAMES, DEFAULT_MAX_FRAME, PROTECTED, Checksum, F_MAC, F_ZEROS, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
     Mac, assemble, assemble_parts, frame_size, parse_header,
 )
+from ._placed import PlacedFrame
 from ._payload import ZERO_PAGES, Compression, as_bytes_view, decode_payload, encode_payload, worth_compressing
 from ._state import DATA_STATES, LIVE, RECORDED, Role, State, symbol, transition
 from ._wire import decode_fields, encode_meta, hello_version
@@ -146,27 +152,51 @@ class PendingPages:
     integrity: Integrity
     where: str                      # "frame seq N at byte X", for messages
     page_size: int
+    owner: object = None            # a placed frame's (``body`` is then its views)
 
     @property
     def wire_len(self) -> int:
+        if type(self.body) is tuple:
+            return sum(view.nbytes for view in self.body)
         return len(self.body)
 
     @property
     def needs_thread(self) -> bool:
         return bool(self.flags & (F_ZSTD | F_ZEROS)) or isinstance(self.integrity, Mac)
 
-    def decode(self, decompressor: zstandard.ZstdDecompressor) -> Pages:
+    def decode(self, decompressor: zstandard.ZstdDecompressor) -> Pages | PlacedPages:
         """Check the payload's tag and decompress it (any thread; ``decompressor`` is the
         thread's own). Raises RemoteProtocolError; the caller must then drop the connection."""
         with _peer_errors():
             return self._decode(decompressor)
 
-    def _decode(self, decompressor: zstandard.ZstdDecompressor) -> Pages:
+    def _decode(self, decompressor: zstandard.ZstdDecompressor) -> Pages | PlacedPages:
         expected = self.integrity.payload_tag(self.body)
         if not hmac.compare_digest(expected, self.payload_tag):
             raise LocalProtocolError(f"payload of {self.where} fails its {self.integrity.name} (corrupted or forged)")
+        if type(self.body) is tuple:
+            return PlacedPages(round=self.round, runs=self.runs, owner=self.owner)
         raw = decode_payload(decompressor, self.flags, self.body, self.raw_len, self.page_size)
         return Pages(round=self.round, runs=self.runs, payload=raw)
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingPages:
+    """A raw Pages frame whose payload is still to come (see ``Connection.incoming_pages``)."""
+
+    round: int
+    runs: tuple[Run, ...]
+    payload_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedPages:
+    """A Pages frame received into the views given to ``place_frame``, its tags checked; not an
+    event on the wire. ``owner`` is what the transport passed with the views."""
+
+    round: int
+    runs: tuple[Run, ...]
+    owner: object
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +244,7 @@ class Connection:
         self._consumed = 0                 # stream offset of the buffer's first byte
         self._incomplete = 0               # size of the frame NEED_DATA waits for (its header is in)
         self._eof = False
+        self._placed: PlacedFrame | None = None   # a frame being received into the transport's views
         self._out: Integrity = CHECKSUM
         self._in: Integrity = CHECKSUM
         self._source_hello: Hello | None = None
@@ -432,6 +463,8 @@ class Connection:
         if self._eof:
             raise LocalProtocolError("receive_data after end of stream")
         if data:
+            if self._placed is not None and not self._placed.complete:
+                raise LocalProtocolError("receive_data while a placed frame is incomplete: report its bytes with gathered()")
             if self._buffer.unfilled:
                 raise LocalProtocolError("receive_data while a gathered frame is incomplete: report its bytes with gathered()")
             self._buffer.append(data)
@@ -442,7 +475,7 @@ class Connection:
         """The size of the frame ``next_event`` is waiting for when its header is already
         buffered (so its size is known and checked against ``max_frame``); 0 when no header is
         buffered yet, the frame is complete, or it is being gathered already."""
-        if self._eof or self._buffer.unfilled or self._state is State.ERROR:
+        if self._eof or self._buffer.unfilled or self._placed is not None or self._state is State.ERROR:
             return 0
         return self._incomplete if len(self._buffer) < self._incomplete else 0
 
@@ -462,9 +495,72 @@ class Connection:
             raise LocalProtocolError(f"gather_frame: a buffer of {view.nbytes} bytes for a frame of {size}")
         return self._buffer.adopt(as_bytes_view(view))
 
+    def frame_head_missing(self) -> int:
+        """Bytes of the incomplete frame's header and meta still to come (0 when no frame with
+        a known size waits, or they are buffered): a transport reads these before
+        ``incoming_pages`` can tell what the frame carries."""
+        if not self.incomplete_frame():
+            return 0
+        header = parse_header(self._buffer.peek(HEADER.size))
+        return max(0, HEADER.size + header.meta_len - len(self._buffer))
+
+    def incoming_pages(self) -> IncomingPages | None:
+        """The runs of the incomplete frame when it is a raw Pages frame this connection would
+        accept now (state, bounds and payload length checked as ``next_event`` will) and its
+        meta is buffered; None for any other frame. Raises RemoteProtocolError for bad meta."""
+        if not self.incomplete_frame():
+            return None
+        buffered = len(self._buffer)
+        header = parse_header(self._buffer.peek(HEADER.size))
+        if header.kind is not Pages or header.flags & (F_ZSTD | F_ZEROS) or buffered < HEADER.size + header.meta_len:
+            return None
+        with _peer_errors(self.send_failed):
+            where = f"frame seq {header.seq} at byte {self._consumed}"
+            meta = self._buffer.peek(HEADER.size + header.meta_len)[HEADER.size:]
+            round_, runs = self._pages_fields(meta, where)
+            _, drop = transition(self._table, self._state, self.role.peer, "Pages", received=True)
+            if drop or (self._state is State.DATA and self._check_joined_data("Pages", where)):
+                return None                      # dropped when it is complete
+            pages = self._require_bounds().check(runs)
+            if header.payload_len != pages * self._require_bounds().page_size:
+                raise LocalProtocolError(f"{where}: raw payload of {header.payload_len} bytes, the runs need "
+                                         f"{pages * self._require_bounds().page_size}")
+        return IncomingPages(round_, runs, header.payload_len)
+
+    def place_frame(self, payload, owner: object = None) -> list[memoryview]:
+        """Receive the payload of the frame ``incoming_pages`` named straight into ``payload``
+        (writable byte views, exactly the payload's length in all, in the runs' order); the
+        frame comes back as ``PlacedPages`` carrying ``owner``. Returns the views still to
+        fill, in order (the payload's, then the frame's tags), each part reported with
+        ``gathered``."""
+        incoming = self.incoming_pages()
+        if incoming is None:
+            raise LocalProtocolError("place_frame: the incomplete frame is not a raw Pages frame with its meta buffered")
+        views = [memoryview(view) for view in payload]
+        if any(view.readonly or not view.c_contiguous or view.itemsize != 1 for view in views):
+            raise LocalProtocolError("place_frame: the views must be writable, contiguous bytes")
+        if sum(view.nbytes for view in views) != incoming.payload_len:
+            raise LocalProtocolError(f"place_frame: views of {sum(view.nbytes for view in views)} bytes "
+                                     f"for a payload of {incoming.payload_len}")
+        header = parse_header(self._buffer.peek(HEADER.size))
+        head_len = HEADER.size + header.meta_len
+        buffered = self._buffer.take(len(self._buffer))
+        placed = PlacedFrame(bytes(buffered[:head_len]), views, 2 * header.tag_size, owner)
+        placed.copy_in(buffered[head_len:])
+        self._placed = placed
+        self._incomplete = 0
+        return placed.unfilled()
+
     def gathered(self, nbytes: int) -> None:
         """``nbytes`` more bytes of the gathered frame were written to the view ``gather_frame``
-        returned (after those reported before)."""
+        returned (after those reported before), or of a placed frame to those ``place_frame``
+        returned."""
+        if self._placed is not None:
+            missing = self._placed.missing
+            if type(nbytes) is not int or not 0 < nbytes <= missing:
+                raise LocalProtocolError(f"gathered: {nbytes!r} bytes, the frame misses {missing}")
+            self._placed.filled(nbytes)
+            return
         unfilled = self._buffer.unfilled
         if not unfilled:
             raise LocalProtocolError("gathered: no frame is being gathered")
@@ -501,6 +597,8 @@ class Connection:
         """One step: an event, NEED_DATA, or None for a frame that was checked and dropped."""
         buf = self._buffer
         where = f"byte {self._consumed}"
+        if self._placed is not None:
+            return self._next_placed(where)
         if len(buf) < HEADER.size:
             if not self._eof:
                 return NEED_DATA
@@ -534,6 +632,29 @@ class Connection:
         where = f"frame seq {header.seq} at {where}"
         return self._process(header, meta, body, payload_tag, where)
 
+    def _next_placed(self, where: str):
+        placed = self._placed
+        if not placed.complete:
+            if self._eof:
+                raise LocalProtocolError(f"truncated frame at {where}: the stream ended {placed.missing} bytes before its end")
+            return NEED_DATA
+        self._placed = None
+        header = parse_header(placed.head)
+        tag = header.tag_size
+        self._consumed += header.total
+        head, meta = placed.head[: HEADER.size], placed.head[HEADER.size :]
+        payload_tag, frame_tag = bytes(placed.tail[:tag]), bytes(placed.tail[tag:])
+        self._verify(header, head, meta, payload_tag, frame_tag, where)
+        where = f"frame seq {header.seq} at {where}"
+        return self._process(header, meta, placed.payload, payload_tag, where, owner=placed.owner)
+
+    def _pages_fields(self, meta: bytes, where: str) -> tuple[int, tuple[Run, ...]]:
+        fields = decode_fields(Pages, meta)
+        try:
+            return _int("Pages", "round", fields["round"], 0, (1 << 32) - 1), _runs("Pages", fields["runs"])
+        except LocalProtocolError as exc:
+            raise LocalProtocolError(f"invalid Pages in {where}: {exc}") from None
+
     def _closed(self) -> ConnectionClosed:
         if self._state is State.CLOSED:
             return ConnectionClosed()
@@ -558,7 +679,7 @@ class Connection:
             raise LocalProtocolError(f"out-of-order frame at {where}: seq {header.seq}, expected {expected} (frames missing or reordered)")
         self._recv_seq += 1
 
-    def _process(self, header: Header, meta: bytes, body: bytes, payload_tag: bytes, where: str):
+    def _process(self, header: Header, meta: bytes, body, payload_tag: bytes, where: str, owner: object = None):
         kind = header.kind
         name = kind.__name__
         if kind is Hello and self._state in _HANDSHAKE_STATES:   # before the fields: another version's differ
@@ -593,7 +714,7 @@ class Connection:
                 if raw_len > self.max_frame:
                     raise LocalProtocolError(f"{where}: {pages} pages exceed max_frame {self.max_frame}")
                 event = PendingPages(round_, runs, raw_len, header.flags, body, payload_tag, self._in, where,
-                                     bounds.page_size)
+                                     bounds.page_size, owner)
         self._after(event, peer, where)
         self._state = target
         if type(event) is PendingPages and not self._defer:

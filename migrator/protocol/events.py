@@ -37,6 +37,7 @@ from ._bounds import U32, check_runs
 
 PROTOCOL_VERSION = 2    # 2: typed control fields (RoundEnd.final, Digest.last, Ack.of …)
 POSTCOPY_FEATURE = "postcopy"   # Hello feature: this receiver takes Discard, Switch and sends Request
+POSTCOPY_SESSION = "postcopy-session"   # a source's Hello feature: this session may switch to post-copy
 URGENT_STREAM = "urgent"        # a joining stream's Hello feature: it carries urgent data only
 
 U64 = (1 << 64) - 1

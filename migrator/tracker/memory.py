@@ -184,6 +184,33 @@ class MemfdMemory:
         o = self._offset(address)
         return self._view[o : o + length]
 
+    def views_of(self, runs: list[Run]) -> list[memoryview]:
+        """Writable views of the runs' pages in the mapping, in order, a run next to the one
+        before it in the mapping joined to its view: where a receiver puts a batch's payload."""
+        if not self._writable:
+            raise OSError(errno.EACCES, "memfd: this view of the guest's memory is read-only")
+        views, start, end = [], -1, -1
+        for address, count in runs:
+            offset = self._offset(address)
+            length = count * self.page_size
+            if offset + length > self._region_end(address):
+                raise OSError(errno.EFAULT, f"memfd: pages {address:#x}+{count} outside the guest's regions")
+            if offset == end:
+                end += length
+                continue
+            if end > start:
+                views.append(self._view[start:end])
+            start, end = offset, offset + length
+        if end > start:
+            views.append(self._view[start:end])
+        return views
+
+    def _region_end(self, address: int) -> int:
+        for region, offset in zip(self._regions, self._offsets):
+            if region.start <= address < region.end:
+                return offset + region.length
+        raise OSError(errno.EFAULT, f"memfd: address {address:#x} outside the guest's regions")
+
     def populate(self) -> None:
         """Map every page of the memfd here now (MADV_POPULATE_READ/WRITE, Linux 5.14+) rather
         than on first touch, a fault per page (~0.3 s per GiB here) inside whatever copy
@@ -194,8 +221,13 @@ class MemfdMemory:
             pass
 
     def close(self) -> None:
+        """Unmap, or (views from ``views_of`` still held: a failed session's frames in flight)
+        leave the mapping to go with the last of them."""
         if not self._owner:
             return
         pages_ffi.release(self._mapped)
         self._view.release()
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass

@@ -7,6 +7,11 @@ in Python; buffers come from a pool and are reused once the consumer has let go 
 reads little at a time (``LOOKAHEAD``), so that the next frame's header arrives before much of
 its payload does; small frames are read in bulk (``READ_SIZE``) as before.
 
+A link given a ``placer`` (the destination, when the restore guest's memory is mapped here) does
+better for a raw Pages frame: once the frame's meta is in, the placer names where each run's
+bytes belong, and the payload is received there (``recvmsg_into`` over the runs' places), with
+no buffer and no copy after the socket's.
+
 A TLS link (``TLSStream``) gathers the same way, its ``receive_into`` decrypting into the
 frame's buffer, and writes a frame's parts with one ``send_parts``; its TCP socket is tuned all
 the same. Other streams (in memory, tests) read with ``receive_some``, a large frame to its end
@@ -29,6 +34,7 @@ from ..protocol import NEED_DATA, Connection, ConnectionClosed, Event, PendingPa
 from ._tls_stream import TLSStream
 
 READ_SIZE = 1 << 20
+PLACE_IOV_MAX = 64       # views per recvmsg_into (the kernel's IOV_MAX is 1024)
 GATHER_MIN = 128 << 10   # frames at least this large are received into a buffer of their own
 LOOKAHEAD = 4 << 10      # read after a gathered frame: the next header, not the next payload
 WARM_BUFFER_BYTES = (4 << 20) + (64 << 10)   # a warmed receive buffer: a 4 MiB Pages frame, its header
@@ -58,6 +64,7 @@ class ChannelStats:
     decompress_seconds: float    # summed over worker threads
     throttle_seconds: float      # waited for the bandwidth cap
     frames_gathered: int         # received straight into a buffer of their own (sockets)
+    frames_placed: int           # received straight into their pages' places
     receive_buffers: int         # buffers allocated for them (the rest were reused)
 
     @property
@@ -81,6 +88,7 @@ class Counters:
         self.decompress_seconds = 0.0
         self.throttle_seconds = 0.0
         self.frames_gathered = 0
+        self.frames_placed = 0
         self.receive_buffers = 0
 
     def freeze(self) -> ChannelStats:
@@ -98,7 +106,12 @@ _LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 class Link:
     """``pool``: where gathered frames are received (default: a pool of this link's own); a
-    receiver shares one, warmed ahead, between its links."""
+    receiver shares one, warmed ahead, between its links.
+
+    ``placer``: None, or called with the ``IncomingPages`` of each large raw Pages frame; it
+    returns None (receive the frame as usual) or a placement whose ``views`` (writable byte
+    views) the payload fills in order. The frame is then delivered as ``PlacedPages`` owned by
+    it."""
 
     def __init__(self, index: int, stream: trio.abc.Stream, conn: Connection, name: str, counters: Counters, *,
                  pool: SizedBufferPool | None = None) -> None:
@@ -108,12 +121,16 @@ class Link:
         self.name = name
         self.counters = counters
         self.broken: TransportError | None = None
+        self.placer = None
         self._recv_into = None      # for gathering large frames: sockets and TLS
+        self._recv_views = None     # for placing them: into several views at once
         if isinstance(stream, trio.SocketStream):
             self._recv_into = stream.socket.recv_into
+            self._recv_views = _socket_views_reader(stream.socket)
             _tune_tcp(stream.socket)
         elif isinstance(stream, TLSStream):
             self._recv_into = stream.receive_into
+            self._recv_views = lambda views: stream.receive_into(views[0])
             if isinstance(stream.transport_stream, trio.SocketStream):
                 _tune_tcp(stream.transport_stream.socket)
         self._pool = (pool or SizedBufferPool()) if self._recv_into is not None else None
@@ -150,7 +167,8 @@ class Link:
         """Feed the Connection what it waits for: a whole large frame, or some bytes."""
         size = self.conn.incomplete_frame()
         if size >= GATHER_MIN and self._recv_into is not None:
-            await self._gather(size)
+            if self.placer is None or not await self._place():
+                await self._gather(size)
             self._read_size = LOOKAHEAD
             return
         if size:
@@ -183,6 +201,38 @@ class Link:
             end += n
         if end > size:
             conn.receive_data(bytes(space[size:end]))
+
+    async def _place(self) -> bool:
+        """Receive the incomplete frame into its pages' places, if the placer takes it; False
+        to receive it as usual. Its header and meta are read first (exactly those bytes), so
+        that the runs are known and checked before any payload byte is read."""
+        conn, counters = self.conn, self.counters
+        while missing := conn.frame_head_missing():
+            head = bytearray(missing)
+            n = await self._recv_into(head)
+            counters.bytes_wire_received += n
+            conn.receive_data(bytes(head[:n]))    # b"" at the peer's end: next_event says so
+            if not n:
+                return True
+        incoming = conn.incoming_pages()
+        placement = self.placer(incoming) if incoming is not None else None
+        if placement is None:
+            return False
+        views = conn.place_frame(placement.views, placement)
+        counters.frames_placed += 1
+        while views:
+            n = await self._recv_views(views[:PLACE_IOV_MAX])
+            counters.bytes_wire_received += n
+            if not n:
+                conn.receive_data(b"")
+                return True
+            conn.gathered(n)
+            while n:
+                if n >= views[0].nbytes:
+                    n -= views.pop(0).nbytes
+                else:
+                    views[0], n = views[0][n:], 0
+        return True
 
     async def write(self, frame) -> None:
         """Write one frame: bytes, or the parts ``PendingFrame.finish_parts`` returns."""
@@ -229,6 +279,12 @@ async def send_parts(stream: trio.abc.SendStream, parts) -> int:
     else:
         await stream.send_all(views[0] if len(views) == 1 else b"".join(views))
     return size
+
+
+def _socket_views_reader(sock):
+    async def receive(views) -> int:
+        return (await sock.recvmsg_into(views))[0]
+    return receive
 
 
 def _tune_tcp(sock) -> None:

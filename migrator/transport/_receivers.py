@@ -28,7 +28,7 @@ from functools import partial
 import trio
 
 from ..core.errors import RemoteProtocolError, TransportError
-from ..protocol import DATA_EVENTS, ConnectionClosed, Event, Fence, Layout, Pages, PendingPages
+from ..protocol import DATA_EVENTS, ConnectionClosed, Event, Fence, Layout, Pages, PendingPages, PlacedPages
 from ._link import Counters, Link
 from ._threads import Job, ThreadJobs, decode_pages
 
@@ -239,7 +239,7 @@ class GatheringReceiver:
                     if poke is not None:
                         with contextlib.suppress(trio.WouldBlock):
                             poke.send_nowait(_POKE)    # a receive blocked on the shared queue looks again
-                    if kind in DATA_EVENTS:
+                    if kind in DATA_EVENTS or kind is PlacedPages:
                         self._delivered[link.index] += 1
                         if self._waiting:
                             self._notify()

@@ -82,6 +82,14 @@ class Channel:
         """Cap what this side sends at ``rate`` bytes/s (None: uncapped), from the next frame on."""
         self._sender.set_bandwidth(rate)
 
+    def place_pages(self, placer) -> None:
+        """From the next large raw Pages frame on, receive payloads where ``placer`` says (see
+        ``Link``): such frames are delivered as ``PlacedPages``. Only into memory a failed
+        session throws away: nothing vouches for a placed payload until its frame's tags are
+        checked, after it landed."""
+        for link in self._links:
+            link.placer = placer
+
     # --- moving events ---------------------------------------------------------------------
 
     async def send(self, event: Event, *, urgent: bool = False) -> None:

@@ -27,7 +27,7 @@ import trio
 from ..core.errors import MigratorError, RemoteProtocolError, TransportError
 from ..core.failures import leaf_exceptions
 from ..core.heap import release_free_memory, use_main_arena_only
-from ..protocol import CHECKSUM_FRAMES, POSTCOPY_FEATURE, PROTOCOL_VERSION, URGENT_STREAM, ZERO_PAGES, Auth, Connection, Hello, Role
+from ..protocol import CHECKSUM_FRAMES, POSTCOPY_FEATURE, POSTCOPY_SESSION, PROTOCOL_VERSION, URGENT_STREAM, ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._gate import Burst, HandshakeGate, HandshakeLimits, Pending, accept_connections
 from ..core.buffers import SizedBufferPool
@@ -141,11 +141,13 @@ async def open_source(
     urgent: bool = False,
 ) -> Channel:
     """Run the source's handshake over already-open ``streams`` (the first is the primary; with
-    ``urgent`` the last is kept for urgent data)."""
+    ``urgent`` the last is kept for urgent data). An urgent link is post-copy's, so the primary's
+    Hello then says ``POSTCOPY_SESSION``: the destination restores into a guest it can fault."""
     counters = Counters(len(streams))
     primary = Connection(Role.SOURCE, token=token, compress=compress)
     links = [Link(0, streams[0], primary, name, counters)]
-    await _source_handshake(links[0], Hello(streams=len(streams), features=link_features(streams[0], frame_macs=frame_macs)))
+    features = link_features(streams[0], frame_macs=frame_macs) + ((POSTCOPY_SESSION,) if urgent else ())
+    await _source_handshake(links[0], Hello(streams=len(streams), features=features))
     for index, stream in enumerate(streams[1:], 1):
         conn = Connection(Role.SOURCE, token=token, compress=compress, join=primary, stream=index)
         links.append(Link(index, stream, conn, f"{name} stream {index}", counters))

@@ -1,0 +1,143 @@
+"""Raw Pages payloads over real sockets received straight into their pages' places."""
+
+import functools
+import os
+
+import pytest
+import trio
+
+from migrator.core.model import Region
+from migrator.protocol import Ack, Acked, Digest, DigestKind, Layout, Pages, PlacedPages, Zero
+from migrator.transport import connect, serve
+
+PS = 4096
+BASE = 0x7F0000000000
+PAGES = 2048
+LAYOUT = Layout(regions=(Region(BASE, PAGES * PS),), meta={"id": "place"})
+
+
+class Placement:
+    def __init__(self, views) -> None:
+        self.views = views
+
+
+class Memory:
+    """The destination's pages (a bytearray standing in for a guest's mapping) and a placer
+    that takes frames of at most ``max_runs`` runs."""
+
+    def __init__(self, max_runs: int = 8) -> None:
+        self.bytes = bytearray(PAGES * PS)
+        self.max_runs = max_runs
+        self.placements: list[Placement] = []
+
+    def place(self, incoming) -> Placement | None:
+        if len(incoming.runs) > self.max_runs:
+            return None
+        view = memoryview(self.bytes)
+        placement = Placement([view[(a - BASE) : (a - BASE) + n * PS] for a, n in incoming.runs])
+        self.placements.append(placement)
+        return placement
+
+
+class Destination:
+    def __init__(self, memory: Memory) -> None:
+        self.memory = memory
+        self.events: list = []
+        self.stats = None
+
+    async def __call__(self, channel) -> None:
+        channel.place_pages(self.memory.place)
+        while True:
+            event = await channel.receive()
+            if isinstance(event, Pages):     # not placed: written here
+                offset = 0
+                for address, count in event.runs:
+                    self.memory.bytes[address - BASE : address - BASE + count * PS] = event.payload[offset : offset + count * PS]
+                    offset += count * PS
+            if not isinstance(event, Layout):
+                self.events.append(event)
+            if isinstance(event, Digest):
+                self.stats = channel.statistics()
+                await channel.send(Ack(of=Acked.DIGEST, ok=True))
+                await channel.flush()
+                return
+
+
+def scattered(first: int, count: int, step: int) -> tuple:
+    return tuple((BASE + (first + k * step) * PS, 1) for k in range(count))
+
+
+async def migrate(address: str, events: list, **connect_options) -> None:
+    channel = await connect(address, token=None, compress="none", **connect_options)
+    async with channel:
+        await channel.send(LAYOUT)
+        for event in events:
+            await channel.send(event)
+        await channel.send(Digest(kind=DigestKind.PAGES, value=b"d" * 16))
+        assert await channel.receive() == Ack(of=Acked.DIGEST, ok=True)
+
+
+def expected(events: list) -> bytearray:
+    memory = bytearray(PAGES * PS)
+    for event in events:
+        if isinstance(event, Pages):
+            offset = 0
+            for address, count in event.runs:
+                memory[address - BASE : address - BASE + count * PS] = event.payload[offset : offset + count * PS]
+                offset += count * PS
+    return memory
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "unix"])
+async def test_raw_pages_land_in_place_and_the_rest_as_usual(address, sockdir):
+    if address == "unix":
+        address = f"unix:{os.path.join(sockdir, 'p.sock')}"
+    events = [
+        Pages(round=0, runs=((BASE, 512),), payload=os.urandom(512 * PS)),              # one run: placed
+        Zero(round=0, runs=((BASE + 512 * PS, 1),)),
+        Pages(round=0, runs=scattered(600, 8, 3), payload=os.urandom(8 * PS)),  # small frame: below GATHER_MIN
+        Pages(round=0, runs=scattered(700, 64, 2), payload=os.urandom(64 * PS)),        # 64 runs: the placer refuses it
+        Pages(round=1, runs=((BASE + 1024 * PS, 256), (BASE + 1400 * PS, 300)), payload=os.urandom(556 * PS)),  # placed
+        Pages(round=1, runs=((BASE + 100 * PS, 64),), payload=b"t" * 64 * PS),          # 256 KiB, placed
+    ]
+    memory = Memory()
+    destination = Destination(memory)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(functools.partial(serve, address, destination, token=None))
+            await migrate(bound, events)
+            nursery.cancel_scope.cancel()
+    kinds = [type(e).__name__ for e in destination.events]
+    assert kinds == ["PlacedPages", "Zero", "Pages", "Pages", "PlacedPages", "PlacedPages", "Digest"]
+    assert destination.stats.frames_placed == 3
+    assert memory.bytes == expected(events), "every placed page lies where its run says"
+    placed = [e for e in destination.events if isinstance(e, PlacedPages)]
+    assert [p.runs for p in placed] == [events[0].runs, events[4].runs, events[5].runs]
+    assert [p.owner for p in placed] == memory.placements
+
+
+async def test_placed_frames_over_tls(certs):
+    events = [Pages(round=0, runs=((BASE + k * 256 * PS, 256),), payload=os.urandom(256 * PS)) for k in range(8)]
+    memory = Memory()
+    destination = Destination(memory)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(functools.partial(serve, "127.0.0.1:0", destination, token=None,
+                                                          tls=certs.server()))
+            await migrate(bound, events, tls=certs.client())
+            nursery.cancel_scope.cancel()
+    assert destination.stats.frames_placed == 8
+    assert memory.bytes == expected(events)
+
+
+async def test_parallel_streams_place_their_frames_too():
+    events = [Pages(round=0, runs=((BASE + k * 128 * PS, 128),), payload=os.urandom(128 * PS)) for k in range(16)]
+    memory = Memory()
+    destination = Destination(memory)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(functools.partial(serve, "127.0.0.1:0", destination, token=None))
+            await migrate(bound, events, streams=2)
+            nursery.cancel_scope.cancel()
+    assert destination.stats.frames_placed == 16
+    assert memory.bytes == expected(events)
