@@ -389,7 +389,8 @@ class SourceMigration:
                         nursery.start_soon(delivery.serve_requests)
                         await delivery.send_head()
                         # resuming, the guest may touch a stale page: requests are served from here on
-                        await cross_point_of_no_return(sink, guest, state, migration=self.id, destination=self.address)
+                        await cross_point_of_no_return(sink, guest, state, migration=self.id, destination=self.address,
+                                                       postcopy=True)
                         stats.started = time.perf_counter()
                     finally:
                         guest.committed = guest.committed or sink.committed
