@@ -112,7 +112,10 @@ async def receive(listen: str, settings: ReceiveSettings = ReceiveSettings(), *,
                     receiving.ended(migration)
                     if getattr(migration, "report", None) is not None:
                         on_report(migration.report)
-                    if once:
+                    # a refused Resume was no migration: the post-copy it named (if any) waits on
+                    refused_resume = migration.resuming and getattr(migration, "report", None) is not None \
+                        and migration.report.error is not None
+                    if once and not refused_resume:
                         nursery.cancel_scope.cancel()
 
             address = await nursery.start(functools.partial(

@@ -55,7 +55,7 @@ class ReceiveSettings:
     memfd: bool = False             # restore guest on a shared memfd (one copy fewer)
     control_dir: str | None = None  # where restore guests' control sockets go
     idle_timeout_s: float = 120.0   # silence from the source longer than this fails the migration
-    recover_timeout_s: float = 30.0 # a post-copy cut off after its commit waits this long for its source
+    recover_timeout_s: float = 600.0  # a post-copy cut off after its commit waits this long for its source
     deep_check: bool = False        # always run the deep self-check (restoring an image: no downtime to save)
 
 
@@ -85,6 +85,7 @@ class DestinationMigration:
         self.postcopy: IncomingPostcopy | None = None   # armed by the source's first Discard
         self.finished = trio.Event()        # run() is over (a session that resumed this one waits for it)
         self._handed_to: DestinationMigration | None = None   # the interrupted migration this session resumed
+        self.resuming = False               # the session began with Resume (refused: no migration of its own)
 
     async def run(self) -> ReceiveReport:
         started = time.perf_counter()
@@ -133,6 +134,7 @@ class DestinationMigration:
         with deadline(LAYOUT_TIMEOUT_S, "waiting for the source's Layout"):
             event = await self.channel.receive()
         if isinstance(event, p.Resume):
+            self.resuming = True
             self._handed_to = await hand_over(event.migration, self.channel)
             return
         if not isinstance(event, p.Layout):
@@ -327,12 +329,7 @@ class DestinationMigration:
             raise MigrationFailed(f"post-copy interrupted: the source did not reconnect within "
                                   f"{self.settings.recover_timeout_s:g} s (--recover-timeout; {lost}); the guest "
                                   f"waits on {self.postcopy.missing.missing} missing pages") from lost
-        self.channel = self.postcopy.channel = channel
-        with deadline(LAYOUT_TIMEOUT_S, "waiting for the resumed session's Layout"):
-            layout = await channel.receive()
-        if not (isinstance(layout, p.Layout) and tuple(layout.regions) == self.src.regions):
-            await self._reply(p.Ack(of=p.Acked.RESUME, ok=False, reason="the resumed session's Layout differs"))
-            raise RemoteProtocolError("the resumed session's Layout differs from the interrupted one's")
+        self.channel = self.postcopy.channel = channel     # its Layout matched ours (``hand_over``)
         lacking = self.dst.translate(self.postcopy.lacking(), self.src)
         for first in range(0, len(lacking), LACKING_RUNS_PER_EVENT):
             await channel.send(p.Lacking(runs=tuple(lacking[first : first + LACKING_RUNS_PER_EVENT])))
