@@ -45,6 +45,7 @@ from .policy import Action, PolicySettings
 from .postcopy import Delivery, PostcopyStats, discard_ahead, switch
 from .progress import Progress, Sampler
 from .report import MigrationReport, PostcopyReport, RoundStats, report_of
+from .resume import resume_command
 from .rounds import Precopy
 from .sink import PeerSink
 from .switchover import Switchover, bounded, commit, cross_point_of_no_return, final_copy, switchover_deadline_s
@@ -402,13 +403,18 @@ class SourceMigration:
         state.verified = True
 
     def _describe(self, error: BaseException) -> str:
-        """One line for a failure; after a post-copy commit it also says what was left where."""
+        """One line for a failure; after a post-copy commit it also says what was left where, and
+        the command that finishes the migration from here."""
         text, delivery = describe(error), self._delivery
         if delivery is None or not self.committed or self._switchover.verified:
             return text
+        s = self.settings
+        command = resume_command(self.id, self.guest_control, self.address, insecure=s.token is None,
+                                 tls=s.tls is not None)
         return (f"post-copy interrupted with {delivery.owed} of {delivery.stats.stale_pages} stale pages never sent: "
                 f"{text}; the source guest stays frozen (pid {self._guest.layout.pid}), the destination's guest "
-                f"waits on its missing pages")
+                f"waits on its missing pages; finish it (while the receiver waits, its --recover-timeout) with: "
+                f"{command}")
 
     def _postcopy_report(self) -> PostcopyReport | None:
         stats = self._postcopy
