@@ -125,6 +125,11 @@ async def test_resume_finishes_a_postcopy_whose_link_was_cut(sockdir):
                 interrupted = find_interrupted(guest.control)
                 assert interrupted.migration == migration.id and interrupted.pid == guest.pid
                 assert interrupted.layout.total_bytes == SIZE and interrupted.destination == migration.address
+                # the operator finds the id and the command from the guest alone
+                with trio.fail_after(30):
+                    status = await trio.run_process([*MIGRATOR, "status", "--guest", guest.control],
+                                                    capture_stdout=True, check=True)
+                assert f"migrate --resume {migration.id} --guest {guest.control}" in status.stdout.decode()
                 done = await _resume("--resume", migration.id, "--guest", guest.control, "--to", address,
                                      "--report", report)
                 await _assert_finished(done, guest, outcomes, report, migration.id)
