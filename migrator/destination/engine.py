@@ -243,7 +243,9 @@ class DestinationMigration:
             try:
                 with deadline(self.settings.idle_timeout_s, "waiting for the source (it sent nothing; --idle-timeout)"):
                     event = await self.channel.receive()
-            except TransportError as exc:
+            except (TransportError, RemoteProtocolError) as exc:
+                # after a post-copy commit a broken session (a link cut, or ended inside a frame)
+                # is waited out: its source, or an operator, may resume it
                 if not (self.resumed and self.postcopy is not None and self.settings.recover_timeout_s > 0):
                     raise
                 await self._wait_for_source(exc)
@@ -318,7 +320,7 @@ class DestinationMigration:
         if self.postcopy is not None:
             await self.postcopy.resumed()
 
-    async def _wait_for_source(self, lost: TransportError) -> None:
+    async def _wait_for_source(self, lost: TransportError | RemoteProtocolError) -> None:
         """The link broke after a post-copy commit: the guest waits on its missing pages while a
         new session of the same migration may take over (``hand_over``) within the recover
         timeout; it then learns which pages this side still lacks."""
