@@ -31,13 +31,14 @@ from migrator.transport import serve
 MiB = 1 << 20
 SIZE = 64 * MiB
 MIGRATOR = [sys.executable, "-m", "migrator"]
+LOG: list[str] = []     # the receivers' lines, for a failure's message
 
 
 async def _receiver(nursery, outcomes: list[dict], sockdir: str, recover_timeout_s: float = 120) -> str:
     """A receiver in this process whose interrupted post-copies wait ``recover_timeout_s``."""
     async def handle(channel):
         migration = DestinationMigration(
-            channel, ReceiveSettings(control_dir=sockdir, recover_timeout_s=recover_timeout_s), log=lambda line: None)
+            channel, ReceiveSettings(control_dir=sockdir, recover_timeout_s=recover_timeout_s), log=LOG.append)
         try:
             outcomes.append((await migration.run()).to_dict())
         except MigrationFailed:
@@ -91,7 +92,8 @@ def _advances(control: str, seconds: float = 0.3) -> bool:
 async def _assert_finished(done: trio.Process, guest, outcomes: list[dict], report_path: str, migration: str) -> None:
     """The resumed session verified every page: the destination guest runs and checks clean, the
     source guest is gone and so is its state file; the report says what the resume did."""
-    assert done.returncode == 0, done.stderr.decode()
+    if done.returncode != 0:
+        pytest.fail("\n".join([done.stderr.decode(), *LOG, *(str(o.get("error")) for o in outcomes)]))
     await _wait(lambda: outcomes and outcomes[-1]["result"] == "resumed", "the destination's verdict")
     dest = outcomes[-1]
     assert dest["error"] is None and dest["id"] == migration, dest

@@ -34,8 +34,8 @@ from .. import protocol as p
 from ..core.deadlines import deadline
 from ..core.digest import PageDigests, new_hashes
 from ..core.documents import header, utc_now
-from ..core.errors import GuestError, MigrationFailed, ResumeRefused
-from ..core.failures import describe
+from ..core.errors import GuestError, MigrationFailed, ResumeRefused, TransportError
+from ..core.failures import describe, leaf_exceptions
 from ..core.model import MemoryLayout, Region
 from ..core.runs import count_pages, split_runs
 from ..guest import committed
@@ -181,8 +181,13 @@ class ResumedPostcopy:
         s = self.settings
         target = self.interrupted = await trio.to_thread.run_sync(find_interrupted, self.guest_control, self.id)
         layout = target.layout
-        pidfd = os.pidfd_open(target.pid)
         try:
+            pidfd = os.pidfd_open(target.pid)
+        except ProcessLookupError:
+            raise ResumeRefused(f"guest pid {target.pid} exited") from None
+        try:
+            if await trio.to_thread.run_sync(find_interrupted, self.guest_control, self.id) != target:
+                raise ResumeRefused(f"guest pid {target.pid} changed while it was being opened")   # a recycled pid
             memory = ProcessMemory(target.pid, layout.page_size)
             digests = PageDigests(layout.total_pages, layout.page_size)
             try:
@@ -191,24 +196,32 @@ class ResumedPostcopy:
                 raise ResumeRefused(f"cannot read guest pid {target.pid}'s memory ({exc.strerror}): it needs "
                                     "ptrace-read rights over it") from None
             self.log(f"resuming post-copy {self.id} of guest pid {target.pid} at {self.address}")
-            async with PeerSink.open(self.address, token=s.token, compress=s.compress, streams=s.streams,
-                                     bandwidth=s.bandwidth, tls=s.tls, frame_macs=s.frame_macs, urgent=True) as sink:
-                sink.committed = True       # past the point of no return: never an Abort from here
-                self._sink = sink
-                with deadline(RESUME_ANSWER_S, "waiting for the destination's answer to Resume"):
-                    await sink.send(p.Resume(migration=self.id))
-                    await sink.send(p.Layout(regions=layout.regions, page_size=layout.page_size, meta={"id": self.id}))
-                    await sink.flush()
-                    ack = await sink.expect_ack(p.Acked.RESUME)
-                if not ack.ok:
-                    raise MigrationFailed(f"the destination refused to resume migration {self.id}: {ack.reason or '?'}")
-                await self._deliver(sink, PageStream(memory, layout, digests, sink), digests, target.switch_round)
-            self.verified = True
+            try:
+                await self._session(memory, layout, digests, target.switch_round)
+            except BaseException as exc:
+                if not (self.verified and all(isinstance(e, TransportError) for e in leaf_exceptions(exc))):
+                    raise           # else the receiver closed the link after its verdict: the end
             self.log(f"post-copy {self.id} verified: {self.stats.resent_pages} pages were lacking there")
             if not s.keep_source:
                 await self._terminate(pidfd)
         finally:
             os.close(pidfd)
+
+    async def _session(self, memory, layout: MemoryLayout, digests: PageDigests, number: int) -> None:
+        """Resume the session at the receiver and deliver; ``verified`` once it acknowledged the digest."""
+        s = self.settings
+        async with PeerSink.open(self.address, token=s.token, compress=s.compress, streams=s.streams,
+                                 bandwidth=s.bandwidth, tls=s.tls, frame_macs=s.frame_macs, urgent=True) as sink:
+            sink.committed = True       # past the point of no return: never an Abort from here
+            self._sink = sink
+            with deadline(RESUME_ANSWER_S, "waiting for the destination's answer to Resume"):
+                await sink.send(p.Resume(migration=self.id))
+                await sink.send(p.Layout(regions=layout.regions, page_size=layout.page_size, meta={"id": self.id}))
+                await sink.flush()
+                ack = await sink.expect_ack(p.Acked.RESUME)
+            if not ack.ok:
+                raise MigrationFailed(f"the destination refused to resume migration {self.id}: {ack.reason or '?'}")
+            await self._deliver(sink, PageStream(memory, layout, digests, sink), digests, number)
 
     async def _deliver(self, sink: PeerSink, pages: PageStream, digests: PageDigests, number: int) -> None:
         """Every page the destination lacks (its Lacking runs, read before the Ack), then the digest."""
@@ -221,6 +234,7 @@ class ResumedPostcopy:
                 nursery.start_soon(delivery.serve_requests)
                 with trio.fail_after(self.settings.postcopy_timeout_s):
                     await delivery.run()
+                self.verified = True        # before any checkpoint: the link may close right after
                 nursery.cancel_scope.cancel()
         except trio.TooSlowError:
             raise MigrationFailed(f"not done after {self.settings.postcopy_timeout_s:g} s (--postcopy-timeout)") from None
