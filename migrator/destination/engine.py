@@ -25,7 +25,8 @@ from .. import protocol as p
 from ..core.deadlines import deadline
 from ..core.digest import PageDigests, new_hashes
 from ..core.documents import header, utc_now
-from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolError, TransportError
+from ..core.errors import (DeadlineExceeded, LocalProtocolError, MigrationFailed, MigratorError, RemoteProtocolError,
+                           TransportError)
 from ..core.failures import describe
 from ..core.heap import collector_paused
 from ..core.meminfo import mem_available
@@ -243,9 +244,9 @@ class DestinationMigration:
             try:
                 with deadline(self.settings.idle_timeout_s, "waiting for the source (it sent nothing; --idle-timeout)"):
                     event = await self.channel.receive()
-            except (TransportError, RemoteProtocolError) as exc:
-                # after a post-copy commit a broken session (a link cut, or ended inside a frame)
-                # is waited out: its source, or an operator, may resume it
+            except (TransportError, RemoteProtocolError, DeadlineExceeded) as exc:
+                # after a post-copy commit a broken session (a link cut, ended inside a frame, or
+                # silent past --idle-timeout) is waited out: its source, or an operator, may resume it
                 if not (self.resumed and self.postcopy is not None and self.settings.recover_timeout_s > 0):
                     raise
                 await self._wait_for_source(exc)
@@ -320,7 +321,7 @@ class DestinationMigration:
         if self.postcopy is not None:
             await self.postcopy.resumed()
 
-    async def _wait_for_source(self, lost: TransportError | RemoteProtocolError) -> None:
+    async def _wait_for_source(self, lost: MigratorError) -> None:
         """The link broke after a post-copy commit: the guest waits on its missing pages while a
         new session of the same migration may take over (``hand_over``) within the recover
         timeout; it then learns which pages this side still lacks."""
