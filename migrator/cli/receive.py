@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a session resuming it: its migrator reconnecting by itself, or an operator's migrate --resume "
                              "(its guest pauses on its next missing page meanwhile; a refused attempt does not end the "
                              "wait; 0: fail at once; default 600)")
-    parser.add_argument("--idle-timeout", type=options.positive, default=120.0, metavar="S", help="fail a migration whose source is silent this long (default 120)")
+    parser.add_argument("--idle-timeout", type=options.positive, default=120.0, metavar="S", help="fail a migration whose source is silent this long (past a post-copy commit: wait for a "
+                             "session resuming it instead, --recover-timeout; default 120)")
 
 
 def _positive_int(text: str) -> int:

@@ -55,7 +55,8 @@ class ReceiveSettings:
     max_bytes: int = 64 << 30       # refuse layouts larger than this (bounds what a peer can make us map)
     memfd: bool = False             # restore guest on a shared memfd (one copy fewer)
     control_dir: str | None = None  # where restore guests' control sockets go
-    idle_timeout_s: float = 120.0   # silence from the source longer than this fails the migration
+    idle_timeout_s: float = 120.0   # silence from the source longer than this fails the migration (past a
+                                    # post-copy commit: ends the session, and the migration waits for a resume)
     recover_timeout_s: float = 600.0  # a post-copy cut off after its commit waits this long for its source
     deep_check: bool = False        # always run the deep self-check (restoring an image: no downtime to save)
 
