@@ -29,7 +29,7 @@ import trio
 from .. import protocol as p
 from ..core.digest import PageDigests
 from ..core.deadlines import deadline
-from ..core.errors import MigrationFailed, MigratorError, RemoteProtocolError, TransportError
+from ..core.errors import MigrationFailed, MigratorError, ProtocolError, RemoteProtocolError, TransportError
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from ..guest.client import GuestClient
@@ -259,8 +259,11 @@ class IncomingPostcopy:
         try:
             await self.channel.send(p.Request(runs=tuple(self.dst.translate(runs, self.src))))
             await self.channel.flush()
-        except TransportError:
-            pass    # the link is down: a resumed session is told of every page still lacking
+        except (TransportError, ProtocolError):
+            # the link is down, or the session ended under this send (its state refuses a
+            # Request once the source's EOF is read): the receive loop sees the same end, and a
+            # resumed session is told of every page still lacking
+            pass
 
     def lacking(self) -> list[Run]:
         """Every page not current here (restore-guest addresses), now REQUESTED: a resumed
