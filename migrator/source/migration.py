@@ -36,7 +36,7 @@ from ..core.digest import PageDigests
 from ..core.documents import to_data
 from ..core.errors import MigrationFailed, MigratorError, TransportError
 from ..transport.control import Request, control_path, serve_control
-from ..core.failures import describe
+from ..core.failures import describe, leaf_exceptions
 from ..core.heap import collector_paused
 from .attach import AttachedGuest
 from .estimator import DowntimeEstimator, switchover_fixed_ms
@@ -288,11 +288,19 @@ class SourceMigration:
         try:
             await self._migrate_once(guest)
         except BaseException as exc:
-            if not self._recoverable(exc):
+            if self._closed_after_verdict(exc):
+                self._switchover.verified = True
+            elif self._recoverable(exc):
+                await self._recover(guest, exc)
+            else:
                 raise
-            await self._recover(guest, exc)
         if not self.settings.keep_source:
             guest.terminate()
+
+    def _closed_after_verdict(self, error: BaseException) -> bool:
+        """The receiver hung up once it had verified every post-copy page: the end, not a failure."""
+        return (self._delivery is not None and self._delivery.verified
+                and all(isinstance(e, TransportError) for e in leaf_exceptions(error)))
 
     def _recoverable(self, error: BaseException) -> bool:
         """A post-copy past its commit that lost its link (not a refusal, not a timeout)."""
@@ -330,6 +338,9 @@ class SourceMigration:
                 self._switchover.verified = True
                 return
             except BaseException as exc:
+                if self._closed_after_verdict(exc):
+                    self._switchover.verified = True
+                    return
                 if not _lost_link(exc) or isinstance(exc, trio.TooSlowError):
                     raise
                 last = exc

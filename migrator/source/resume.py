@@ -158,8 +158,13 @@ class ResumedPostcopy:
         self.report: MigrationReport | None = None
         self.interrupted: InterruptedPostcopy | None = None
         self.stats = PostcopyStats()
-        self.verified = False
         self._sink: PeerSink | None = None
+        self._delivery: Delivery | None = None
+
+    @property
+    def verified(self) -> bool:
+        """The destination acknowledged the page digest: it holds every page of the frozen source."""
+        return self._delivery is not None and self._delivery.verified
 
     async def run(self) -> MigrationReport:
         """Deliver what the destination lacks and verify; returns the report. ResumeRefused
@@ -208,7 +213,7 @@ class ResumedPostcopy:
             os.close(pidfd)
 
     async def _session(self, memory, layout: MemoryLayout, digests: PageDigests, number: int) -> None:
-        """Resume the session at the receiver and deliver; ``verified`` once it acknowledged the digest."""
+        """Resume the session at the receiver and deliver, until it acknowledged the page digest."""
         s = self.settings
         async with PeerSink.open(self.address, token=s.token, compress=s.compress, streams=s.streams,
                                  bandwidth=s.bandwidth, tls=s.tls, frame_macs=s.frame_macs, urgent=True) as sink:
@@ -226,7 +231,7 @@ class ResumedPostcopy:
     async def _deliver(self, sink: PeerSink, pages: PageStream, digests: PageDigests, number: int) -> None:
         """Every page the destination lacks (its Lacking runs, read before the Ack), then the digest."""
         stats = self.stats
-        delivery = Delivery(sink, pages, digests, StalePages(pages.layout), number, stats)
+        delivery = self._delivery = Delivery(sink, pages, digests, StalePages(pages.layout), number, stats)
         delivery.resume_with(sink, sink.lacking)
         stats.stale_pages, stats.recoveries, stats.started = delivery.owed, 1, time.perf_counter()
         try:
@@ -234,7 +239,6 @@ class ResumedPostcopy:
                 nursery.start_soon(delivery.serve_requests)
                 with trio.fail_after(self.settings.postcopy_timeout_s):
                     await delivery.run()
-                self.verified = True        # before any checkpoint: the link may close right after
                 nursery.cancel_scope.cancel()
         except trio.TooSlowError:
             raise MigrationFailed(f"not done after {self.settings.postcopy_timeout_s:g} s (--postcopy-timeout)") from None
