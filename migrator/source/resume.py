@@ -39,7 +39,6 @@ from ..core.failures import describe, leaf_exceptions
 from ..core.model import MemoryLayout, Region
 from ..core.runs import count_pages, split_runs
 from ..guest import committed
-from ..guest.client import GuestClient
 from ..tracker.memory import ProcessMemory
 from .freeze import thread_states, tracer_of
 from .pages import READ_CHUNK_PAGES, PageStream
@@ -94,16 +93,17 @@ def find_interrupted(guest_control: str, migration: str | None = None) -> Interr
     path = committed.state_path(guest_control)
     try:
         record = committed.read_record(guest_control)
-        with GuestClient(guest_control, timeout=5) as client:
-            pid = client.pid        # from the socket: a stopped guest answers no request
     except GuestError as exc:
         raise ResumeRefused(str(exc)) from None
     if record is None:
         raise ResumeRefused(f"no migration committed the guest at {guest_control} (it has no state file {path}): "
                             "there is nothing to resume")
+    # the record names its process by pid and start time; the socket is not asked (a stopped
+    # guest accepts no connection, and each attempt would stay queued in its backlog)
+    pid = record.pid
     if not record.applies_to(pid):
-        raise ResumeRefused(f"the state file {path} names pid {record.pid}, not guest pid {pid} that answers there: "
-                            "it was left by a guest that is gone, and this one was never committed")
+        raise ResumeRefused(f"the state file {path} names guest pid {pid}, which is gone: nothing is left to resume "
+                            "from (remove the file)")
     if migration is not None and record.migration != migration:
         raise ResumeRefused(f"guest pid {pid} was committed by migration {record.migration}, not {migration}")
     if not record.postcopy:
