@@ -21,6 +21,11 @@ Every call is async (trio)::
 - ``Migration(guest_control, address, settings, *, on_progress=None, control=False)``: one live
   migration; ``run()``, ``watch()``, ``cancel()``, ``set_parameters(bandwidth=, downtime_ms=,
   max_rounds=)``, ``latest`` (the last Progress), ``report`` (a ``MigrationReport``).
+- ``ResumedPostcopy(guest_control, address, migration, settings=ResumeSettings(...), *, log=None)``:
+  finish a post-copy interrupted past its commit whose migrator is gone or gave up (what
+  ``migrator migrate --resume`` runs); ``run()`` returns a ``MigrationReport`` (``settings.mode``
+  ``"resume"``). ``find_interrupted(guest_control)`` says which migration froze a guest (an
+  ``InterruptedPostcopy``), or raises ``ResumeRefused``.
 - ``receive(listen, settings, *, token, tls, once, on_report, on_failure, log, prepare, control,
   limits, handshake_timeout, frame_macs)``: serve migrations, resuming each guest (what ``migrator receive``
   runs); ``prepare`` keeps a restore guest of that many bytes ready, ``control`` is a path for a
@@ -47,7 +52,7 @@ import trio
 
 from .checkpoint.engine import CheckpointReport, CheckpointSettings, take_checkpoint
 from .checkpoint.restore import RestoreReport, RestoreSettings, restore_chain
-from .core.errors import MigrationFailed, MigratorError
+from .core.errors import MigrationFailed, MigratorError, ResumeRefused
 from .destination.engine import RECEIVE_BUFFERS, DestinationMigration, ReceiveSettings
 from .destination.guests import RestoreGuests
 from .destination.report import ReceiveReport
@@ -56,6 +61,7 @@ from .source.migration import MigrateSettings
 from .source.migration import SourceMigration as Migration
 from .source.progress import Progress
 from .source.report import MigrationReport, RoundStats
+from .source.resume import InterruptedPostcopy, ResumedPostcopy, ResumeSettings, find_interrupted
 from .transport import HandshakeLimits, client_context, serve, server_context
 from .transport.control import control_path, serve_control
 from .transport.control import request as control_request
@@ -63,9 +69,10 @@ from .transport.control import running as running_controls
 from .transport.net import HANDSHAKE_TIMEOUT_S
 
 __all__ = [
-    "CheckpointReport", "CheckpointSettings", "HandshakeLimits", "MigrateSettings", "Migration", "MigrationFailed",
-    "MigrationReport", "MigratorError", "Progress", "ReceiveReport", "ReceiveSettings", "RestoreReport",
-    "RestoreSettings", "RoundStats", "client_context", "control_path", "control_request", "receive", "restore_chain",
+    "CheckpointReport", "CheckpointSettings", "HandshakeLimits", "InterruptedPostcopy", "MigrateSettings", "Migration",
+    "MigrationFailed", "MigrationReport", "MigratorError", "Progress", "ReceiveReport", "ReceiveSettings",
+    "RestoreReport", "RestoreSettings", "ResumeRefused", "ResumeSettings", "ResumedPostcopy", "RoundStats",
+    "client_context", "control_path", "control_request", "find_interrupted", "receive", "restore_chain",
     "running_controls", "server_context", "take_checkpoint",
 ]
 
@@ -112,7 +119,10 @@ async def receive(listen: str, settings: ReceiveSettings = ReceiveSettings(), *,
                     receiving.ended(migration)
                     if getattr(migration, "report", None) is not None:
                         on_report(migration.report)
-                    if once:
+                    # a refused Resume was no migration: the post-copy it named (if any) waits on
+                    refused_resume = migration.resuming and getattr(migration, "report", None) is not None \
+                        and migration.report.error is not None
+                    if once and not refused_resume:
                         nursery.cancel_scope.cancel()
 
             address = await nursery.start(functools.partial(

@@ -5,7 +5,8 @@
       (``receive``), report read (``report``)
  1    failed before the point of no return: the source guest runs on, nothing is lost
  2    bad input: an option value, an input file (a report, a token) or an output path,
-      refused before anything ran
+      refused before anything ran; ``migrate --resume`` of a guest no interrupted post-copy froze
+      (wrong id, not stopped by one), left as it was
  3    outcome unknown: the commit was sent but never acknowledged; the source is kept frozen
       and the destination's guest may be running (look there before resuming anything)
 128+N ended by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP; see ``interrupts``)
@@ -21,7 +22,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from ..core.errors import MigrationFailed, MigratorError
+from ..core.errors import MigrationFailed, MigratorError, ResumeRefused
 
 OK = 0
 FAILED = 1
@@ -48,6 +49,8 @@ def preflight() -> Iterator[None]:
 
 def of_failure(error: MigratorError) -> int:
     """The exit status of a command that ended with ``error``."""
+    if isinstance(error, ResumeRefused):
+        return BAD_INPUT
     return UNKNOWN if isinstance(error, MigrationFailed) and error.committed else FAILED
 
 

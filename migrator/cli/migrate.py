@@ -7,6 +7,10 @@ default tracker (see ``migrator probe``). ``--tls-ca``/``--tls`` encrypt the lin
 then needs ``--tls-cert``/``--tls-key``). Without ``--token-file`` the token is this user's token
 file, which a ``migrator receive`` of the same user on this host made; ``--insecure`` goes
 without, to a receiver started with ``--insecure``.
+
+``--resume ID`` finishes a post-copy that lost its source after the commit (its migrator died,
+or gave up: ``--recover-timeout``): it reads the frozen guest's state file, sends what the
+receiver still lacks, verifies, and only then kills the source guest (``source.resume``).
 """
 
 from __future__ import annotations
@@ -20,12 +24,19 @@ from ..tracker import TRACKERS
 from ..transport import check_tls_address, client_context, parse_address
 from ..transport.control import control_dir
 from ..source.migration import MigrateSettings, SourceMigration
+from ..source.resume import ResumedPostcopy, ResumeSettings
 from . import exits, interrupts, options
 from .progress import ProgressView
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guest", required=True, metavar="SOCKET", help="the guest's control socket")
+    parser.add_argument("--resume", metavar="MIGRATION_ID",
+                        help="finish a post-copy interrupted after its commit (its migrator died or gave up): the source "
+                             "guest is frozen, the receiver at --to waits for it (receive --recover-timeout). Sends the "
+                             "pages the receiver lacks, verifies every page, then kills the source guest; on any failure "
+                             "it stays frozen for another try. The id is in the failed run's last line and report, and in "
+                             "SOCKET.state beside the guest's socket. Pre-copy and post-copy options do not apply")
     parser.add_argument("--to", required=True, metavar="HOST:PORT", help="receiver address (or unix:PATH)")
     parser.add_argument("--downtime-ms", type=options.positive, default=50.0, help="downtime target: switch over once the expected downtime is within 90 %% of it (default 50)")
     parser.add_argument("--max-rounds", type=options.count, default=30, help="switch over (or fail) after this many pre-copy rounds (default 30)")
@@ -77,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        return _resume(args)
     from . import render as rep
 
     with exits.preflight():
@@ -119,6 +132,40 @@ def run(args: argparse.Namespace) -> int:
         _write(rep.save_report, report, args.report)
     if args.plot:
         _write(rep.plot_report, report, args.plot)
+    return exits.OK
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """``--resume``: a thin layer over ``ResumedPostcopy``; a refusal exits 2, a failure 3 (the
+    source stays frozen), as ``exits`` says."""
+    from . import render as rep
+
+    with exits.preflight():
+        if args.postcopy or args.postcopy_after is not None or args.plot:
+            raise MigratorError("--resume finishes the interrupted post-copy: --postcopy, --postcopy-after and --plot "
+                                "do not apply")
+        rep.check_outputs(report=args.report, plot=None)
+        settings = ResumeSettings(
+            token=options.source_token(args), tls=client_context(args.tls_ca) if args.tls_ca or args.tls else None,
+            compress=args.compress, streams=args.streams, bandwidth=args.bandwidth, frame_macs=args.frame_macs,
+            postcopy_timeout_s=args.postcopy_timeout, keep_source=args.keep_source,
+        )
+        check_tls_address(parse_address(args.to), settings.tls)
+    quiet = args.quiet or args.progress_json
+    log = (lambda line: None) if quiet else (lambda line: print(f"migrator: {line}", file=sys.stderr, flush=True))
+    resumption = ResumedPostcopy(args.guest, args.to, args.resume, settings, log=log)
+    try:
+        report = interrupts.run(resumption.run).to_dict()
+    except BaseException:
+        if args.report and resumption.report is not None:
+            _write(rep.save_report, resumption.report.to_dict(), args.report)
+        raise
+    if args.progress_json:
+        print(json.dumps(report), flush=True)
+    else:
+        print(rep.format_summary(report))
+    if args.report:
+        _write(rep.save_report, report, args.report)
     return exits.OK
 
 

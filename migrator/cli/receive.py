@@ -67,10 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "removed at exit unless a resumed guest's socket is still in it)")
     parser.add_argument("--prepare", type=options.guest_size, metavar="SIZE",
                         help="keep a restore guest of SIZE (e.g. 1G) started and populated ahead of the migration")
-    parser.add_argument("--recover-timeout", type=options.non_negative, default=30.0, metavar="S",
-                        help="a post-copy whose link broke after its commit waits this long for its source to reconnect "
-                             "(its guest waits on its missing pages meanwhile; default 30)")
-    parser.add_argument("--idle-timeout", type=options.positive, default=120.0, metavar="S", help="fail a migration whose source is silent this long (default 120)")
+    parser.add_argument("--recover-timeout", type=options.non_negative, default=600.0, metavar="S",
+                        help="a post-copy whose source went away after its commit waits this long, from the break, for "
+                             "a session resuming it: its migrator reconnecting by itself, or an operator's migrate --resume "
+                             "(its guest pauses on its next missing page meanwhile; a refused attempt does not end the "
+                             "wait; 0: fail at once; default 600)")
+    parser.add_argument("--idle-timeout", type=options.positive, default=120.0, metavar="S", help="fail a migration whose source is silent this long (past a post-copy commit: wait for a "
+                             "session resuming it instead, --recover-timeout; default 120)")
 
 
 def _positive_int(text: str) -> int:

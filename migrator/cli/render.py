@@ -191,6 +191,8 @@ def _downtime_parts(parts: dict) -> str:
 
 def format_summary(report: dict) -> str:
     """A few ``label  value`` lines: result, rule, rounds, downtime and its parts, bytes."""
+    if (report.get("settings") or {}).get("mode") == "resume":
+        return _format_resume_summary(report)
     s = summarize(report)
     parts = _downtime_parts(s["downtime_parts_ms"])
     lines = [
@@ -216,6 +218,23 @@ def format_summary(report: dict) -> str:
                                 f"max {_fmt(pc['fault_max_ms'], '.3f')} ms (fault to page installed, at the destination)"))
         lines.append(("guest", f"{_fmt(pc['guest_rate_before'], '.0f')} writes/s before the switch, "
                                f"{_fmt(pc['guest_rate_after'], '.0f')} during post-copy"))
+    if s["error"]:
+        lines.append(("error", s["error"]))
+    return "\n".join(f"{label:<9} {text}" for label, text in lines)
+
+
+def _format_resume_summary(report: dict) -> str:
+    """``migrate --resume``'s report: no rounds and no downtime, the pages the destination lacked."""
+    s, pc = summarize(report), report.get("postcopy")
+    lines = [
+        ("result", f"{s['result']}, {'verified' if s['verified'] else 'NOT verified'} (page digests of the frozen source)"),
+        ("mode", f"resume: finished the interrupted post-copy of migration {report['id']} in {_fmt(s['total_s'], '.2f')} s"),
+        ("sent", f"{_fmt(s['pages_sent'])} pages, {_fmt(s['bytes_wire'], '.1f', 1 / MiB)} MiB on the wire"),
+    ]
+    if pc:
+        lines.append(("postcopy", f"{pc['stale_pages']} pages lacking there: {pc['requested_pages']} requested, "
+                                  f"{pc['pushed_pages']} pushed, in {_fmt(pc['duration_s'], '.2f')} s (its guest "
+                                  f"faulted {_fmt(pc['faults'])} times since the switch)"))
     if s["error"]:
         lines.append(("error", s["error"]))
     return "\n".join(f"{label:<9} {text}" for label, text in lines)

@@ -14,6 +14,8 @@
     ├── TraceError               a write trace file is not one, or is truncated or inconsistent
     ├── OutputError              an output file cannot be written where asked (a link, no directory)
     ├── DeadlineExceeded         a phase made no progress within its timeout (says which)
+    ├── ResumeRefused            ``migrate --resume`` found no interrupted post-copy to finish
+    │                            there (wrong id, a guest not frozen by one); nothing was sent
     └── MigrationFailed          a migration stopped; ``committed`` says on which side of the
                                  point of no return
 
@@ -71,6 +73,11 @@ class OutputError(MigratorError):
 
 class DeadlineExceeded(MigratorError):
     """A phase (handshake, round, switch-over, a silent peer) ran out of time; names which."""
+
+
+class ResumeRefused(MigratorError):
+    """``migrate --resume`` refused before sending anything: the guest, its state file or the id
+    do not name a post-copy interrupted past its commit. The guest was left as it was."""
 
 
 class MigrationFailed(MigratorError):

@@ -25,7 +25,8 @@ from .. import protocol as p
 from ..core.deadlines import deadline
 from ..core.digest import PageDigests, new_hashes
 from ..core.documents import header, utc_now
-from ..core.errors import LocalProtocolError, MigrationFailed, RemoteProtocolError, TransportError
+from ..core.errors import (DeadlineExceeded, LocalProtocolError, MigrationFailed, MigratorError, RemoteProtocolError,
+                           TransportError)
 from ..core.failures import describe
 from ..core.heap import collector_paused
 from ..core.meminfo import mem_available
@@ -56,8 +57,9 @@ class ReceiveSettings:
     max_bytes: int = 64 << 30       # refuse layouts larger than this (bounds what a peer can make us map)
     memfd: bool = True              # restore guests on a shared memfd, pages received in place (post-copy: private)
     control_dir: str | None = None  # where restore guests' control sockets go
-    idle_timeout_s: float = 120.0   # silence from the source longer than this fails the migration
-    recover_timeout_s: float = 30.0 # a post-copy cut off after its commit waits this long for its source
+    idle_timeout_s: float = 120.0   # silence from the source longer than this fails the migration (past a
+                                    # post-copy commit: ends the session, and the migration waits for a resume)
+    recover_timeout_s: float = 600.0  # a post-copy cut off after its commit waits this long for its source
     deep_check: bool = False        # always run the deep self-check (restoring an image: no downtime to save)
 
 
@@ -88,6 +90,7 @@ class DestinationMigration:
         self.postcopy: IncomingPostcopy | None = None   # armed by the source's first Discard
         self.finished = trio.Event()        # run() is over (a session that resumed this one waits for it)
         self._handed_to: DestinationMigration | None = None   # the interrupted migration this session resumed
+        self.resuming = False               # the session began with Resume (refused: no migration of its own)
 
     async def run(self) -> ReceiveReport:
         started = time.perf_counter()
@@ -137,6 +140,7 @@ class DestinationMigration:
         with deadline(LAYOUT_TIMEOUT_S, "waiting for the source's Layout"):
             event = await self.channel.receive()
         if isinstance(event, p.Resume):
+            self.resuming = True
             self._handed_to = await hand_over(event.migration, self.channel)
             return
         if not isinstance(event, p.Layout):
@@ -255,7 +259,9 @@ class DestinationMigration:
             try:
                 with deadline(self.settings.idle_timeout_s, "waiting for the source (it sent nothing; --idle-timeout)"):
                     event = await self.channel.receive()
-            except TransportError as exc:
+            except (TransportError, RemoteProtocolError, DeadlineExceeded) as exc:
+                # after a post-copy commit a broken session (a link cut, ended inside a frame, or
+                # silent past --idle-timeout) is waited out: its source, or an operator, may resume it
                 if not (self.resumed and self.postcopy is not None and self.settings.recover_timeout_s > 0):
                     raise
                 await self._wait_for_source(exc)
@@ -334,7 +340,7 @@ class DestinationMigration:
         if self.postcopy is not None:
             await self.postcopy.resumed()
 
-    async def _wait_for_source(self, lost: TransportError) -> None:
+    async def _wait_for_source(self, lost: MigratorError) -> None:
         """The link broke after a post-copy commit: the guest waits on its missing pages while a
         new session of the same migration may take over (``hand_over``) within the recover
         timeout; it then learns which pages this side still lacks."""
@@ -345,12 +351,7 @@ class DestinationMigration:
             raise MigrationFailed(f"post-copy interrupted: the source did not reconnect within "
                                   f"{self.settings.recover_timeout_s:g} s (--recover-timeout; {lost}); the guest "
                                   f"waits on {self.postcopy.missing.missing} missing pages") from lost
-        self.channel = self.postcopy.channel = channel
-        with deadline(LAYOUT_TIMEOUT_S, "waiting for the resumed session's Layout"):
-            layout = await channel.receive()
-        if not (isinstance(layout, p.Layout) and tuple(layout.regions) == self.src.regions):
-            await self._reply(p.Ack(of=p.Acked.RESUME, ok=False, reason="the resumed session's Layout differs"))
-            raise RemoteProtocolError("the resumed session's Layout differs from the interrupted one's")
+        self.channel = self.postcopy.channel = channel     # its Layout matched ours (``hand_over``)
         lacking = self.dst.translate(self.postcopy.lacking(), self.src)
         for first in range(0, len(lacking), LACKING_RUNS_PER_EVENT):
             await channel.send(p.Lacking(runs=tuple(lacking[first : first + LACKING_RUNS_PER_EVENT])))

@@ -28,7 +28,8 @@ import trio
 
 from .. import protocol as p
 from ..core.digest import PageDigests
-from ..core.errors import MigrationFailed, RemoteProtocolError, TransportError
+from ..core.deadlines import deadline
+from ..core.errors import MigrationFailed, MigratorError, ProtocolError, RemoteProtocolError, TransportError
 from ..core.model import MemoryLayout, Run
 from ..core.runs import count_pages
 from ..guest.client import GuestClient
@@ -39,6 +40,8 @@ from .faults import MISSING, REQUESTED, MissingPages, guest_page_pairs
 # (where a resuming session's channel goes, the migration that waits for it)
 _WAITING: dict[str, tuple[trio.MemorySendChannel, object]] = {}
 
+RESUME_LAYOUT_S = 30.0   # Resume to the resumed session's Layout
+REFUSAL_SEND_S = 2.0     # how long telling a refused source why may take
 FAULT_WINDOW = 16        # pages asked for per fault: the faulting page and the ones after it
 BULK_QUEUE = 32          # pushed events waiting for the installer thread (the receive loop never does)
 BULK_BATCH = 4           # pushed events installed per worker-thread call
@@ -75,17 +78,41 @@ async def wait_for_resume(migration: str, owner, timeout_s: float):
 
 
 async def hand_over(migration: str, channel):
-    """A session that began with Resume: give its channel to the interrupted migration waiting
-    for it and return that migration (its ``finished`` says when the session is over)."""
-    waiting = _WAITING.pop(migration, None)
+    """A session that began with Resume: check its Layout against the interrupted migration's
+    (``owner.src``), give its channel to that migration and return it (its ``finished`` says
+    when the session is over). A session naming no waiting migration is refused with an Abort;
+    one whose Layout differs with a refused Ack(resume), and the migration waits on for the
+    rest of its recover timeout, so that an operator's mistaken ``migrate --resume`` does not
+    cost it its source."""
+    waiting = _WAITING.get(migration)
     if waiting is None:
-        with trio.move_on_after(2):
-            await channel.send(p.Abort(reason=f"no interrupted post-copy of migration {migration!r} waits here"))
-            await channel.flush()
+        await _refuse(channel, p.Abort(reason=f"no interrupted post-copy of migration {migration!r} waits here"))
         raise MigrationFailed(f"a source asked to resume migration {migration!r}, which no post-copy here waits for")
     send, owner = waiting
+    with deadline(RESUME_LAYOUT_S, "waiting for the resumed session's Layout"):
+        layout = await channel.receive()
+    expected = owner.src
+    if not (isinstance(layout, p.Layout) and tuple(layout.regions) == expected.regions
+            and layout.page_size == expected.page_size):
+        reason = "the resumed session's Layout differs from the interrupted migration's"
+        await _refuse(channel, p.Ack(of=p.Acked.RESUME, ok=False, reason=reason))
+        raise MigrationFailed(f"refused a source resuming migration {migration}: {reason} (it waits on)")
+    if _WAITING.get(migration, (None,))[0] is not send:     # another session took it meanwhile
+        await _refuse(channel, p.Abort(reason=f"migration {migration!r} was resumed by another session"))
+        raise MigrationFailed(f"a second source asked to resume migration {migration!r}")
+    del _WAITING[migration]
     await send.send(channel)
     return owner
+
+
+async def _refuse(channel, event: p.Event) -> None:
+    """Tell a resuming source why it is refused, if it still listens."""
+    with trio.move_on_after(REFUSAL_SEND_S):
+        try:
+            await channel.send(event)
+            await channel.flush()
+        except (MigratorError, OSError):
+            pass    # it is gone, or aborted already: the refusal stands
 
 
 class IncomingPostcopy:
@@ -232,8 +259,11 @@ class IncomingPostcopy:
         try:
             await self.channel.send(p.Request(runs=tuple(self.dst.translate(runs, self.src))))
             await self.channel.flush()
-        except TransportError:
-            pass    # the link is down: a resumed session is told of every page still lacking
+        except (TransportError, ProtocolError):
+            # the link is down, or the session ended under this send (its state refuses a
+            # Request once the source's EOF is read): the receive loop sees the same end, and a
+            # resumed session is told of every page still lacking
+            pass
 
     def lacking(self) -> list[Run]:
         """Every page not current here (restore-guest addresses), now REQUESTED: a resumed

@@ -5,7 +5,15 @@ At the point of no return the source migrator makes its guest's stop permanent (
 
     {"state": "committed", "migration": "5f0c...", "destination": "10.0.0.2:7000",
      "committed_at": "2025-01-31T12:00:00.123Z", "committed_unix": 1738324800.123,
-     "pid": 4242, "pid_start": 1234567, "migrator_pid": 4300}
+     "pid": 4242, "pid_start": 1234567, "migrator_pid": 4300,
+     "switch_round": 1, "page_size": 4096, "regions": [[140012345344000, 67108864]]}
+
+A stopped guest answers nothing on its control socket, so this file is also its memory of the
+migration: ``switch_round`` is set when the commit was a post-copy's (the destination's guest
+then runs before it has every page, and this frozen memory is the only copy of the rest), and
+``page_size`` and ``regions`` are the Layout it announced. With them ``migrate --resume`` finishes
+an interrupted post-copy after the migrator that started it is gone (``migrator.source.resume``).
+Files written before these fields existed read with them empty.
 
 Whoever finds a source guest stopped (state T) can tell the two outcomes apart from the source
 side alone: with the file, Commit may have reached the destination and the copy there is the one
@@ -38,6 +46,7 @@ from ..core.errors import GuestError
 
 SUFFIX = ".state"
 MAX_BYTES = 4096
+MAX_REGIONS = 64         # regions a record may list (a guest has one)
 STATE_COMMITTED = "committed"
 
 
@@ -49,13 +58,22 @@ class CommitRecord:
     pid: int                # the guest process it describes...
     pid_start: int          # ...and that process's start time, so a recycled pid never matches
     migrator_pid: int
+    switch_round: int | None = None     # a post-copy's switch round; None: a pre-copy commit
+    page_size: int = 0                  # the Layout the migration announced (0, (): not recorded)
+    regions: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def postcopy(self) -> bool:
+        """Whether the commit was a post-copy's: the destination may still lack pages of this guest."""
+        return self.switch_round is not None
 
     def applies_to(self, pid: int) -> bool:
         return pid == self.pid and process_start(pid) == self.pid_start
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.committed_unix))
-        return f"migration {self.migration} committed it to {self.destination or '?'} at {when} UTC"
+        kind = " (post-copy)" if self.postcopy else ""
+        return f"migration {self.migration} committed it to {self.destination or '?'} at {when} UTC{kind}"
 
     def to_json(self) -> bytes:
         when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.committed_unix))
@@ -81,12 +99,14 @@ def process_start(pid: int) -> int | None:
     return int(fields[19])   # field 22 of the line; fields[0] is field 3 (the state)
 
 
-def new_record(pid: int, migration: str, destination: str) -> CommitRecord:
+def new_record(pid: int, migration: str, destination: str, *, switch_round: int | None = None,
+               page_size: int = 0, regions: tuple[tuple[int, int], ...] = ()) -> CommitRecord:
     start = process_start(pid)
     if start is None:
         raise GuestError(f"guest pid {pid} exited")
     return CommitRecord(migration=migration, destination=destination, committed_unix=time.time(),
-                        pid=pid, pid_start=start, migrator_pid=os.getpid())
+                        pid=pid, pid_start=start, migrator_pid=os.getpid(), switch_round=switch_round,
+                        page_size=page_size, regions=tuple((int(a), int(n)) for a, n in regions))
 
 
 def read_record(control: str) -> CommitRecord | None:
@@ -106,7 +126,10 @@ def read_record(control: str) -> CommitRecord | None:
         doc = json.loads(data)
         if not isinstance(doc, dict) or doc.get("state") != STATE_COMMITTED:
             raise ValueError("no 'state': 'committed'")
-        record = CommitRecord(**{name: doc[name] for name in CommitRecord.__dataclass_fields__})
+        fields = {name: doc[name] for name in CommitRecord.__dataclass_fields__ if name in doc or name in _REQUIRED}
+        if isinstance(fields.get("regions"), list):
+            fields["regions"] = tuple(tuple(r) if isinstance(r, list) else r for r in fields["regions"][:MAX_REGIONS + 1])
+        record = CommitRecord(**fields)
         _check_types(record)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise GuestError(f"state file {path} is malformed ({exc})") from None
@@ -174,6 +197,9 @@ class StagedRecord:
             pass
 
 
+_REQUIRED = ("migration", "destination", "committed_unix", "pid", "pid_start", "migrator_pid")
+
+
 def _check_types(record: CommitRecord) -> None:
     for name, kind in (("migration", str), ("destination", str), ("pid", int), ("pid_start", int),
                        ("migrator_pid", int)):
@@ -182,3 +208,11 @@ def _check_types(record: CommitRecord) -> None:
             raise ValueError(f"bad {name}")
     if type(record.committed_unix) not in (int, float) or not 0 <= record.committed_unix < 1e11:
         raise ValueError("bad committed_unix")
+    if record.switch_round is not None and (type(record.switch_round) is not int or record.switch_round < 0):
+        raise ValueError("bad switch_round")
+    if type(record.page_size) is not int or record.page_size < 0:
+        raise ValueError("bad page_size")
+    if type(record.regions) is not tuple or len(record.regions) > MAX_REGIONS or not all(
+            type(r) is tuple and len(r) == 2 and all(type(v) is int and 0 <= v < 1 << 64 for v in r)
+            for r in record.regions):
+        raise ValueError("bad regions")

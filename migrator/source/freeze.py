@@ -289,6 +289,12 @@ def already_traced(pid: int, tracer: int) -> str:
     return f"cannot freeze guest pid {pid}: it is already traced by pid {tracer}{name}; a debugger must let go first"
 
 
+def thread_states(pid: int) -> set[str]:
+    """The /proc state letters of ``pid``'s threads (``T``: stopped by a signal, ``t``: by a
+    tracer); empty when it is gone."""
+    return {state for tid in _thread_ids(pid) if (state := _thread_state(pid, tid)) is not None}
+
+
 def yama_note() -> str:
     try:
         with open("/proc/sys/kernel/yama/ptrace_scope") as f:

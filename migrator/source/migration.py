@@ -36,7 +36,7 @@ from ..core.digest import PageDigests
 from ..core.documents import to_data
 from ..core.errors import MigrationFailed, MigratorError, TransportError
 from ..transport.control import Request, control_path, serve_control
-from ..core.failures import describe
+from ..core.failures import describe, leaf_exceptions
 from ..core.heap import collector_paused
 from .attach import AttachedGuest
 from .estimator import DowntimeEstimator, switchover_fixed_ms
@@ -45,6 +45,7 @@ from .policy import Action, PolicySettings
 from .postcopy import Delivery, PostcopyStats, discard_ahead, switch
 from .progress import Progress, Sampler
 from .report import MigrationReport, PostcopyReport, RoundStats, report_of
+from .resume import resume_command
 from .rounds import Precopy
 from .sink import PeerSink
 from .switchover import Switchover, bounded, commit, cross_point_of_no_return, final_copy, switchover_deadline_s
@@ -287,11 +288,19 @@ class SourceMigration:
         try:
             await self._migrate_once(guest)
         except BaseException as exc:
-            if not self._recoverable(exc):
+            if self._closed_after_verdict(exc):
+                self._switchover.verified = True
+            elif self._recoverable(exc):
+                await self._recover(guest, exc)
+            else:
                 raise
-            await self._recover(guest, exc)
         if not self.settings.keep_source:
             guest.terminate()
+
+    def _closed_after_verdict(self, error: BaseException) -> bool:
+        """The receiver hung up once it had verified every post-copy page: the end, not a failure."""
+        return (self._delivery is not None and self._delivery.verified
+                and all(isinstance(e, TransportError) for e in leaf_exceptions(error)))
 
     def _recoverable(self, error: BaseException) -> bool:
         """A post-copy past its commit that lost its link (not a refusal, not a timeout)."""
@@ -329,6 +338,9 @@ class SourceMigration:
                 self._switchover.verified = True
                 return
             except BaseException as exc:
+                if self._closed_after_verdict(exc):
+                    self._switchover.verified = True
+                    return
                 if not _lost_link(exc) or isinstance(exc, trio.TooSlowError):
                     raise
                 last = exc
@@ -389,7 +401,8 @@ class SourceMigration:
                         nursery.start_soon(delivery.serve_requests)
                         await delivery.send_head()
                         # resuming, the guest may touch a stale page: requests are served from here on
-                        await cross_point_of_no_return(sink, guest, state, migration=self.id, destination=self.address)
+                        await cross_point_of_no_return(sink, guest, state, migration=self.id, destination=self.address,
+                                                       postcopy=True)
                         stats.started = time.perf_counter()
                     finally:
                         guest.committed = guest.committed or sink.committed
@@ -401,13 +414,18 @@ class SourceMigration:
         state.verified = True
 
     def _describe(self, error: BaseException) -> str:
-        """One line for a failure; after a post-copy commit it also says what was left where."""
+        """One line for a failure; after a post-copy commit it also says what was left where, and
+        the command that finishes the migration from here."""
         text, delivery = describe(error), self._delivery
         if delivery is None or not self.committed or self._switchover.verified:
             return text
+        s = self.settings
+        command = resume_command(self.id, self.guest_control, self.address, insecure=s.token is None,
+                                 tls=s.tls is not None)
         return (f"post-copy interrupted with {delivery.owed} of {delivery.stats.stale_pages} stale pages never sent: "
                 f"{text}; the source guest stays frozen (pid {self._guest.layout.pid}), the destination's guest "
-                f"waits on its missing pages")
+                f"waits on its missing pages; finish it (while the receiver waits, its --recover-timeout) with: "
+                f"{command}")
 
     def _postcopy_report(self) -> PostcopyReport | None:
         stats = self._postcopy

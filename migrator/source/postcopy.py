@@ -169,6 +169,9 @@ class Delivery:
         self.number = number
         self.stats = stats
         self.states = stale.states       # STALE -> SENT as pages go
+        # the destination acknowledged the page digest: set before any checkpoint, since the
+        # receiver may hang up right after, and its EOF can overtake the Ack on the way in
+        self.verified = False
         # held from claiming a request's pages until they are written: the page digest, a
         # barrier, must not overtake pages the push skipped because a request claimed them
         self._answering = trio.Lock()
@@ -206,6 +209,7 @@ class Delivery:
         self.stats.dest = dict(ack.timings_ms)
         if not ack.ok:
             raise MigrationFailed(f"destination's copy failed verification after post-copy: {ack.reason or '?'}")
+        self.verified = True
 
     async def serve_requests(self) -> None:
         """Answer each Request with its pages not sent yet, ahead of the push."""

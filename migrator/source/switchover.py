@@ -134,14 +134,16 @@ async def commit(sink: PeerSink, guest: AttachedGuest, state: Switchover, digest
 
 
 async def cross_point_of_no_return(sink: PeerSink, guest: AttachedGuest, state: Switchover, *, migration: str,
-                                   destination: str) -> None:
-    """Make the guest's stop permanent (its state file says so), send Commit and wait for the
-    destination's guest to run; the downtime ends there. From here the source never resumes."""
+                                   destination: str, postcopy: bool = False) -> None:
+    """Make the guest's stop permanent (its state file says so, and for a ``postcopy`` also
+    which round switched, so that ``migrate --resume`` can finish it), send Commit and wait for
+    the destination's guest to run; the downtime ends there. From here the source never resumes."""
     # ---- point of no return: from here the source guest never resumes ----
     state.step = "commit"
     t = time.perf_counter()
     await trio.to_thread.run_sync(
-        functools.partial(guest.throttle.commit, migration, control=guest.guest_control, destination=destination)
+        functools.partial(guest.throttle.commit, migration, control=guest.guest_control, destination=destination,
+                          layout=guest.layout, switch_round=state.number if postcopy else None)
     )
     guest.committed = True
     recorded = time.perf_counter()

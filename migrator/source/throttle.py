@@ -141,16 +141,19 @@ class Throttle:
             future = self._post("thaw")
         self._wait(future, "thaw")
 
-    def commit(self, migration: str, *, control: str, destination: str = "") -> committed.CommitRecord:
+    def commit(self, migration: str, *, control: str, destination: str = "", layout=None,
+               switch_round: int | None = None) -> committed.CommitRecord:
         """The point of no return, before Commit is sent: make the freeze's stop permanent (it then
-        survives the migrator) and record it in the guest's state file beside ``control``.
+        survives the migrator) and record it in the guest's state file beside ``control``, with
+        the migration's ``layout`` (a ``MemoryLayout``) and, for a post-copy, its ``switch_round``:
+        what a later ``migrate --resume`` needs from a guest that answers nothing while stopped.
 
         Either everything is done or nothing is (GuestError, the guest still frozen and ours to
         thaw): the state file is staged first, then the SIGSTOP queued, then the file renamed."""
         with self._cond:
             if self._state != _FROZEN:
                 raise RuntimeError(f"throttle of pid {self.pid} is {self._state}, not frozen")
-            future = self._post("commit", migration, control, destination)
+            future = self._post("commit", migration, control, destination, layout, switch_round)
         record = self._wait(future, "commit", definitive=True)
         with self._cond:
             self._state = _COMMITTED
@@ -327,10 +330,14 @@ class Throttle:
             return None
         raise AssertionError(command.name)
 
-    def _commit(self, stopper: GuestStopper, migration: str, control: str, destination: str) -> committed.CommitRecord:
+    def _commit(self, stopper: GuestStopper, migration: str, control: str, destination: str, layout,
+                switch_round: int | None) -> committed.CommitRecord:
         if stopper.gone or not stopper.holding:
             raise GuestError(f"guest pid {self.pid} is not frozen (exited?)")
-        staged = committed.StagedRecord(control, committed.new_record(self.pid, migration, destination))
+        shape = {} if layout is None else {
+            "page_size": layout.page_size, "regions": tuple((r.start, r.length) for r in layout.regions)}
+        record = committed.new_record(self.pid, migration, destination, switch_round=switch_round, **shape)
+        staged = committed.StagedRecord(control, record)
         try:
             stopper.make_permanent(self._pidfd)
         except BaseException:

@@ -36,6 +36,21 @@ def test_round_trip_names_this_process_only(control):
     assert committed.state_path(control) in refusal and "\n" not in refusal
 
 
+def test_a_postcopy_record_keeps_its_layout_and_an_older_one_reads_without(control):
+    record = committed.new_record(os.getpid(), "pc", "d:1", switch_round=3, page_size=4096,
+                                  regions=((0x7F0000000000, 64 << 20),))
+    committed.StagedRecord(control, record).publish()
+    again = committed.read_record(control)
+    assert again == record and again.postcopy and again.regions == ((0x7F0000000000, 64 << 20),)
+    assert "(post-copy)" in again.describe()
+    doc = json.loads(record.to_json())
+    for name in ("switch_round", "page_size", "regions"):
+        del doc[name]
+    write(control, json.dumps(doc).encode())
+    older = committed.read_record(control)
+    assert not older.postcopy and older.regions == () and older.page_size == 0
+
+
 def test_a_file_left_by_a_process_that_is_gone_does_not_apply(control):
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -76,6 +91,8 @@ def test_an_unreadable_file_counts_as_committed(control, data, why):
 @pytest.mark.parametrize("field, value", [
     ("pid", True), ("pid", -1), ("pid", "1"), ("pid_start", 1.5), ("migration", 7),
     ("migration", "x" * 513), ("committed_unix", "now"), ("committed_unix", float("nan")),
+    ("switch_round", -1), ("switch_round", "1"), ("page_size", 4096.0), ("regions", [[1, 2, 3]]),
+    ("regions", [[-1, 4096]]), ("regions", [[0, 4096]] * 65), ("regions", "x"), ("regions", [[0, True]]),
 ])
 def test_fields_are_checked(control, field, value):
     doc = json.loads(committed.new_record(os.getpid(), "m", "d").to_json())
