@@ -6,8 +6,9 @@ The rules, checked in this order after every round (the report records the rule'
 rule               action       when
 =================  ===========  ================================================================
 settling           CONTINUE     (``settle``) the target is met, but the expected downtime is at most
-                                ``SETTLE_GAIN`` times the previous round's: another round is short
-                                and cuts the downtime about as much again
+                                ``SETTLE_GAIN`` times the previous round's (after round 0: times a
+                                stop-and-copy's, round 0's own length): another round is short and
+                                cuts the downtime about as much again
 downtime-target    SWITCHOVER   the last round's expected downtime is within ``headroom`` times the
                                 target (QEMU's rule, aimed a little under the target)
 min-pages          SWITCHOVER   the last round moved at most ``min_pages`` pages (P.Haul)
@@ -43,7 +44,11 @@ often falls from far above the target to just under it (a 4 GiB guest's round 1 
 enough to leave thousands of pages dirty), and switching there spends most of the target when one
 more round, a fraction of round 0's length, would bring the downtime near its fixed part. Once
 the fixed part dominates the estimate it stops halving and the switch-over follows; under
-auto-converge, near ``max_rounds`` or with at most ``min_pages`` pages left there is no settling.
+auto-converge, on the last round allowed (``max_rounds``, ``postcopy_after``) or with at most
+``min_pages`` pages left there is no settling.
+Round 0 settles too: with a fast round 0 a small guest meets the target right after it, with the
+pages written during the whole of round 0 still to copy inside the downtime; what the switch
+would have cost before round 0 is round 0 itself (it sent every page), so the same test applies.
 ``settle=False`` (``migrate --switch-asap``) switches as soon as the target is met, as QEMU does.
 
 Why a flat dirty set is no progress: a guest that writes about as fast as the link moves pages
@@ -218,9 +223,10 @@ def decide(history: Sequence[RoundStats], settings: PolicySettings = PolicySetti
 def _settling(history: Sequence[RoundStats], s: PolicySettings) -> str | None:
     """Why one more round pays although the target is met (see "settling"), if it does."""
     last = history[-1]
-    if not s.settle or len(history) < 2 or len(history) >= s.max_rounds or last.throttle > 0:
+    last_allowed = s.max_rounds if s.postcopy_after is None else min(s.max_rounds, s.postcopy_after)
+    if not s.settle or len(history) >= last_allowed or last.throttle > 0:
         return None
-    before = history[-2].expected_downtime_ms
+    before = history[-2].expected_downtime_ms if len(history) >= 2 else last.duration_s * 1000
     if last.dirty_pages <= s.min_pages or last.expected_downtime_ms > SETTLE_GAIN * before:
         return None
     return (f"expected downtime {last.expected_downtime_ms:.1f} ms is within the {s.downtime_ms:g} ms target, "

@@ -36,7 +36,10 @@ START = [(262144, 900.0, 0.0), (40000, 160.0, 0.0), (20000, 70.0, 0.0)]
 # name, settings, history rows, (action, rule, throttle)
 CASES = [
     ("no round yet", {}, [], (C, Rule.FIRST_ROUND, 0.0)),
-    ("round 0 already within target", {}, [(65536, 12.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
+    # round 0 (50 ms here) settles as any round does, against a stop-and-copy's cost: round 0 itself
+    ("round 0 within target, halving it: settles", {}, [(65536, 12.0, 0.0)], (C, Rule.SETTLING, 0.0)),
+    ("round 0 within target, less than halving it", {}, [(65536, 30.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("round 0 within target, --switch-asap", {"settle": False}, [(65536, 12.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
     ("within the headroom exactly", {}, START + [(14000, 45.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
     ("headroom just missed, shrinking", {}, START + [(14000, 45.1, 0.0)], (C, Rule.CONVERGING, 0.0)),
     ("under the target is not enough", {}, START + [(14000, 49.0, 0.0)], (C, Rule.CONVERGING, 0.0)),
@@ -113,7 +116,9 @@ CASES = [
      (S, Rule.DOWNTIME_TARGET, 0.0)),
     ("no settling under throttle", {}, START + [(9000, 35.0, 0.2)], (S, Rule.DOWNTIME_TARGET, 0.2)),
     ("no settling with few pages left", {}, START + [(64, 2.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
-    ("round 0 within target: nothing to compare", {}, [(65536, 1.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("round 0 within target, few pages", {}, [(64, 1.0, 0.0)], (S, Rule.DOWNTIME_TARGET, 0.0)),
+    ("round 0 within target, --postcopy-after 1", {"postcopy_after": 1}, [(65536, 12.0, 0.0)],
+     (S, Rule.DOWNTIME_TARGET, 0.0)),
     ("round 0 far over, round 1 within: settle", {}, [(262144, 900.0, 0.0), (3000, 20.0, 0.0)],
      (C, Rule.SETTLING, 0.0)),
 ]
