@@ -40,8 +40,8 @@ async def test_a_receiver_stalled_in_the_switch_over_aborts_it_and_the_source_ru
             def stall_the_receiver(stats) -> None:   # round 0 is acknowledged: the switch-over comes next
                 receiver.popen.send_signal(signal.SIGSTOP)
 
-            # a target that round 0 already meets, so the switch-over follows it at once
-            settings = MigrateSettings(downtime_ms=5000, switchover_timeout_s=1.0, round_timeout_s=30,
+            # a target that round 0 already meets and no settling, so the switch-over follows it at once
+            settings = MigrateSettings(downtime_ms=5000, switchover_timeout_s=1.0, round_timeout_s=30, switch_asap=True,
                                        token=load_default_token())   # the one the receiver made
             migration = SourceMigration(guest.control, receiver.address, settings, on_round=stall_the_receiver)
             started = time.monotonic()
