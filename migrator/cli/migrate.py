@@ -114,11 +114,7 @@ def run(args: argparse.Namespace) -> int:
         view = None if args.quiet else ProgressView(sys.stderr, live=sys.stderr.isatty())
     migration = SourceMigration(args.guest, args.to, settings, on_progress=view, control=args.control or True)
     try:
-        report = interrupts.run(migration.run).to_dict()
-    except BaseException:
-        if args.report and migration.report is not None:
-            _write(rep.save_report, migration.report.to_dict(), args.report)
-        raise
+        report = _run_saving_failure(migration, args.report)
     finally:
         if view is not None:
             view.close()
@@ -153,13 +149,7 @@ def _resume(args: argparse.Namespace) -> int:
         check_tls_address(parse_address(args.to), settings.tls)
     quiet = args.quiet or args.progress_json
     log = (lambda line: None) if quiet else (lambda line: print(f"migrator: {line}", file=sys.stderr, flush=True))
-    resumption = ResumedPostcopy(args.guest, args.to, args.resume, settings, log=log)
-    try:
-        report = interrupts.run(resumption.run).to_dict()
-    except BaseException:
-        if args.report and resumption.report is not None:
-            _write(rep.save_report, resumption.report.to_dict(), args.report)
-        raise
+    report = _run_saving_failure(ResumedPostcopy(args.guest, args.to, args.resume, settings, log=log), args.report)
     if args.progress_json:
         print(json.dumps(report), flush=True)
     else:
@@ -167,6 +157,18 @@ def _resume(args: argparse.Namespace) -> int:
     if args.report:
         _write(rep.save_report, report, args.report)
     return exits.OK
+
+
+def _run_saving_failure(job, path: str | None) -> dict:
+    """``job.run()``'s report; a failed run's report (``job.report``) is written to ``path`` too."""
+    from . import render as rep
+
+    try:
+        return interrupts.run(job.run).to_dict()
+    except BaseException:
+        if path and job.report is not None:
+            _write(rep.save_report, job.report.to_dict(), path)
+        raise
 
 
 def _write(write, report: dict, path: str) -> None:
