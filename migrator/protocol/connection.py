@@ -684,16 +684,15 @@ class Connection:
         name = kind.__name__
         if kind is Hello and self._state in _HANDSHAKE_STATES:   # before the fields: another version's differ
             self._check_version(hello_version(meta))
-        fields = decode_fields(kind, meta)
-        try:
-            if kind is Pages:
-                event = None
-                round_ = _int("Pages", "round", fields["round"], 0, (1 << 32) - 1)
-                runs = _runs("Pages", fields["runs"])
-            else:
+        if kind is Pages:
+            event = None
+            round_, runs = self._pages_fields(meta, where)
+        else:
+            fields = decode_fields(kind, meta)
+            try:
                 event = kind(**fields)
-        except LocalProtocolError as exc:
-            raise LocalProtocolError(f"invalid {name} in {where}: {exc}") from None
+            except LocalProtocolError as exc:
+                raise LocalProtocolError(f"invalid {name} in {where}: {exc}") from None
         peer = self.role.peer
         sym = symbol(event, peer) if event is not None else "Pages"
         target, drop = transition(self._table, self._state, peer, sym, received=True)

@@ -139,9 +139,13 @@ class MemfdMemory:
         return view
 
     def _offset(self, address: int) -> int:
+        return self._place(address)[0]
+
+    def _place(self, address: int) -> tuple[int, int]:
+        """``address``'s offset in the mapping and the end of its region's part of it."""
         for region, offset in zip(self._regions, self._offsets):
             if region.start <= address < region.end:
-                return offset + address - region.start
+                return offset + address - region.start, offset + region.length
         raise OSError(errno.EFAULT, f"memfd: address {address:#x} outside the guest's regions")
 
     def read_runs(self, runs: list[Run], out=None, *, hashes: array | None = None):
@@ -191,9 +195,9 @@ class MemfdMemory:
             raise OSError(errno.EACCES, "memfd: this view of the guest's memory is read-only")
         views, start, end = [], -1, -1
         for address, count in runs:
-            offset = self._offset(address)
+            offset, region_end = self._place(address)
             length = count * self.page_size
-            if offset + length > self._region_end(address):
+            if offset + length > region_end:
                 raise OSError(errno.EFAULT, f"memfd: pages {address:#x}+{count} outside the guest's regions")
             if offset == end:
                 end += length
@@ -204,12 +208,6 @@ class MemfdMemory:
         if end > start:
             views.append(self._view[start:end])
         return views
-
-    def _region_end(self, address: int) -> int:
-        for region, offset in zip(self._regions, self._offsets):
-            if region.start <= address < region.end:
-                return offset + region.length
-        raise OSError(errno.EFAULT, f"memfd: address {address:#x} outside the guest's regions")
 
     def populate(self) -> None:
         """Map every page of the memfd here now (MADV_POPULATE_READ/WRITE, Linux 5.14+) rather
