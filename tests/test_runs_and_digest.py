@@ -14,6 +14,7 @@ from migrator.core.digest import (
 )
 from migrator.core.model import MemoryLayout, Region
 from migrator.core.runs import complement, count_pages, split_runs, union
+from migrator.native.pages import ffi, lib
 
 P = 4096
 
@@ -121,6 +122,26 @@ def test_hashes_computed_while_moving_pages_record_like_the_pages_themselves():
         b.record_hashes(FLAT, at(2, 3) + at(9, 2), hashes[:4])
     with pytest.raises(ValueError, match="outside the layout"):
         b.record_hashes(FLAT, at(63, 2), hashes[:2])
+
+
+def test_page_hashes_are_pinned_and_the_wide_pass_gives_the_scalar_hashes():
+    """Images keep page hashes, so the hash may never change: pinned on two pages. The vector
+    pass (on CPUs with AVX-512DQ) must give the scalar loop's hashes for any page count,
+    including counts that leave pages for the scalar tail, and any buffer alignment."""
+    pinned = new_hashes(2)
+    hash_pages_into(bytes(range(256)) * 16 + bytes(P), 2, P, pinned)
+    assert list(pinned) == [0x14FAAA66126F1C70, 0x0BF626E96E778CEB]
+    rng = random.Random(8)
+    raw = bytearray(rng.randbytes(41 * P + 8))
+    for count in (1, 7, 8, 9, 16, 23, 40):
+        for shift in (0, 8):
+            view = memoryview(raw)[shift : shift + count * P]
+            view[rng.randrange(len(view))] ^= 1 << rng.randrange(8)   # a flipped bit anywhere
+            wide, scalar = new_hashes(count), new_hashes(count)
+            hash_pages_into(view, count, P, wide)
+            lib.hash_pages_scalar(ffi.from_buffer(view), count, P, ffi.from_buffer("uint64_t[]", scalar))
+            assert wide == scalar, (count, shift)
+            assert len(set(wide)) == count
 
 
 def test_the_running_digest_equals_the_digest_of_the_table_from_scratch():

@@ -8,13 +8,15 @@
 #define ZERO_SCAN_BYTES 32
 
 /* Page digest tables: one hash per page (hash_pages computes them: out[i] = the hash of buf's
-   page i), and the table's digest sum (two words), kept current as entries change;
+   page i; wide vector passes where the CPU has them, with the same results as hash_pages_scalar,
+   which tests compare them with), and the table's digest sum (two words), kept current as entries change;
    page_hashes_sum computes sum from scratch. page_hashes_at sets the entries of runs, nruns
    (address, page count) pairs in regions, nregions (start, length, first page index) triples:
    the next of given's hashes (one per page of the runs, in order), or zero_hash for every page
    when given is NULL. Returns nruns, or the index of the first run outside the regions or the
    table (the entries before it are set). */
 void hash_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint64_t *out);
+void hash_pages_scalar(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint64_t *out);
 void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2]);
 uint64_t page_hashes_at(const uint64_t *runs, uint64_t nruns, const uint64_t *regions, uint64_t nregions,
                         uint64_t page_size, uint64_t zero_hash, const uint64_t *given, uint64_t *table,
