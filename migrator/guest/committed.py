@@ -150,13 +150,14 @@ def refusal(control: str, pid: int, action: str) -> str | None:
             f"(remove {path} to run this one anyway)")
 
 
-def discard_stale(control: str) -> None:
-    """Remove the state file beside ``control`` if the process it names is gone."""
+def discard_stale(control: str, *, killed: int | None = None) -> None:
+    """Remove the state file beside ``control`` if the process it names is gone, or is
+    ``killed`` (its pid, sent SIGKILL by the caller: it never runs again, whenever it exits)."""
     try:
         record = read_record(control)
     except GuestError:
         return   # not ours to judge: the refusal says what to do with it
-    if record is not None and process_start(record.pid) != record.pid_start:
+    if record is not None and (record.pid == killed or process_start(record.pid) != record.pid_start):
         try:
             os.unlink(state_path(control))
         except FileNotFoundError:

@@ -7,9 +7,6 @@ committed, when it must never run again), stop the throttle, release the tracker
 
 from __future__ import annotations
 
-import os
-import signal
-
 import trio
 
 from ..core.model import MemoryLayout
@@ -81,7 +78,4 @@ class AttachedGuest:
 
     def terminate(self) -> None:
         """Kill the source guest: after the commit its copy lives on elsewhere."""
-        try:
-            os.kill(self.layout.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self.throttle.kill()

@@ -185,6 +185,21 @@ def test_after_the_commit_the_guest_stays_stopped_and_says_why(guest):
         steps_advance(guest.control, within=5.0)
 
 
+def test_a_killed_committed_guest_is_let_go_without_waiting_and_its_state_file_goes(guest):
+    """After the commit the migrator kills its guest: close lets go at once (nothing waits for
+    the kernel to free the guest's memory), the state file is removed, and the guest dies."""
+    throttle = Throttle(guest.pid)
+    try:
+        throttle.freeze()
+        throttle.commit("m-killed", control=guest.control, destination="192.0.2.1:7000")
+        assert os.path.exists(committed.state_path(guest.control))
+        throttle.kill()
+    finally:
+        throttle.close()
+    assert not os.path.exists(committed.state_path(guest.control)), "a killed guest keeps no state file"
+    assert guest.popen.wait(timeout=10) == -signal.SIGKILL
+
+
 def test_the_guest_refuses_resume_when_its_state_file_names_it(guest):
     with GuestClient(guest.control) as client:
         client.pause()
