@@ -49,7 +49,7 @@ REPORT = {
     "downtime_ms": 4.2,
     "downtime_parts_ms": {"freeze": 0.1, "final_scan": 0.3, "final_send": 2.0, "verify": 0.5,
                           "region_digest": 0.0, "commit": 0.8, "resume": 0.5},
-    "total_s": 1.5, "pages_sent": 160072, "bytes_raw": 655654912, "bytes_wire": 173862912,
+    "total_s": 1.5, "pages_sent": 160072, "bytes_raw": 655654912, "pages_lent": 0, "bytes_wire": 173862912,
     "verified": True, "result": "committed", "committed": True, "error": None, "control": None, "postcopy": None,
 }
 

@@ -314,6 +314,13 @@ class Connection:
         return isinstance(self._in, Mac) or isinstance(self._out, Mac)
 
     @property
+    def payloads_may_change(self) -> bool:
+        """Whether a Pages payload sent from here may be memory that changes while it is sent:
+        true on a protected link, whose payloads carry no tag (a tag hashed apart from the send
+        could disagree with the bytes that went, and the peer would refuse the frame)."""
+        return self._out is PROTECTED
+
+    @property
     def layout(self) -> Layout | None:
         return self._primary._layout if self._primary is not None else self._layout
 

@@ -18,7 +18,7 @@ import trio
 
 from .. import protocol as p
 from ..core.buffers import BufferPool
-from ..core.digest import PageDigests, new_hashes
+from ..core.digest import PageDigests, hash_pages_into, new_hashes
 from ..core.model import MemoryLayout, Run
 from ..core.runs import Runs, count_pages, split_runs
 from .sink import Sink
@@ -57,16 +57,30 @@ class PageStream:
         self.digests = digests
         self.sink = sink
         self.sent: list[list[Run]] | None = [] if keep_sent else None
+        self.lent = 0            # pages sent from the guest's shared memory in place (``read_chunk``)
         self._buffers = BufferPool(READ_CHUNK_PAGES * layout.page_size)
 
-    def read_chunk(self, chunk: list[Run], buffers: BufferPool | None = None) -> tuple[memoryview, float]:
+    def read_chunk(self, chunk: list[Run], buffers: BufferPool | None = None, *,
+                   lend: bool = False) -> tuple[memoryview, float]:
         """The chunk's pages into a buffer of ``buffers`` (default: this stream's, a chunk's
-        size), digests recorded; a worker thread's work, or a few pages' on any thread."""
+        size), digests recorded; a worker thread's work, or a few pages' on any thread.
+
+        ``lend``: where the memory can lend the chunk's pages in place (a shared memfd, the
+        chunk's runs next to each other in it), they are sent from there, with no copy; their
+        digests are of the bytes as hashed. A write between the hash and the send is a write
+        after the round's scan, so the page is sent again, and the final copy sends a frozen
+        guest's pages: the two ends' digests agree by then."""
         t = time.perf_counter()
         pages = count_pages(chunk)
-        data = memoryview((buffers or self._buffers).take())[: pages * self.layout.page_size]
         hashes = new_hashes(pages)    # each page hashed as it is read, while in the cache
-        self.memory.read_runs(chunk, data, hashes=hashes)
+        lent = self.memory.lend(chunk) if lend and hasattr(self.memory, "lend") else None
+        if lent is not None:
+            hash_pages_into(lent, pages, self.layout.page_size, hashes)
+            data = lent
+            self.lent += pages
+        else:
+            data = memoryview((buffers or self._buffers).take())[: pages * self.layout.page_size]
+            self.memory.read_runs(chunk, data, hashes=hashes)
         self.digests.record_hashes(self.layout, chunk, hashes)
         return data, time.perf_counter() - t
 
@@ -83,10 +97,11 @@ class PageStream:
         read and send times and the bytes."""
         send_chunks, recv_chunks = trio.open_memory_channel(CHUNKS_AHEAD)
         ps, sent = self.layout.page_size, 0
+        lend = self.sink.payloads_may_change
 
         def read(chunk: list[Run]) -> tuple[Runs, memoryview, float]:
             runs = Runs.pack(chunk)    # packed once: the read, the digests and the event share it
-            return runs, *self.read_chunk(runs)
+            return runs, *self.read_chunk(runs, lend=lend)
 
         async def reader() -> None:
             async with send_chunks:

@@ -120,6 +120,7 @@ class MigrationReport:
     bytes_wire: int = 0
     pages_sent: int = 0        # pages whose bytes were sent: every round's non-zero pages and the final copy's
     bytes_raw: int = 0         # page bytes before compression, over every round
+    pages_lent: int = 0        # of pages_sent, those sent from the guest's shared memory in place (no copy)
     control: str | None = None  # the control socket it answered status/cancel/set on
     postcopy: PostcopyReport | None = None   # set when the run switched to post-copy
 
@@ -173,6 +174,7 @@ def report_of(settings, *, layout, precopy, switchover, wire_bytes: int, rule: t
         + (postcopy.pushed_pages + postcopy.requested_pages + postcopy.duplicate_pages if postcopy
            else final_pages or 0),
         bytes_raw=sum(r.bytes_raw for r in rounds),
+        pages_lent=precopy.pages.lent if precopy else 0,
         control=control,
         postcopy=postcopy,
     )

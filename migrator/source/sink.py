@@ -38,6 +38,12 @@ class Sink:
     def __init__(self, channel) -> None:
         self.channel = channel
 
+    @property
+    def payloads_may_change(self) -> bool:
+        """Whether a Pages payload may be the guest's live memory rather than a copy (a link
+        whose payloads carry no tag: see ``transport.Channel.payloads_may_change``)."""
+        return bool(getattr(self.channel, "payloads_may_change", False))
+
     async def send(self, event: p.Event) -> None:
         await self.channel.send(event)
 

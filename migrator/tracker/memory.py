@@ -188,6 +188,18 @@ class MemfdMemory:
         o = self._offset(address)
         return self._view[o : o + length]
 
+    def lend(self, runs: list[Run]) -> memoryview | None:
+        """The runs' pages as one live view of the mapping, when they lie next to each other in
+        it (else None: the caller copies them). No copy: the bytes change while the guest runs."""
+        if not runs:
+            return None
+        length = count_pages(runs) * self.page_size
+        last, count = runs[-1]
+        if last + count * self.page_size - runs[0][0] != length:   # sorted runs with gaps between
+            return None
+        offset, region_end = self._place(runs[0][0])
+        return self._view[offset : offset + length] if offset + length <= region_end else None
+
     def views_of(self, runs: list[Run]) -> list[memoryview]:
         """Writable views of the runs' pages in the mapping, in order, a run next to the one
         before it in the mapping joined to its view: where a receiver puts a batch's payload."""

@@ -72,6 +72,11 @@ class Channel:
         return any(link.conn.frame_macs for link in self._links)
 
     @property
+    def payloads_may_change(self) -> bool:
+        """Whether a Pages payload may be live memory (see ``Connection.payloads_may_change``)."""
+        return all(link.conn.payloads_may_change for link in self._links)
+
+    @property
     def session_id(self) -> bytes:
         return self._links[0].conn.session_id
 

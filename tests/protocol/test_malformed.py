@@ -349,9 +349,12 @@ def test_frames_carry_checksums_only_when_both_ends_say_their_link_needs_no_mac(
     frame = bytearray(both.conn[S].send(PAGES))
     frame[HEADER.size + 1] ^= 0x01                    # the meta (the runs): still under the frame tag
     refuses(checksum_session((CHECKSUM_FRAMES,), (CHECKSUM_FRAMES,)).conn[D], bytes(frame), "fails its checksum")
+    assert both.conn[S].payloads_may_change, "untagged payloads may be live memory"
     for source, dest in (((CHECKSUM_FRAMES,), ()), ((), (CHECKSUM_FRAMES,)), ((), ())):
         one = checksum_session(source, dest)
         assert all(c.authenticated and c.frame_macs for c in one.conn.values())
+        assert not one.conn[S].payloads_may_change, "a payload under a MAC must be the bytes it hashed"
+    assert not Connection(Role.SOURCE).payloads_may_change, "nor under a checksum (no session yet)"
 
 
 def test_the_feature_cannot_be_added_on_the_way():

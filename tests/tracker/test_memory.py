@@ -163,6 +163,28 @@ def test_transfers_hash_each_page_as_it_moves_across_call_boundaries():
         memory.read_runs(runs, hashes=new_hashes(len(hashes) - 1))
 
 
+def test_memfd_memory_lends_adjacent_runs_in_place_and_nothing_else():
+    """Runs next to each other in one region come back as one live view of the mapping (a
+    write shows through it); runs with a gap, or past their region's end, are not lent."""
+    fd = os.memfd_create("t")
+    os.ftruncate(fd, 12 * P)
+    m = mmap.mmap(fd, 12 * P)
+    m[:] = os.urandom(12 * P)
+    first, second = Region(0x100000, 8 * P), Region(0x108000, 4 * P)   # adjacent in memory too
+    memory = MemfdMemory(fd, [first, second])
+    lent = memory.lend([(first.start + P, 2), (first.start + 3 * P, 3)])
+    assert lent is not None and lent.readonly and bytes(lent) == m[P : 6 * P]
+    m[2 * P] ^= 0xFF                                    # the guest writes: the lent bytes change
+    assert lent[P] == m[2 * P]
+    assert bytes(memory.lend([(second.start, 4)])) == m[8 * P : 12 * P]
+    assert memory.lend([(first.start, 1), (first.start + 2 * P, 1)]) is None      # a gap
+    assert memory.lend([(first.start + 7 * P, 2)]) is None                        # past the region
+    assert memory.lend([]) is None
+    del lent
+    memory.close()
+    os.close(fd)
+
+
 def test_memfd_memory_hashes_like_process_memory():
     fd, m, base = _memfd_mapping()
     runs = [(base + 2 * P, 2), (base + 9 * P, 1)]
