@@ -71,7 +71,7 @@ class AttachedGuest:
     def _hang_up(self) -> None:
         self.client.close()
         if isinstance(self.memory, MemfdMemory):
-            self.memory.close()
+            self.memory.close(wait=False)    # the migration has ended: nothing waits for the unmap
 
     async def set_tag(self, tag: str) -> None:
         await trio.to_thread.run_sync(self.client.set_tag, tag)
