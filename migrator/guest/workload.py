@@ -239,6 +239,17 @@ class Workload:
         return done[0], done[1]
 
 
+def check_pages_in(region, runs: bytes, deep: bool = False) -> CheckResult:
+    """``Workload.check_pages`` over ``region``, a guest's whole region as another process maps
+    it (a receiver's view of its restore guest's memfd): the same C check, with no request to
+    the guest and its round trip. The guest must not run meanwhile (inside a downtime it does
+    not). The bytes are hostile like any page: the check reads only inside ``region``."""
+    pairs = ffi.from_buffer("uint64_t[]", runs)
+    base = ffi.from_buffer("uint8_t[]", region)
+    return _checked(lambda problem, detail: lib.guest_check_pages(base, len(region), int(deep), pairs,
+                                                                   len(runs) // 16, problem, detail))
+
+
 def _checked(check) -> CheckResult:
     """Run one of the C self-checks, ``check(problem, detail)`` returning the first bad page or
     -1, and word its outcome."""

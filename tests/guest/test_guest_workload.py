@@ -12,7 +12,7 @@ import zstandard
 from migrator.core.errors import GuestError
 from migrator.guest.layout import Geometry, Pattern, Settings, region_digest
 from migrator.guest.mapping import RegionMapping
-from migrator.guest.workload import CheckResult, Workload
+from migrator.guest.workload import CheckResult, Workload, check_pages_in
 from migrator.core.model import PAGE_SIZE
 
 SIZE = 4 << 20
@@ -249,6 +249,10 @@ def test_a_check_of_listed_pages_sees_them_and_only_them():
     as_runs = lambda *runs: array.array("Q", [n for run in runs for n in run]).tobytes()   # noqa: E731
     listed = workload.check_pages(as_runs((victim - 2, 5)))
     assert (listed.clean, listed.first_bad_page) == (False, victim) and "header corrupted" in listed.problem
+    elsewhere = bytearray(workload.mapping.buffer)     # the region as another process maps it (a receiver)
+    assert check_pages_in(elsewhere, as_runs((victim - 2, 5))) == listed
+    assert check_pages_in(elsewhere, as_runs((0, 1), (victim + 1, 3))).clean
+    assert not check_pages_in(elsewhere, as_runs((SIZE // PAGE_SIZE - 1, 2))).clean
     assert workload.check_pages(as_runs((table_page, 1))).clean            # table pages: the digest's
     assert workload.check_pages(as_runs((0, 1), (victim + 1, 3))).clean      # not listed: not looked at
     assert workload.check_pages(b"").clean
