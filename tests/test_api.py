@@ -85,6 +85,8 @@ async def test_a_receiver_with_a_control_socket_and_a_prepared_guest_through_the
 
                 nursery.start_soon(ask_while_applying)
                 report = await migration.run()
+                while not reports:      # the source is done once resumed; the receiver's own end follows
+                    await trio.sleep(0.01)
                 after = await trio.to_thread.run_sync(migrator.control_request, control, {"op": "status"})
                 nursery.cancel_scope.cancel()
     assert idle["migrations"] == [] and idle["resumed"] == []

@@ -329,8 +329,8 @@ def test_receive_data_after_eof_is_misuse():
         conn.receive_data(b"x")
 
 
-def checksum_session(source_features, dest_features) -> ConnectionPair:
-    p = ConnectionPair(token=TOKEN)
+def checksum_session(source_features, dest_features, compress: str = "zstd:1") -> ConnectionPair:
+    p = ConnectionPair(token=TOKEN, compress=compress)
     p.send(S, Hello(features=source_features), expect=...)
     p.send(D, Hello(features=dest_features), expect=...)
     p.send(S, Auth(), expect=...)
@@ -349,11 +349,14 @@ def test_frames_carry_checksums_only_when_both_ends_say_their_link_needs_no_mac(
     frame = bytearray(both.conn[S].send(PAGES))
     frame[HEADER.size + 1] ^= 0x01                    # the meta (the runs): still under the frame tag
     refuses(checksum_session((CHECKSUM_FRAMES,), (CHECKSUM_FRAMES,)).conn[D], bytes(frame), "fails its checksum")
-    assert both.conn[S].payloads_may_change, "untagged payloads may be live memory"
+    assert not both.conn[S].payloads_may_change, "a compressed payload must hold still while it is compressed"
+    assert checksum_session((CHECKSUM_FRAMES,), (CHECKSUM_FRAMES,), "none").conn[S].payloads_may_change, \
+        "untagged, uncompressed payloads may be live memory"
     for source, dest in (((CHECKSUM_FRAMES,), ()), ((), (CHECKSUM_FRAMES,)), ((), ())):
         one = checksum_session(source, dest)
         assert all(c.authenticated and c.frame_macs for c in one.conn.values())
-        assert not one.conn[S].payloads_may_change, "a payload under a MAC must be the bytes it hashed"
+        assert not checksum_session(source, dest, "none").conn[S].payloads_may_change, \
+            "a payload under a MAC must be the bytes it hashed"
     assert not Connection(Role.SOURCE).payloads_may_change, "nor under a checksum (no session yet)"
 
 
