@@ -48,7 +48,6 @@ from .sink import PeerSink
 
 RESUME_ANSWER_S = 60.0   # Resume sent to the destination's Ack of it (it lists what it lacks first)
 HASH_THREADS = 2         # worker threads hashing the frozen region
-EXIT_WAIT_S = 10.0       # how long the killed source guest may take to exit
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,15 +243,14 @@ class ResumedPostcopy:
             raise MigrationFailed(f"not done after {self.settings.postcopy_timeout_s:g} s (--postcopy-timeout)") from None
 
     async def _terminate(self, pidfd: int) -> None:
-        """Kill the verified source guest (through its pidfd: never a recycled pid) and, once it
-        is gone, remove its state file."""
+        """Kill the verified source guest (through its pidfd: never a recycled pid) and remove its
+        state file: a killed guest never runs again, so nothing waits for its exit (the kernel
+        freeing its memory), as after a live migration's commit."""
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        with trio.move_on_after(EXIT_WAIT_S):
-            await trio.lowlevel.wait_readable(pidfd)     # readable once it has exited
-        committed.discard_stale(self.guest_control)
+        committed.discard_stale(self.guest_control, killed=self.interrupted.pid)
 
     def _report(self, total_s: float, error: BaseException | None) -> MigrationReport:
         target, s, stats = self.interrupted, self.settings, self.stats

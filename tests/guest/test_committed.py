@@ -64,10 +64,13 @@ def test_a_file_left_by_a_process_that_is_gone_does_not_apply(control):
     assert not os.path.exists(committed.state_path(control))
 
 
-def test_discard_stale_keeps_a_live_record(control):
+def test_discard_stale_keeps_a_live_record_unless_its_guest_was_killed(control):
     committed.StagedRecord(control, committed.new_record(os.getpid(), "live", "")).publish()
     committed.discard_stale(control)
+    committed.discard_stale(control, killed=os.getpid() + 1)      # another process was killed
     assert committed.read_record(control).migration == "live"
+    committed.discard_stale(control, killed=os.getpid())          # its guest: it never runs again
+    assert not os.path.exists(committed.state_path(control))
 
 
 @pytest.mark.parametrize("data, why", [
