@@ -26,7 +26,18 @@ class Receiving:
     def answer(self, request) -> dict:
         if request.op != "status":
             raise MigratorError(f"a receiver answers status only: {request.op} a migration at its source")
-        return {"migrations": [{"id": m.id, "peer": getattr(m.channel, "name", None),
-                                "state": f"round {m.rounds[-1].round + 1}" if m.rounds else "starting",
+        return {"migrations": [{"id": m.id, "peer": getattr(m.channel, "name", None), "state": state_of(m),
                                 "pages_applied": m.pages_applied} for m in self.active],
                 "resumed": list(self.resumed)}
+
+
+def state_of(migration) -> str:
+    """What a migration in progress is doing, in a word or two: "starting", "round N" (receiving
+    it), "switch-over" (the final copy is in: verifying, then resuming the guest), "post-copy"
+    (the guest runs, its stale pages still arriving) or "resumed" (done, its end being recorded)."""
+    if migration.resumed:
+        return "post-copy" if migration.postcopy is not None else "resumed"
+    if not migration.rounds:
+        return "starting"
+    last = migration.rounds[-1]
+    return "switch-over" if last.final else f"round {last.round + 1}"
