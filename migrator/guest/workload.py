@@ -216,9 +216,7 @@ class Workload:
     def check_pages(self, runs: bytes, deep: bool = False) -> CheckResult:
         """``check`` of the control block and of the data pages in ``runs`` (native 64-bit
         (first region page, count) pairs): what a downtime can afford, whatever the region's size."""
-        pairs = ffi.from_buffer("uint64_t[]", runs)
-        return _checked(lambda problem, detail: lib.guest_check_pages(self._base, self.mapping.size, int(deep), pairs,
-                                                                       len(runs) // 16, problem, detail))
+        return _check_pages(self._base, self.mapping.size, runs, deep)
 
     def digest(self) -> str:
         return region_digest(self.mapping.buffer)
@@ -244,10 +242,14 @@ def check_pages_in(region, runs: bytes, deep: bool = False) -> CheckResult:
     it (a receiver's view of its restore guest's memfd): the same C check, with no request to
     the guest and its round trip. The guest must not run meanwhile (inside a downtime it does
     not). The bytes are hostile like any page: the check reads only inside ``region``."""
+    return _check_pages(ffi.from_buffer("uint8_t[]", region), len(region), runs, deep)
+
+
+def _check_pages(base, size: int, runs: bytes, deep: bool) -> CheckResult:
+    """The C check of the control block and of the data pages in ``runs`` over ``size`` bytes at ``base``."""
     pairs = ffi.from_buffer("uint64_t[]", runs)
-    base = ffi.from_buffer("uint8_t[]", region)
-    return _checked(lambda problem, detail: lib.guest_check_pages(base, len(region), int(deep), pairs,
-                                                                   len(runs) // 16, problem, detail))
+    return _checked(lambda problem, detail: lib.guest_check_pages(base, size, int(deep), pairs, len(runs) // 16,
+                                                                   problem, detail))
 
 
 def _checked(check) -> CheckResult:

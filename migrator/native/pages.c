@@ -149,10 +149,9 @@ void hash_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint64_
 {
     uint64_t i = 0;
     if (wide_hashing())
-        for (; i + HASH_LANES <= npages; i += HASH_LANES, buf += HASH_LANES * page_size)
-            hash_pages_wide(buf, page_size, out + i);
-    for (; i < npages; i++, buf += page_size)
-        out[i] = hash_page(buf, page_size);
+        for (; i + HASH_LANES <= npages; i += HASH_LANES)
+            hash_pages_wide(buf + i * page_size, page_size, out + i);
+    hash_pages_scalar(buf + i * page_size, npages - i, page_size, out + i);   /* the pages left */
 }
 
 void hash_pages_scalar(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint64_t *out)

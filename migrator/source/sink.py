@@ -41,7 +41,8 @@ class Sink:
     @property
     def payloads_may_change(self) -> bool:
         """Whether a Pages payload may be the guest's live memory rather than a copy (a link
-        whose payloads carry no tag: see ``transport.Channel.payloads_may_change``)."""
+        whose payloads carry no tag and are not compressed: see
+        ``transport.Channel.payloads_may_change``; an image's never)."""
         return bool(getattr(self.channel, "payloads_may_change", False))
 
     async def send(self, event: p.Event) -> None:
