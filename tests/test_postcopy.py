@@ -19,7 +19,7 @@ import trio
 
 from harness.faultproxy import FaultProxy, Faults
 from migrator.core.errors import MigrationFailed
-from migrator.core.tokens import load_default_token
+from migrator.core.tokens import ensure_default_token, load_default_token
 from migrator.destination.engine import DestinationMigration, ReceiveSettings
 from migrator.guest.client import GuestClient
 from migrator.guest.spawn import spawn_guest
@@ -32,10 +32,13 @@ MODES = {
     "postcopy-2-streams": {"postcopy_after": 0, "streams": 2},   # the urgent link is a third
     "after-2": {"postcopy_after": 2, "downtime_ms": 1},
     "auto": {"postcopy_auto": True, "downtime_ms": 1},
+    # an authenticated loopback link: the urgent link goes to the native fault loops
+    "postcopy-native": {"postcopy_after": 0, "authenticated": True},
+    "auto-native": {"postcopy_auto": True, "downtime_ms": 1, "authenticated": True},
 }
 
 
-async def _receiver(nursery, outcomes, sockdir, **settings):
+async def _receiver(nursery, outcomes, sockdir, *, token=None, **settings):
     async def handle(channel):
         migration = DestinationMigration(channel, ReceiveSettings(control_dir=sockdir, **settings), log=lambda line: None)
         try:
@@ -43,7 +46,14 @@ async def _receiver(nursery, outcomes, sockdir, **settings):
         except MigrationFailed:
             outcomes.append(migration.report.to_dict())
 
-    return await nursery.start(functools.partial(serve, "127.0.0.1:0", handle, token=None))
+    return await nursery.start(functools.partial(serve, "127.0.0.1:0", handle, token=token))
+
+
+def _settings(mode: str) -> tuple[dict, bytes | None]:
+    """The migration's settings for ``mode`` and the token both ends use (None: --insecure)."""
+    settings = dict(MODES[mode])
+    token = ensure_default_token()[1] if settings.pop("authenticated", False) else None
+    return {**settings, "token": token}, token
 
 
 def _steps(client: GuestClient) -> int:
@@ -70,24 +80,29 @@ async def test_postcopy_switches_delivers_every_page_and_the_guest_runs_on(sockd
     """Each mode switches, delivers every stale page once (faulted or pushed), verifies the page
     digests, and leaves a destination guest that runs, passes its self-check, and can be
     migrated onward (its region is trackable with WP_ASYNC again)."""
-    rate = None if mode == "auto" else 5000
+    rate = None if mode.startswith("auto") else 5000
+    settings, token = _settings(mode)
     with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=rate, fill="random") as guest:
         await trio.sleep(0.3)
         outcomes: list[dict] = []
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
-                address = await _receiver(nursery, outcomes, sockdir)
-                report = await _migrate(guest, address, compress="none", **MODES[mode])
+                address = await _receiver(nursery, outcomes, sockdir, token=token)
+                report = await _migrate(guest, address, compress="none", **settings)
                 nursery.cancel_scope.cancel()
         assert report["result"] == "committed" and report["verified"]
         pc = report["postcopy"]
         assert pc is not None, report["rule"]
+        native = token is not None
+        assert pc["native_faults"] is native and outcomes[0]["postcopy"]["native_faults"] is native
+        if native:
+            assert pc["faults"] > 0 and pc["requests"] > 0   # the guest ran on missing pages: faults were served
         assert report["settings"]["mode"] == ("postcopy" if mode.startswith("postcopy") else "hybrid")
         if mode.startswith("postcopy"):
             assert pc["switch_round"] == 1 and report["rounds"][0]["bytes_raw"] == 0
         if mode == "after-2":
             assert len(report["rounds"]) == 2 and report["rule"] == "postcopy-after"
-        if mode == "auto":
+        if mode.startswith("auto"):
             assert max(r["throttle"] for r in report["rounds"]) == 0.0   # never slowed: post-copy instead
         assert pc["stale_pages"] > 0
         assert pc["pushed_pages"] + pc["requested_pages"] == pc["stale_pages"]   # each page claimed once
@@ -134,18 +149,21 @@ async def test_postcopy_switches_delivers_every_page_and_the_guest_runs_on(sockd
             final.quit()
 
 
-async def test_a_link_cut_during_postcopy_is_recovered_and_the_guest_is_intact(sockdir):
+@pytest.mark.parametrize("mode", ["postcopy", "postcopy-native"])
+async def test_a_link_cut_during_postcopy_is_recovered_and_the_guest_is_intact(sockdir, mode):
     """Cut after the commit: the source reconnects (--recover-timeout), the destination lists
-    what it lacks, and the migration finishes verified with a guest that runs and checks clean."""
+    what it lacks, and the migration finishes verified with a guest that runs and checks clean.
+    With the native fault loops, the resumed session answers the faults as frames."""
+    settings, token = _settings(mode)
     with spawn_guest(os.path.join(sockdir, "src.sock"), size=64 * MiB, dirty_rate=5000, fill="random") as guest:
         await trio.sleep(0.3)
         outcomes: list[dict] = []
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
-                address = await _receiver(nursery, outcomes, sockdir)
+                address = await _receiver(nursery, outcomes, sockdir, token=token)
                 proxy = FaultProxy("127.0.0.1", int(address.rsplit(":", 1)[1]), Faults(cut_at=32 * MiB))
                 port = await nursery.start(proxy.serve)
-                report = await _migrate(guest, f"127.0.0.1:{port}", compress="none", postcopy_after=0)
+                report = await _migrate(guest, f"127.0.0.1:{port}", compress="none", **settings)
                 while not outcomes:
                     await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
@@ -153,6 +171,7 @@ async def test_a_link_cut_during_postcopy_is_recovered_and_the_guest_is_intact(s
         assert report["result"] == "committed" and report["verified"]
         pc = report["postcopy"]
         assert pc["recoveries"] >= 1 and pc["resent_pages"] > 0
+        assert pc["native_faults"] is (token is not None)
         dest = outcomes[-1]
         assert dest["result"] == "resumed" and dest["error"] is None
         client = GuestClient(dest["guest_control"])

@@ -215,7 +215,8 @@ def format_summary(report: dict) -> str:
                                   f"{pc['pushed_pages']} pushed ({pc.get('duplicate_pages', 0)} of them sent again "
                                   f"for a fault), in {_fmt(pc['duration_s'], '.2f')} s"))
         lines.append(("faults", f"p50 {_fmt(pc['fault_p50_ms'], '.3f')} ms, p99 {_fmt(pc['fault_p99_ms'], '.3f')} ms, "
-                                f"max {_fmt(pc['fault_max_ms'], '.3f')} ms (fault to page installed, at the destination)"))
+                                f"max {_fmt(pc['fault_max_ms'], '.3f')} ms (fault to page installed, at the destination; "
+                                f"{'native loops on the urgent link' if pc.get('native_faults') else 'answered as frames'})"))
         lines.append(("guest", f"{_fmt(pc['guest_rate_before'], '.0f')} writes/s before the switch, "
                                f"{_fmt(pc['guest_rate_after'], '.0f')} during post-copy"))
     if s["error"]:

@@ -98,12 +98,19 @@ class PageDigests:
         pairs = words(runs)
         given = ffi.from_buffer("uint64_t[]", hashes) if hashes is not None else ffi.NULL
         with self._lock:
-            done = lib.page_hashes_at(ffi.from_buffer("uint64_t[]", pairs), len(runs), _region_table(layout),
+            done = lib.page_hashes_at(ffi.from_buffer("uint64_t[]", pairs), len(runs), region_table(layout),
                                       len(layout.regions), self.page_size, self.zero, given,
                                       self._table(), len(self.table), self._sum)
         if done != len(runs):
             address, count = runs[done]
             raise ValueError(f"pages {address:#x}+{count} lie outside the layout")
+
+    def record_indexed(self, pairs, n: int) -> int:
+        """Set the entries named by ``n`` (page index, hash) pairs of ``pairs`` (a cffi
+        ``uint64_t[]``: post-copy's native loops log the pages they moved so). Returns ``n``,
+        or the index of the first pair outside the table (none is set from it on)."""
+        with self._lock:
+            return lib.page_hashes_indexed(pairs, n, self._table(), len(self.table), self._sum)
 
     def value(self) -> bytes:
         """A digest of the whole table: equal tables, equal values (16 bytes)."""
@@ -111,7 +118,7 @@ class PageDigests:
 
 
 @functools.lru_cache(maxsize=16)
-def _region_table(layout: MemoryLayout):
+def region_table(layout: MemoryLayout):
     """(start, length, first page index) per region, as page_hashes_at reads them."""
     flat, first = [], 0
     for region in layout.regions:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from itertools import chain
 
 from ..native.pages import ffi, lib
-from .digest import _region_table
+from .digest import region_table
 from .model import MemoryLayout, Run
 from .runs import Runs
 
@@ -35,7 +35,7 @@ class PageStates:
         self.page_size = layout.page_size
         self.table = bytearray(layout.total_pages)
         self._pointer = ffi.from_buffer("uint8_t[]", self.table)   # the table never changes size
-        self._regions = _region_table(layout)
+        self._regions = region_table(layout)
         firsts, first = [], 0
         for region in layout.regions:
             firsts.append(first)
@@ -97,7 +97,7 @@ def page_index_pairs(layout: MemoryLayout, runs: Sequence[Run]) -> bytes:
     its regions (``MemoryLayout.page_indices``, in one native pass); EFAULT names a run outside."""
     pairs = _pairs(runs)
     out = array("Q", bytes(len(pairs) * 8))
-    done = lib.runs_index(_region_table(layout), len(layout.regions), layout.page_size, layout.total_pages,
+    done = lib.runs_index(region_table(layout), len(layout.regions), layout.page_size, layout.total_pages,
                           ffi.from_buffer("uint64_t[]", pairs), len(runs), ffi.from_buffer("uint64_t[]", out))
     if done != len(runs):
         raise _outside(runs[done])

@@ -295,6 +295,8 @@ class DestinationMigration:
                     raise RemoteProtocolError(f"Switch names {event.pages} stale pages; the Discards named "
                                               f"{self.postcopy.missing.missing}")
                 self.self_check = "none"      # the page digest covers every page, once the last is in
+                if self.channel.native_faults:
+                    await self.postcopy.serve_natively(self.channel)
                 timings = {k: round(self.parts[k], 3) for k in ("discard",) if k in self.parts}
                 await self._reply(p.Ack(of=p.Acked.SWITCH, ok=True, timings_ms=timings))
             elif isinstance(event, p.Digest) and self.postcopy is not None:
@@ -375,6 +377,7 @@ class DestinationMigration:
         if digest.kind is not p.DigestKind.PAGES or not digest.last:
             raise RemoteProtocolError("post-copy ends with one page digest")
         t = time.perf_counter()
+        await self.postcopy.native_ended()
         await self.postcopy.drained()
         await self.postcopy.finish()
         if digest.value != self.digests.value():

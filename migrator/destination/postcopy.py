@@ -14,6 +14,11 @@ again with WP_ASYNC, so it can be migrated onward.
 If the source or the link goes away first, the guest is not killed and not unregistered: it
 holds its uffd itself, so a thread touching a missing page waits there (paused on its next
 missing page, as a QEMU guest after a failed post-copy) instead of reading zeros.
+
+Where the session's urgent link allows it (``Channel.native_faults``) the faults are served by
+a native loop from the switch on (``NativeFaults``): it reads the uffd, asks and installs on
+the urgent link itself, with neither event loop nor GIL on a fault's path. If its link fails,
+the task here takes over, as for a session that never had one.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ..core.runs import count_pages
 from ..guest.client import GuestClient
 from .batches import apply_in_batches, drained
 from .faults import MISSING, REQUESTED, MissingPages, guest_page_pairs
+from .native_faults import NativeFaults
 
 # interrupted post-copies waiting for their source, by migration id (one receiver process):
 # (where a resuming session's channel goes, the migration that waits for it)
@@ -61,6 +67,7 @@ class ReceivedPostcopy:
     fault_max_ms: float | None
     duration_s: float | None         # resume to the last page installed and verified
     guest_write_rate: float | None   # the guest's writes/s while post-copy ran
+    native_faults: bool = False      # served by the native loop on the urgent link
 
 
 async def wait_for_resume(migration: str, owner, timeout_s: float):
@@ -131,6 +138,8 @@ class IncomingPostcopy:
         self.dst = dst
         self.digests = digests
         self.missing: MissingPages | None = None
+        self.native: NativeFaults | None = None
+        self._finished = False
         self.discarded = 0
         self.faults = 0
         self.requested = 0
@@ -152,8 +161,9 @@ class IncomingPostcopy:
         if attachment.memfd is not None:
             os.close(attachment.memfd)
         self.missing = MissingPages(attachment.uffd, self.dst)
+        self._nursery = nursery
         self._faults_scope = trio.CancelScope()
-        nursery.start_soon(self._serve_faults)
+        nursery.start_soon(self._serve_faults, self._faults_scope)
         self._bulk_in, bulk_out = trio.open_memory_channel(BULK_QUEUE)
         nursery.start_soon(apply_in_batches, bulk_out, BULK_BATCH, self._install_all)
 
@@ -170,6 +180,34 @@ class IncomingPostcopy:
     def register(self) -> None:
         """MISSING mode on the guest's region (again is harmless)."""
         self.missing.register()
+
+    async def serve_natively(self, channel) -> None:
+        """At the switch (the guest is frozen: no fault is pending): the urgent link goes to the
+        native loop, which serves the faults from now on instead of ``_serve_faults``."""
+        sock = await channel.take_urgent_socket()
+        try:
+            self.native = NativeFaults(self.missing, sock, self.src, FAULT_WINDOW)
+        except BaseException:
+            os.close(sock)
+            raise
+        self._faults_scope.cancel()
+        self._nursery.start_soon(self._serve_native, self.native)
+
+    async def _serve_native(self, native: NativeFaults) -> None:
+        await native.run()
+        if native.failure is not None and not self._finished:
+            # the source or the link went away: the Python path serves the faults, over a
+            # resumed session's channel once there is one
+            self._faults_scope = trio.CancelScope()
+            self._nursery.start_soon(self._serve_faults, self._faults_scope)
+
+    async def native_ended(self) -> None:
+        """Once the source's end record came on the native link (or the link failed), with the
+        native loop's answered pages in the digests; at once without a native loop."""
+        if self.native is None:
+            return
+        await self.native.ended.wait()
+        self.native.record_digests(self.digests)
 
     async def deliver(self, runs: list[Run], payload) -> None:
         """A Pages (payload) or Zero (None) event's pages after the switch: at once if a fault
@@ -221,7 +259,10 @@ class IncomingPostcopy:
         if self.missing.missing:
             raise RemoteProtocolError(f"the source's page digest came with {self.missing.missing} pages still missing here")
         self.missing.finish()
+        self._finished = True
         self._faults_scope.cancel()
+        if self.native is not None:
+            self.native.stop()
         self._bulk_in.close()          # the installer task ends
         if self.resumed_at is not None:
             self.duration_s = time.perf_counter() - self.resumed_at
@@ -230,13 +271,15 @@ class IncomingPostcopy:
                 self.guest_write_rate = round((steps - self._steps_at_resume) / self.duration_s, 1)
 
     def close(self) -> None:
+        if self.native is not None:
+            self.native.close()
         if self.missing is not None:
             self.missing.close()
 
-    async def _serve_faults(self) -> None:
+    async def _serve_faults(self, scope: trio.CancelScope) -> None:
         """Read the guest's faults; ask the source for each faulting page not asked for yet."""
         missing = self.missing
-        with self._faults_scope:
+        with scope:
             while True:
                 await self._serve_some_faults(missing)
 
@@ -275,8 +318,8 @@ class IncomingPostcopy:
 
     def timings(self) -> dict[str, float]:
         """What the source reports of this side (Ack.timings_ms)."""
-        out: dict[str, float] = {"faults": float(self.faults)}
         report = self.statistics()
+        out: dict[str, float] = {"faults": float(report.faults)}
         for key in ("fault_p50_ms", "fault_p99_ms", "fault_max_ms"):
             value = getattr(report, key)
             if value is not None:
@@ -286,7 +329,13 @@ class IncomingPostcopy:
         return out
 
     def statistics(self) -> ReceivedPostcopy:
-        lat = sorted(self._latencies)
+        native = self.native
+        lat = sorted(self._latencies + (native.latencies() if native is not None else []))
+        faults, requested, pushed = self.faults, self.requested, self.pushed
+        if native is not None:
+            faults += native.faults
+            requested += native.requested_pages
+            pushed += native.installed_pages - native.requested_pages
 
         def quantile(q: float) -> float | None:
             if not lat:
@@ -294,10 +343,10 @@ class IncomingPostcopy:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)
 
         return ReceivedPostcopy(
-            stale_pages=self.missing.missing + self.requested + self.pushed if self.missing is not None else 0,
-            discarded_pages=self.discarded, faults=self.faults, requested_pages=self.requested,
-            pushed_pages=self.pushed, fault_p50_ms=round(stats_.median(lat) * 1000, 3) if lat else None,
+            stale_pages=self.missing.missing + requested + pushed if self.missing is not None else 0,
+            discarded_pages=self.discarded, faults=faults, requested_pages=requested,
+            pushed_pages=pushed, fault_p50_ms=round(stats_.median(lat) * 1000, 3) if lat else None,
             fault_p99_ms=quantile(0.99), fault_max_ms=quantile(1.0),
             duration_s=None if self.duration_s is None else round(self.duration_s, 4),
-            guest_write_rate=self.guest_write_rate,
+            guest_write_rate=self.guest_write_rate, native_faults=native is not None,
         )

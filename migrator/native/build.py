@@ -19,17 +19,21 @@ HERE = os.path.dirname(__file__)   # relative to setup.py's directory when cffi 
 COMPILE_ARGS = ["-O2", "-std=gnu11"]
 
 
-def _builder(name: str) -> FFI:
-    header = os.path.join(HERE, name + ".h")
-    with open(header) as f:
-        declarations = f.read()
+def _builder(name: str, parts: tuple[str, ...] = ()) -> FFI:
+    """Module ``name``: ``name.c`` and each of ``parts``' ``.c``, declared by their ``.h`` files."""
+    files = (name, *parts)
+    headers = [os.path.join(HERE, f + ".h") for f in files]
+    declarations = ""
+    for header in headers:
+        with open(header) as f:
+            declarations += f.read()
     ffi = FFI()
     ffi.cdef(declarations)
     ffi.set_source(
         f"migrator.native.{name}",
-        f'#include <stdint.h>\n#include "{name}.h"\n',
-        sources=[os.path.join(HERE, name + ".c")],
-        depends=[header],
+        "#include <stdint.h>\n" + "".join(f'#include "{f}.h"\n' for f in files),
+        sources=[os.path.join(HERE, f + ".c") for f in files],
+        depends=headers,
         include_dirs=[HERE],
         extra_compile_args=COMPILE_ARGS,
     )
@@ -38,8 +42,9 @@ def _builder(name: str) -> FFI:
 
 def pages() -> FFI:
     """Per-page hashes, zero-page find/gather/scatter and run-list unions (``migrator.core.digest``,
-    ``migrator.protocol._payload``, ``migrator.core.runs``)."""
-    return _builder("pages")
+    ``migrator.protocol._payload``, ``migrator.core.runs``), post-copy's page states and its
+    fault loops (``migrator.destination.faults``, ``migrator.source.postcopy``)."""
+    return _builder("pages", ("postcopy",))
 
 
 def workload() -> FFI:

@@ -12,6 +12,7 @@
    And post-copy's page states: a switch-over marks and claims runs of 100k scattered pages, and
    installs pages through the guest's userfaultfd in one ioctl per stretch of missing pages. */
 
+#define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
@@ -96,6 +97,16 @@ uint64_t page_hashes_at(const uint64_t *runs, uint64_t nruns, const uint64_t *re
             set_entry(table, first + k, given ? *given++ : zero_hash, sum);
     }
     return nruns;
+}
+
+uint64_t page_hashes_indexed(const uint64_t *pairs, uint64_t n, uint64_t *table, uint64_t table_len, uint64_t sum[2])
+{
+    for (uint64_t i = 0; i < n; i++) {
+        if (pairs[2 * i] >= table_len)
+            return i;
+        set_entry(table, pairs[2 * i], pairs[2 * i + 1], sum);
+    }
+    return n;
 }
 
 /* The same hash of HASH_LANES pages at once, for CPUs with 64-bit vector multiplies (AVX-512DQ):

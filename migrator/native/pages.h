@@ -21,6 +21,10 @@ void page_hashes_sum(const uint64_t *table, uint64_t table_len, uint64_t sum[2])
 uint64_t page_hashes_at(const uint64_t *runs, uint64_t nruns, const uint64_t *regions, uint64_t nregions,
                         uint64_t page_size, uint64_t zero_hash, const uint64_t *given, uint64_t *table,
                         uint64_t table_len, uint64_t sum[2]);
+/* table[pairs[2i]] = pairs[2i + 1] for i < n (page index, hash pairs: post-copy's fault loops log
+   them, migrator/native/postcopy.h), the sum kept current as page_hashes_at keeps it. Returns n,
+   or the index of the first pair whose page lies outside the table (none set from it on). */
+uint64_t page_hashes_indexed(const uint64_t *pairs, uint64_t n, uint64_t *table, uint64_t table_len, uint64_t sum[2]);
 
 /* Zero-page bitmaps: bit i (byte i / 8, least significant bit first) is set when page i is all
    zero. find_zero_pages fills bitmap ((npages + 7) / 8 bytes) and returns the number of zero

@@ -10,13 +10,13 @@ from ._payload import ZERO_PAGES, Compression, decode_payload, encode_payload
 from ._state import Role, State
 from .connection import NEED_DATA, Connection, ConnectionStats, IncomingPages, PendingFrame, PendingPages, PlacedPages
 from .events import (
-    DATA_EVENTS, EVENT_TYPES, POSTCOPY_FEATURE, POSTCOPY_SESSION, PROTOCOL_VERSION, URGENT_STREAM, Abort, Ack, Acked, Auth, Commit, ConnectionClosed, Digest, DigestKind,
+    DATA_EVENTS, EVENT_TYPES, NATIVE_FAULTS, POSTCOPY_FEATURE, POSTCOPY_SESSION, PROTOCOL_VERSION, URGENT_STREAM, Abort, Ack, Acked, Auth, Commit, ConnectionClosed, Digest, DigestKind,
     Discard, Event, Fence, Freeze, Hello, Index, IndexEntry, Lacking, Layout, Pages, Request, Resume, RoundEnd, Scalar, Switch,
     Zero,
 )
 
 __all__ = [
-    "CHECKSUM_FRAMES", "DATA_EVENTS", "DEFAULT_MAX_FRAME", "EVENT_TYPES", "NEED_DATA", "POSTCOPY_FEATURE", "POSTCOPY_SESSION", "PROTOCOL_VERSION",
+    "CHECKSUM_FRAMES", "DATA_EVENTS", "DEFAULT_MAX_FRAME", "EVENT_TYPES", "NATIVE_FAULTS", "NEED_DATA", "POSTCOPY_FEATURE", "POSTCOPY_SESSION", "PROTOCOL_VERSION",
     "Abort", "Ack", "Acked", "Auth", "Commit", "Compression", "Connection", "ConnectionClosed", "ConnectionStats",
     "Digest", "DigestKind", "Discard", "Event", "Fence", "Freeze", "Hello", "IncomingPages", "Index", "IndexEntry", "Lacking",
     "Layout", "Pages", "PendingFrame", "PendingPages", "PlacedPages", "Request", "Resume", "URGENT_STREAM", "Role", "RoundEnd", "Scalar", "State", "Switch", "Zero",

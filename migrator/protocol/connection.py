@@ -314,6 +314,18 @@ class Connection:
         return isinstance(self._in, Mac) or isinstance(self._out, Mac)
 
     @property
+    def untagged(self) -> bool:
+        """Whether this session's frames go without tags both ways (``PROTECTED``: an
+        authenticated link both ends said needs no MAC)."""
+        return self._out is PROTECTED and self._in is PROTECTED
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not parsed yet (a stream handed on to another reader after an
+        event must have none: they would be lost)."""
+        return len(self._buffer)
+
+    @property
     def payloads_may_change(self) -> bool:
         """Whether a Pages payload sent from here may be memory that changes while it is sent:
         on a protected link, whose payloads carry no tag (a tag hashed apart from the send could

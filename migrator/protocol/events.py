@@ -39,6 +39,11 @@ PROTOCOL_VERSION = 2    # 2: typed control fields (RoundEnd.final, Digest.last, 
 POSTCOPY_FEATURE = "postcopy"   # Hello feature: this receiver takes Discard, Switch and sends Request
 POSTCOPY_SESSION = "postcopy-session"   # a source's Hello feature: this session may switch to post-copy
 URGENT_STREAM = "urgent"        # a joining stream's Hello feature: it carries urgent data only
+# An urgent stream's Hello feature, said by both ends when their stream is a plain socket: on a
+# link whose frames need no tags (both Hellos say CHECKSUM_FRAMES), a session's urgent stream
+# carries no frames after its Switch, but post-copy's fixed request and answer records, read
+# and written by native loops at both ends (``migrator/native/postcopy.h``).
+NATIVE_FAULTS = "native-faults"
 
 U64 = (1 << 64) - 1
 MAX_NAME = 256          # event kinds, feature names, mapping keys

@@ -399,6 +399,8 @@ class SourceMigration:
                         await switch(guest, sink, stale, state, stats)
                         delivery = self._delivery = Delivery(sink, pages, digests, stale, number, stats)
                         nursery.start_soon(delivery.serve_requests)
+                        if sink.channel.native_faults:
+                            await delivery.answer_natively(nursery)
                         await delivery.send_head()
                         # resuming, the guest may touch a stale page: requests are served from here on
                         await cross_point_of_no_return(sink, guest, state, migration=self.id, destination=self.address,
@@ -441,6 +443,7 @@ class SourceMigration:
             fault_p50_ms=dest.get("fault_p50"), fault_p99_ms=dest.get("fault_p99"), fault_max_ms=dest.get("fault_max"),
             guest_rate_before=stats.guest_rate_before, guest_rate_after=dest.get("guest_write_rate"),
             recoveries=stats.recoveries, resent_pages=stats.resent_pages, duplicate_pages=stats.duplicate_pages,
+            native_faults=stats.native_faults,
         )
 
     def _report(self, total_s: float, error: BaseException | None) -> MigrationReport:

@@ -15,11 +15,15 @@ killed) and says how many pages were still owed.
 
 Requested pages go on a connection of their own (the sink's urgent link, as QEMU's
 postcopy-preempt channel), written the moment they are read: they never wait behind the push's
-queued frames or its full socket buffers.
+queued frames or its full socket buffers. Where the link allows it (``Channel.native_faults``:
+an authenticated loopback or unix-socket link) the link is handed over at the switch to a
+native loop (``NativeRequests``) that answers without this process's event loop or GIL; else
+they are answered here, as frames.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +37,7 @@ from ..core.model import Run
 from ..core.pagestate import PageStates
 from ..core.runs import count_pages, split_runs, union
 from .attach import AttachedGuest
+from .native_requests import NativeRequests
 from .pages import MAX_RUNS_PER_EVENT, READ_CHUNK_PAGES, PageStream
 from .rounds import ms
 from .sink import PeerSink
@@ -54,6 +59,7 @@ class PostcopyStats:
     stale_pages: int = 0
     discarded_ahead: int = 0         # stale pages dropped before the freeze
     settle_scans: int = 0            # scans between the first drop and the freeze
+    native_faults: bool = False      # requests answered by the native loop on the urgent link
     recoveries: int = 0              # sessions that took over after the link broke
     resent_pages: int = 0            # pages sent again after such a break
     pushed_pages: int = 0
@@ -179,6 +185,8 @@ class Delivery:
         # large pooled buffers, or a fresh one when the push holds them all, would fault in
         # megabytes on the request's path
         self._request_buffers = BufferPool(REQUEST_PAGES * self.layout.page_size)
+        self._native: NativeRequests | None = None
+        self._native_done = trio.Event()
 
     def resume_with(self, sink: PeerSink, lacking: list[Run]) -> None:
         """A new session after a cut: every page the destination lacks is owed again, whether or
@@ -196,10 +204,40 @@ class Delivery:
     def owed(self) -> int:
         return self.states.count(STALE)
 
+    async def answer_natively(self, nursery: trio.Nursery) -> None:
+        """From now on the destination's requests come to a native loop on the urgent link
+        (after the switch's barrier, when ``Channel.native_faults``)."""
+        sock = await self.sink.channel.take_urgent_socket()
+        try:
+            self._native = NativeRequests(sock, self.pages.memory, self.states)
+        except BaseException:
+            os.close(sock)
+            raise
+        self.stats.native_faults = True
+        nursery.start_soon(self._run_native)
+
+    async def _run_native(self) -> None:
+        native = self._native
+        try:
+            await native.run()
+        finally:
+            # whatever ended it: the pages it sent first are the destination's now, or are
+            # asked for again by a resumed session, and are hashed again then
+            native.record_digests(self.digests)
+            self.stats.requests += native.requests
+            self.stats.requested_pages += native.claimed_pages
+            self.stats.duplicate_pages += native.duplicate_pages
+            native.close()
+            self._native_done.set()
+
     async def run(self) -> None:
         """Push, then the page digest; returns once the destination verified every page. The
-        destination's requests are served by ``serve_requests``, running beside it."""
+        destination's requests are served by ``serve_requests`` or the native loop, running
+        beside it; the loop is stopped first (its end record follows its last answer)."""
         await self._push()
+        if self._native is not None:
+            self._native.stop()
+            await self._native_done.wait()
         async with self._answering:
             await self.sink.send(p.RoundEnd(round=self.number, pages=self.stats.stale_pages, final=True))
         await self.sink.send(p.Digest(kind=p.DigestKind.PAGES, value=self.digests.value(), last=True))

@@ -51,7 +51,9 @@ class PostcopyReport:
     reached the destination pushed in the background or requested by its guest's faults (a
     page requested after the push had sent it goes again: ``duplicate_pages``);
     ``fault_*_ms`` run from the fault's message to the page's install, measured there.
-    ``guest_rate_*`` are the guest's writes/s before the freeze and while post-copy ran."""
+    ``guest_rate_*`` are the guest's writes/s before the freeze and while post-copy ran.
+    ``native_faults``: the requests were answered by the native loops on the urgent link
+    (an authenticated loopback or unix-socket link), not as frames through the event loops."""
 
     switch_round: int
     stale_pages: int                 # pages the destination did not have at the switch
@@ -69,6 +71,7 @@ class PostcopyReport:
     recoveries: int = 0              # sessions that took over after the link broke (--recover-timeout)
     resent_pages: int = 0            # pages sent again after such a break
     duplicate_pages: int = 0         # pages a fault asked for after the push had sent them, sent again
+    native_faults: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,11 @@ class ProcessMemory:
             raise ValueError(f"write_runs: {len(data)} bytes for {total // self.page_size} pages")
         self._transfer(runs, data, total, self.page_size, write=True, hashes=hashes)
 
+    def native_reader(self) -> tuple:
+        """(pid, map, regions, nregions): how a native loop reads these pages (see
+        ``migrator/native/postcopy.h``: process_vm_readv of pid, at the remapped targets)."""
+        return self.pid, pages_ffi.NULL, self._regions, len(self._remap)
+
     def read(self, address: int, length: int) -> bytearray:
         """Read one contiguous range (a region digest, a control block)."""
         out = bytearray(length)
@@ -180,6 +185,10 @@ class MemfdMemory:
         if done != len(runs):
             address, count = runs[done]
             raise OSError(errno.EFAULT, f"memfd: pages {address:#x}+{count} outside the guest's regions")
+
+    def native_reader(self) -> tuple:
+        """(pid, map, regions, nregions), as ``ProcessMemory.native_reader``: copied out of the mapping."""
+        return 0, self._base, self._region_table, len(self._regions)
 
     def read(self, address: int, length: int) -> bytes:
         return bytes(self.view(address, length))

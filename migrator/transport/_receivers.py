@@ -120,6 +120,8 @@ class GatheringReceiver:
         self._urgent = urgent
         self._urgent_send, self._urgent_recv = trio.open_memory_channel(OUT_QUEUE)
         self._delivered = [0] * len(links)
+        self._fences = [0] * len(links)   # Fences each link's deliverer has read
+        self._scopes = [trio.CancelScope() for _ in links]   # a link's reader and deliverer
         self._barriers = 0            # Fences of link 0 whose barrier has been delivered
         self._ended = [False] * len(links)
         self._changed = trio.Event()
@@ -135,12 +137,34 @@ class GatheringReceiver:
             async with trio.open_nursery() as nursery:
                 async with self._send:
                     for link in self._links:
-                        items_in, items_out = trio.open_memory_channel(DECODE_AHEAD)
-                        nursery.start_soon(self._read_loop, link, items_in)
                         urgent = link.index == self._urgent
                         out = self._urgent_send.clone() if urgent else self._send.clone()
-                        nursery.start_soon(self._deliver_loop, link, items_out, out, self._send.clone() if urgent else None)
+                        nursery.start_soon(self._run_link, link, out, self._send.clone() if urgent else None)
                     self._urgent_send.close()
+
+    async def _run_link(self, link: Link, out: trio.MemorySendChannel, poke: trio.MemorySendChannel | None) -> None:
+        with self._scopes[link.index]:
+            async with trio.open_nursery() as nursery:
+                items_in, items_out = trio.open_memory_channel(DECODE_AHEAD)
+                nursery.start_soon(self._read_loop, link, items_in)
+                nursery.start_soon(self._deliver_loop, link, items_out, out, poke)
+
+    async def detach_urgent(self) -> Link:
+        """Stop reading the urgent link, for another reader to take its socket over: once it has
+        read the Fence of every barrier link 0 has (the source writes nothing on it after the
+        barrier that hands it over, so nothing more is in it), its tasks end. RemoteProtocolError
+        if bytes past that Fence had come already (they are not ours to lose)."""
+        if self._urgent is None:
+            raise TransportError("this session has no urgent link")
+        index = self._urgent
+        await self._wait_until(lambda: self._fences[index] >= self._fences[0] or self._ended[index])
+        self._scopes[index].cancel()
+        self._ended[index] = True
+        link = self._links[index]
+        if link.conn.buffered:
+            raise RemoteProtocolError(f"{link.name}: {link.conn.buffered} bytes came on the urgent link after it was handed over")
+        self._urgent = None
+        return link
 
     @property
     def failure(self) -> Exception | None:
@@ -229,6 +253,9 @@ class GatheringReceiver:
                         return
                     if kind is Fence:
                         fences += 1
+                        self._fences[link.index] = fences
+                        if self._waiting:
+                            self._notify()
                         if link.index:
                             await self._wait_until(lambda: self._barriers >= fences)
                         else:

@@ -77,6 +77,7 @@ class Sender:
         self._urgent = links[-1] if urgent else None
         self._bulk = links[:-1] if urgent else links
         self._urgent_lock = trio.Lock()
+        self._detached = False          # the urgent link was handed over: nothing more goes on it here
         self._counters = counters
         self._queues: list[deque[_Outgoing]] = [deque() for _ in links]
         self._order: deque[_Outgoing] = deque()
@@ -121,7 +122,8 @@ class Sender:
                         if counts != self._fenced:
                             for link in self._links:
                                 if link is self._urgent:
-                                    await self._write_now(link, Fence(frames=counts))
+                                    if not self._detached:
+                                        await self._write_now(link, Fence(frames=counts))
                                 else:
                                     self._queue(link, Fence(frames=counts))
                             self._fenced = counts
@@ -132,11 +134,22 @@ class Sender:
         """Write a data event on the urgent link now, sealed on this thread (it is small)."""
         if self._urgent is None:
             raise TransportError("this channel has no urgent link (connect with urgent=True)")
+        if self._detached:
+            raise TransportError("the urgent link was handed over to post-copy's fault loop")
         if type(event) not in DATA_EVENTS:
             raise TransportError(f"only Pages and Zero go on the urgent link, not {type(event).__name__}")
         async with self._urgent_lock:
             self._check()
             await self._write_now(self._urgent, event)
+
+    async def detach_urgent(self) -> Link:
+        """Hand the urgent link over: no frame, not even a barrier's Fence, is written on it from
+        now on (one being written finishes first)."""
+        if self._urgent is None:
+            raise TransportError("this channel has no urgent link (connect with urgent=True)")
+        async with self._urgent_lock:
+            self._detached = True
+        return self._urgent
 
     async def _write_now(self, link: Link, event: Event) -> None:
         pending = link.conn.send_deferred(event)

@@ -12,10 +12,12 @@ before it. ``flush`` returns once everything sent so far is on the wire.
 
 from __future__ import annotations
 
+import os
+
 import trio
 
 from ..core.errors import LocalProtocolError, TransportError
-from ..protocol import URGENT_STREAM, ConnectionClosed, Event, Hello, Role
+from ..protocol import NATIVE_FAULTS, URGENT_STREAM, ConnectionClosed, Event, Hello, Role
 from ._link import ChannelStats, Counters, Link
 from ._receivers import DirectReceiver, GatheringReceiver
 from ._sender import Sender
@@ -43,6 +45,8 @@ class Channel:
             urgent_links = [link.index for link in links[1:]
                             if link.conn.peer_hello is not None and URGENT_STREAM in link.conn.peer_hello.features]
             self._receiver = GatheringReceiver(links, counters, urgent=urgent_links[-1] if urgent_links else None)
+        self._urgent_link = (links[-1] if urgent else None) if role is Role.SOURCE else (
+            links[urgent_links[-1]] if urgent_links else None)
         self._closed = False
 
     # --- what the session is ---------------------------------------------------------------
@@ -75,6 +79,29 @@ class Channel:
     def payloads_may_change(self) -> bool:
         """Whether a Pages payload may be live memory (see ``Connection.payloads_may_change``)."""
         return all(link.conn.payloads_may_change for link in self._links)
+
+    @property
+    def native_faults(self) -> bool:
+        """Whether post-copy may hand the urgent link to its native fault loops after the switch
+        (``take_urgent_socket``): both ends said ``NATIVE_FAULTS`` on it (each its own stream a
+        plain socket) and its frames need no tags, so the loops' untagged records carry what
+        the frames would carry untagged."""
+        link = self._urgent_link
+        return (link is not None and link.conn.untagged and link.conn.peer_hello is not None
+                and NATIVE_FAULTS in link.conn.peer_hello.features and isinstance(link.stream, trio.SocketStream))
+
+    async def take_urgent_socket(self) -> int:
+        """End framing on the urgent link and return a duplicate of its socket (the caller closes
+        it; the link's own closes with the channel). The source calls it after the barrier that
+        hands the link over, and writes no frame on it again; the destination once it has
+        received that barrier, and reads none from it again."""
+        if not self.native_faults:
+            raise TransportError("this session's urgent link cannot be handed over (see Channel.native_faults)")
+        if self.role is Role.SOURCE:
+            link = await self._sender.detach_urgent()
+        else:
+            link = await self._receiver.detach_urgent()
+        return os.dup(link.stream.socket.fileno())
 
     @property
     def session_id(self) -> bytes:

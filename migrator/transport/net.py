@@ -27,7 +27,7 @@ import trio
 from ..core.errors import MigratorError, RemoteProtocolError, TransportError
 from ..core.failures import leaf_exceptions
 from ..core.heap import release_free_memory, use_main_arena_only
-from ..protocol import CHECKSUM_FRAMES, POSTCOPY_FEATURE, POSTCOPY_SESSION, PROTOCOL_VERSION, URGENT_STREAM, ZERO_PAGES, Auth, Connection, Hello, Role
+from ..protocol import CHECKSUM_FRAMES, NATIVE_FAULTS, POSTCOPY_FEATURE, POSTCOPY_SESSION, PROTOCOL_VERSION, URGENT_STREAM, ZERO_PAGES, Auth, Connection, Hello, Role
 from ._address import Address, parse_address
 from ._gate import Burst, HandshakeGate, HandshakeLimits, Pending, accept_connections
 from ..core.buffers import SizedBufferPool
@@ -55,6 +55,11 @@ def link_features(stream: trio.abc.Stream, *, frame_macs: bool = False) -> tuple
     except OSError:
         protected = False
     return (*FEATURES, CHECKSUM_FRAMES) if protected else FEATURES
+
+
+def _plain_socket(stream: trio.abc.Stream) -> bool:
+    """A socket the native fault loops can read and write themselves (not TLS, not in memory)."""
+    return isinstance(stream, trio.SocketStream)
 
 
 def needs_no_mac(family: int, local, peer) -> bool:
@@ -154,6 +159,8 @@ async def open_source(
         features = link_features(stream, frame_macs=frame_macs)
         if urgent and index == len(streams) - 1:
             features = (*features, URGENT_STREAM)     # the receiver delivers its frames first
+            if _plain_socket(stream):
+                features = (*features, NATIVE_FAULTS)
         await _source_handshake(links[-1], Hello(features=features))
     return Channel(Role.SOURCE, links, counters, threads=len(streams) - urgent, bandwidth=bandwidth, urgent=urgent)
 
@@ -278,7 +285,11 @@ class Acceptor:
                 except RemoteProtocolError:
                     await _refuse_version(link)
                     raise
-                reply = conn.send(Hello(features=link_features(stream, frame_macs=self._frame_macs)))
+                features = link_features(stream, frame_macs=self._frame_macs)
+                offered = conn.peer_hello.features
+                if URGENT_STREAM in offered and NATIVE_FAULTS in offered and _plain_socket(stream):
+                    features = (*features, NATIVE_FAULTS)
+                reply = conn.send(Hello(features=features))
                 if conn.stream:
                     await link.write(reply)
                     gathering = await self._join(link, admitted)
