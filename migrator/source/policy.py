@@ -26,6 +26,12 @@ outpaced           POSTCOPY     (``postcopy_auto``) the guest wrote pages at lea
                                 shrink the dirty set by ``min_shrink``
 =================  ===========  ================================================================
 
+``outpaced`` is also asked part-way through round 0 (``outpaced_in_round_zero``): the hybrid sends
+round 0's pages for ``PROBE_S``, scans, and switches to post-copy there when the guest already
+writes faster than the round moves pages, instead of sending the rest of a region the guest
+rewrites as it goes (its writes dirtied nearly every page by the end of round 0, and post-copy
+then sent the whole region a second time).
+
 Post-copy (``postcopy_after``, ``postcopy_auto``): the target and min-pages rules still come
 first, so a pre-copy that converges ends in a plain stop-and-copy. With ``postcopy_auto`` a stall
 (no-progress or max-rounds) switches to post-copy under the stall's rule name instead of
@@ -157,6 +163,9 @@ class PolicySettings:
                 raise MigratorError(message)
 
 
+PROBE_S = 0.05               # of round 0 sent before the hybrid's probe scan (a shorter round 0 has none)
+
+
 @dataclass(frozen=True)
 class Decision:
     action: Action
@@ -256,6 +265,26 @@ def _stall(history: Sequence[RoundStats], s: PolicySettings) -> tuple[Rule, str]
                 f"(less than {s.min_shrink:.0%} smaller)"
             )
     return None
+
+
+def outpaced_in_round_zero(sent_pages: int, written_pages: int, seconds: float,
+                           settings: PolicySettings) -> Decision | None:
+    """The hybrid's probe part-way through round 0: ``sent_pages`` went in ``seconds`` since the
+    tracker was armed, while the guest wrote ``written_pages`` distinct pages. POSTCOPY (rule
+    ``outpaced``) when it writes at least ``1 - min_shrink`` times as fast as the round moves
+    pages; None (go on with round 0) otherwise, and always without ``postcopy_auto``."""
+    s = settings
+    if not s.postcopy_auto or sent_pages <= 0 or seconds <= 0:
+        return None
+    moved, rate = sent_pages / seconds, written_pages / seconds
+    if rate < (1 - s.min_shrink) * moved:
+        return None
+    return Decision(
+        Action.POSTCOPY, Rule.OUTPACED, 0.0,
+        f"the guest wrote {rate:.0f} pages/s while round 0 moved {moved:.0f} pages/s (after {sent_pages} of its "
+        f"pages): no round would shrink the dirty set by {s.min_shrink:.0%}; switching to post-copy in round 0 "
+        "(--postcopy-after auto)",
+    )
 
 
 def _outpaced(last: RoundStats, s: PolicySettings) -> str | None:

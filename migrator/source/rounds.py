@@ -18,11 +18,11 @@ from .. import protocol as p
 from ..core.deadlines import deadline
 from ..core.errors import MigrationFailed
 from ..core.model import Run
-from ..core.runs import complement, count_pages, union
+from ..core.runs import complement, count_pages, split_runs, union
 from .attach import AttachedGuest
 from .estimator import DowntimeEstimator
-from .pages import PageStream, RoundTimer
-from .policy import Action, Decision, PolicySettings, Rule, decide
+from .pages import MAX_RUNS_PER_EVENT, READ_CHUNK_PAGES, PageStream, RoundTimer
+from .policy import PROBE_S, Action, Decision, PolicySettings, Rule, decide, outpaced_in_round_zero
 from .report import RoundStats
 from .sink import HANDSHAKE_TIMEOUT_S, Sink
 
@@ -55,6 +55,7 @@ class Precopy:
         self._wire_total = 0
         self._compress_total = 0.0
         self._scan_before_s = 0.0                # the scan that found the next round's pages
+        self._early: Decision | None = None      # the hybrid's probe ended round 0 early
 
     async def send_layout(self, meta: dict) -> None:
         """Announce the guest's memory; on a live sink, wait until the destination has its restore
@@ -90,6 +91,8 @@ class Precopy:
         if from_start:
             return dirty, Decision(Action.POSTCOPY, Rule.POSTCOPY_AFTER, 0.0,
                                    "post-copy from the start (--postcopy): round 0 sent only the untouched pages")
+        if self._early is not None:
+            return dirty, self._early
         while True:
             decision = decide(self.rounds, self.policy)
             self.throttle_max = max(self.throttle_max, decision.throttle)
@@ -113,15 +116,43 @@ class Precopy:
         timer.dirty_pages = count_pages(populated) + timer.zero_pages  # round 0 covers every page
         for first in range(0, len(zero), ZERO_RUNS_PER_EVENT):
             await self.sink.send(p.Zero(round=0, runs=tuple(zero[first : first + ZERO_RUNS_PER_EVENT])))
+        ps = self.guest.layout.page_size
         if not send_pages:
             timer.dirty_pages = timer.zero_pages
             written = await self._end_round(timer, throttle=0.0)
-            return union(populated, written, self.guest.layout.page_size)
-        await self.pages.send(timer, populated)
-        return await self._end_round(timer, throttle=0.0)
+            return union(populated, written, ps)
+        if not self.policy.postcopy_auto:
+            await self.pages.send(timer, populated)
+            return await self._end_round(timer, throttle=0.0)
+        # the hybrid: round 0 for PROBE_S, then a look at the guest's pace (the stream takes its
+        # chunks as it goes, so the probe's share is what went by then)
+        armed = time.perf_counter()
+        chunks = split_runs(populated, READ_CHUNK_PAGES, MAX_RUNS_PER_EVENT, ps)
+        head: list[Run] = []
 
-    async def _end_round(self, timer: RoundTimer, *, throttle: float) -> list[Run]:
-        """Flush, scan what the guest wrote meanwhile, and record the round's statistics."""
+        def until_probe():
+            for chunk in chunks:
+                head.extend(chunk)
+                yield chunk
+                if time.perf_counter() - armed >= PROBE_S:
+                    return
+
+        await self.pages.stream(0, until_probe(), timer=timer)
+        if count_pages(head) == count_pages(populated):      # all of round 0 went before the probe
+            return await self._end_round(timer, throttle=0.0)
+        written = await trio.to_thread.run_sync(self.guest.tracker.collect)
+        self._early = outpaced_in_round_zero(count_pages(head), count_pages(written), time.perf_counter() - armed,
+                                             self.policy)
+        if self._early is not None:
+            timer.dirty_pages = count_pages(head) + timer.zero_pages
+            dirty = await self._end_round(timer, throttle=0.0, written_before=written)
+            return union([run for chunk in chunks for run in chunk], dirty, ps)
+        await self.pages.stream(0, chunks, timer=timer)
+        return await self._end_round(timer, throttle=0.0, written_before=written)
+
+    async def _end_round(self, timer: RoundTimer, *, throttle: float, written_before: list[Run] = ()) -> list[Run]:
+        """Flush, scan what the guest wrote meanwhile (and ``written_before``, what a scan
+        during the round found), and record the round's statistics."""
         t = time.perf_counter()
         await self.sink.send(p.RoundEnd(round=timer.number, pages=timer.dirty_pages))
         await self.sink.flush()
@@ -136,6 +167,8 @@ class Precopy:
         duration = time.perf_counter() - timer.started
         t = time.perf_counter()
         dirty = await trio.to_thread.run_sync(self.guest.tracker.collect)
+        if written_before:
+            dirty = union(written_before, dirty, self.guest.layout.page_size)
         scan_next = time.perf_counter() - t
         self.estimator.observe_scan(scan_next)
         sent_pages = timer.dirty_pages - timer.zero_pages

@@ -13,6 +13,7 @@ from migrator.source.policy import (
     PolicySettings,
     Rule,
     decide,
+    outpaced_in_round_zero,
 )
 
 C, S, T, P = Action.CONTINUE, Action.SWITCHOVER, Action.THROTTLE, Action.POSTCOPY
@@ -171,6 +172,25 @@ def test_a_guest_outpacing_the_round_switches_to_postcopy_at_once(dirty_rate, au
     d = decide(rounds([(262144, 900.0, 0.0)], dirty_rate=dirty_rate), PolicySettings(postcopy_auto=auto))
     assert (d.action, d.rule) == expected
     assert d.throttle == 0.0
+
+
+@pytest.mark.parametrize("sent, written, seconds, auto, switches", [
+    (32768, 150000, 0.11, True, True),     # measured: 1 GiB writing without limit, probed after 1/8
+    (32768, 2200, 0.11, True, False),      # measured: 20k pages/s
+    (32768, 29492, 0.1, True, True),       # 90 % of the pages/s moved: no 10 % shrink possible
+    (32768, 29000, 0.1, True, False),      # just under
+    (32768, 150000, 0.11, False, False),   # pre-copy alone does not probe
+    (0, 150000, 0.11, True, False),        # nothing sent yet: no pace to judge
+    (32768, 150000, 0.0, True, False),
+])
+def test_the_hybrid_probe_in_round_zero_switches_when_the_guest_outwrites_the_round(sent, written, seconds, auto,
+                                                                                      switches):
+    d = outpaced_in_round_zero(sent, written, seconds, PolicySettings(postcopy_auto=auto))
+    if not switches:
+        assert d is None
+        return
+    assert (d.action, d.rule, d.throttle) == (P, Rule.OUTPACED, 0.0)
+    assert f"after {sent} of its pages" in d.reason and "in round 0" in d.reason
 
 
 def test_the_recorded_runaway_guest_switches_to_postcopy_where_it_would_be_throttled():
