@@ -46,7 +46,7 @@ from .postcopy import Delivery, PostcopyStats, discard_ahead, switch
 from .progress import Progress, Sampler
 from .report import MigrationReport, PostcopyReport, RoundStats, report_of
 from .resume import resume_command
-from .rounds import Precopy
+from .rounds import Precopy, ms
 from .sink import PeerSink
 from .switchover import Switchover, bounded, commit, cross_point_of_no_return, final_copy, switchover_deadline_s
 
@@ -397,11 +397,13 @@ class SourceMigration:
                 with bounded(state, limit), collector_paused():
                     try:
                         await switch(guest, sink, stale, state, stats)
+                        t = time.perf_counter()
                         delivery = self._delivery = Delivery(sink, pages, digests, stale, number, stats)
                         nursery.start_soon(delivery.serve_requests)
                         if sink.channel.native_faults:
                             await delivery.answer_natively(nursery)
                         await delivery.send_head()
+                        state.parts["head"] = ms(time.perf_counter() - t)
                         # resuming, the guest may touch a stale page: requests are served from here on
                         await cross_point_of_no_return(sink, guest, state, migration=self.id, destination=self.address,
                                                        postcopy=True)

@@ -45,7 +45,7 @@ from .switchover import Switchover, freeze_and_scan
 
 DISCARD_RUNS_PER_EVENT = 1 << 16
 SETTLE_SCANS = 3             # scans after the first drop, before the freeze, while they find much
-SETTLE_PAGES = 1024          # a scan finding at most this many newly stale pages ends them
+SETTLE_PAGES = 1024          # a scan finding at most this many written pages ends them
 PUSH_FRAME_PAGES = 256       # pages per pushed event: requested pages have a link of their own, but
                              # each end checks or hashes an event at a time on the thread that serves them
 REQUEST_PAGES = 64           # pages per answered event; also the head sent before the commit
@@ -110,8 +110,10 @@ async def discard_ahead(sink: PeerSink, guest: AttachedGuest, dirty: list[Run], 
                         stats: PostcopyStats) -> StalePages:
     """Before the freeze: the pages the last scan found are stale already; the destination drops
     them now, outside the downtime. Then scan again, up to ``SETTLE_SCANS`` times while a scan
-    still finds more than ``SETTLE_PAGES`` pages not stale yet, dropping them too: the final
-    scan inside the downtime then covers only the moments since the last of these."""
+    still finds more than ``SETTLE_PAGES`` written pages, dropping the new ones too: the final
+    scan inside the downtime then covers only the moments since the last of these. The count is
+    of written pages, stale already or not: the final scan's cost grows with the pages written
+    since the scan before it, whichever they are (measured: 0.2-0.3 us per written page)."""
     stale = StalePages(guest.layout)
 
     async def drop(runs: list[Run]) -> None:
@@ -125,7 +127,7 @@ async def discard_ahead(sink: PeerSink, guest: AttachedGuest, dirty: list[Run], 
         late = await trio.to_thread.run_sync(guest.tracker.collect)
         fresh = stale.mark(late)
         stats.settle_scans += 1
-        if count_pages(fresh) <= SETTLE_PAGES:     # pages stale already need no second drop
+        if count_pages(late) <= SETTLE_PAGES:
             stale.undropped = fresh          # few: dropped with the final scan's
             return stale
     await drop(fresh)
