@@ -111,6 +111,7 @@ async def test_postcopy_switches_delivers_every_page_and_the_guest_runs_on(sockd
         sent_before = sum(r["dirty_pages"] - r["zero_pages"] for r in report["rounds"])
         assert report["pages_sent"] == sent_before + pc["stale_pages"] + pc["duplicate_pages"]
         assert 0 <= pc["duplicate_pages"] <= pc["faults"] * 16   # at most each fault's window
+        assert report["bytes_wire"] >= report["pages_sent"] * 4096     # every page counted on the wire (uncompressed)
         assert report["downtime_ms"] is not None and "switch" in report["downtime_parts_ms"]
         dest = outcomes[0]
         assert dest["result"] == "resumed" and dest["error"] is None

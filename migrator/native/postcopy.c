@@ -391,6 +391,7 @@ static int64_t answer(struct request_loop *s, const uint64_t header[2], int *sto
         if (stop_requested(s, stopping))
             return FAULT_STOPPED;
     }
+    __atomic_add_fetch(&s->answered_bytes, 16 + count * ps, __ATOMIC_RELAXED);
     s->requests++;
     s->claimed_pages += nclaimed;
     s->duplicate_pages += count - nclaimed;

@@ -94,6 +94,7 @@ struct request_loop {
     uint64_t requests;
     uint64_t claimed_pages;         /* pages first sent by this loop */
     uint64_t duplicate_pages;       /* asked for after the push (or an answer) had sent them */
+    uint64_t answered_bytes;        /* written on the link, records and pages (read at any time) */
     uint64_t error_at;
 };
 int64_t request_serve(struct request_loop *s);

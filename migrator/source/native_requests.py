@@ -64,6 +64,11 @@ class NativeRequests:
         return TransportError(f"the urgent link failed: {os.strerror(-rc)}")
 
     @property
+    def answered_bytes(self) -> int:
+        """Bytes written on the link so far (read while the loop runs)."""
+        return self._s.answered_bytes
+
+    @property
     def requests(self) -> int:
         return self._s.requests
 

@@ -50,6 +50,7 @@ PUSH_FRAME_PAGES = 256       # pages per pushed event: requested pages have a li
                              # each end checks or hashes an event at a time on the thread that serves them
 REQUEST_PAGES = 64           # pages per answered event; also the head sent before the commit
 STALE, SENT = 1, 0           # page states: still owed to the destination, or delivered
+ACCOUNT_S = 0.01             # how often the native loop's bytes are taken from the bandwidth cap
 
 
 @dataclass
@@ -189,6 +190,7 @@ class Delivery:
         self._request_buffers = BufferPool(REQUEST_PAGES * self.layout.page_size)
         self._native: NativeRequests | None = None
         self._native_done = trio.Event()
+        self._accounted = 0              # of the native loop's bytes, those counted on the channel
 
     def resume_with(self, sink: PeerSink, lacking: list[Run]) -> None:
         """A new session after a cut: every page the destination lacks is owed again, whether or
@@ -221,8 +223,12 @@ class Delivery:
     async def _run_native(self) -> None:
         native = self._native
         try:
-            await native.run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._account_native, native)
+                await native.run()
+                nursery.cancel_scope.cancel()
         finally:
+            self.sink.channel.account_urgent(native.answered_bytes - self._accounted)
             # whatever ended it: the pages it sent first are the destination's now, or are
             # asked for again by a resumed session, and are hashed again then
             native.record_digests(self.digests)
@@ -231,6 +237,15 @@ class Delivery:
             self.stats.duplicate_pages += native.duplicate_pages
             native.close()
             self._native_done.set()
+
+    async def _account_native(self, native: NativeRequests) -> None:
+        """Every ``ACCOUNT_S``, the native loop's bytes since go on the channel's counts and its
+        bandwidth cap, so that a cap holds for the requested pages as it does for frames."""
+        while True:
+            await trio.sleep(ACCOUNT_S)
+            answered = native.answered_bytes
+            self.sink.channel.account_urgent(answered - self._accounted)
+            self._accounted = answered
 
     async def run(self) -> None:
         """Push, then the page digest; returns once the destination verified every page. The

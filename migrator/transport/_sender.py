@@ -142,6 +142,13 @@ class Sender:
             self._check()
             await self._write_now(self._urgent, event)
 
+    def account_urgent(self, nbytes: int) -> None:
+        """``nbytes`` went on the handed-over urgent link: counted as sent, and taken from the
+        bandwidth cap's tokens, as an urgent frame's are (never waiting: the bulk yields)."""
+        self._counters.bytes_wire += nbytes
+        if self._bucket is not None:
+            self._bucket.debit(nbytes)
+
     async def detach_urgent(self) -> Link:
         """Hand the urgent link over: no frame, not even a barrier's Fence, is written on it from
         now on (one being written finishes first)."""

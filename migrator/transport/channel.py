@@ -103,6 +103,11 @@ class Channel:
             link = await self._receiver.detach_urgent()
         return os.dup(link.stream.socket.fileno())
 
+    def account_urgent(self, nbytes: int) -> None:
+        """A source's handed-over urgent link carried ``nbytes`` more: counted in the statistics
+        and taken from ``set_bandwidth``'s cap, as the frames it no longer carries would be."""
+        self._sender.account_urgent(nbytes)
+
     @property
     def session_id(self) -> bytes:
         return self._links[0].conn.session_id
