@@ -46,6 +46,7 @@ from .switchover import Switchover, freeze_and_scan
 DISCARD_RUNS_PER_EVENT = 1 << 16
 SETTLE_SCANS = 3             # scans after the first drop, before the freeze, while they find much
 SETTLE_PAGES = 1024          # a scan finding at most this many written pages ends them
+UNDROPPED_PAGES = 4096       # the last settle scan's new pages, at most this many, are dropped inside the downtime
 PUSH_FRAME_PAGES = 256       # pages per pushed event: requested pages have a link of their own, but
                              # each end checks or hashes an event at a time on the thread that serves them
 REQUEST_PAGES = 64           # pages per answered event; also the head sent before the commit
@@ -129,8 +130,12 @@ async def discard_ahead(sink: PeerSink, guest: AttachedGuest, dirty: list[Run], 
         fresh = stale.mark(late)
         stats.settle_scans += 1
         if count_pages(late) <= SETTLE_PAGES:
-            stale.undropped = fresh          # few: dropped with the final scan's
-            return stale
+            break
+    if count_pages(fresh) <= UNDROPPED_PAGES:
+        # few: dropped with the final scan's; dropping them here would let the guest write on
+        # through one more round trip, and the final scan grows with what it writes
+        stale.undropped = fresh
+        return stale
     await drop(fresh)
     return stale
 
