@@ -15,13 +15,16 @@ from collections.abc import Callable
 
 import trio
 
-from ..native.pages import ffi
+from ..native.pages import ffi, lib
+from .digest import PageDigests
+from .errors import RemoteProtocolError, TransportError
 
 
 class NativeLoop:
-    """The stop eventfd of one native loop (owned: ``close``)."""
+    """The stop eventfd of one native loop, and the socket it serves (both owned: ``close``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sock: int) -> None:
+        self.sock: int | None = sock
         self.stopfd: int | None = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     def __enter__(self) -> NativeLoop:
@@ -58,9 +61,11 @@ class NativeLoop:
         return result
 
     def close(self) -> None:
-        if self.stopfd is not None:
-            os.close(self.stopfd)
-            self.stopfd = None
+        for name in ("stopfd", "sock"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
 
 def zeroed_words(words: int):
@@ -69,3 +74,25 @@ def zeroed_words(words: int):
     when it is made (the switch-over makes the loops' tables inside the downtime)."""
     mapping = mmap.mmap(-1, max(8, 8 * words))
     return ffi.from_buffer("uint64_t[]", mapping), mapping
+
+
+def loop_failure(rc: int, error_at: int, *, peer: str, doing: str) -> Exception:
+    """What a fault loop's return code ``rc`` (not FAULT_STOPPED or FAULT_ENDED) says went wrong,
+    typed: the ``peer`` closed the link or sent a bad record, or ``doing`` failed at ``error_at``
+    (an errno from the kernel), or the link did."""
+    if rc == lib.FAULT_PEER_CLOSED:
+        return TransportError(f"the {peer} closed the urgent link")
+    if rc == lib.FAULT_BAD_RECORD:
+        return RemoteProtocolError(f"the {peer} named pages at {error_at:#x} outside the layout or too many")
+    if rc == lib.FAULT_LOG_FULL:
+        return RemoteProtocolError(f"the {peer} named more pages than the layout holds")
+    if error_at:
+        return OSError(-rc, f"{doing} at {error_at:#x}: {os.strerror(-rc)}")
+    return TransportError(f"the urgent link failed: {os.strerror(-rc)}")
+
+
+def record_log(digests: PageDigests, log, loop) -> None:
+    """A loop's (page index, hash) log into ``digests``, once it has returned; emptied."""
+    if digests.record_indexed(log, loop.log_len) != loop.log_len:
+        raise RemoteProtocolError("a page the fault loop moved lies outside the digest table")
+    loop.log_len = 0

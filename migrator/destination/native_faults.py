@@ -16,26 +16,33 @@ receiver's Python fault path takes over (a resumed session's requests go as fram
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import trio
 
 from ..core.digest import PageDigests, region_table
-from ..core.errors import RemoteProtocolError, TransportError
 from ..core.model import MemoryLayout
-from ..core.nativeloop import NativeLoop, zeroed_words
+from ..core.nativeloop import NativeLoop, loop_failure, record_log, zeroed_words
 from ..native.pages import ffi, lib
 from .faults import MissingPages
 
 LATENCIES = 1 << 16      # fault latencies kept (the first ones; the counts cover every fault)
 
 
+@dataclass(frozen=True, slots=True)
+class FaultLoopStats:
+    faults: int                  # faulting pages the loop asked for
+    requested_pages: int         # pages installed from answers that a request had claimed
+    installed_pages: int         # pages installed from answers
+    zero_filled: int             # faults on pages current here but absent: zero pages
+    latencies_s: tuple[float, ...]   # fault read to page installed, the first LATENCIES faults
+
+
 class NativeFaults:
     """The loop's state, buffers and socket (owned: ``close``)."""
 
     def __init__(self, missing: MissingPages, sock: int, src: MemoryLayout, window: int) -> None:
-        self._sock = sock
-        self._loop = NativeLoop()
+        self._loop = NativeLoop(sock)
         self.ended = trio.Event()          # the source's end record came (or the loop failed)
         self.failure: Exception | None = None
         state, nstate, regions, nregions, page_size = missing.states.c_arguments()
@@ -61,55 +68,23 @@ class NativeFaults:
                 self.ended.set()
                 rc = await self._loop.run(lambda: lib.fault_serve(self._s))
             if rc != lib.FAULT_STOPPED:
-                self.failure = self._error(rc)
+                self.failure = loop_failure(rc, self._s.error_at, peer="source", doing="installing requested pages")
         finally:
             self.ended.set()
 
     def stop(self) -> None:
         self._loop.stop()
 
-    def _error(self, rc: int) -> Exception:
+    def statistics(self) -> FaultLoopStats:
         s = self._s
-        if rc == lib.FAULT_PEER_CLOSED:
-            return TransportError("the source closed the urgent link")
-        if rc == lib.FAULT_BAD_RECORD:
-            return RemoteProtocolError(f"the source answered pages at {s.error_at:#x} outside the layout or too many")
-        if rc == lib.FAULT_LOG_FULL:
-            return RemoteProtocolError("the source answered more pages than were asked for")
-        if s.error_at:
-            return OSError(-rc, f"installing requested pages at {s.error_at:#x}: {os.strerror(-rc)}")
-        return TransportError(f"the urgent link failed: {os.strerror(-rc)}")
-
-    @property
-    def faults(self) -> int:
-        return self._s.faults
-
-    @property
-    def requested_pages(self) -> int:
-        return self._s.requested_pages
-
-    @property
-    def installed_pages(self) -> int:
-        return self._s.installed_pages
-
-    @property
-    def zero_filled(self) -> int:
-        return self._s.zero_filled
-
-    def latencies(self) -> list[float]:
-        """Each answered fault's latency in seconds (fault read to its page installed)."""
-        return [self._latency_ns[i] / 1e9 for i in range(self._s.latency_len)]
+        return FaultLoopStats(faults=s.faults, requested_pages=s.requested_pages, installed_pages=s.installed_pages,
+                              zero_filled=s.zero_filled,
+                              latencies_s=tuple(self._latency_ns[i] / 1e9 for i in range(s.latency_len)))
 
     def record_digests(self, digests: PageDigests) -> None:
-        """The answered pages' hashes into the page digest table (once the loop has returned)."""
-        n = self._s.log_len
-        done = digests.record_indexed(self._log, n)
-        if done != n:
-            raise RemoteProtocolError("an answered page lies outside the digest table")
-        self._s.log_len = 0
+        """The answered pages' hashes into the page digest table (once the loop has returned, or
+        has seen the source's end record)."""
+        record_log(digests, self._log, self._s)
 
     def close(self) -> None:
         self._loop.close()
-        if self._sock is not None:
-            os.close(self._sock)
-            self._sock = None

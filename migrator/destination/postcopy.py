@@ -329,8 +329,8 @@ class IncomingPostcopy:
         return out
 
     def statistics(self) -> ReceivedPostcopy:
-        native = self.native
-        lat = sorted(self._latencies + (native.latencies() if native is not None else []))
+        native = self.native.statistics() if self.native is not None else None
+        lat = sorted(self._latencies + list(native.latencies_s if native is not None else ()))
         faults, requested, pushed = self.faults, self.requested, self.pushed
         if native is not None:
             faults += native.faults

@@ -12,21 +12,27 @@ after the end record, so no page it claimed can be missing from either.
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 from ..core.digest import PageDigests
-from ..core.errors import MigrationFailed, RemoteProtocolError, TransportError
-from ..core.nativeloop import NativeLoop, zeroed_words
+from ..core.nativeloop import NativeLoop, loop_failure, record_log, zeroed_words
 from ..core.pagestate import PageStates
 from ..native.pages import ffi, lib
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLoopStats:
+    requests: int
+    claimed_pages: int           # pages first sent by the loop
+    duplicate_pages: int         # asked for after the push (or an answer) had sent them: sent again
+    answered_bytes: int          # written on the link, records and pages
 
 
 class NativeRequests:
     """The loop's state, buffers and socket (owned: ``close``)."""
 
     def __init__(self, sock: int, memory, states: PageStates) -> None:
-        self._sock = sock
-        self._loop = NativeLoop()
+        self._loop = NativeLoop(sock)
         state, nstate, regions, nregions, page_size = states.c_arguments()
         pid, mapped, mem_regions, nmem = memory.native_reader()
         self._keep = [regions, mem_regions, memory]
@@ -39,10 +45,10 @@ class NativeRequests:
         self.result: int | None = None
 
     async def run(self) -> None:
-        """Answer until ``finish`` stops the loop; a failure of the link or the guest is raised."""
+        """Answer until ``stop``; a failure of the link or the guest is raised."""
         rc = self.result = await self._loop.run(lambda: lib.request_serve(self._s), on_cancel=self._abort)
         if rc != lib.FAULT_STOPPED:
-            raise self._error(rc)
+            raise loop_failure(rc, self._s.error_at, peer="destination", doing="reading requested pages from the guest")
 
     def _abort(self) -> None:
         self._s.abort = 1
@@ -51,44 +57,15 @@ class NativeRequests:
         """Ask the loop to finish its answer, send the end record and return."""
         self._loop.stop()
 
-    def _error(self, rc: int) -> Exception:
+    def statistics(self) -> RequestLoopStats:
+        """The loop's counts (``answered_bytes`` also while it runs)."""
         s = self._s
-        if rc == lib.FAULT_PEER_CLOSED:
-            return TransportError("the destination closed the urgent link")
-        if rc == lib.FAULT_BAD_RECORD:
-            return RemoteProtocolError(f"the destination requested pages at {s.error_at:#x} outside the layout or too many")
-        if rc == lib.FAULT_LOG_FULL:
-            return MigrationFailed("the request loop claimed more pages than the guest has")
-        if s.error_at:
-            return OSError(-rc, f"reading requested pages at {s.error_at:#x} from the guest: {os.strerror(-rc)}")
-        return TransportError(f"the urgent link failed: {os.strerror(-rc)}")
-
-    @property
-    def answered_bytes(self) -> int:
-        """Bytes written on the link so far (read while the loop runs)."""
-        return self._s.answered_bytes
-
-    @property
-    def requests(self) -> int:
-        return self._s.requests
-
-    @property
-    def claimed_pages(self) -> int:
-        return self._s.claimed_pages
-
-    @property
-    def duplicate_pages(self) -> int:
-        return self._s.duplicate_pages
+        return RequestLoopStats(requests=s.requests, claimed_pages=s.claimed_pages, duplicate_pages=s.duplicate_pages,
+                                answered_bytes=s.answered_bytes)
 
     def record_digests(self, digests: PageDigests) -> None:
         """The hashes of the pages this loop sent first into the page digest (after it returned)."""
-        n = self._s.log_len
-        if digests.record_indexed(self._log, n) != n:
-            raise AssertionError("the request loop logged a page outside the layout")
-        self._s.log_len = 0
+        record_log(digests, self._log, self._s)
 
     def close(self) -> None:
         self._loop.close()
-        if self._sock is not None:
-            os.close(self._sock)
-            self._sock = None

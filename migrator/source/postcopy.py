@@ -233,13 +233,14 @@ class Delivery:
                 await native.run()
                 nursery.cancel_scope.cancel()
         finally:
-            self.sink.channel.account_urgent(native.answered_bytes - self._accounted)
+            stats = native.statistics()
+            self.sink.channel.account_urgent(stats.answered_bytes - self._accounted)
             # whatever ended it: the pages it sent first are the destination's now, or are
             # asked for again by a resumed session, and are hashed again then
             native.record_digests(self.digests)
-            self.stats.requests += native.requests
-            self.stats.requested_pages += native.claimed_pages
-            self.stats.duplicate_pages += native.duplicate_pages
+            self.stats.requests += stats.requests
+            self.stats.requested_pages += stats.claimed_pages
+            self.stats.duplicate_pages += stats.duplicate_pages
             native.close()
             self._native_done.set()
 
@@ -248,7 +249,7 @@ class Delivery:
         bandwidth cap, so that a cap holds for the requested pages as it does for frames."""
         while True:
             await trio.sleep(ACCOUNT_S)
-            answered = native.answered_bytes
+            answered = native.statistics().answered_bytes
             self.sink.channel.account_urgent(answered - self._accounted)
             self._accounted = answered
 

@@ -99,7 +99,9 @@ async def test_requests_are_answered_at_once_claimed_and_ended_by_the_end_record
         native.close()
         peer.close()
     assert native.result == lib.FAULT_STOPPED
-    assert native.requests == 3 and native.claimed_pages == 10 and native.duplicate_pages == 2
+    stats = native.statistics()
+    assert stats.requests == 3 and stats.claimed_pages == 10 and stats.duplicate_pages == 2
+    assert stats.answered_bytes == 3 * 16 + (8 + 3 + 1) * P
     assert states.value_at(first.start + 4 * P) == SENT and states.value_at(first.start + 12 * P) == STALE
     assert states.count(STALE) == 2 * PAGES - 12
     digests, expected = PageDigests(2 * PAGES, P), PageDigests(2 * PAGES, P)
