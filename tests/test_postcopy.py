@@ -34,6 +34,7 @@ MODES = {
     "auto": {"postcopy_auto": True, "downtime_ms": 1},
     # an authenticated loopback link: the urgent link goes to the native fault loops
     "postcopy-native": {"postcopy_after": 0, "authenticated": True},
+    "postcopy-2-streams-native": {"postcopy_after": 0, "streams": 2, "authenticated": True},
     "auto-native": {"postcopy_auto": True, "downtime_ms": 1, "authenticated": True},
 }
 
