@@ -23,7 +23,7 @@ import trio
 from .. import protocol as p
 from ..core.digest import PageDigests, region_digest, region_digest_read
 from ..core.errors import DeadlineExceeded, MigrationFailed, MigratorError
-from ..core.model import Run
+from ..core.model import Region, Run
 from ..core.runs import count_pages, union
 from ..tracker.memory import MemfdMemory
 from .attach import AttachedGuest
@@ -75,9 +75,11 @@ class Switchover:
     step: str = "freeze"                         # what it is doing now, for a stall's message
 
 
-async def freeze_and_scan(guest: AttachedGuest, sink: Sink, state: Switchover) -> tuple[list[Run], float]:
+async def freeze_and_scan(guest: AttachedGuest, sink: Sink, state: Switchover,
+                          within: tuple[Region, ...] | None = None) -> tuple[list[Run], float]:
     """Freeze the guest (the downtime starts), say so, and collect what it wrote since the last
-    scan; returns the runs and when the scan began (``final_scan`` is the caller's to close)."""
+    scan (only ``within``, when given: ``DirtyTracker.collect``); returns the runs and when the
+    scan began (``final_scan`` is the caller's to close)."""
     state.freeze_at = time.perf_counter()
     await trio.to_thread.run_sync(guest.throttle.freeze)
     state.parts["freeze"] = ms(time.perf_counter() - state.freeze_at)
@@ -86,7 +88,7 @@ async def freeze_and_scan(guest: AttachedGuest, sink: Sink, state: Switchover) -
     t = time.perf_counter()
     # On the event loop: with the guest frozen nothing else is due, and a hand-over to a worker
     # thread and back costs a fair share of the walk itself while both CPUs are busy.
-    return guest.tracker.collect(), t
+    return guest.tracker.collect(within), t
 
 
 async def final_copy(guest: AttachedGuest, sink: Sink, pages: PageStream, digests: PageDigests,

@@ -64,7 +64,9 @@ class DirtyTracker(Protocol):
 
     ``collect`` returns the pages written since ``arm`` or the previous ``collect`` as sorted,
     coalesced ``(address, page_count)`` runs (no page twice, none missed) and re-protects them in
-    the same walk: read the page contents *after* it returns. ``populated`` lists pages holding
+    the same walk: read the page contents *after* it returns. ``collect(within)`` wants only the
+    writes inside ``within`` (ranges of the regions, [] for none): a tracker may walk only there
+    (wp-async does; the others walk everything) and report pages outside too. ``populated`` lists pages holding
     data (present or swapped, not never-touched, not mapped to the shared zero page) without
     changing protection; round 0 sends those. ``close`` is idempotent and releases fds and
     threads (sync-wp first unprotects everything so the guest never stays blocked).
@@ -73,7 +75,7 @@ class DirtyTracker(Protocol):
     name: str
 
     def arm(self) -> None: ...
-    def collect(self) -> list[Run]: ...
+    def collect(self, within: tuple[Region, ...] | None = None) -> list[Run]: ...
     def populated(self) -> list[Run]: ...
     def close(self) -> None: ...
     def statistics(self) -> TrackerStats: ...

@@ -85,10 +85,16 @@ class TrackerBase:
             self._arm()
             self._arms += 1
 
-    def collect(self) -> list[Run]:
+    def collect(self, within: tuple[Region, ...] | None = None) -> list[Run]:
         with self._operation("collect"):
+            if within is not None:
+                if not within:
+                    return []      # nothing wanted: not even a walk
+                outside = next((r for r in within if not any(region.contains(r.start, r.length) for region in self.regions)), None)
+                if outside is not None:
+                    raise ValueError(f"collect: [{outside.start:#x}, {outside.end:#x}) is not inside a tracked region")
             started = time.perf_counter()
-            runs, pages = self._collect()
+            runs, pages = self._collect(within)
             elapsed = time.perf_counter() - started
             self._collects += 1
             self._pages_reported += pages
@@ -187,8 +193,8 @@ class TrackerBase:
     def _arm(self) -> None:
         raise NotImplementedError
 
-    def _collect(self) -> tuple[list[Run], int]:
-        """The written runs and their page count."""
+    def _collect(self, within: tuple[Region, ...] | None) -> tuple[list[Run], int]:
+        """The written runs and their page count (``within``: see ``DirtyTracker``)."""
         raise NotImplementedError
 
     def _release(self) -> None:

@@ -17,6 +17,6 @@ class FullTracker(TrackerBase):
     def _arm(self) -> None:
         pass  # nothing to protect
 
-    def _collect(self) -> tuple[list[Run], int]:
+    def _collect(self, within=None) -> tuple[list[Run], int]:
         runs = self._populated()
         return runs, count_pages(runs)

@@ -77,7 +77,8 @@ class SoftDirtyTracker(TrackerBase):
     def _arm(self) -> None:
         os.write(self._clear_refs, CLEAR_SOFT_DIRTY)
 
-    def _collect(self) -> tuple[list[Run], int]:
+    def _collect(self, within=None) -> tuple[list[Run], int]:
+        # clear_refs clears the whole process: every region is read, whatever ``within`` asks
         with frozen(self.pid):
             runs = flagged_runs(self.pagemap_fd, self.regions, page_size=self.page_size, soft_dirty=True)
             os.write(self._clear_refs, CLEAR_SOFT_DIRTY)

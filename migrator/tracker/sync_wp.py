@@ -123,7 +123,7 @@ class SyncWpTracker(TrackerBase):
                 _sys.uffdio_writeprotect(self.uffd, region.start, region.length, protect=True)
                 self._uffd_ioctls += 1
 
-    def _collect(self) -> tuple[list[Run], int]:
+    def _collect(self, within=None) -> tuple[list[Run], int]:
         self._raise_resolver_error()
         with self._dirty_lock:
             pages, self._dirty = self._dirty, set()

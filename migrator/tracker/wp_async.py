@@ -59,7 +59,8 @@ class WpAsyncTracker(TrackerBase):
         self._scanner.scan(self.regions, flags=TRACK_FLAGS, category_mask=PAGE_IS_WRITTEN,
                            return_mask=PAGE_IS_WRITTEN, with_output=False)
 
-    def _collect(self) -> tuple[list[Run], int]:
-        runs = self._scanner.scan(self.regions, flags=TRACK_FLAGS, category_mask=PAGE_IS_WRITTEN,
+    def _collect(self, within=None) -> tuple[list[Run], int]:
+        # only where asked: a walk costs its page tables, and its written pages' runs
+        runs = self._scanner.scan(within or self.regions, flags=TRACK_FLAGS, category_mask=PAGE_IS_WRITTEN,
                                   return_mask=PAGE_IS_WRITTEN)
         return runs, self._scanner.last_pages

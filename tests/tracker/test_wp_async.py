@@ -119,3 +119,22 @@ def test_collect_after_the_process_died_names_the_failed_call(scratch):
     with pytest.raises(TrackerError, match="closed"):
         tracker.collect()
     tracker.close()  # idempotent
+
+
+@pytest.mark.timeout(30)
+def test_collect_within_walks_only_the_ranges_asked_and_leaves_the_rest_for_later(own_memory):
+    """Post-copy's final scan asks only where pages are not stale yet: writes elsewhere stay
+    unreported and unprotected, so a later full collect still sees them; none asked, no walk."""
+    from migrator.core.model import Region
+
+    memory = own_memory(4096)
+    ps = 4096
+    with own_tracker(memory) as tracker:
+        tracker.arm()
+        memory.write([10, 11, 2000, 3000])
+        inside = (Region(memory.start + 1000 * ps, 1500 * ps),)        # pages 1000-2499
+        assert pages_of(tracker.collect(inside), memory.start) == [2000]
+        assert tracker.collect(()) == [] and tracker.statistics().collects == 1   # nothing asked: no walk
+        assert pages_of(tracker.collect(), memory.start) == [10, 11, 3000]   # not re-protected: seen now
+        with pytest.raises(ValueError, match="not inside a tracked region"):
+            tracker.collect((Region(memory.start + 4000 * ps, 200 * ps),))
