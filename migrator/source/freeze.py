@@ -101,6 +101,7 @@ class GuestStopper:
         self.holding = True
         self.poll()     # exits and stops already reported (a guest killed while held, say)
         started = time.perf_counter()
+        held = [tid for tid, thread in self.threads.items() if thread.state not in _AWAITED]
         for tid, thread in list(self.threads.items()):
             if thread.state in _AWAITED:
                 try:
@@ -108,6 +109,20 @@ class GuestStopper:
                 except ProcessLookupError:
                     del self.threads[tid]   # reaped already: nothing will report
         self._forget_zombie_leader()
+        while any(t.state in _AWAITED for t in self.threads.values()):
+            event = self._next(block=True)
+            if event is None:
+                break
+            self._handle(*event)
+        # a thread held since before this call may have been killed there: it has left its stop
+        # (a held thread leaves it only so) and its exit is still to come; wait for that rather
+        # than count it held (seen: the leader gone, a thread running its exit)
+        for tid in held:
+            state = _thread_state(self.pid, tid) if tid in self.threads else "t"
+            if state is None:
+                del self.threads[tid]          # reaped already: nothing will report
+            elif state not in ("t", "T"):
+                self.threads[tid].state = RUNNING
         while any(t.state in _AWAITED for t in self.threads.values()):
             event = self._next(block=True)
             if event is None:
@@ -311,10 +326,12 @@ def _thread_ids(pid: int) -> list[int]:
 
 
 def _thread_state(pid: int, tid: int) -> str | None:
+    """The thread's state letter, None once it is gone (reaped before the open, or between the
+    open and the read: ESRCH)."""
     try:
         with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
             data = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
     return chr(data[data.rindex(b")") + 2])
 

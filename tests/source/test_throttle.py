@@ -73,7 +73,7 @@ class Child:
     def alive(self) -> bool:
         try:
             return self.state() not in "ZX"
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):   # reaped before the open, or before the read
             return False
 
     def signal(self, sig: int) -> None:
@@ -226,6 +226,26 @@ def test_killing_the_guest_does_not_crash_the_thread(child, monkeypatch):
     throttle.close()
     assert not crashes
     assert throttle.statistics().exited
+
+
+def test_a_guest_killed_while_held_is_never_reported_frozen(tmp_path):
+    """Killed during the cycle's stop phase, a thread leaves its ptrace-stop to run its exit
+    before waitpid reports it: freeze must wait for that exit, not count the thread held (seen:
+    1-2 in 40 such kills froze a dead guest)."""
+    for attempt in range(10):
+        c = Child(tmp_path / f"counter-{attempt}")
+        throttle = Throttle(c.pid, period_s=0.005)
+        try:
+            throttle.set(0.95)
+            time.sleep(0.03)
+            c.signal(signal.SIGKILL)
+            c.wait_for_exit()
+            with pytest.raises(GuestError, match="exited"):
+                throttle.freeze()
+        finally:
+            throttle.close()
+            c.proc.kill()
+            c.proc.wait(timeout=10)
 
 
 def test_reaped_guest_stops_the_cycle_quietly(child, monkeypatch):
