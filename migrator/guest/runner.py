@@ -51,6 +51,7 @@ class WorkloadRunner:
         self.workload = workload
         self._cond = threading.Condition()
         self._batch_lock = threading.Lock()
+        self._exclusive_waiting = 0     # callers of exclusive() waiting for the batch lock
         self._state = RESTORING if restoring else PAUSED
         self._until: int | None = None   # pause automatically once steps reach this
         self._resumed = 0                # bumped by every resume: the writer restarts its pacing
@@ -114,8 +115,20 @@ class WorkloadRunner:
 
     @contextlib.contextmanager
     def exclusive(self, timeout: float = BOUNDARY_TIMEOUT) -> Iterator[Workload]:
-        """Hold the writer at a step boundary (for digest, check, tag) for the ``with`` body."""
-        if not self._batch_lock.acquire(timeout=timeout):
+        """Hold the writer at a step boundary (for digest, check, tag) for the ``with`` body.
+
+        The writer takes no new batch while someone waits here: a lock is not fair, and a writer
+        that released it and took it again at once kept a waiter out for up to 0.4 s (seen: the
+        ``set-tag`` that starts every migration, against a guest writing without limit)."""
+        with self._cond:
+            self._exclusive_waiting += 1
+        try:
+            acquired = self._batch_lock.acquire(timeout=timeout)
+        finally:
+            with self._cond:
+                self._exclusive_waiting -= 1
+                self._cond.notify_all()
+        if not acquired:
             raise GuestError(
                 f"the writer did not reach a step boundary within {timeout:g} s "
                 "(blocked on a write-protected page?)"
@@ -142,7 +155,7 @@ class WorkloadRunner:
         last_batch = 0.0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._state == RUNNING or self._quit)
+                self._cond.wait_for(lambda: (self._state == RUNNING and not self._exclusive_waiting) or self._quit)
                 if self._quit:
                     return
                 if seen_resume != self._resumed:

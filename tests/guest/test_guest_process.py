@@ -256,3 +256,19 @@ def test_one_tracker_at_a_time_until_its_connection_closes(guests):
             assert time.monotonic() < deadline, "tracking was not released when its owner left"
             time.sleep(0.02)
     second.close()
+
+
+def test_a_request_at_a_step_boundary_is_not_starved_by_a_writer_without_limit(guests):
+    """A lock is not fair: a writer that released it and took it again at once kept the
+    control thread waiting for the next step boundary for up to 1.6 s (set-tag, which starts
+    every migration). Each request now waits for one batch (about a millisecond); the bound
+    here is 200 times that, so only starvation can fail it."""
+    guest = guests(fill="random")            # dirty_rate None: writes without limit
+    with guest.client() as client:
+        wait_steps_beyond(client, client.stats()["steps"])
+        for k in range(20):
+            started = time.perf_counter()
+            client.set_tag(f"tag-{k}")
+            assert time.perf_counter() - started < 0.25, f"set-tag {k} waited for the writer"
+            time.sleep(0.01)
+        assert client.stats()["state"] == "running"
