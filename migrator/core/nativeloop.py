@@ -27,12 +27,6 @@ class NativeLoop:
         self.sock: int | None = sock
         self.stopfd: int | None = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
-    def __enter__(self) -> NativeLoop:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
     def stop(self) -> None:
         """Tell the loop to return (it finishes what its contract says it finishes first)."""
         if self.stopfd is not None:

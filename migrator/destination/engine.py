@@ -17,7 +17,7 @@ import contextlib
 import functools
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import trio
 
@@ -437,7 +437,7 @@ class DestinationMigration:
         mapped = self._mapped_region() if pages is not None and not self.settings.deep_check else None
         if mapped is not None:    # the guest's own check, run here on its memory: no round trip to it
             result = check_pages_in(mapped, pages)
-            check = {"clean": result.clean, "first_bad_page": result.first_bad_page, "problem": result.problem}
+            check = asdict(result)     # the guest's answer, without its step count
         else:
             check = await trio.to_thread.run_sync(lambda: self.client.check(deep=self.settings.deep_check, pages=pages))
         self.parts["check"] = (time.perf_counter() - t) * 1000

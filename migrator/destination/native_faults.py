@@ -46,7 +46,7 @@ class NativeFaults:
         self.ended = trio.Event()          # the source's end record came (or the loop failed)
         self.failure: Exception | None = None
         state, nstate, regions, nregions, page_size = missing.states.c_arguments()
-        self._keep = [regions, region_table(src)]
+        self._src_regions = region_table(src)     # held while the loop reads it
         self._buf = ffi.new("uint8_t[]", lib.FAULT_MAX_PAGES * page_size)
         self._fault_ns, fault_map = zeroed_words(nstate)
         self._latency_ns, latency_map = zeroed_words(LATENCIES)
@@ -55,7 +55,7 @@ class NativeFaults:
         s = self._s = ffi.new("struct fault_loop *")
         s.uffd, s.sock, s.stopfd = missing.fileno(), sock, self._loop.stopfd
         s.state, s.nstate, s.dst_regions, s.ndst = state, nstate, regions, nregions
-        s.src_regions, s.nsrc = self._keep[1], len(src.regions)
+        s.src_regions, s.nsrc = self._src_regions, len(src.regions)
         s.page_size, s.window, s.buf = page_size, window, self._buf
         s.fault_ns, s.latency_ns, s.latency_cap = self._fault_ns, self._latency_ns, LATENCIES
         s.log, s.log_cap = self._log, nstate

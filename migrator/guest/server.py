@@ -8,6 +8,7 @@ never run Python per page; digest and check hold the writer at a step boundary w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -116,8 +117,7 @@ class GuestServer:
             else:
                 result = workload.check_pages(runs, deep=deep is not False)
             steps = workload.steps
-        return {"clean": result.clean, "first_bad_page": result.first_bad_page,
-                "problem": result.problem, "steps": steps}, []
+        return {**dataclasses.asdict(result), "steps": steps}, []
 
     def _discard(self, owner: object, pages: str):
         runs = decode_pages(pages, "discard")

@@ -2,7 +2,7 @@
    Python (compiled into the pages module; cdef reads this file as it reads pages.h).
 
    After the switch the urgent link of a session whose frames need no tags (an authenticated
-   loopback or unix-socket link, no TLS, no cap) is handed to these loops and carries fixed
+   loopback or unix-socket link, no TLS) is handed to these loops and carries fixed
    records, both ways, instead of protocol frames:
 
      request (destination to source): u64 address, u64 count        (source addresses)
@@ -37,8 +37,9 @@
    per page (0, or when its fault was read, CLOCK_MONOTONIC ns); a latency (fault read to its
    page installed, or to its answer when the push installed it first) goes to latency_ns while
    room remains. With ended set (the source sent its end record), the socket is neither read nor
-   written: faults on current pages are still served, the others wait for the push's install. Returns one of the codes above or -errno; error_at names
-   the address of a refused record or failed install. */
+   written: faults on current pages are still served, the others wait for the push's install.
+   Returns one of the codes above or -errno; error_at names the address of a refused record or
+   failed install. */
 struct fault_loop {
     int uffd;
     int sock;

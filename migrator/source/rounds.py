@@ -128,23 +128,23 @@ class Precopy:
         # chunks as it goes, so the probe's share is what went by then)
         armed = time.perf_counter()
         chunks = split_runs(populated, READ_CHUNK_PAGES, MAX_RUNS_PER_EVENT, ps)
-        head: list[Run] = []
+        head = 0        # pages taken before the probe
 
         def until_probe():
+            nonlocal head
             for chunk in chunks:
-                head.extend(chunk)
+                head += count_pages(chunk)
                 yield chunk
                 if time.perf_counter() - armed >= PROBE_S:
                     return
 
         await self.pages.stream(0, until_probe(), timer=timer)
-        if count_pages(head) == count_pages(populated):      # all of round 0 went before the probe
+        if head == count_pages(populated):      # all of round 0 went before the probe
             return await self._end_round(timer, throttle=0.0)
         written = await trio.to_thread.run_sync(self.guest.tracker.collect)
-        self._early = outpaced_in_round_zero(count_pages(head), count_pages(written), time.perf_counter() - armed,
-                                             self.policy)
+        self._early = outpaced_in_round_zero(head, count_pages(written), time.perf_counter() - armed, self.policy)
         if self._early is not None:
-            timer.dirty_pages = count_pages(head) + timer.zero_pages
+            timer.dirty_pages = head + timer.zero_pages
             dirty = await self._end_round(timer, throttle=0.0, written_before=written)
             return union([run for chunk in chunks for run in chunk], dirty, ps)
         await self.pages.stream(0, chunks, timer=timer)

@@ -55,14 +55,20 @@ def append_regions(runs: list[Run], vec, count: int, page_shift: int, *, may_tou
         counts = [(e - s) >> page_shift for s, e in zip(start_list, end_list)]
     else:
         start_list, counts = starts.tolist(), page_counts(starts, ends, page_shift)
-    first = 0
-    if runs:
-        last_address, last_pages = runs[-1]
-        if last_address + (last_pages << page_shift) == start_list[0]:
-            runs[-1] = (last_address, last_pages + counts[0])
-            first = 1
+    first = int(join_seam(runs, start_list[0], counts[0], page_shift))
     runs.extend(zip(islice(start_list, first, None), islice(counts, first, None)))
     return sum(counts), start_list[-1] + (counts[-1] << page_shift)
+
+
+def join_seam(runs: list[Run], address: int, pages: int, page_shift: int) -> bool:
+    """Extend the last of ``runs`` by the run (``address``, ``pages``) when it starts where that
+    one ends (the seam between two walks or two calls); whether it did."""
+    if runs:
+        last_address, last_pages = runs[-1]
+        if last_address + (last_pages << page_shift) == address:
+            runs[-1] = (last_address, last_pages + pages)
+            return True
+    return False
 
 
 def page_counts(starts: memoryview, ends: memoryview, page_shift: int) -> list[int]:
@@ -223,8 +229,7 @@ class Scanner:
             if isinstance(later[0], BaseException):
                 raise later[0]
             more, more_pages, more_ioctls = later[0]
-            if runs and more and runs[-1][0] + runs[-1][1] * self.page_size == more[0][0]:
-                runs[-1] = (runs[-1][0], runs[-1][1] + more[0][1])     # a run across the cut
+            if more and join_seam(runs, *more[0], self.page_size.bit_length() - 1):   # a run across the cut
                 more = more[1:]
             runs += more
             pages, ioctls = pages + more_pages, ioctls + more_ioctls

@@ -261,6 +261,12 @@ class Link:
             await _quiet_close(self.stream)
 
 
+def plain_socket(stream: trio.abc.Stream) -> bool:
+    """A socket post-copy's native fault loops can read and write themselves (not TLS, not in
+    memory): what an end's ``NATIVE_FAULTS`` feature says of its urgent stream."""
+    return isinstance(stream, trio.SocketStream)
+
+
 async def send_parts(stream: trio.abc.SendStream, parts) -> int:
     """Write buffers in order without joining them: one ``sendmsg`` (gather write) per try on a
     socket, the stream's own ``send_parts`` if it has one (TLS), else one joined ``send_all``."""

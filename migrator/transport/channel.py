@@ -18,7 +18,7 @@ import trio
 
 from ..core.errors import LocalProtocolError, TransportError
 from ..protocol import NATIVE_FAULTS, URGENT_STREAM, ConnectionClosed, Event, Hello, Role
-from ._link import ChannelStats, Counters, Link
+from ._link import ChannelStats, Counters, Link, plain_socket
 from ._receivers import DirectReceiver, GatheringReceiver
 from ._sender import Sender
 
@@ -88,7 +88,7 @@ class Channel:
         the frames would carry untagged."""
         link = self._urgent_link
         return (link is not None and link.conn.untagged and link.conn.peer_hello is not None
-                and NATIVE_FAULTS in link.conn.peer_hello.features and isinstance(link.stream, trio.SocketStream))
+                and NATIVE_FAULTS in link.conn.peer_hello.features and plain_socket(link.stream))
 
     async def take_urgent_socket(self) -> int:
         """End framing on the urgent link and return a duplicate of its socket (the caller closes

@@ -31,7 +31,7 @@ from ..protocol import CHECKSUM_FRAMES, NATIVE_FAULTS, POSTCOPY_FEATURE, POSTCOP
 from ._address import Address, parse_address
 from ._gate import Burst, HandshakeGate, HandshakeLimits, Pending, accept_connections
 from ..core.buffers import SizedBufferPool
-from ._link import WARM_BUFFER_BYTES, Counters, Link
+from ._link import WARM_BUFFER_BYTES, Counters, Link, plain_socket
 from ._tls_stream import TLSStream
 from .channel import Channel
 from .tls import check_tls_address
@@ -55,11 +55,6 @@ def link_features(stream: trio.abc.Stream, *, frame_macs: bool = False) -> tuple
     except OSError:
         protected = False
     return (*FEATURES, CHECKSUM_FRAMES) if protected else FEATURES
-
-
-def _plain_socket(stream: trio.abc.Stream) -> bool:
-    """A socket the native fault loops can read and write themselves (not TLS, not in memory)."""
-    return isinstance(stream, trio.SocketStream)
 
 
 def needs_no_mac(family: int, local, peer) -> bool:
@@ -159,7 +154,7 @@ async def open_source(
         features = link_features(stream, frame_macs=frame_macs)
         if urgent and index == len(streams) - 1:
             features = (*features, URGENT_STREAM)     # the receiver delivers its frames first
-            if _plain_socket(stream):
+            if plain_socket(stream):
                 features = (*features, NATIVE_FAULTS)
         await _source_handshake(links[-1], Hello(features=features))
     return Channel(Role.SOURCE, links, counters, threads=len(streams) - urgent, bandwidth=bandwidth, urgent=urgent)
@@ -287,7 +282,7 @@ class Acceptor:
                     raise
                 features = link_features(stream, frame_macs=self._frame_macs)
                 offered = conn.peer_hello.features
-                if URGENT_STREAM in offered and NATIVE_FAULTS in offered and _plain_socket(stream):
+                if URGENT_STREAM in offered and NATIVE_FAULTS in offered and plain_socket(stream):
                     features = (*features, NATIVE_FAULTS)
                 reply = conn.send(Hello(features=features))
                 if conn.stream:
