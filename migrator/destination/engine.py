@@ -38,7 +38,7 @@ from ..guest.control import MAX_CHECK_RUNS
 from ..guest.workload import check_pages_in
 from ..tracker.memory import MemfdMemory
 from .guests import RestoreGuests, RestoreTarget
-from .placement import Placement, placer
+from .placement import Placement, RunsPlacement, placer
 from .postcopy import IncomingPostcopy, hand_over, wait_for_resume
 from .report import ReceivedRound, ReceiveReport
 
@@ -237,7 +237,7 @@ class DestinationMigration:
         # the layouts have the same shape: a page's index is the same in either
         memory = self.memory
         for round_no, runs, payload in batch:
-            if type(payload) is Placement:    # received in place: only hashed here
+            if type(payload) in (Placement, RunsPlacement):    # received in place: only hashed here
                 payload.hash()
                 self.digests.record_hashes(self.src, runs, payload.hashes)
                 self.pages_applied += len(payload.hashes)

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <linux/userfaultfd.h>
 
@@ -284,6 +285,97 @@ uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, con
         else
             memcpy(buf, at, length);
         buf += length;
+    }
+    return nruns;
+}
+
+/* The places of a payload's bytes from byte skip on, at most RECV_RUNS_IOV and max_bytes in
+   all, a place next to the one before it in the mapping joined to it; their count, or -1 when
+   any run is not inside one region (all are checked, so a refusal comes before any byte moves). */
+static int run_places(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
+                      uint64_t page_size, uint64_t skip, uint64_t max_bytes, struct iovec *iov)
+{
+    int n = 0, full = 0;
+    uint64_t r = 0;
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t address = runs[2 * i], length = runs[2 * i + 1] * page_size;
+        if (length / page_size != runs[2 * i + 1] || address + length < address)
+            return -1;
+        r = region_of(regions, nregions, r, address, length);
+        if (r == nregions)
+            return -1;
+        if (full || !max_bytes)
+            continue;
+        if (skip >= length) {
+            skip -= length;
+            continue;
+        }
+        uint8_t *at = map + regions[3 * r + 2] + (address - regions[3 * r]) + skip;
+        length -= skip;
+        skip = 0;
+        if (length > max_bytes)
+            length = max_bytes;
+        if (n && (uint8_t *)iov[n - 1].iov_base + iov[n - 1].iov_len == at) {
+            iov[n - 1].iov_len += length;
+        } else if (n == RECV_RUNS_IOV) {
+            full = 1;
+            continue;
+        } else {
+            iov[n].iov_base = at;
+            iov[n].iov_len = length;
+            n++;
+        }
+        max_bytes -= length;
+    }
+    return n;
+}
+
+int64_t recv_runs(int fd, uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs,
+                  uint64_t nruns, uint64_t page_size, uint64_t skip, uint64_t max_bytes)
+{
+    struct iovec iov[RECV_RUNS_IOV];
+    int n = run_places(map, regions, nregions, runs, nruns, page_size, skip, max_bytes, iov);
+    if (n < 0)
+        return RECV_RUNS_REFUSED;
+    if (n == 0)
+        return -EINVAL;     /* nothing left to receive: the caller's count is wrong */
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+    ssize_t got = recvmsg(fd, &msg, MSG_DONTWAIT);
+    return got < 0 ? -errno : got;
+}
+
+int64_t place_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
+                   uint64_t page_size, uint64_t skip, const uint8_t *buf, uint64_t len)
+{
+    struct iovec iov[RECV_RUNS_IOV];
+    uint64_t done = 0;
+    while (done < len) {
+        int n = run_places(map, regions, nregions, runs, nruns, page_size, skip + done, len - done, iov);
+        if (n < 0)
+            return RECV_RUNS_REFUSED;
+        if (n == 0)
+            return -EINVAL;     /* more bytes than the payload holds */
+        for (int k = 0; k < n; k++) {
+            memcpy(iov[k].iov_base, buf + done, iov[k].iov_len);
+            done += iov[k].iov_len;
+        }
+    }
+    return (int64_t)done;
+}
+
+uint64_t hash_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
+                   uint64_t page_size, uint64_t *out)
+{
+    uint64_t r = 0;
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t address = runs[2 * i], count = runs[2 * i + 1], length = count * page_size;
+        if (length / page_size != count || address + length < address)
+            return i;
+        r = region_of(regions, nregions, r, address, length);
+        if (r == nregions)
+            return i;
+        hash_pages(map + regions[3 * r + 2] + (address - regions[3 * r]), count, page_size, out);
+        out += count;
     }
     return nruns;
 }

@@ -49,6 +49,26 @@ uint64_t runs_union(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t 
 uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
                    uint64_t page_size, uint8_t *buf, int into_map);
 
+/* A raw Pages payload received straight into its runs' places in the same mapping (regions and
+   runs as in copy_runs; the payload is the runs' pages in order). recv_runs makes one recvmsg
+   (MSG_DONTWAIT) from byte skip of the payload on, into at most RECV_RUNS_IOV places (runs
+   next to each other in the mapping joined) and at most max_bytes: the socket's copy is the only
+   one, and no per-run work is left to the caller, where a scattered batch has a run per page.
+   It returns the bytes received, 0 at the peer's end, -errno for a failure (-EAGAIN: nothing to
+   read yet), or RECV_RUNS_REFUSED, before reading anything, for a run that is not inside one
+   region. place_runs copies len bytes of buf to byte skip of the payload on (bytes of the frame
+   read before it was placed), with the same answers but -errno. hash_runs hashes the runs'
+   pages where they are (out[i]: the payload's page i, as hash_pages), and returns nruns or the
+   index of the first run refused. */
+#define RECV_RUNS_IOV 1024
+#define RECV_RUNS_REFUSED -1000000
+int64_t recv_runs(int fd, uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs,
+                  uint64_t nruns, uint64_t page_size, uint64_t skip, uint64_t max_bytes);
+int64_t place_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
+                   uint64_t page_size, uint64_t skip, const uint8_t *buf, uint64_t len);
+uint64_t hash_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
+                   uint64_t page_size, uint64_t *out);
+
 /* Page states for post-copy (migrator/core/pagestate.py): state is one byte per page of a layout,
    nstate bytes, indexed as page_hashes_at indexes its table; regions are nregions (start, length,
    first page index) triples and runs nruns (address, page count) pairs, as there. A run is

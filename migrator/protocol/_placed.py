@@ -6,15 +6,31 @@ socket's. The frame is split in three: header and meta (already buffered when th
 placed), the payload views, and a small buffer for the tags after the payload. Bytes of the
 frame buffered beyond the meta are copied into place first; the rest is filled by the
 transport, in order, and reported with ``filled``.
+
+A payload part is a writable byte view, or a target the transport fills itself (``Target``:
+a native receive over a scattered batch's thousand places, where a view per place cost more in
+Python than the copy it spared). Nothing here reads a target's bytes, so only sessions whose
+payloads carry no tag may use one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Target(Protocol):
+    """Where a payload lands that the transport fills itself: ``nbytes`` of it, and
+    ``copy_in(offset, data)`` for bytes of the frame read before it was placed."""
+
+    nbytes: int
+
+    def copy_in(self, offset: int, data: memoryview) -> None: ...
 
 
 class PlacedFrame:
-    def __init__(self, head: bytes, payload: Sequence[memoryview], tail_len: int, owner: object) -> None:
+    def __init__(self, head: bytes, payload: Sequence[memoryview | Target], tail_len: int, owner: object) -> None:
         self.head = head                       # header and meta
         self.payload = tuple(payload)
         self.tail = bytearray(tail_len)        # payload tag, frame tag
@@ -35,22 +51,28 @@ class PlacedFrame:
         """Bytes of the frame that were buffered before it was placed (the next ones, in order)."""
         data = memoryview(data).cast("B")
         while data.nbytes:
-            view = self.unfilled()[0]
-            n = min(view.nbytes, data.nbytes)
-            view[:n] = data[:n]
+            part = self.unfilled()[0]
+            if type(part) is tuple:
+                target, offset = part
+                n = min(target.nbytes - offset, data.nbytes)
+                target.copy_in(offset, data[:n])
+            else:
+                n = min(part.nbytes, data.nbytes)
+                part[:n] = data[:n]
             self.filled(n)
             data = data[n:]
 
-    def unfilled(self) -> list[memoryview]:
-        """The views still to fill, in order."""
-        skip, views = self._filled, []
+    def unfilled(self) -> list[memoryview | tuple[Target, int]]:
+        """The parts still to fill, in order: views, and a target as (target, its first byte
+        still to fill)."""
+        skip, parts = self._filled, []
         for part in self._parts:
             if skip >= part.nbytes:
                 skip -= part.nbytes
                 continue
-            views.append(part[skip:])
+            parts.append(part[skip:] if type(part) is memoryview else (part, skip))
             skip = 0
-        return views
+        return parts
 
     def filled(self, nbytes: int) -> None:
         self._filled += nbytes

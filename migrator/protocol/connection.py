@@ -54,7 +54,7 @@ from ._frames import (
     CHECKSUM, CHECKSUM_FRAMES, DEFAULT_MAX_FRAME, PROTECTED, Checksum, F_MAC, F_ZEROS, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
     Mac, assemble, assemble_parts, frame_size, parse_header,
 )
-from ._placed import PlacedFrame
+from ._placed import PlacedFrame, Target
 from ._payload import ZERO_PAGES, Compression, as_bytes_view, decode_payload, encode_payload, worth_compressing
 from ._state import DATA_STATES, LIVE, RECORDED, Role, State, symbol, transition
 from ._wire import decode_fields, encode_meta, hello_version
@@ -549,18 +549,21 @@ class Connection:
                                          f"{pages * self._require_bounds().page_size}")
         return IncomingPages(round_, runs, header.payload_len)
 
-    def place_frame(self, payload, owner: object = None) -> list[memoryview]:
+    def place_frame(self, payload, owner: object = None) -> list[memoryview | tuple[Target, int]]:
         """Receive the payload of the frame ``incoming_pages`` named straight into ``payload``
-        (writable byte views, exactly the payload's length in all, in the runs' order); the
-        frame comes back as ``PlacedPages`` carrying ``owner``. Returns the views still to
-        fill, in order (the payload's, then the frame's tags), each part reported with
-        ``gathered``."""
+        (writable byte views, or ``Target``s the transport fills itself where payloads carry no
+        tag; exactly the payload's length in all, in the runs' order); the frame comes back as
+        ``PlacedPages`` carrying ``owner``. Returns the parts still to fill, in order (the
+        payload's, then the frame's tags; a target as (target, its first byte to fill)), each
+        part reported with ``gathered``."""
         incoming = self.incoming_pages()
         if incoming is None:
             raise LocalProtocolError("place_frame: the incomplete frame is not a raw Pages frame with its meta buffered")
-        views = [memoryview(view) for view in payload]
-        if any(view.readonly or not view.c_contiguous or view.itemsize != 1 for view in views):
+        views = [part if isinstance(part, Target) else memoryview(part) for part in payload]
+        if any(type(view) is memoryview and (view.readonly or not view.c_contiguous or view.itemsize != 1) for view in views):
             raise LocalProtocolError("place_frame: the views must be writable, contiguous bytes")
+        if len(views) != sum(type(view) is memoryview for view in views) and not self.untagged:
+            raise LocalProtocolError("place_frame: a target the transport fills needs a session whose payloads carry no tag")
         if sum(view.nbytes for view in views) != incoming.payload_len:
             raise LocalProtocolError(f"place_frame: views of {sum(view.nbytes for view in views)} bytes "
                                      f"for a payload of {incoming.payload_len}")

@@ -190,6 +190,13 @@ class MemfdMemory:
         """(pid, map, regions, nregions), as ``ProcessMemory.native_reader``: copied out of the mapping."""
         return 0, self._base, self._region_table, len(self._regions)
 
+    def native_writer(self) -> tuple:
+        """(map, regions, nregions): where native code writes these pages (the ``copy_runs``
+        family in ``migrator/native/pages.h``); the mapping lives while this view's owner is open."""
+        if not self._writable:
+            raise OSError(errno.EACCES, "memfd: this view of the guest's memory is read-only")
+        return self._base, self._region_table, len(self._regions)
+
     def read(self, address: int, length: int) -> bytes:
         return bytes(self.view(address, length))
 

@@ -9,8 +9,10 @@ its payload does; small frames are read in bulk (``READ_SIZE``) as before.
 
 A link given a ``placer`` (the destination, when the restore guest's memory is mapped here) does
 better for a raw Pages frame: once the frame's meta is in, the placer names where each run's
-bytes belong, and the payload is received there (``recvmsg_into`` over the runs' places), with
-no buffer and no copy after the socket's.
+bytes belong, and the payload is received there, with no buffer and no copy after the
+socket's: on a plain socket whose payloads carry no tag by one C call per receive over all its
+runs' places (the placer's ``receive``, however scattered the batch), elsewhere with
+``recvmsg_into`` over views of them.
 
 A TLS link (``TLSStream``) gathers the same way, its ``receive_into`` decrypting into the
 frame's buffer, and writes a frame's parts with one ``send_parts``; its TCP socket is tuned all
@@ -108,10 +110,10 @@ class Link:
     """``pool``: where gathered frames are received (default: a pool of this link's own); a
     receiver shares one, warmed ahead, between its links.
 
-    ``placer``: None, or called with the ``IncomingPages`` of each large raw Pages frame; it
-    returns None (receive the frame as usual) or a placement whose ``views`` (writable byte
-    views) the payload fills in order. The frame is then delivered as ``PlacedPages`` owned by
-    it."""
+    ``placer``: None, or called with the ``IncomingPages`` of each large raw Pages frame and
+    whether this link can receive natively; it returns None (receive the frame as usual) or a
+    placement whose ``payload`` (writable byte views, or itself as a target with ``receive``)
+    the payload fills in order. The frame is then delivered as ``PlacedPages`` owned by it."""
 
     def __init__(self, index: int, stream: trio.abc.Stream, conn: Connection, name: str, counters: Counters, *,
                  pool: SizedBufferPool | None = None) -> None:
@@ -124,7 +126,9 @@ class Link:
         self.placer = None
         self._recv_into = None      # for gathering large frames: sockets and TLS
         self._recv_views = None     # for placing them: into several views at once
+        self._fd = None             # for placing them natively: a plain socket
         if isinstance(stream, trio.SocketStream):
+            self._fd = stream.socket.fileno()
             self._recv_into = stream.socket.recv_into
             self._recv_views = _socket_views_reader(stream.socket)
             _tune_tcp(stream.socket)
@@ -215,24 +219,33 @@ class Link:
             if not n:
                 return True
         incoming = conn.incoming_pages()
-        placement = self.placer(incoming) if incoming is not None else None
+        native = self._fd is not None and conn.untagged
+        placement = self.placer(incoming, native) if incoming is not None else None
         if placement is None:
             return False
-        views = conn.place_frame(placement.views, placement)
+        parts = conn.place_frame(placement.payload, placement)
         counters.frames_placed += 1
-        while views:
-            n = await self._recv_views(views[:PLACE_IOV_MAX])
+        while parts:
+            if type(parts[0]) is tuple:          # a target: received by C from its first byte missing
+                n = await self._recv_target(*parts[0])
+            else:
+                n = await self._recv_views(parts[:PLACE_IOV_MAX])
             counters.bytes_wire_received += n
             if not n:
                 conn.receive_data(b"")
                 return True
             conn.gathered(n)
-            while n:
-                if n >= views[0].nbytes:
-                    n -= views.pop(0).nbytes
-                else:
-                    views[0], n = views[0][n:], 0
+            _consume(parts, n)
         return True
+
+    async def _recv_target(self, target, offset: int) -> int:
+        """One receive into a native placement (``target.receive``), waiting for the socket as
+        trio's own socket methods do."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while (n := target.receive(self._fd, offset)) is None:
+            await trio.lowlevel.wait_readable(self._fd)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return n
 
     async def write(self, frame) -> None:
         """Write one frame: bytes, or the parts ``PendingFrame.finish_parts`` returns."""
@@ -259,6 +272,24 @@ class Link:
             await trio.aclose_forcefully(self.stream)
         else:
             await _quiet_close(self.stream)
+
+
+def _consume(parts: list, n: int) -> None:
+    """Drop ``n`` received bytes from the front of a placed frame's parts (views, and a target
+    as (target, first byte missing))."""
+    while n:
+        part = parts[0]
+        if type(part) is tuple:
+            target, offset = part
+            if n >= target.nbytes - offset:
+                n -= target.nbytes - offset
+                parts.pop(0)
+            else:
+                parts[0], n = (target, offset + n), 0
+        elif n >= part.nbytes:
+            n -= parts.pop(0).nbytes
+        else:
+            parts[0], n = part[n:], 0
 
 
 def plain_socket(stream: trio.abc.Stream) -> bool:

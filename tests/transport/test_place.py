@@ -10,6 +10,8 @@ from migrator.core.model import Region
 from migrator.protocol import Ack, Acked, Digest, DigestKind, Layout, Pages, PlacedPages, Zero
 from migrator.transport import connect, serve
 
+from .helpers import TOKEN
+
 PS = 4096
 BASE = 0x7F0000000000
 PAGES = 2048
@@ -18,23 +20,66 @@ LAYOUT = Layout(regions=(Region(BASE, PAGES * PS),), meta={"id": "place"})
 
 class Placement:
     def __init__(self, views) -> None:
+        self.payload = views
+
+
+class Target:
+    """A placement the link fills through ``receive``, as the destination's native one does:
+    here one non-blocking ``readv`` over the runs' places from ``offset`` on, in Python."""
+
+    def __init__(self, views) -> None:
         self.views = views
+        self.nbytes = sum(v.nbytes for v in views)
+        self.payload = (self,)
+        self.receives = 0
+
+    def _rest(self, offset: int) -> list[memoryview]:
+        rest = []
+        for view in self.views:
+            if offset >= view.nbytes:
+                offset -= view.nbytes
+                continue
+            rest.append(view[offset:])
+            offset = 0
+        return rest
+
+    def receive(self, fd: int, offset: int) -> int | None:
+        try:
+            n = os.readv(fd, self._rest(offset)[:1024])
+        except BlockingIOError:
+            return None
+        self.receives += 1
+        return n
+
+    def copy_in(self, offset: int, data) -> None:
+        for view in self._rest(offset):
+            n = min(view.nbytes, data.nbytes)
+            view[:n], data = data[:n], data[n:]
+            if not data.nbytes:
+                return
 
 
 class Memory:
     """The destination's pages (a bytearray standing in for a guest's mapping) and a placer
-    that takes frames of at most ``max_runs`` runs."""
+    that takes frames of at most ``max_runs`` runs, or any frame as a ``Target`` where the link
+    can receive natively."""
 
     def __init__(self, max_runs: int = 8) -> None:
         self.bytes = bytearray(PAGES * PS)
         self.max_runs = max_runs
-        self.placements: list[Placement] = []
+        self.placements: list[Placement | Target] = []
+        self.native: list[bool] = []
 
-    def place(self, incoming) -> Placement | None:
-        if len(incoming.runs) > self.max_runs:
-            return None
+    def place(self, incoming, native: bool = False) -> Placement | Target | None:
+        self.native.append(native)
         view = memoryview(self.bytes)
-        placement = Placement([view[(a - BASE) : (a - BASE) + n * PS] for a, n in incoming.runs])
+        views = [view[(a - BASE) : (a - BASE) + n * PS] for a, n in incoming.runs]
+        if native:
+            placement = Target(views)
+        elif len(incoming.runs) > self.max_runs:
+            return None
+        else:
+            placement = Placement(views)
         self.placements.append(placement)
         return placement
 
@@ -67,8 +112,8 @@ def scattered(first: int, count: int, step: int) -> tuple:
     return tuple((BASE + (first + k * step) * PS, 1) for k in range(count))
 
 
-async def migrate(address: str, events: list, **connect_options) -> None:
-    channel = await connect(address, token=None, compress="none", **connect_options)
+async def migrate(address: str, events: list, token=None, **connect_options) -> None:
+    channel = await connect(address, token=token, compress="none", **connect_options)
     async with channel:
         await channel.send(LAYOUT)
         for event in events:
@@ -114,6 +159,34 @@ async def test_raw_pages_land_in_place_and_the_rest_as_usual(address, sockdir):
     placed = [e for e in destination.events if isinstance(e, PlacedPages)]
     assert [p.runs for p in placed] == [events[0].runs, events[4].runs, events[5].runs]
     assert [p.owner for p in placed] == memory.placements
+    assert not any(memory.native), "a session whose payloads carry tags is placed through views"
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "unix"])
+async def test_an_untagged_socket_session_places_every_raw_frame_through_its_target(address, sockdir):
+    """Authenticated loopback and unix sockets carry no payload tags: the link hands the whole
+    payload to the placement's ``receive``, a scattered batch of a run per page included."""
+    if address == "unix":
+        address = f"unix:{os.path.join(sockdir, 'p.sock')}"
+    events = [
+        Pages(round=0, runs=((BASE, 512),), payload=os.urandom(512 * PS)),
+        Pages(round=1, runs=scattered(513, 700, 2), payload=os.urandom(700 * PS)),     # 700 runs
+        Zero(round=1, runs=((BASE + 2000 * PS, 1),)),
+        Pages(round=1, runs=((BASE + 1900 * PS, 64),), payload=os.urandom(64 * PS)),
+    ]
+    memory = Memory()
+    destination = Destination(memory)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(functools.partial(serve, address, destination, token=TOKEN))
+            await migrate(bound, events, token=TOKEN)
+            nursery.cancel_scope.cancel()
+    kinds = [type(e).__name__ for e in destination.events]
+    assert kinds == ["PlacedPages", "PlacedPages", "Zero", "PlacedPages", "Digest"]
+    assert memory.native == [True, True, True]
+    assert all(type(p) is Target and p.receives for p in memory.placements)
+    assert destination.stats.frames_placed == 3
+    assert memory.bytes == expected(events), "every page lies where its run says"
 
 
 async def test_placed_frames_over_tls(certs):
