@@ -27,6 +27,7 @@ ROUND = dict(
     round=0, dirty_pages=131072, zero_pages=1000, bytes_raw=512 * MiB, bytes_wire=128 * MiB,
     scan_s=0.0012, read_s=0.150, compress_s=0.900, send_s=0.0423, duration_s=1.2,
     dirty_rate=0.0, bandwidth=447e6, expected_downtime_ms=393.2, throttle=0.0, exchange_s=0.001,
+    pages_left=24000, expected_fixed_ms=3.0,
 )
 REPORT = {
     "schema": {"name": "migrator.migration", "version": 1}, "migrator_version": "0.1.0",
@@ -39,10 +40,10 @@ REPORT = {
         ROUND,
         dict(ROUND, round=1, dirty_pages=24000, zero_pages=0, bytes_raw=24000 * 4096, bytes_wire=30720000,
              read_s=0.031, compress_s=0.2, send_s=0.011, duration_s=0.25, dirty_rate=20000.0,
-             bandwidth=393e6, expected_downtime_ms=72.5, throttle=0.0, exchange_s=0.001),
+             bandwidth=393e6, expected_downtime_ms=72.5, throttle=0.0, exchange_s=0.001, pages_left=5000, expected_fixed_ms=3.0),
         dict(ROUND, round=2, dirty_pages=5000, zero_pages=0, bytes_raw=5000 * 4096, bytes_wire=8192000,
              read_s=0.006, compress_s=0.04, send_s=0.003, duration_s=0.05, dirty_rate=19800.5,
-             bandwidth=410e6, expected_downtime_ms=4.25, throttle=0.2, exchange_s=0.001),
+             bandwidth=410e6, expected_downtime_ms=4.25, throttle=0.2, exchange_s=0.001, pages_left=1000, expected_fixed_ms=3.0),
     ],
     "rule": "downtime-target", "rule_reason": "expected downtime 4.2 ms is within the 50 ms target",
     "throttle_max": 0.2, "rtt_ms": 0.1, "final_pages": 1000,

@@ -41,6 +41,8 @@ class RoundStats:
     expected_downtime_ms: float  # if we froze now: pages left x cost per page + fixed part
     throttle: float = 0.0      # auto-converge duty cycle in force (0 = none, 0.99 = max)
     exchange_s: float = 0.0    # RoundEnd flushed -> the destination's Ack (0: nothing acknowledges)
+    pages_left: int = -1       # pages written during the round: the next round's or the final copy's (-1: not recorded)
+    expected_fixed_ms: float = 0.0  # of expected_downtime_ms, the part no page adds (freeze, scan, exchanges)
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,8 +190,10 @@ class Precopy:
             dirty_rate=count_pages(dirty) / (duration + scan_next) if duration > 0 else 0.0,
             bandwidth=timer.bytes_raw / duration if duration > 0 else 0.0,
             expected_downtime_ms=self.estimator.expected_ms(count_pages(dirty)),
+            expected_fixed_ms=self.estimator.statistics().fixed_ms,
             throttle=throttle,
             exchange_s=timer.exchange_s,
+            pages_left=count_pages(dirty),
         )
         self._scan_before_s = scan_next
         self.rounds.append(round_stats)

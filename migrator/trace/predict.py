@@ -128,7 +128,7 @@ def simulate(trace: Trace, bandwidth: float, *, stop_at: float, max_rounds: int,
         following = timeline.written(now, now + seconds)
         now += seconds
         if policy is not None:
-            history.append(_round(len(history), pages[-1], seconds, fixed_ms + following / bandwidth * 1e3))
+            history.append(_round(len(history), pages[-1], seconds, fixed_ms, following / bandwidth * 1e3, following))
             decision = decide(history, replace(policy, max_rounds=max_rounds))
             if decision.action is not Action.CONTINUE:
                 converged = decision.rule in (Rule.DOWNTIME_TARGET, Rule.MIN_PAGES)
@@ -140,11 +140,11 @@ def simulate(trace: Trace, bandwidth: float, *, stop_at: float, max_rounds: int,
         pages.append(following)
 
 
-def _round(number: int, pages: float, seconds: float, expected_ms: float) -> RoundStats:
+def _round(number: int, pages: float, seconds: float, fixed_ms: float, copy_ms: float, left: float) -> RoundStats:
     """What the policy reads of a simulated round (the rest of a real round's statistics is 0)."""
     return RoundStats(round=number, dirty_pages=round(pages), zero_pages=0, bytes_raw=0, bytes_wire=0, scan_s=0.0,
                       read_s=0.0, compress_s=0.0, send_s=0.0, duration_s=seconds, dirty_rate=0.0, bandwidth=0.0,
-                      expected_downtime_ms=expected_ms)
+                      expected_downtime_ms=fixed_ms + copy_ms, pages_left=round(left), expected_fixed_ms=fixed_ms)
 
 
 def compare(trace: Trace, bandwidth_bytes: float, *, downtime_s: float, max_rounds: int) -> Comparison:

@@ -1,6 +1,7 @@
 """The convergence policy over recorded round histories, written as literal tables."""
 
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
@@ -123,6 +124,32 @@ CASES = [
     ("round 0 far over, round 1 within: settle", {}, [(262144, 900.0, 0.0), (3000, 20.0, 0.0)],
      (C, Rule.SETTLING, 0.0)),
 ]
+
+
+def settling(left: int, sent: int = 2477, expected: float = 11.0, fixed: float = 7.0, before: float = 14.0,
+             **settings):
+    """The decision after a round that sent ``sent`` pages and left ``left``, its expected downtime
+    (``expected``, ``fixed`` of it the fixed part) within a 50 ms target but not half the
+    round's before."""
+    history = rounds([(262144, 900.0, 0.0), (15861, before, 0.0), (sent, expected, 0.0)])
+    history[-1] = replace(history[-1], pages_left=left, expected_fixed_ms=fixed)
+    return decide(history, PolicySettings(downtime_ms=50.0, **settings))
+
+
+def test_the_pages_left_halving_settle_where_the_fixed_part_hides_it_from_the_estimate():
+    """A 4 GiB run's last rounds: 2477 pages sent, 716 left, the estimate 14 -> 11 ms, 7 of it fixed."""
+    decision = settling(716)
+    assert (decision.action, decision.rule) == (C, Rule.SETTLING)
+    assert "716 pages are left of the 2477" in decision.reason
+    assert settling(1239).rule is Rule.DOWNTIME_TARGET, "more than half left: switch over"
+    assert settling(64).rule is Rule.DOWNTIME_TARGET, "at most min-pages left: not worth a round"
+    assert settling(716, expected=8.7, fixed=7.0).rule is Rule.DOWNTIME_TARGET, \
+        "a copy under a quarter of the fixed part is not worth a round"
+    assert settling(716, expected=8.75, fixed=7.0).rule is Rule.SETTLING
+    assert settling(-1, fixed=0.0).rule is Rule.DOWNTIME_TARGET, "not recorded (an old history): the estimate alone"
+    assert settling(716, settle=False).rule is Rule.DOWNTIME_TARGET
+    assert settling(716, max_rounds=3).rule is Rule.DOWNTIME_TARGET, "the last round allowed"
+
 
 
 @pytest.mark.parametrize("name, overrides, rows, expected", CASES, ids=[c[0] for c in CASES])

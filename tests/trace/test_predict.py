@@ -125,10 +125,15 @@ def test_with_the_engines_policy_its_rules_end_the_rounds():
     halves = simulate(DISJOINT, 200.0, stop_at=0, max_rounds=30, policy=forced)
     assert halves.pages == pytest.approx((1000, 500, 250, 125, 62.5))
     assert halves.final_pages == pytest.approx(31.25) and halves.converged
-    # a downtime the pages left after round 1 fit (250 pages at 200 pages/s + 10 ms = 1260 ms)
+    # a downtime the pages left after round 1 fit (250 pages at 200 pages/s + 10 ms = 1260 ms):
+    # without settling (--switch-asap) the engine switches there
     roomy = simulate(DISJOINT, 200.0, stop_at=0, max_rounds=30, fixed_ms=10.0,
-                     policy=PolicySettings(downtime_ms=1500.0, force_switchover=True))
+                     policy=PolicySettings(downtime_ms=1500.0, force_switchover=True, settle=False))
     assert roomy.pages == pytest.approx((1000, 500)) and roomy.final_pages == pytest.approx(250)
+    # settling, it goes on while the pages left halve, until they are at most min-pages
+    settled = simulate(DISJOINT, 200.0, stop_at=0, max_rounds=30, fixed_ms=10.0,
+                       policy=PolicySettings(downtime_ms=1500.0, force_switchover=True))
+    assert settled.pages == pytest.approx((1000, 500, 250, 125)) and settled.final_pages == pytest.approx(62.5)
     # without force_switchover the engine would throttle: the prediction ends unconverged there
     throttled = simulate(HOT, 100.0, stop_at=0, max_rounds=30, policy=PolicySettings(downtime_ms=1.0))
     assert throttled.pages == pytest.approx((1000, 300, 300, 300, 300)) and not throttled.converged
