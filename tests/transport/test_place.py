@@ -7,8 +7,10 @@ import pytest
 import trio
 
 from migrator.core.model import Region
-from migrator.protocol import Ack, Acked, Digest, DigestKind, Layout, Pages, PlacedPages, Zero
+from migrator.protocol import (CHECKSUM_FRAMES, NEED_DATA, Ack, Acked, Auth, Connection, Digest, DigestKind, Hello, Layout,
+                               Pages, PlacedPages, Role, Zero)
 from migrator.transport import connect, serve
+from migrator.transport.net import FEATURES
 
 from .helpers import TOKEN
 
@@ -214,3 +216,46 @@ async def test_parallel_streams_place_their_frames_too():
             nursery.cancel_scope.cancel()
     assert destination.stats.frames_placed == 16
     assert memory.bytes == expected(events)
+
+
+async def test_a_placed_scattered_frame_cut_mid_payload_fails_the_session_as_truncated():
+    """A source that ends a scattered batch half-way, on a session the link places natively: the
+    receive reports a truncated frame, and only the pages the bytes reached were written."""
+    memory = Memory()
+    failures: list[Exception] = []
+
+    async def destination(channel) -> None:
+        channel.place_pages(memory.place)
+        try:
+            while True:
+                await channel.receive()
+        except Exception as exc:      # what the session ends with
+            failures.append(exc)
+
+    runs = scattered(0, 200, 2)
+    payload = os.urandom(200 * PS)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(functools.partial(serve, "127.0.0.1:0", destination, token=TOKEN))
+            host, port = bound.rsplit(":", 1)
+            stream = await trio.open_tcp_stream(host, int(port))
+            conn = Connection(Role.SOURCE, token=TOKEN)
+            await stream.send_all(conn.send(Hello(streams=1, features=(*FEATURES, CHECKSUM_FRAMES))))
+            while (event := conn.next_event()) is NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            assert isinstance(event, Hello)
+            await stream.send_all(conn.send(Auth()))
+            assert conn.untagged, "an authenticated loopback session carries no payload tags"
+            await stream.send_all(conn.send(LAYOUT))
+            frame = conn.send(Pages(round=0, runs=runs, payload=payload))
+            await stream.send_all(frame[: len(frame) - 100 * PS])
+            await stream.send_eof()
+            while not failures:
+                await trio.sleep(0.01)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert "truncated frame" in str(failures[0])
+    assert memory.native == [True] and memory.placements[0].receives
+    landed = [memory.bytes[a - BASE : a - BASE + PS] for a, _ in runs]
+    assert landed[:99] == [payload[k * PS : (k + 1) * PS] for k in range(99)]
+    assert landed[101:] == [bytes(PS)] * 99, "nothing past the bytes that came"
