@@ -24,12 +24,15 @@ def attach_mode(tracker: str) -> str:
 
 class AttachedGuest:
     """Use as ``async with AttachedGuest(control, tracker) as guest``; ``committed`` decides
-    whether leaving thaws the guest."""
+    whether leaving thaws the guest. ``teardown``: a nursery that takes the unmapping of a
+    shared guest's memory, so that leaving does not wait for it (the kernel's teardown of a large
+    mapping, tens of milliseconds after a migration that has ended); without one it is waited for."""
 
-    def __init__(self, guest_control: str, tracker: str) -> None:
+    def __init__(self, guest_control: str, tracker: str, *, teardown: trio.Nursery | None = None) -> None:
         self.guest_control = guest_control
         self.tracker_name = tracker
         self.committed = False
+        self._teardown = teardown
 
     async def __aenter__(self) -> AttachedGuest:
         self.client = await trio.to_thread.run_sync(GuestClient, self.guest_control)
@@ -71,7 +74,10 @@ class AttachedGuest:
     def _hang_up(self) -> None:
         self.client.close()
         if isinstance(self.memory, MemfdMemory):
-            self.memory.close(wait=False)    # the migration has ended: nothing waits for the unmap
+            if self._teardown is None:
+                self.memory.close()
+            else:
+                self._teardown.start_soon(_unmap, self.memory)
 
     async def set_tag(self, tag: str) -> None:
         await trio.to_thread.run_sync(self.client.set_tag, tag)
@@ -79,3 +85,10 @@ class AttachedGuest:
     def terminate(self) -> None:
         """Kill the source guest: after the commit its copy lives on elsewhere."""
         self.throttle.kill()
+
+
+async def _unmap(memory: MemfdMemory) -> None:
+    """A worker thread's unmapping of a shared guest's memory, finished even when the nursery
+    that owns it is cancelled (a mapping must not outlive its migration)."""
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(memory.close)

@@ -162,16 +162,17 @@ class SourceMigration:
         self.started_at = utc_now()
         self.sampler = Sampler(self, self._publish)
         error: BaseException | None = None
-        try:
-            async with AttachedGuest(self.guest_control, self.settings.tracker) as guest:
-                self._guest = guest
-                await self._migrate_watched(guest)
-        except BaseException as exc:  # noqa: BLE001 - turned into one typed line below
-            error = exc
-        self.report = self._report(time.perf_counter() - started, error)
-        self.sampler.ended("committed" if error is None else "failed")
-        for watcher in self._watchers:
-            watcher.close()
+        async with trio.open_nursery() as teardown:   # what nothing waits for: a shared guest's unmap
+            try:
+                async with AttachedGuest(self.guest_control, self.settings.tracker, teardown=teardown) as guest:
+                    self._guest = guest
+                    await self._migrate_watched(guest)
+            except BaseException as exc:  # noqa: BLE001 - turned into one typed line below
+                error = exc
+            self.report = self._report(time.perf_counter() - started, error)
+            self.sampler.ended("committed" if error is None else "failed")
+            for watcher in self._watchers:
+                watcher.close()
         if error is not None:
             raise MigrationFailed(self.report.error, committed=self.committed) from error
         return self.report

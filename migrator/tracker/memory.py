@@ -8,7 +8,6 @@ and a parent or PR_SET_PTRACER, or CAP_SYS_PTRACE); without them the kernel answ
 from __future__ import annotations
 
 import errno
-import threading
 from array import array
 
 from ..core.digest import hash_pages_into
@@ -247,23 +246,14 @@ class MemfdMemory:
         except OSError:
             pass
 
-    def close(self, *, wait: bool = True) -> None:
+    def close(self) -> None:
         """Unmap, or (views from ``views_of`` or ``lend`` still held: a failed session's frames
-        in flight) leave the mapping to go with the last of them. ``wait=False``: the unmapping
-        runs on a thread of its own, and nothing waits for it (the kernel's teardown of a large
-        mapping: 60 ms for 1 GiB here, after a migration that has ended)."""
+        in flight) leave the mapping to go with the last of them."""
         if not self._owner:
             return
         pages_ffi.release(self._mapped)
         self._view.release()
-        if wait:
-            _unmap(self._map)
-        else:
-            threading.Thread(target=_unmap, args=(self._map,), name="unmap-guest", daemon=True).start()
-
-
-def _unmap(mapping) -> None:
-    try:
-        mapping.close()
-    except BufferError:
-        pass    # views still alive: the mapping goes with the last of them
+        try:
+            self._map.close()
+        except BufferError:
+            pass    # views still alive: the mapping goes with the last of them
