@@ -79,17 +79,28 @@ static uint64_t region_of(const uint64_t *regions, uint64_t nregions, uint64_t h
     return nregions;
 }
 
+/* The region of the run (address, count pages), with *hint the region of the previous run; nregions
+   when the run overflows or is not inside one region. */
+static uint64_t run_region(const uint64_t *regions, uint64_t nregions, uint64_t *hint, uint64_t address,
+                           uint64_t count, uint64_t page_size)
+{
+    uint64_t length = count * page_size;
+    if (length / page_size != count || address + length < address)
+        return nregions;
+    uint64_t r = region_of(regions, nregions, *hint, address, length);
+    if (r < nregions)
+        *hint = r;
+    return r;
+}
+
 uint64_t page_hashes_at(const uint64_t *runs, uint64_t nruns, const uint64_t *regions, uint64_t nregions,
                         uint64_t page_size, uint64_t zero_hash, const uint64_t *given, uint64_t *table,
                         uint64_t table_len, uint64_t sum[2])
 {
-    uint64_t r = 0;
+    uint64_t r, hint = 0;
     for (uint64_t i = 0; i < nruns; i++) {
-        uint64_t address = runs[2 * i], count = runs[2 * i + 1], length = count * page_size;
-        if (length / page_size != count || address + length < address)
-            return i;
-        r = region_of(regions, nregions, r, address, length);
-        if (r == nregions)
+        uint64_t address = runs[2 * i], count = runs[2 * i + 1];
+        if ((r = run_region(regions, nregions, &hint, address, count, page_size)) == nregions)
             return i;
         uint64_t first = regions[3 * r + 2] + (address - regions[3 * r]) / page_size;
         if (first + count > table_len || first + count < first)
@@ -271,13 +282,10 @@ uint64_t runs_union(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t 
 uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
                    uint64_t page_size, uint8_t *buf, int into_map)
 {
-    uint64_t r = 0;   /* the region of the previous run: runs come sorted, mostly in one region */
+    uint64_t r, hint = 0;   /* the region of the previous run: runs come sorted, mostly in one region */
     for (uint64_t i = 0; i < nruns; i++) {
         uint64_t address = runs[2 * i], length = runs[2 * i + 1] * page_size;
-        if (length / page_size != runs[2 * i + 1] || address + length < address)
-            return i;
-        r = region_of(regions, nregions, r, address, length);
-        if (r == nregions)
+        if ((r = run_region(regions, nregions, &hint, address, runs[2 * i + 1], page_size)) == nregions)
             return i;
         uint8_t *at = map + regions[3 * r + 2] + (address - regions[3 * r]);
         if (into_map)
@@ -296,13 +304,10 @@ static int run_places(uint8_t *map, const uint64_t *regions, uint64_t nregions, 
                       uint64_t page_size, uint64_t skip, uint64_t max_bytes, struct iovec *iov)
 {
     int n = 0, full = 0;
-    uint64_t r = 0;
+    uint64_t r, hint = 0;
     for (uint64_t i = 0; i < nruns; i++) {
         uint64_t address = runs[2 * i], length = runs[2 * i + 1] * page_size;
-        if (length / page_size != runs[2 * i + 1] || address + length < address)
-            return -1;
-        r = region_of(regions, nregions, r, address, length);
-        if (r == nregions)
+        if ((r = run_region(regions, nregions, &hint, address, runs[2 * i + 1], page_size)) == nregions)
             return -1;
         if (full || !max_bytes)
             continue;
@@ -366,13 +371,10 @@ int64_t place_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, con
 uint64_t hash_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
                    uint64_t page_size, uint64_t *out)
 {
-    uint64_t r = 0;
+    uint64_t r, hint = 0;
     for (uint64_t i = 0; i < nruns; i++) {
-        uint64_t address = runs[2 * i], count = runs[2 * i + 1], length = count * page_size;
-        if (length / page_size != count || address + length < address)
-            return i;
-        r = region_of(regions, nregions, r, address, length);
-        if (r == nregions)
+        uint64_t address = runs[2 * i], count = runs[2 * i + 1];
+        if ((r = run_region(regions, nregions, &hint, address, count, page_size)) == nregions)
             return i;
         hash_pages(map + regions[3 * r + 2] + (address - regions[3 * r]), count, page_size, out);
         out += count;

@@ -110,6 +110,17 @@ def _scattered_in_two_regions():
     return [first, second], Runs.pack(runs)
 
 
+@pytest.fixture
+def placed():
+    """(memfd, its regions, scattered runs, a writable MemfdMemory over it), closed after."""
+    regions, runs = _scattered_in_two_regions()
+    fd = _memfd(48)
+    memory = MemfdMemory(fd, regions, writable=True)
+    yield fd, regions, runs, memory
+    memory.close()
+    os.close(fd)
+
+
 def _places(regions, runs):
     """Each run's offset in the memfd."""
     offsets, at = {}, 0
@@ -123,10 +134,8 @@ def _places(regions, runs):
     return out
 
 
-def test_a_scattered_payload_lands_in_its_runs_places_over_many_partial_receives():
-    regions, runs = _scattered_in_two_regions()
-    fd = _memfd(48)
-    memory = MemfdMemory(fd, regions, writable=True)
+def test_a_scattered_payload_lands_in_its_runs_places_over_many_partial_receives(placed):
+    fd, regions, runs, memory = placed
     placement = RunsPlacement(memory, runs, P)
     payload = os.urandom(placement.nbytes)
     assert placement.nbytes == 24 * P and placement.payload == (placement,)
@@ -149,14 +158,10 @@ def test_a_scattered_payload_lands_in_its_runs_places_over_many_partial_receives
     placement.hash()
     assert placement.hashes == _hashes_of(payload)
     m.close()
-    memory.close()
-    os.close(fd)
 
 
-def test_a_run_outside_the_mapping_is_refused_before_a_byte_is_read():
-    regions, runs = _scattered_in_two_regions()
-    fd = _memfd(48)
-    memory = MemfdMemory(fd, regions, writable=True)
+def test_a_run_outside_the_mapping_is_refused_before_a_byte_is_read(placed):
+    fd, regions, runs, memory = placed
     for bad in (Runs.pack([*runs, (regions[1].end, 1)]), Runs.pack([(regions[0].start + 31 * P, 2)]),
                 Runs.pack([(2**64 - P, 1)])):
         placement = RunsPlacement(memory, bad, P)
@@ -173,20 +178,14 @@ def test_a_run_outside_the_mapping_is_refused_before_a_byte_is_read():
     with pytest.raises(OSError, match="read-only"):
         RunsPlacement(reader, runs, P)
     reader.close()
-    memory.close()
-    os.close(fd)
 
 
-def test_a_socket_error_comes_back_with_the_kernels_errno():
-    regions, runs = _scattered_in_two_regions()
-    fd = _memfd(48)
-    memory = MemfdMemory(fd, regions, writable=True)
+def test_a_socket_error_comes_back_with_the_kernels_errno(placed):
+    fd, regions, runs, memory = placed
     placement = RunsPlacement(memory, runs, P)
     with pytest.raises(OSError) as info:
         placement.receive(fd, 0)                                  # a memfd is not a socket
     assert info.value.errno == errno.ENOTSOCK
-    memory.close()
-    os.close(fd)
 
 
 async def test_an_authenticated_session_places_its_scattered_rounds_too(sockdir):
