@@ -61,14 +61,14 @@ class RunsPlacement:
     """One frame's payload received by C into its runs' places (a protocol ``Target``); its
     pages hashed there after, on a worker thread. ``payload`` is what ``place_frame`` takes."""
 
-    __slots__ = ("nbytes", "hashes", "payload", "_memory", "_words", "_args", "_nruns")
+    __slots__ = ("nbytes", "hashes", "payload", "_memory", "_args", "_nruns")
 
     def __init__(self, memory, runs, page_size: int) -> None:
         self._memory = memory                 # keeps the mapping open while the frame lands
-        self._words = words(runs)
-        self._nruns = len(self._words) // 2
+        pairs = words(runs)                   # kept alive by the cdata made from it
+        self._nruns = len(pairs) // 2
         base, regions, nregions = memory.native_writer()
-        self._args = (base, regions, nregions, ffi.from_buffer("uint64_t[]", self._words), self._nruns, page_size)
+        self._args = (base, regions, nregions, ffi.from_buffer("uint64_t[]", pairs), self._nruns, page_size)
         self.nbytes = count_pages(runs) * page_size
         self.hashes = new_hashes(self.nbytes // page_size)
         self.payload = (self,)
@@ -91,7 +91,7 @@ class RunsPlacement:
     def hash(self) -> None:
         """Worker thread, once the frame is in: every page's hash, from the mapping."""
         if lib.hash_runs(*self._args, ffi.from_buffer("uint64_t[]", self.hashes)) != self._nruns:
-            raise OSError(errno.EFAULT, "memfd: a placed run is outside the guest's regions")
+            raise self._error(lib.RECV_RUNS_REFUSED)
         self._args = self._memory = None      # let go of the mapping (it can be closed)
 
     @staticmethod

@@ -282,7 +282,7 @@ uint64_t runs_union(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t 
 uint64_t copy_runs(uint8_t *map, const uint64_t *regions, uint64_t nregions, const uint64_t *runs, uint64_t nruns,
                    uint64_t page_size, uint8_t *buf, int into_map)
 {
-    uint64_t r, hint = 0;   /* the region of the previous run: runs come sorted, mostly in one region */
+    uint64_t r, hint = 0;   /* hint: the region of the previous run (runs come sorted, mostly in one region) */
     for (uint64_t i = 0; i < nruns; i++) {
         uint64_t address = runs[2 * i], length = runs[2 * i + 1] * page_size;
         if ((r = run_region(regions, nregions, &hint, address, runs[2 * i + 1], page_size)) == nregions)

@@ -54,7 +54,7 @@ from ._frames import (
     CHECKSUM, CHECKSUM_FRAMES, DEFAULT_MAX_FRAME, PROTECTED, Checksum, F_MAC, F_ZEROS, F_ZSTD, HANDSHAKE_MAX_FRAME, HEADER, TYPE_CODES, Header, Integrity,
     Mac, assemble, assemble_parts, frame_size, parse_header,
 )
-from ._placed import PlacedFrame, Target
+from ._placed import PlacedFrame, Target, is_target
 from ._payload import ZERO_PAGES, Compression, as_bytes_view, decode_payload, encode_payload, worth_compressing
 from ._state import DATA_STATES, LIVE, RECORDED, Role, State, symbol, transition
 from ._wire import decode_fields, encode_meta, hello_version
@@ -559,7 +559,7 @@ class Connection:
         incoming = self.incoming_pages()
         if incoming is None:
             raise LocalProtocolError("place_frame: the incomplete frame is not a raw Pages frame with its meta buffered")
-        views = [part if isinstance(part, Target) else memoryview(part) for part in payload]
+        views = [part if is_target(part) else memoryview(part) for part in payload]
         if any(type(view) is memoryview and (view.readonly or not view.c_contiguous or view.itemsize != 1) for view in views):
             raise LocalProtocolError("place_frame: the views must be writable, contiguous bytes")
         if len(views) != sum(type(view) is memoryview for view in views) and not self.untagged:

@@ -53,13 +53,11 @@ enough to leave thousands of pages dirty), and switching there spends most of th
 more round, a fraction of round 0's length, would bring the downtime near its fixed part. Once
 the fixed part dominates the estimate it stops halving. The pages left keep halving a little
 longer: a large guest's last rounds are longer, so with the estimate's test alone it stopped
-with more pages to copy than a small guest did. Settling on either brings every size to the pages
-a short round leaves, where the
-dirty set stops halving, and the downtime no longer grows with the region; each extra round is
-a few milliseconds of pre-copy, not of downtime. A final copy that is already small beside the
-fixed part (under ``SETTLE_COPY_SHARE`` of it) is not worth a round. The switch-over follows once
-neither test passes; under
-auto-converge, on the last round allowed (``max_rounds``, ``postcopy_after``) or with at most
+with more pages to copy than a small guest did. Settling on either brings every size to the
+pages a short round leaves, where the dirty set stops halving, and the downtime no longer grows
+with the region; each extra round is a few milliseconds of pre-copy, not of downtime. A final
+copy that is already small beside the fixed part (under ``SETTLE_COPY_SHARE`` of it) is not
+worth a round. The switch-over follows once neither test passes; under auto-converge, on the last round allowed (``max_rounds``, ``postcopy_after``) or with at most
 ``min_pages`` pages left there is no settling.
 Round 0 settles too: with a fast round 0 a small guest meets the target right after it, with the
 pages written during the whole of round 0 still to copy inside the downtime; what the switch

@@ -170,6 +170,7 @@ class Precopy:
         if written_before:
             dirty = union(written_before, dirty, self.guest.layout.page_size)
         scan_next = time.perf_counter() - t
+        left = count_pages(dirty)
         self.estimator.observe_scan(scan_next)
         sent_pages = timer.dirty_pages - timer.zero_pages
         self.estimator.observe(pages=sent_pages, seconds=duration - timer.scan_s, round0=timer.number == 0)
@@ -187,13 +188,13 @@ class Precopy:
             compress_s=stats.compress_seconds - prev_compress,
             send_s=timer.send_s,
             duration_s=duration,
-            dirty_rate=count_pages(dirty) / (duration + scan_next) if duration > 0 else 0.0,
+            dirty_rate=left / (duration + scan_next) if duration > 0 else 0.0,
             bandwidth=timer.bytes_raw / duration if duration > 0 else 0.0,
-            expected_downtime_ms=self.estimator.expected_ms(count_pages(dirty)),
+            expected_downtime_ms=self.estimator.expected_ms(left),
             expected_fixed_ms=self.estimator.statistics().fixed_ms,
             throttle=throttle,
             exchange_s=timer.exchange_s,
-            pages_left=count_pages(dirty),
+            pages_left=left,
         )
         self._scan_before_s = scan_next
         self.rounds.append(round_stats)
